@@ -1,0 +1,104 @@
+"""The `flywheel` command line. One funnel: every FlywheelError becomes one line on stderr and the
+error type's exit status; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from flywheel.context import Context
+from flywheel.errors import FlywheelError
+from flywheel.settings import CONFIG_FILE, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="flywheel: an autonomous training manager for LLM agents in production.")
+err_console = Console(stderr=True)
+
+# Command modules, each adding its commands to `app`. Imported lazily by main() so that `--help` stays fast
+# and a module's heavy imports (torch, chromadb) load only when one of its commands runs.
+COMMAND_MODULES = [
+    "flywheel.commands.project",
+    "flywheel.commands.data",
+    "flywheel.commands.train",
+    "flywheel.commands.release",
+    "flywheel.commands.agent",
+    "flywheel.commands.serve",
+    "flywheel.commands.demo",
+]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    project: Annotated[Optional[Path], typer.Option("--project", "-C", help="project folder holding flywheel.toml (default: current folder)")] = None,
+) -> None:
+    # Settings load on first use so that `flywheel init` works in an empty folder with a broken env.
+    ctx.obj = _LazyContext(project)
+
+
+class _LazyContext:
+    def __init__(self, project: Path | None):
+        self.project = project
+        self._ctx: Context | None = None
+
+    def get(self) -> Context:
+        if self._ctx is None:
+            self._ctx = Context(settings=load_settings(self.project))
+        return self._ctx
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+
+
+def context(ctx: typer.Context) -> Context:
+    """The handles for a command: `context(ctx).store`, `.index`, `.settings`."""
+    return ctx.find_root().obj.get()
+
+
+def project_dir(ctx: typer.Context) -> Path:
+    return (ctx.find_root().obj.project or Path(os.environ.get("FLYWHEEL_PROJECT_DIR") or ".")).resolve()
+
+
+def _register() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency inside the module, not an absent module
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chroma
+    _register()
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="flywheel")
+    except FlywheelError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

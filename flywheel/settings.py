@@ -1,0 +1,407 @@
+"""One settings object: `flywheel.toml` plus `FLYWHEEL_*` environment variables.
+
+Built once in the CLI's `main()` (or by a test) and passed down; nothing reads the environment later.
+Nested keys use `__` in the environment: `FLYWHEEL_STORE__URL=postgresql://...`,
+`FLYWHEEL_LLM__BASE_URL=http://127.0.0.1:8000/v1`. The LLM API key is read from the environment only
+(`FLYWHEEL_LLM_API_KEY` or `OPENAI_API_KEY`); a key written in the TOML file is refused.
+
+A wrong setting becomes one `SettingsError` line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from flywheel.errors import SettingsError
+
+CONFIG_FILE = "flywheel.toml"
+STATE_DIR = ".flywheel"
+
+Severity = Literal["low", "medium", "high", "critical"]
+SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
+
+
+class Section(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreSettings(Section):
+    url: str = ""  # empty: sqlite:///<state_dir>/flywheel.db
+    echo: bool = False
+
+
+class ChromaSettings(Section):
+    path: str = ""  # empty: <state_dir>/chroma ; used when host is empty
+    host: str = ""  # a Chroma server (HttpClient) when set
+    port: int = 8000
+    ssl: bool = False
+
+
+class LLMSettings(Section):
+    base_url: str = ""  # empty: no endpoint, the offline heuristic/rule/KB parts run
+    judge_model: str = "gpt-4o-mini"
+    corrector_model: str = "gpt-4o-mini"
+    verifier_model: str = "gpt-4o-mini"
+    supervisor_model: str = "gpt-4o-mini"
+    temperature: float = 0.0
+    max_in_flight: int = Field(8, ge=1, le=512)
+    max_retries: int = Field(3, ge=0, le=20)
+    timeout_s: float = Field(60.0, gt=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(20.0, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
+
+
+class RuleSettings(Section):
+    """Which signals make a failure candidate, and how risky each rule is (weights for sampling)."""
+
+    thumbs_down: bool = True
+    escalation: bool = True
+    followups_min: int = Field(2, ge=1)  # repeated follow-ups >= this
+    qa_verdicts: list[Literal["Reject", "Risk"]] = ["Reject", "Risk"]
+    complaint: bool = True
+    high_value_tiers: list[str] = ["enterprise", "premium", "vip"]
+    # Risk weight per rule name; sampling takes the highest first.
+    weights: dict[str, float] = {
+        "qa_reject": 5.0,
+        "high_value_negative": 4.0,
+        "complaint": 3.5,
+        "escalation": 3.0,
+        "qa_risk": 2.5,
+        "repeated_followups": 2.0,
+        "thumbs_down": 1.0,
+    }
+    high_value_multiplier: float = Field(2.0, ge=1.0)
+
+
+class TriageSettings(Section):
+    budget: int = Field(2000, ge=1)  # failure clusters sent to the judge per triage
+    # candidates with risk >= this are always taken first (up to the budget), the rest are sampled
+    must_take_risk: float = 3.0
+    seed: int = 0
+    dedup_threshold: float = Field(0.92, gt=0, le=1)  # cosine similarity that makes two failures one cluster
+
+
+class TaxonomySettings(Section):
+    problem_types: dict[str, str] = {
+        "wrong_intent": "the answer addresses a different request than the user's",
+        "format_error": "the answer does not follow the required output format",
+        "over_promise": "the answer promises something policy does not allow (refunds, timelines, fees waived)",
+        "policy_boundary_risk": "the answer crosses or nears a policy boundary (advice, disclosure, safety)",
+        "missing_knowledge": "the answer lacks facts the knowledge base has",
+        "wrong_tool_call": "a tool call is malformed, unknown, or the wrong tool",
+    }
+    # Loss-weight category of each problem type (dataset building uses it).
+    categories: dict[str, str] = {
+        "policy_boundary_risk": "safety",
+        "over_promise": "safety",
+        "wrong_intent": "reasoning",
+        "missing_knowledge": "reasoning",
+        "wrong_tool_call": "reasoning",
+        "format_error": "format",
+    }
+    default_severity: dict[str, Severity] = {
+        "policy_boundary_risk": "high",
+        "over_promise": "high",
+        "wrong_intent": "medium",
+        "missing_knowledge": "medium",
+        "wrong_tool_call": "medium",
+        "format_error": "low",
+    }
+
+    @model_validator(mode="after")
+    def _known_types(self) -> "TaxonomySettings":
+        for table in ("categories", "default_severity"):
+            for name in getattr(self, table):
+                if name not in self.problem_types:
+                    raise ValueError(f"{table} names {name!r}, which is not in problem_types")
+        return self
+
+
+class PolicyPattern(Section):
+    name: str
+    pattern: str  # a regular expression, matched case-insensitively
+    problem_type: str = "policy_boundary_risk"
+    severity: Severity = "high"
+
+
+class PolicySettings(Section):
+    """What the rule judge checks in every assistant answer."""
+
+    # JSON schema the assistant's final answer must follow; empty: free text.
+    output_schema: dict[str, Any] = {}
+    forbidden_phrases: list[PolicyPattern] = [
+        PolicyPattern(name="guaranteed_refund", pattern=r"\b(guarantee|promise)\w*\b.{0,40}\brefund", problem_type="over_promise"),
+        PolicyPattern(name="fee_waiver_promise", pattern=r"\bwe will waive\b|\bfee(s)? will be waived\b", problem_type="over_promise"),
+    ]
+    # Tools the agent in production may call, by name; empty: tool calls are not checked.
+    allowed_tools: list[str] = []
+    max_message_chars: int = Field(32_000, ge=100)
+
+
+class JudgeSettings(Section):
+    llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or out-of-taxonomy verdict
+    prompt: str = "judge"
+
+
+class CorrectSettings(Section):
+    prompt: str = "corrector"
+    verifier_prompt: str = "verifier"
+    context_docs: int = Field(4, ge=0, le=50)
+    similar_failures: int = Field(3, ge=0, le=50)
+
+
+class DatasetSettings(Section):
+    intent_max_ratio: float = Field(0.2, gt=0, le=1)
+    intent_min_samples: int = Field(50, ge=0)
+    problem_type_max_ratio: float = Field(0.5, gt=0, le=1)  # down-sample over-represented failure types
+    oversample_severities: list[Severity] = ["high", "critical"]
+    max_repeats: int = Field(3, ge=1)  # over-sampling limit per row
+    loss_weights: dict[str, float] = {"safety": 3.0, "reasoning": 1.5, "format": 0.5}
+    replay_min_share: float = Field(0.05, ge=0, le=1)  # share of new problem samples in a snapshot
+    replay_max_share: float = Field(0.20, ge=0, le=1)
+    tier_weights: dict[str, float] = {"core_baseline": 3.0, "secondary_baseline": 2.0, "candidate_baseline": 1.0}
+    heldout_ratio: float = Field(0.1, ge=0, lt=1)
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares(self) -> "DatasetSettings":
+        if self.replay_min_share > self.replay_max_share:
+            raise ValueError("replay_min_share must not exceed replay_max_share")
+        return self
+
+
+class SelectionSettings(Section):
+    strategy: Literal["random", "least_confidence", "margin", "entropy", "kcenter", "kmeans", "expected_change", "hybrid"] = "hybrid"
+    labelling_budget: int = Field(500, ge=0)
+    round_size: int = Field(100, ge=1)
+    min_gain: float = Field(0.002, ge=0)  # stop when the last round gained less than this
+    seed: int = 0
+
+
+class TrainSettings(Section):
+    base_model: str = ""  # a local folder transformers can load
+    method: Literal["sft", "dpo"] = "sft"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8)
+    early_stopping_patience: int = Field(2, ge=0)
+    dpo_beta: float = Field(0.1, gt=0)
+    seed: int = 0
+
+
+class GateSettings(Section):
+    targeted_min_relative_drop: float = Field(0.3, ge=0, le=1)  # targeted problem rates must fall by >= 30%
+    max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
+    min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
+    block_new_severities: list[Severity] = ["high", "critical"]
+
+
+class CanarySettings(Section):
+    share: float = Field(0.1, gt=0, lt=1)
+    min_requests: int = Field(50, ge=1)
+    harm_margin: float = Field(0.05, ge=0)  # canary problem rate above champion's by this rolls back
+
+
+class ApprovalSettings(Section):
+    approvers: list[str] = []  # empty: any local user at the terminal; Slack needs an explicit list
+    slack_approvers: list[str] = []  # Slack user ids
+
+
+class AgentSettings(Section):
+    policy: Literal["auto", "heuristic", "llm"] = "auto"  # auto: llm when an endpoint is configured
+    max_steps: int = Field(40, ge=1)
+    max_llm_calls: int = Field(60, ge=0)
+    max_training_runs: int = Field(2, ge=0)
+    prompt: str = "supervisor"
+
+
+class Schedule(Section):
+    id: str
+    cron: str  # crontab expression, e.g. "0 3 * * *"
+
+
+class DaemonSettings(Section):
+    schedules: list[Schedule] = []
+
+
+class SlackSettings(Section):
+    mode: Literal["off", "socket", "http"] = "off"
+    channel: str = ""
+    api_url: str = ""  # empty: Slack's own; tests point it at a local server
+    # tokens come from the environment only: SLACK_BOT_TOKEN, SLACK_APP_TOKEN, SLACK_SIGNING_SECRET
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    backend: Literal["builtin", "proxy"] = "builtin"
+    upstream_url: str = ""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    capture_queue: int = Field(10_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything flywheel reads, in one place."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    project_dir: Path = Path(".")
+    state_dir: str = STATE_DIR  # relative to project_dir
+    store: StoreSettings = StoreSettings()
+    chroma: ChromaSettings = ChromaSettings()
+    llm: LLMSettings = LLMSettings()
+    rules: RuleSettings = RuleSettings()
+    triage: TriageSettings = TriageSettings()
+    taxonomy: TaxonomySettings = TaxonomySettings()
+    policies: PolicySettings = PolicySettings()
+    judge: JudgeSettings = JudgeSettings()
+    correct: CorrectSettings = CorrectSettings()
+    dataset: DatasetSettings = DatasetSettings()
+    selection: SelectionSettings = SelectionSettings()
+    train: TrainSettings = TrainSettings()
+    gate: GateSettings = GateSettings()
+    canary: CanarySettings = CanarySettings()
+    approvals: ApprovalSettings = ApprovalSettings()
+    agent: AgentSettings = AgentSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    slack: SlackSettings = SlackSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: StoreSettings) -> StoreSettings:
+        if value.url and not value.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+            raise ValueError("expected a sqlite:/// or postgresql:// URL")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; explicit arguments (tests) beat both.
+        toml_path = os.environ.get("FLYWHEEL_CONFIG") or _toml_path_hint.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path and Path(toml_path).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    # --- derived locations -------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return (self.project_dir / self.state_dir).resolve()
+
+    @property
+    def store_url(self) -> str:
+        if self.store.url:
+            url = self.store.url
+            if url.startswith("postgres://"):
+                url = "postgresql://" + url[len("postgres://"):]
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://"):]
+            return url
+        return f"sqlite:///{self.state_path / 'flywheel.db'}"
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.store_url.startswith("postgresql")
+
+    @property
+    def chroma_path(self) -> Path:
+        return Path(self.chroma.path) if self.chroma.path else self.state_path / "chroma"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.state_path / "artifacts"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.state_path / "quarantine.jsonl"
+
+    @property
+    def llm_api_key(self) -> str:
+        return os.environ.get("FLYWHEEL_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "not-needed"
+
+
+class _TomlPathHint:
+    """The TOML path for the current load: pydantic-settings builds sources from the class, so the
+    path found by `load_settings` reaches `settings_customise_sources` through here."""
+
+    def __init__(self) -> None:
+        self._path: str | None = None
+
+    def get(self) -> str | None:
+        return self._path
+
+    def set(self, path: str | None) -> None:
+        self._path = path
+
+
+_toml_path_hint = _TomlPathHint()
+
+
+def load_settings(project_dir: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read `flywheel.toml` from `project_dir` (default: the current folder) and the environment.
+
+    Raises SettingsError with the first wrong key, dotted, and what was expected.
+    """
+    project = Path(project_dir or os.environ.get("FLYWHEEL_PROJECT_DIR") or ".").resolve()
+    toml_file = project / CONFIG_FILE
+    if "api_key" in _read_toml_keys(toml_file):
+        raise SettingsError("llm.api_key", "an API key may not be written in flywheel.toml; set FLYWHEEL_LLM_API_KEY")
+    _toml_path_hint.set(str(toml_file) if toml_file.is_file() else None)
+    try:
+        return Settings(project_dir=project, **overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise SettingsError(key, f"{err['msg']} (got {err.get('input')!r})".replace("\n", " ")) from None
+    except ValueError as exc:  # a TOML syntax error surfaces as a ValueError subclass
+        raise SettingsError(CONFIG_FILE, str(exc).splitlines()[0]) from None
+    finally:
+        _toml_path_hint.set(None)
+
+
+def _read_toml_keys(path: Path) -> set[str]:
+    import tomllib
+
+    if not path.is_file():
+        return set()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(CONFIG_FILE, f"not valid TOML: {exc}") from None
+    return {key for section in data.values() if isinstance(section, dict) for key in section}

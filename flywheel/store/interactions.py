@@ -1,0 +1,118 @@
+"""Reading and writing interactions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from flywheel.records import Interaction, Message, Signals, utcnow
+from flywheel.store.db import Store
+from flywheel.store.schema import interactions
+
+
+def to_row(item: Interaction) -> dict[str, Any]:
+    s = item.signals
+    return {
+        "id": item.id,
+        "content_hash": item.content_hash,
+        "timestamp": item.timestamp,
+        "model_version": item.model_version,
+        "intent": item.intent,
+        "user_id": item.user_id,
+        "user_tier": s.user_tier,
+        "messages": [m.model_dump(exclude_none=True) for m in item.messages],
+        "feedback": s.feedback,
+        "escalated_to_human": s.escalated_to_human,
+        "followups": s.followups,
+        "qa_verdict": s.qa_verdict,
+        "complaint": s.complaint,
+        "source": item.source,
+        "latency_ms": item.latency_ms,
+        "prompt_tokens": item.prompt_tokens,
+        "completion_tokens": item.completion_tokens,
+        "ingested_at": utcnow(),
+    }
+
+
+def from_row(row: Any) -> Interaction:
+    m = row._mapping
+    return Interaction(
+        id=m["id"],
+        timestamp=m["timestamp"],
+        model_version=m["model_version"],
+        intent=m["intent"],
+        user_id=m["user_id"],
+        messages=[Message.model_validate(x) for x in m["messages"]],
+        signals=Signals(
+            feedback=m["feedback"],
+            escalated_to_human=bool(m["escalated_to_human"]),
+            followups=m["followups"] or 0,
+            qa_verdict=m["qa_verdict"],
+            complaint=m["complaint"],
+            user_tier=m["user_tier"],
+        ),
+        content_hash=m["content_hash"],
+        source=m["source"] or "",
+        latency_ms=m["latency_ms"],
+        prompt_tokens=m["prompt_tokens"],
+        completion_tokens=m["completion_tokens"],
+    )
+
+
+def insert_ignore(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows, skipping any whose id or content hash is already stored. Returns how many were new.
+
+    Idempotent by construction: ON CONFLICT DO NOTHING on both unique keys, in one statement.
+    """
+    if not rows:
+        return 0
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # RETURNING counts what was really new on both dialects (executemany rowcount is not reliable).
+    stmt = dialect.insert(interactions).on_conflict_do_nothing().returning(interactions.c.id)
+    return len(conn.execute(stmt, list(rows)).fetchall())
+
+
+def insert(store: Store, items: Iterable[Interaction]) -> int:
+    with store.begin() as conn:
+        return insert_ignore(conn, [to_row(i) for i in items])
+
+
+def get(store: Store, interaction_id: str) -> Interaction | None:
+    with store.engine.connect() as conn:
+        row = conn.execute(select(interactions).where(interactions.c.id == interaction_id)).first()
+    return from_row(row) if row else None
+
+
+def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, Interaction]:
+    out: dict[str, Interaction] = {}
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        for row in conn.execute(select(interactions).where(interactions.c.id.in_(chunk))):
+            item = from_row(row)
+            out[item.id] = item
+    return out
+
+
+def count(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(interactions)).scalar_one()
+
+
+def iter_all(store: Store, batch: int = 2000, where: Any = None) -> Iterator[Interaction]:
+    """Stream interactions in id order without loading them all."""
+    last = ""
+    while True:
+        query = select(interactions).where(interactions.c.id > last)
+        if where is not None:
+            query = query.where(where)
+        query = query.order_by(interactions.c.id).limit(batch)
+        with store.engine.connect() as conn:
+            rows = conn.execute(query).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            yield from_row(row)
+        last = rows[-1]._mapping["id"]
