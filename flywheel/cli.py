@@ -23,8 +23,12 @@ err_console = Console(stderr=True)
 # and a module's heavy imports (torch, chromadb) load only when one of its commands runs.
 COMMAND_MODULES = [
     "flywheel.commands.project",
-    "flywheel.commands.data",
+    "flywheel.commands.ingest",
+    "flywheel.commands.triage",
+    "flywheel.commands.failures",
+    "flywheel.commands.dataset",
     "flywheel.commands.train",
+    "flywheel.commands.evaluate",
     "flywheel.commands.release",
     "flywheel.commands.agent",
     "flywheel.commands.serve",

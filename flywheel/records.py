@@ -198,3 +198,23 @@ class FailureView(Record):
     verdict: Verdict | None = None
     correction: Correction | None = None
     tier_moves: list[dict[str, Any]] = []
+
+
+# --- references and findings: what the judge compares against and what it finds ---------------------------
+
+
+class Reference(Record):
+    """What a right answer must satisfy, when known: a human label, a test-set row, a verified correction."""
+
+    intent: str | None = None
+    answer: str | None = None
+    source: str = ""  # "label:<labeller>", "test_set", "correction"
+
+
+class Finding(Record):
+    """One problem a judge found in one answer."""
+
+    problem_type: str
+    severity: Severity
+    check: str  # which check found it: "output_schema", "policy:<name>", "tool_call", "intent", "llm"
+    detail: str = ""

@@ -220,6 +220,14 @@ class GateSettings(Section):
     block_new_severities: list[Severity] = ["high", "critical"]
 
 
+class EvalSettings(Section):
+    # The fixed test set: JSONL rows {"messages": [...], "reference": {"intent": ..., "answer": ...}}.
+    # Never trained on; dataset building refuses rows whose prompt appears in it.
+    test_set: str = ""
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
 class CanarySettings(Section):
     share: float = Field(0.1, gt=0, lt=1)
     min_requests: int = Field(50, ge=1)
@@ -289,6 +297,7 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
+    eval: EvalSettings = EvalSettings()
     canary: CanarySettings = CanarySettings()
     approvals: ApprovalSettings = ApprovalSettings()
     agent: AgentSettings = AgentSettings()

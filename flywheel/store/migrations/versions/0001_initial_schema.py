@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 08:15:50.601341
+Create Date: 2026-11-21 08:17:44.409009
 """
 from alembic import op
 import sqlalchemy as sa
