@@ -198,6 +198,7 @@ class FailureView(Record):
     verdict: Verdict | None = None
     correction: Correction | None = None
     tier_moves: list[dict[str, Any]] = []
+    reference: Reference | None = None  # the newest human label, when a person labelled it
 
 
 # --- references and findings: what the judge compares against and what it finds ---------------------------
@@ -218,3 +219,6 @@ class Finding(Record):
     severity: Severity
     check: str  # which check found it: "output_schema", "policy:<name>", "tool_call", "intent", "llm"
     detail: str = ""
+
+
+FailureView.model_rebuild()  # its `reference` field names Reference, defined below it

@@ -156,6 +156,10 @@ class PolicySettings(Section):
 class JudgeSettings(Section):
     llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or out-of-taxonomy verdict
     prompt: str = "judge"
+    # How the LLM judge asks for its verdict object: response_format json_schema, or a forced tool call
+    # (for OpenAI-compatible servers without json_schema support).
+    structured_output: Literal["json_schema", "function_calling"] = "json_schema"
+    rationale_max_chars: int = Field(600, ge=50, le=10_000)
 
 
 class CorrectSettings(Section):
@@ -163,6 +167,7 @@ class CorrectSettings(Section):
     verifier_prompt: str = "verifier"
     context_docs: int = Field(4, ge=0, le=50)
     similar_failures: int = Field(3, ge=0, le=50)
+    llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or empty answer or preference
 
 
 class DatasetSettings(Section):
@@ -178,6 +183,12 @@ class DatasetSettings(Section):
     heldout_ratio: float = Field(0.1, ge=0, lt=1)
     format: Literal["jsonl", "parquet"] = "jsonl"
     seed: int = 0
+    # A high-risk problem type holding less than this share of the problem rows is "rare": its rows of an
+    # oversample severity are repeated (each at most max_repeats times) toward this share.
+    oversample_target_ratio: float = Field(0.1, gt=0, le=1)
+    # The share of problem rows a snapshot aims at when there is enough replay; empty: the middle of
+    # [replay_min_share, replay_max_share].
+    replay_target_share: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _shares(self) -> "DatasetSettings":
@@ -192,6 +203,7 @@ class SelectionSettings(Section):
     round_size: int = Field(100, ge=1)
     min_gain: float = Field(0.002, ge=0)  # stop when the last round gained less than this
     seed: int = 0
+    hybrid_step: float = Field(0.25, ge=0, le=1)  # hybrid: the uncertainty share of picks grows by this per round
 
 
 class TrainSettings(Section):
@@ -208,7 +220,8 @@ class TrainSettings(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, ge=8)
-    early_stopping_patience: int = Field(2, ge=0)
+    early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0: off
+    eval_steps: int = Field(0, ge=0)  # evaluate and checkpoint every N steps; 0: once per epoch
     dpo_beta: float = Field(0.1, gt=0)
     seed: int = 0
 
@@ -232,6 +245,13 @@ class CanarySettings(Section):
     share: float = Field(0.1, gt=0, lt=1)
     min_requests: int = Field(50, ge=1)
     harm_margin: float = Field(0.05, ge=0)  # canary problem rate above champion's by this rolls back
+
+
+class GraduationSettings(Section):
+    """What a promotion does to the samples the promoted version still fails (flywheel.graduation)."""
+
+    unresolved_weight_factor: float = Field(0.5, gt=0, le=1)  # their sample weight is multiplied by this
+    min_weight: float = Field(0.1, ge=0)  # and never falls below this
 
 
 class ApprovalSettings(Section):
@@ -299,6 +319,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     eval: EvalSettings = EvalSettings()
     canary: CanarySettings = CanarySettings()
+    graduation: GraduationSettings = GraduationSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     agent: AgentSettings = AgentSettings()
     daemon: DaemonSettings = DaemonSettings()

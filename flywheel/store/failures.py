@@ -112,6 +112,28 @@ def save_correction(conn: Connection, correction: Correction) -> None:
     set_status(conn, [correction.failure_id], FailureStatus.VERIFIED if correction.verified else FailureStatus.CORRECTED)
 
 
+def save_uncorrectable(conn: Connection, failure_id: str, generator: str, reason: str, prompt_version: str = "") -> None:
+    """Record that no corrector could write an answer, and why; the failure becomes uncorrectable.
+
+    The attempt is a corrections row with an empty answer and a failed verification holding the reason,
+    so `show` and the history say which generator gave up. It is never verified, so nothing trains on it.
+    """
+    verification = Verification(passed=False, reasons=[reason], verifier=generator)
+    conn.execute(
+        corrections.insert().values(
+            failure_id=failure_id,
+            answer="",
+            generator=generator,
+            prompt_version=prompt_version,
+            context_ids=[],
+            verified=False,
+            verification=verification.model_dump(),
+            created_at=utcnow(),
+        )
+    )
+    set_status(conn, [failure_id], FailureStatus.UNCORRECTABLE)
+
+
 def move_tier(
     conn: Connection,
     failure_id: str,
@@ -277,6 +299,8 @@ def latest_correction(conn: Connection, failure_id: str, verified_only: bool = F
 
 
 def show(store: Store, failure_id: str) -> FailureView:
+    from flywheel.data.labels import latest_label  # labels build on this module, not the other way round
+
     with store.engine.connect() as conn:
         row = conn.execute(select(failures).where(failures.c.id == failure_id)).first()
         if row is None:
@@ -290,4 +314,5 @@ def show(store: Store, failure_id: str) -> FailureView:
             verdict=latest_verdict(conn, failure_id),
             correction=latest_correction(conn, failure_id),
             tier_moves=moves,
+            reference=latest_label(conn, failure_id),
         )

@@ -1,0 +1,192 @@
+"""Ingest throughput and memory: generate N realistic interactions to a temp JSONL file, ingest it into a
+fresh store through the same function the CLI calls (flywheel.data.ingest.ingest_files), print one JSON object.
+
+    python bench/ingest.py                         # 200,000 interactions, SQLite, plus a 50,000 run for RSS
+    python bench/ingest.py --interactions 50000 --no-flatness
+    python bench/ingest.py --store-url postgresql://postgres@127.0.0.1:5432/flywheel_bench
+
+Each measured run is its own child process, so its peak RSS belongs to that run alone; the file is written
+before the child starts and is not counted in the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+INTENTS = ["order_status", "refund", "shipping_change", "account_access", "billing_question", "tech_support", "cancel_subscription", "product_info"]
+TIERS = ["free", "free", "free", "pro", "pro", "enterprise", "premium"]
+GREETINGS = ["Hi", "Hello", "Hey there", "Good morning", "Hi team", ""]
+ASKS = {
+    "order_status": ["Where is my order {order}? It was supposed to arrive on {date}.", "Can you check the status of order {order} please", "My package {order} hasn't moved since {date}."],
+    "refund": ["I want a refund for order {order}, the item arrived broken.", "Please refund the {amount} you charged me twice on {date}.", "How long does a refund for {order} take?"],
+    "shipping_change": ["Can I change the delivery address for {order} to 42 Baker Street?", "Please ship {order} express instead, I need it before {date}."],
+    "account_access": ["I can't log in, the reset link never arrives.", "My account is locked after too many attempts, help.", "How do I enable two-factor authentication?"],
+    "billing_question": ["Why was I charged {amount} on {date}?", "Your invoice {order} shows the wrong VAT number.", "Can I pay by bank transfer instead of card?"],
+    "tech_support": ["The app crashes on startup since version 4.2.1.", "Sync fails with error 0x80070005 on Windows.", "The export to CSV gives an empty file."],
+    "cancel_subscription": ["Please cancel my subscription before the next billing date {date}.", "How do I stop the auto-renewal?"],
+    "product_info": ["Does the X200 support USB-C charging?", "What is the warranty on the 65 inch model?", "Is the blue version back in stock?"],
+}
+PII_TAILS = [
+    " You can reach me at {email}.", " Call me on {phone} if needed.", " My card is {card}.", " Refund to IBAN {iban} please.",
+    " My email is {email} and phone {phone}.", " Here is my API key {secret}, is it leaked?",
+]
+ANSWERS = [
+    "Thanks for reaching out. I checked order {order}: it left our warehouse on {date} and should arrive within 2-3 business days.",
+    "I'm sorry about the trouble. I've opened ticket {order} and a refund of {amount} will be processed within 5-7 business days.",
+    "Here is what you can do: open Settings, choose Account, then Security, and follow the steps. Let me know if that works.",
+    "I understand. I've updated your request; you'll receive a confirmation e-mail shortly. Is there anything else I can help with?",
+    "Version 4.2.2 fixes that crash. Please update from the app store and restart the app; your data stays where it is.",
+    "Your subscription is cancelled as of {date}. You keep access until the end of the current period and won't be charged again.",
+]
+SYSTEM = "You are the support assistant for ACME Corp. Be concise and friendly, never promise refunds you cannot issue, and use the tools to look up orders."
+
+
+def _luhn_card(rng: random.Random) -> str:
+    digits = [4] + [rng.randint(0, 9) for _ in range(14)]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        d = d * 2 if i % 2 == 0 else d
+        total += d - 9 if d > 9 else d
+    digits.append((10 - total % 10) % 10)
+    s = "".join(map(str, digits))
+    return " ".join(s[i : i + 4] for i in range(0, 16, 4))
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    return template.format(
+        order=f"ORD-{rng.randint(100000, 999999)}",
+        date=f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        amount=f"${rng.randint(5, 900)}.{rng.randint(0, 99):02d}",
+        email=f"user{rng.randint(1, 99999)}@example.com",
+        phone=f"+1 415-555-{rng.randint(0, 9999):04d}",
+        card=_luhn_card(rng),
+        iban="DE89 3704 0044 0532 0130 00",
+        secret="sk-proj-" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(32)),
+    )
+
+
+def make_interaction(i: int, rng: random.Random) -> dict:
+    intent = rng.choice(INTENTS)
+    ask = _fill(rng.choice(ASKS[intent]), rng)
+    greeting = rng.choice(GREETINGS)
+    user = f"{greeting}, {ask}" if greeting else ask
+    if rng.random() < 0.15:
+        user += _fill(rng.choice(PII_TAILS), rng)
+    messages: list[dict] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    if intent in ("order_status", "refund", "shipping_change") and rng.random() < 0.7:
+        order = f"ORD-{rng.randint(100000, 999999)}"
+        call_id = f"call_{i}"
+        messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order})}}]})
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps({"order_id": order, "status": rng.choice(["shipped", "processing", "delivered"]), "eta": f"2026-02-{rng.randint(1, 28):02d}"})})
+    messages.append({"role": "assistant", "content": _fill(rng.choice(ANSWERS), rng)})
+    if rng.random() < 0.2:  # a follow-up turn
+        messages.append({"role": "user", "content": "That doesn't answer my question, can you check again?"})
+        messages.append({"role": "assistant", "content": _fill(rng.choice(ANSWERS), rng)})
+    record: dict = {
+        "id": f"bench-{i}",
+        "timestamp": f"2026-01-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}Z",
+        "model_version": rng.choice(["v1", "v2", "v3"]),
+        "intent": intent,
+        "user_id": f"u{rng.randint(1, 50000)}",
+        "messages": messages,
+        "user_tier": rng.choice(TIERS),
+    }
+    roll = rng.random()
+    if roll < 0.25:
+        record["feedback"] = "up"
+    elif roll < 0.35:
+        record["feedback"] = "down"
+    if rng.random() < 0.03:
+        record["escalated_to_human"] = True
+    if rng.random() < 0.15:
+        record["followups"] = rng.randint(1, 4)
+    if rng.random() < 0.1:
+        record["qa_verdict"] = rng.choice(["Accept", "Risk", "Reject"])
+    if rng.random() < 0.02:
+        record["complaint"] = "The agent promised a refund and nothing happened. " + _fill(rng.choice(PII_TAILS), rng)
+    return record
+
+
+def write_file(path: Path, n: int, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n):
+            out.write(json.dumps(make_interaction(i, rng)) + "\n")
+    return path.stat().st_size
+
+
+def run_child(path: Path, store_url: str) -> dict:
+    """Runs in a fresh process: ingest `path` into a fresh store and measure."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from flywheel.data.ingest import ingest_files
+    from flywheel.settings import load_settings
+    from flywheel.store import interactions as repo
+    from flywheel.store.db import open_store
+
+    project = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    overrides = {"store": {"url": store_url}} if store_url else {}
+    settings = load_settings(project, **overrides)
+    store = open_store(settings)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    summary = ingest_files(store, settings, [path])
+    seconds = time.perf_counter() - start
+    stored = repo.count(store)
+    store.dispose()
+    f = summary.files[0]
+    return {
+        "interactions": f.read,
+        "stored": f.stored,
+        "rows_in_store": stored,
+        "quarantined": f.quarantined,
+        "seconds": round(seconds, 3),
+        "interactions_per_second": round(f.read / seconds),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_ingest_mb": round(rss_before, 1),
+        "pii_replaced": f.pii,
+        "store": "postgresql" if store_url else "sqlite",
+    }
+
+
+def measure(n: int, store_url: str, workdir: Path) -> dict:
+    path = workdir / f"interactions-{n}.jsonl"
+    size = write_file(path, n)
+    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["file_mb"] = round(size / 1e6, 1)
+    path.unlink()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--interactions", type=int, default=200_000)
+    parser.add_argument("--store-url", default="", help="empty: a fresh SQLite file")
+    parser.add_argument("--no-flatness", action="store_true", help="skip the 50,000 run that shows memory does not grow with size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(Path(args.child), args.store_url)))
+        return
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
+        result = measure(args.interactions, args.store_url, Path(tmp))
+        if not args.no_flatness and args.interactions > 50_000:
+            small = measure(50_000, args.store_url, Path(tmp))
+            result["peak_rss_mb_by_size"] = {"50000": small["peak_rss_mb"], str(args.interactions): result["peak_rss_mb"]}
+        result["cpu_count"] = os.cpu_count()
+        result["load_average_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

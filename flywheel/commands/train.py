@@ -1,0 +1,247 @@
+"""`flywheel train` and `flywheel jobs` (list, show, logs, resume, cancel).
+
+The commands parse flags and print; launching, watching and resuming go through flywheel.trainer.launcher,
+the same functions the agent's tools call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flywheel.cli import app, context, err_console
+from flywheel.errors import UserInputError
+
+jobs_app = typer.Typer(no_args_is_help=False, help="Training jobs: list, show, logs, resume, cancel.")
+app.add_typer(jobs_app, name="jobs")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+WaitFlag = Annotated[bool, typer.Option("--wait/--no-wait", help="stream progress until the job ends")]
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _summary(record: Any) -> str:
+    progress = record.progress or {}
+    parts = [f"job {record.id}", str(record.status)]
+    if progress.get("total"):
+        parts.append(f"step {progress.get('step', 0)}/{progress['total']}")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("eval_loss") is not None:
+        parts.append(f"eval_loss {progress['eval_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
+    """Wait for the job with a progress bar on stderr (so --json output stays clean)."""
+    from flywheel.trainer import launcher
+
+    c = context(ctx)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(f"{job_id} queued", total=None, losses="")
+
+        def show(record: Any) -> None:
+            progress = record.progress or {}
+            losses = " ".join(f"{k} {progress[k]:.4f}" for k in ("loss", "eval_loss") if progress.get(k) is not None)
+            bar.update(task, description=f"{job_id} {record.status}", total=progress.get("total") or None, completed=progress.get("step", 0), losses=losses)
+
+        record = launcher.wait(c, job_id, on_progress=show)
+    if as_json:
+        _echo_json(record.model_dump(mode="json"))
+    else:
+        result = record.result or {}
+        _out().print(f"job {record.id} succeeded: adapter {result.get('adapter_path')} (sha256 {result.get('adapter_sha256')})")
+    return record
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option("--dataset", help="a dataset snapshot folder or a dataset id")],
+    method: Annotated[Optional[str], typer.Option(help="sft | dpo (default: the snapshot's kind, then train.method)")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="base model folder (default: train.base_model)")] = None,
+    wait: WaitFlag = True,
+    restart: Annotated[bool, typer.Option("--restart", help="if this job failed or was killed, start it again from scratch")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train a LoRA adapter on a dataset snapshot. The same dataset and settings run once: asking again
+    shows (or waits for) the existing job."""
+    from flywheel.trainer import launcher
+    from flywheel.trainer.recipes import build_spec
+
+    if method is not None and method not in ("sft", "dpo"):
+        raise UserInputError(f"--method {method!r} is not sft or dpo")
+    c = context(ctx)
+    folder = launcher.resolve_dataset(c, dataset)
+    spec = build_spec(c.settings.train, folder, method=method, base_model=base)
+    record = launcher.launch(c, spec)
+    if restart and record.status in ("failed", "killed"):
+        record = launcher.resume(c, record.id, restart=True)
+    elif record.status in ("failed", "killed"):
+        raise launcher.failure(record)
+    if not wait or record.ended:
+        if as_json:
+            _echo_json(record.model_dump(mode="json"))
+        else:
+            _out().print(_summary(record))
+            if record.ended and record.result:
+                _out().print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
+        return
+    _follow(ctx, record.id, as_json)
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs_list(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | killed")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List jobs, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _list(ctx, status, limit, as_json)
+
+
+@jobs_app.command("list")
+def jobs_list_cmd(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | killed")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """List jobs, newest first."""
+    _list(ctx, status, limit, as_json)
+
+
+def _list(ctx: typer.Context, status: str | None, limit: int, as_json: bool) -> None:
+    from flywheel.trainer import launcher
+    from flywheel.trainer.jobs import JobStatus, list_jobs
+
+    if status is not None and status not in [s.value for s in JobStatus]:
+        raise UserInputError(f"--status {status!r} is not one of: {', '.join(s.value for s in JobStatus)}")
+    c = context(ctx)
+    # Refresh the active ones first, so a dead worker shows as killed rather than running forever.
+    for record in list_jobs(c.store, statuses=["queued", "running"], limit=limit):
+        launcher.status(c, record.id)
+    records = list_jobs(c.store, statuses=[status] if status else None, limit=limit)
+    if as_json:
+        _echo_json([r.model_dump(mode="json") for r in records])
+        return
+    table = Table("id", "kind", "status", "progress", "loss", "attempts", "created")
+    for r in records:
+        progress = r.progress or {}
+        step = f"{progress.get('step', 0)}/{progress['total']}" if progress.get("total") else ""
+        loss = f"{progress['loss']:.4f}" if progress.get("loss") is not None else ""
+        table.add_row(r.id, r.kind, str(r.status), step, loss, str(r.attempts), r.created_at.strftime("%Y-%m-%d %H:%M"))
+    _out().print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="the job id")], as_json: JsonFlag = False) -> None:
+    """Everything known about one job."""
+    from flywheel.trainer import launcher
+
+    record = launcher.status(context(ctx), job_id)
+    if as_json:
+        _echo_json(record.model_dump(mode="json"))
+        return
+    out = _out()
+    out.print(_summary(record))
+    spec = record.spec
+    out.print(f"method {spec.get('method')}  base {spec.get('base_model')}")
+    out.print(f"dataset {spec.get('dataset_id') or '-'} at {spec.get('dataset_dir')} (sha256 {str(spec.get('dataset_hash'))[:16]})")
+    out.print(f"attempts {record.attempts}  pid {record.pid or '-'}  folder {record.work_dir}")
+    out.print(f"log {record.log_path}")
+    if record.error:
+        out.print(f"error: {record.error}")
+    if record.result:
+        out.print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
+        out.print(f"steps {record.result.get('steps')}  train_loss {record.result.get('train_loss')}  best_eval_loss {record.result.get('best_eval_loss')}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="the job id")],
+    tail: Annotated[int, typer.Option(min=1, help="how many last lines")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines until the job ends")] = False,
+) -> None:
+    """Print the end of a job's log."""
+    from flywheel.trainer import launcher
+
+    c = context(ctx)
+    record = launcher.status(c, job_id)
+    text = launcher.log_tail(record, tail)
+    if text:
+        typer.echo(text)
+    if not follow:
+        return
+    path = Path(record.log_path)
+    offset = path.stat().st_size if path.exists() else 0
+    while True:
+        record = launcher.status(c, job_id)
+        if path.exists() and path.stat().st_size > offset:
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            offset += len(chunk)
+            typer.echo(chunk.decode("utf-8", errors="replace"), nl=False)
+        if record.ended:
+            return
+        time.sleep(1.0)
+
+
+@jobs_app.command("resume")
+def jobs_resume(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="the job id")],
+    restart: Annotated[bool, typer.Option("--restart", help="start from scratch instead of the last checkpoint")] = False,
+    wait: WaitFlag = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start a failed or killed job again, from its last checkpoint (or from scratch with --restart)."""
+    from flywheel.trainer import launcher
+
+    c = context(ctx)
+    record = launcher.resume(c, job_id, restart=restart)
+    if wait and not record.ended:
+        _follow(ctx, record.id, as_json)
+    elif as_json:
+        _echo_json(record.model_dump(mode="json"))
+    else:
+        _out().print(_summary(record))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="the job id")], as_json: JsonFlag = False) -> None:
+    """Stop a queued or running job (it can be resumed later)."""
+    from flywheel.trainer import launcher
+
+    record = launcher.cancel(context(ctx), job_id)
+    if as_json:
+        _echo_json(record.model_dump(mode="json"))
+    else:
+        _out().print(_summary(record))

@@ -1,0 +1,343 @@
+"""PII scrubbing: find personal data and secrets in logged text and replace each with a typed placeholder.
+
+Kinds and placeholders:
+    EMAIL        [EMAIL]        e-mail addresses
+    PHONE        [PHONE]        international (+CC ...), North American (555) 123-4567, UK/EU domestic 0...
+                                numbers, and bare 10-11 digit numbers right after a phone word ("call", "tel")
+    CARD         [CARD]         13-19 digit payment card numbers that pass the Luhn check (stdnum.luhn)
+    IBAN         [IBAN]         IBANs whose country format and mod-97 check pass (stdnum.iban)
+    NATIONAL_ID  [NATIONAL_ID]  US SSN (stdnum.us.ssn), UK National Insurance number (format rules),
+                                Spanish DNI/NIE (stdnum.es), Italian codice fiscale (stdnum.it),
+                                French NIR (stdnum.fr.nir)
+    SECRET       [SECRET]       API keys and tokens: sk-..., AKIA..., ghp_..., github_pat_..., xox[bp]-...,
+                                AIza..., JWTs, Bearer tokens, and high-entropy values after key=/token=/...
+
+Why regular expressions plus checksum validation rather than a library: Microsoft Presidio's pattern
+recognizers run offline (with its NoOpNlpEngine) but cost far more per text and know no API-key kinds;
+bench/pii.py measures both on the same texts and the numbers are in docs/ingest.md.
+
+Speed: most logged text holds no PII, so one combined gate regex decides whether a text needs the
+per-kind scans at all; clean text costs one `search`. Every candidate of a checksummed kind is validated,
+which is what keeps order numbers, amounts and card-like numbers failing Luhn out.
+
+Scrubbing is idempotent (placeholders hold no digits, no '@' and no key=value shape), so re-ingesting
+already scrubbed text changes nothing and its content hash stays the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stdnum import iban as _iban
+from stdnum import luhn as _luhn
+from stdnum.es import dni as _es_dni
+from stdnum.es import nie as _es_nie
+from stdnum.fr import nir as _fr_nir
+from stdnum.it import codicefiscale as _it_cf
+from stdnum.us import ssn as _us_ssn
+
+KINDS: tuple[str, ...] = ("EMAIL", "PHONE", "CARD", "IBAN", "NATIONAL_ID", "SECRET")
+PLACEHOLDER = {kind: f"[{kind}]" for kind in KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    start: int
+    end: int
+    kind: str
+
+
+# Every pattern below starts with a literal or a single character class, so that the regex engine skips
+# ahead in C to the few places where a match can start (a digit, '+', '(', '@', ':' or '='); a pattern that
+# starts with a lookbehind or an alternation of classes is tried at every character and costs ten times more.
+# Boundary checks that would come first are written as lookbehinds after the first character instead.
+
+# --- the gates -------------------------------------------------------------------------------------------------
+# Six digits with at most two separator characters between neighbours: every number kind has this (phones,
+# cards, IBANs, SSN, NINO, DNI/NIE, NIR); or two digits after six capitals: the codice fiscale.
+_NUMBER_GATE = re.compile(r"[0-9](?:(?:[ ().+/-]{0,2}[0-9]){5}|(?<=[A-Z]{6}[0-9])[0-9])")
+_TOKEN_PREFIXES = ("sk-", "sk_", "rk_", "AKIA", "ASIA", "gh", "github_pat_", "xox", "eyJ", "AIza", "earer", "EARER")
+
+# --- secrets ---------------------------------------------------------------------------------------------------
+_TOKEN = re.compile(
+    r"sk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"  # OpenAI / Anthropic style
+    r"|sk_(?:live|test)_[A-Za-z0-9]{16,}|rk_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe secret / restricted keys
+    r"|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}"  # AWS access key ids
+    r"|ghp_[A-Za-z0-9]{30,}|gho_[A-Za-z0-9]{30,}|ghu_[A-Za-z0-9]{30,}|ghs_[A-Za-z0-9]{30,}|ghr_[A-Za-z0-9]{30,}"
+    r"|github_pat_[A-Za-z0-9_]{30,}"  # GitHub tokens
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs (header.payload.signature)
+    # a Bearer token: the token only, the word stays
+    r"|Bearer\s+(?P<b1>[A-Za-z0-9._~+/-]{16,}=*)|bearer\s+(?P<b2>[A-Za-z0-9._~+/-]{16,}=*)|BEARER\s+(?P<b3>[A-Za-z0-9._~+/-]{16,}=*)"
+)
+# A value after key=, token:, "api_key": "...": found from the separator, then the key name is looked for
+# just before it, and the value is kept only if it looks random (checked below). The value stops at the next
+# ':' or '=' so that "config: API_KEY=..." is tried again from the second separator.
+_KEY_VALUE = re.compile(r"[:=][ \t]*[\"']?(?P<value>[^\s\"'`,;<>()\[\]{}:=]{8,})")
+_KEY_NAMES = (
+    r"api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?key|client[_-]?secret|secret|access[_-]?token"
+    r"|auth[_-]?token|refresh[_-]?token|token|password|passwd|pwd|credentials?|auth|key"
+)
+_KEY_BEFORE = re.compile(r"(?i:" + _KEY_NAMES + r")[\"']?[ \t]*$")
+_KEY_NAME = re.compile(r"(?i:[A-Za-z0-9_-]*?(?:" + _KEY_NAMES + r"))")
+_WORDISH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _looks_random(value: str) -> bool:
+    """A value after key= counts as a secret when it is long and mixed enough not to be a word."""
+    if value.startswith("[") or value.isalpha() and value.islower():
+        return False
+    classes = sum((any(c.islower() for c in value), any(c.isupper() for c in value), any(c.isdigit() for c in value), any(not c.isalnum() for c in value)))
+    if len(value) >= 16:
+        counts = Counter(value)
+        entropy = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+        return entropy >= 3.0 and classes >= 2
+    return classes >= 3  # short values (passwords): need three character classes, e.g. "Hunter2!"
+
+
+def _secrets(text: str, spans: list[Span]) -> None:
+    if any(prefix in text for prefix in _TOKEN_PREFIXES):
+        for m in _TOKEN.finditer(text):
+            group = "b1" if m.group("b1") else "b2" if m.group("b2") else "b3" if m.group("b3") else None
+            if group is not None:
+                spans.append(Span(m.start(group), m.end(group), "SECRET"))
+                continue
+            start, end = m.span()
+            if (start and (text[start - 1] in _WORDISH)) or (end < len(text) and text[end] in _WORDISH):
+                continue  # part of a longer word: not one of the known token shapes
+            spans.append(Span(start, end, "SECRET"))
+    if ":" in text or "=" in text:
+        for m in _KEY_VALUE.finditer(text):
+            if _KEY_BEFORE.search(text, max(0, m.start() - 48), m.start()) and _looks_random(m.group("value")):
+                start, end = m.span("value")
+                rest = text[end : end + 3]
+                padding = len(rest) - len(rest.lstrip("="))  # base64 padding belongs to the value
+                if padding and (end + padding == len(text) or text[end + padding] in " \t\n\"',;&"):
+                    end += padding
+                if not _overlaps(spans, start, end):
+                    spans.append(Span(start, end, "SECRET"))
+
+
+# --- e-mail: found from the '@', the local part is then read backwards ----------------------------------------
+_EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?![\w-])")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]+(?:'[A-Za-z0-9._%+-]+)*$")
+
+
+def _emails(text: str, spans: list[Span]) -> None:
+    for m in _EMAIL_DOMAIN.finditer(text):
+        local = _EMAIL_LOCAL.search(text, max(0, m.start() - 64), m.start())
+        if local is None:
+            continue
+        start = local.start()
+        while start < m.start() and text[start] in ".'":
+            start += 1
+        if start < m.start() and not _overlaps(spans, start, m.end()):
+            spans.append(Span(start, m.end(), "EMAIL"))
+
+
+# --- IBAN: country code, check digits, then 11-30 letters/digits, in groups of four or in one run; people type
+# them in lower case too, and the mod-97 check keeps that safe. Found from the check digits. ------------------
+_IBAN = re.compile(r"[0-9](?<=[A-Za-z]{2}[0-9])(?<![\w][A-Za-z]{2}[0-9])[0-9](?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?(?![\w])")
+
+
+def _valid_iban(candidate: str) -> int:
+    """The length of the longest valid IBAN at the start of `candidate` (0 when none): the regex may
+    swallow a following word, so trailing groups are dropped until the check passes."""
+    groups = candidate.split(" ")
+    while groups:
+        text = " ".join(groups)
+        if _iban.is_valid(text.upper()):
+            return len(text)
+        if len(groups) == 1:
+            return 0
+        groups.pop()
+    return 0
+
+
+# --- payment cards: grouped by four (Visa/MC/Discover), 4-6-5 (Amex), or one run of 13-19 digits ---------------
+_CARD = re.compile(
+    r"[0-9](?<![\w+-][0-9])(?:[0-9]{3}[ -](?:[0-9]{4}[ -]){2}[0-9]{1,7}|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{12,18})(?![\w-])"
+)
+
+
+def _valid_card(candidate: str) -> bool:
+    digits = candidate.replace(" ", "").replace("-", "")
+    if not 13 <= len(digits) <= 19 or digits[0] not in "23456" or len(set(digits)) == 1:
+        return False
+    return _luhn.is_valid(digits)
+
+
+# --- national identity numbers ----------------------------------------------------------------------------------
+# Led by a digit: US SSN 123-45-6789 / 123 45 6789, Spanish DNI 12345678Z, French NIR 2 95 10 99 126 111 93.
+_NATIONAL_DIGIT = re.compile(
+    r"[0-9](?<![\w-][0-9])(?:"
+    r"(?P<ssn>[0-9]{2}([- ])[0-9]{2}\2[0-9]{4})"
+    r"|(?P<es_dni>[0-9]{7}-?[A-Z])"
+    r"|(?P<fr_nir>(?<=[12]) ?[0-9]{2} ?[0-9]{2} ?(?:[0-9]{2}|2[AB]) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2})"
+    r")(?![\w-])"
+)
+# Led by a capital: UK NINO (two prefix letters: D, F, I, Q, U, V never; O never second; BG GB NK KN TN NT ZZ
+# never; six digits; suffix A-D), Spanish NIE X1234567L, Italian codice fiscale RSSMRA85T10A562S.
+_NATIONAL_ALPHA = re.compile(
+    r"[A-Z](?<![\w][A-Z])(?:"
+    r"(?P<nino>(?<=[A-CEGHJ-PR-TW-Z])[A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D])"
+    r"|(?P<es_nie>(?<=[XYZ])-?[0-9]{7}-?[A-Z])"
+    r"|(?P<it_cf>[A-Z]{5}[0-9]{2}[A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z])"
+    r")(?![\w])"
+)
+_NINO_NEVER = frozenset(("BG", "GB", "NK", "KN", "TN", "NT", "ZZ"))
+_NATIONAL_CHECKS: dict[str, Callable[[str], bool]] = {
+    "ssn": lambda value: _us_ssn.is_valid(value.replace(" ", "-")),
+    "es_dni": _es_dni.is_valid,
+    "fr_nir": _fr_nir.is_valid,
+    "nino": lambda value: value[:2] not in _NINO_NEVER,  # format rules only: the NINO has no check digit
+    "es_nie": _es_nie.is_valid,
+    "it_cf": _it_cf.is_valid,
+}
+
+# --- phone numbers ----------------------------------------------------------------------------------------------
+_PHONE = re.compile(
+    r"[+(0-9](?<![\w+.-][+(0-9])(?:"
+    # international: +CC then groups, optionally one (area) group
+    r"(?P<intl>(?<=\+)[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,5}\)?){1,6})"
+    # in parentheses: (555) 123-4567, (020) 7946 0958
+    r"|(?P<paren>(?<=\()(?:[0-9]{3}\) ?[0-9]{3}[ .-][0-9]{4}|0[0-9]{2,4}\)(?:[ -]?[0-9]{2,4}){1,3}))"
+    # North American: 555-123-4567, 555.123.4567, 1-800-555-0199
+    r"|(?P<nanp>(?<=[0-9])(?:(?<=1)[ .-][0-9]{3}[ .-]|[0-9]{2}[ .-])[0-9]{3}[ .-][0-9]{4})"
+    # UK / EU domestic numbers after the trunk 0: 020 7946 0958, 07700 900123, 0612345678
+    r"|(?P<domestic>(?<=0)[0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,3})"
+    r")(?![\w-]|\.[0-9])"
+)
+_DIGIT_COUNTS = {"intl": (8, 15), "paren": (10, 11), "nanp": (10, 11), "domestic": (10, 11)}
+
+# Bare 9-11 digit runs count only right after a word that says what they are.
+_BARE_DIGITS = re.compile(r"[0-9](?<![\w+-][0-9])[0-9]{8,10}(?![\w-])")
+_PHONE_WORDS = re.compile(r"(?:phone|tel|telephone|call|call me|mobile|cell|whatsapp|sms|text me|fax)(?: at| on| number| no\.?)?[^0-9\n]{0,6}$")
+_SSN_WORDS = re.compile(r"(?:ssn|social security(?: number| no\.?)?)[^0-9\n]{0,6}$")
+
+
+def _numbers(text: str, spans: list[Span]) -> None:
+    for m in _IBAN.finditer(text):
+        start = m.start() - 2
+        length = _valid_iban(text[start : m.end()])
+        if length and not _overlaps(spans, start, start + length):
+            spans.append(Span(start, start + length, "IBAN"))
+    for m in _CARD.finditer(text):
+        if _valid_card(m.group()) and not _overlaps(spans, m.start(), m.end()):
+            spans.append(Span(m.start(), m.end(), "CARD"))
+    for pattern in (_NATIONAL_DIGIT, _NATIONAL_ALPHA):
+        for m in pattern.finditer(text):
+            group = next(g for g in ("ssn", "es_dni", "fr_nir", "nino", "es_nie", "it_cf") if g in pattern.groupindex and m.group(g) is not None)
+            if _NATIONAL_CHECKS[group](m.group()) and not _overlaps(spans, m.start(), m.end()):
+                spans.append(Span(m.start(), m.end(), "NATIONAL_ID"))
+    for m in _PHONE.finditer(text):
+        low, high = _DIGIT_COUNTS[m.lastgroup or "intl"]
+        digits = sum(c.isdigit() for c in m.group())
+        if low <= digits <= high and not _overlaps(spans, m.start(), m.end()):
+            spans.append(Span(m.start(), m.end(), "PHONE"))
+    for m in _BARE_DIGITS.finditer(text):
+        if _overlaps(spans, m.start(), m.end()):
+            continue
+        before = text[max(0, m.start() - 30) : m.start()].lower()
+        if len(m.group()) >= 10 and _PHONE_WORDS.search(before):
+            spans.append(Span(m.start(), m.end(), "PHONE"))
+        elif len(m.group()) == 9 and _SSN_WORDS.search(before) and _us_ssn.is_valid(m.group()):
+            spans.append(Span(m.start(), m.end(), "NATIONAL_ID"))
+
+
+# --- scanning ---------------------------------------------------------------------------------------------------
+
+
+def _overlaps(spans: list[Span], start: int, end: int) -> bool:
+    for span in spans:
+        if start < span.end and span.start < end:
+            return True
+    return False
+
+
+def find_pii(text: str) -> list[Span]:
+    """Every PII span in `text`, sorted by position. Earlier kinds in the scan order win overlaps:
+    secrets, e-mail, IBAN, card, national id, phone (a key or an IBAN may contain phone-like digits)."""
+    if not text:
+        return []
+    spans: list[Span] = []
+    _secrets(text, spans)
+    if "@" in text:
+        _emails(text, spans)
+    if _NUMBER_GATE.search(text):
+        _numbers(text, spans)
+    if len(spans) > 1:
+        spans.sort(key=lambda s: s.start)
+    return spans
+
+
+def may_contain_pii(text: str) -> bool:
+    """A cheap test: False means `find_pii` finds nothing."""
+    return bool(text) and (
+        "@" in text or ":" in text or "=" in text or any(p in text for p in _TOKEN_PREFIXES) or _NUMBER_GATE.search(text) is not None
+    )
+
+
+class Scrubber:
+    """Replaces PII with placeholders and counts what it replaced, per kind."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def text(self, text: str) -> str:
+        spans = find_pii(text)
+        if not spans:
+            return text
+        parts: list[str] = []
+        last = 0
+        for span in spans:
+            parts.append(text[last : span.start])
+            parts.append(PLACEHOLDER[span.kind])
+            self.counts[span.kind] += 1
+            last = span.end
+        parts.append(text[last:])
+        return "".join(parts)
+
+    def json_text(self, text: str) -> str:
+        """Scrub JSON text (tool-call arguments) value by value, so that escapes such as '\\n' before a
+        number do not hide it and the result stays valid JSON. Text that is not JSON is scrubbed as text."""
+        if not may_contain_pii(text):
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return self.text(text)
+        cleaned = self._walk(value)
+        if cleaned == value:
+            return text  # nothing found: keep the caller's exact formatting (and content hash)
+        return json.dumps(cleaned, ensure_ascii=False, separators=(", ", ": "))
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self._walk(v) for v in value]
+        if isinstance(value, dict):
+            # {"api_key": "..."}: the value alone has no key= context, so the key name supplies it
+            out = {}
+            for key, item in value.items():
+                if isinstance(item, str) and len(item) >= 8 and _KEY_NAME.fullmatch(str(key)) and _looks_random(item):
+                    self.counts["SECRET"] += 1
+                    out[key] = PLACEHOLDER["SECRET"]
+                else:
+                    out[key] = self._walk(item)
+            return out
+        return value
+
+
+def scrub(text: str) -> str:
+    """`text` with every PII span replaced by its placeholder."""
+    return Scrubber().text(text)

@@ -1,0 +1,144 @@
+"""Numbers over judged answers: task success, per-intent success, problem-type rates, severities.
+
+An evaluation judges one answer per test item; `ItemOutcome` holds what the judge found and
+`compute_metrics` turns a list of them into a `SetMetrics`. Every rate carries a Wilson 95% interval
+(cheap, and well-behaved near 0 and 1 where bootstrap intervals of small sets collapse to a point).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.records import Finding
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+NO_INTENT = "(none)"  # the intent bucket of items that carry no intent
+SEVERITY_ORDER = ("low", "medium", "high", "critical")
+
+
+def points(share: float) -> str:
+    """A change in a share as signed percentage points, "+3.0"; never "-0.0"."""
+    return f"{round(share * 100, 1) + 0.0:+.1f}"
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (0, 1) when there is nothing to estimate."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(before: "Rate", after: "Rate") -> tuple[float, float]:
+    """Newcombe's hybrid score interval of after.rate - before.rate from the two Wilson intervals.
+
+    It treats the two samples as independent; both models answer the same items, so the true
+    (paired) interval is narrower and this one errs on the wide side."""
+    if before.n == 0 or after.n == 0:
+        return -1.0, 1.0
+    d = after.rate - before.rate
+    low = d - math.sqrt((after.rate - after.low) ** 2 + (before.high - before.rate) ** 2)
+    high = d + math.sqrt((after.high - after.rate) ** 2 + (before.rate - before.low) ** 2)
+    return max(-1.0, low), min(1.0, high)
+
+
+class Metric(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Rate(Metric):
+    """`count` of `n` items, as a share with its 95% interval."""
+
+    count: int
+    n: int
+    rate: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, count: int, n: int) -> "Rate":
+        low, high = wilson_interval(count, n)
+        return cls(count=count, n=n, rate=count / n if n else 0.0, low=low, high=high)
+
+
+class ItemOutcome(Metric):
+    """One judged answer: success means the judge found nothing."""
+
+    id: str
+    intent: str | None = None
+    answer: str = ""
+    findings: list[Finding] = []
+    error: str = ""  # generation failed for this item (counts as a failure, not as a problem type)
+
+    @property
+    def success(self) -> bool:
+        return not self.findings and not self.error
+
+
+class SetMetrics(Metric):
+    """Everything measured on one test set for one model."""
+
+    name: str  # "test", "baseline", "problem"
+    size: int
+    task_success: Rate
+    per_intent: dict[str, Rate] = {}  # intent -> success rate
+    problem_rates: dict[str, Rate] = {}  # problem type -> share of items with that type
+    severity_counts: dict[str, int] = {}  # severity -> findings at that severity
+    # problem type -> severity -> items with a finding of that type at that severity
+    type_severities: dict[str, dict[str, int]] = {}
+    generation_errors: int = 0
+    judge: str = "rule"  # "rule" or "rule+llm:<model>"
+    llm_unjudged: int = 0  # answers the LLM judge gave no valid verdict on (their rule findings stand)
+    outcomes: list[ItemOutcome] = []
+
+    @property
+    def empty(self) -> bool:
+        return self.size == 0
+
+
+def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: Iterable[str]) -> SetMetrics:
+    """Aggregate judged answers. Every taxonomy type gets a rate (0 when absent), so before/after
+    comparisons line up; a type the judge reported outside the taxonomy is kept, not dropped."""
+    n = len(outcomes)
+    types = list(dict.fromkeys(problem_types))
+    with_type: Counter[str] = Counter()
+    type_sev: dict[str, Counter[str]] = defaultdict(Counter)
+    severities: Counter[str] = Counter({s: 0 for s in SEVERITY_ORDER})
+    intent_total: Counter[str] = Counter()
+    intent_ok: Counter[str] = Counter()
+    for outcome in outcomes:
+        intent = outcome.intent or NO_INTENT
+        intent_total[intent] += 1
+        intent_ok[intent] += outcome.success
+        for finding in outcome.findings:
+            severities[finding.severity] += 1
+        # an item counts once per type (and once per type and severity), however many findings it has
+        for problem_type in {f.problem_type for f in outcome.findings}:
+            with_type[problem_type] += 1
+            if problem_type not in types:
+                types.append(problem_type)
+        for problem_type, severity in {(f.problem_type, f.severity) for f in outcome.findings}:
+            type_sev[problem_type][severity] += 1
+    return SetMetrics(
+        name=name,
+        size=n,
+        task_success=Rate.of(sum(o.success for o in outcomes), n),
+        per_intent={intent: Rate.of(intent_ok[intent], intent_total[intent]) for intent in sorted(intent_total)},
+        problem_rates={t: Rate.of(with_type[t], n) for t in types},
+        severity_counts=dict(severities),
+        type_severities={t: dict(type_sev[t]) for t in types if type_sev[t]},
+        generation_errors=sum(1 for o in outcomes if o.error),
+        outcomes=list(outcomes),
+    )
+
+
+def worst_severity(severities: Iterable[str]) -> str | None:
+    ranked = [s for s in severities if s in SEVERITY_ORDER]
+    return max(ranked, key=SEVERITY_ORDER.index) if ranked else None

@@ -1,0 +1,378 @@
+"""Evaluation: three test sets, one answer per item from each model, the triage judge on every answer.
+
+The sets:
+  test      the fixed test set (settings.eval.test_set, JSONL), never trained on;
+  baseline  graduated samples (core and secondary baseline tiers) with their verified corrections:
+            what earlier cycles fixed and must stay fixed;
+  problem   this cycle's verified failures (tier problem): what the candidate was trained to fix.
+
+`evaluate_model` is model-agnostic: it takes a function from conversations to answers, so tests can
+pass a scripted function and the CLI passes one built from `LocalModel`. `run_eval` evaluates the
+candidate and the champion on all three sets, applies the gate and writes the report.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy import select
+
+from flywheel.context import Context
+from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.evals.gate import BASELINE, PROBLEM, TEST, evaluate_gate
+from flywheel.evals.judge import judge_answer
+from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
+from flywheel.evals.report import Curve, EvalReport, ModelRef, find_curve, load_curve, write_report
+from flywheel.evals.rule_judge import RuleJudge
+from flywheel.records import (
+    Failure,
+    FailureStatus,
+    Finding,
+    Interaction,
+    Message,
+    Reference,
+    SampleTier,
+    utcnow,
+)
+from flywheel.settings import Settings
+from flywheel.store.db import Store
+
+# What a model hands back for one conversation: plain text, a full assistant message (with tool
+# calls), or an object with a `.text` (and maybe `.tool_calls`) such as trainer.models.Generation.
+Answer = Any
+GenerateFn = Callable[[list[list[dict[str, Any]]]], Sequence[Answer]]
+ModelLoader = Callable[[ModelRef, Settings], tuple[GenerateFn, Callable[[], None]]]
+
+
+class EvalItem(BaseModel):
+    """One prompt to answer and what a right answer must satisfy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    messages: list[Message]  # the prompt conversation, ending before the answer
+    reference: Reference
+    intent: str | None = None
+    problem_type: str | None = None  # for problem-set items: what the judge found in production
+
+
+# --- the three sets ----------------------------------------------------------------------------------------
+
+
+class _TestRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    messages: list[Message]
+    reference: Reference
+
+
+def load_test_set(path: Path | str) -> list[EvalItem]:
+    """Read the fixed test set. A bad row stops the load with `file:line: what is wrong`: a test set
+    with rows silently missing would measure something else than the one the champion was measured on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"test set {path}: no such file")
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = _TestRow.model_validate(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{where}: not valid JSON ({exc.msg})") from None
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = ".".join(str(p) for p in err["loc"]) or "(row)"
+                raise UserInputError(f"{where}: {key}: {err['msg']}") from None
+            if not any(m.role == "user" for m in row.messages):
+                raise UserInputError(f"{where}: messages hold no user message to answer")
+            if row.messages[-1].role == "assistant":
+                raise UserInputError(f"{where}: messages end with an assistant turn; put the expected answer in reference.answer")
+            item_id = row.id or f"{path.name}:{line_no}"
+            if item_id in seen:
+                raise UserInputError(f"{where}: id {item_id!r} appears twice")
+            seen.add(item_id)
+            reference = row.reference if row.reference.source else row.reference.model_copy(update={"source": "test_set"})
+            items.append(EvalItem(id=item_id, messages=row.messages, reference=reference, intent=reference.intent))
+    return items
+
+
+def baseline_set(store: Store) -> list[EvalItem]:
+    """Graduated samples that must stay fixed: core and secondary baseline tiers, verified corrections."""
+    return _failure_items(store, tiers=[SampleTier.CORE, SampleTier.SECONDARY], status=None)
+
+
+def problem_set(store: Store) -> list[EvalItem]:
+    """This cycle's verified failures (tier problem): what the candidate was trained to fix."""
+    return _failure_items(store, tiers=[SampleTier.PROBLEM], status=FailureStatus.VERIFIED)
+
+
+def _failure_items(store: Store, tiers: Sequence[SampleTier], status: FailureStatus | None) -> list[EvalItem]:
+    from flywheel.data.labels import latest_labels
+    from flywheel.store import failures as failure_repo
+    from flywheel.store import interactions as interaction_repo
+    from flywheel.store.schema import failures
+
+    with store.engine.connect() as conn:
+        query = select(failures).where(failures.c.tier.in_([str(t) for t in tiers]))
+        if status is not None:
+            query = query.where(failures.c.status == str(status))
+        rows: list[Failure] = [failure_repo.failure_from_row(r) for r in conn.execute(query.order_by(failures.c.id))]
+        if not rows:
+            return []
+        interactions = interaction_repo.get_many(conn, [f.interaction_id for f in rows])
+        labelled = latest_labels(conn, [f.id for f in rows])
+        items: list[EvalItem] = []
+        for failure in rows:
+            correction = failure_repo.latest_correction(conn, failure.id, verified_only=True)
+            if correction is None:
+                continue  # graduated without a verified answer: nothing to compare against
+            verdict = failure_repo.latest_verdict(conn, failure.id)
+            interaction = interactions[failure.interaction_id]
+            label = labelled.get(failure.id)
+            intent = (label.intent if label else None) or failure.intent or interaction.intent
+            items.append(EvalItem(
+                id=failure.id,
+                messages=interaction.prompt_messages(),
+                reference=Reference(intent=intent, answer=correction.answer, source="correction"),
+                intent=intent,
+                problem_type=verdict.problem_type if verdict else None,
+            ))
+    return items
+
+
+# --- running a model over a set ----------------------------------------------------------------------------
+
+
+def _as_message(answer: Answer) -> Message | None:
+    if answer is None:
+        return None
+    if isinstance(answer, Message):
+        return answer
+    if isinstance(answer, str):
+        return Message(role="assistant", content=answer)
+    text = getattr(answer, "text", None)
+    if not isinstance(text, str):
+        raise TypeError(f"a generate function returned {type(answer).__name__}; expected str, Message or an object with .text")
+    tool_calls = getattr(answer, "tool_calls", None) or None
+    return Message(role="assistant", content=text, tool_calls=tool_calls)
+
+
+def evaluate_model(
+    generate_fn: GenerateFn,
+    items: Sequence[EvalItem],
+    judge: RuleJudge,
+    settings: Settings,
+    name: str = TEST,
+) -> SetMetrics:
+    """Answer every item with `generate_fn` and judge each answer; success means no finding.
+
+    The rule judge (the one triage uses) checks every answer. With an LLM endpoint configured, the LLM
+    judge is asked about every answer the rules did not settle, combined as triage combines them.
+    Conversations go to `generate_fn` in chunks of `eval.batch_size` so that a long set keeps memory
+    flat. A chunk that raises means the model is broken: that stops the run (InfrastructureError)."""
+    outcomes: list[ItemOutcome] = []
+    answered: list[tuple[int, EvalItem, Message]] = []  # what the LLM judge may look at
+    chunk = settings.eval.batch_size
+    for start in range(0, len(items), chunk):
+        batch = items[start : start + chunk]
+        conversations = [[m.model_dump(exclude_none=True) for m in item.messages] for item in batch]
+        try:
+            answers = list(generate_fn(conversations))
+        except Exception as exc:  # noqa: BLE001 - any failure inside the model is infrastructure
+            raise InfrastructureError(f"generation failed on the {name} set at item {batch[0].id}: {exc}") from exc
+        if len(answers) != len(batch):
+            raise InfrastructureError(f"the model returned {len(answers)} answers for {len(batch)} prompts on the {name} set")
+        for item, answer in zip(batch, answers):
+            message = _as_message(answer)
+            if message is None:
+                outcomes.append(ItemOutcome(id=item.id, intent=item.intent, error="no answer generated"))
+                continue
+            _failed, findings = judge_answer(settings, item.messages, message, item.reference, rule_judge=judge)
+            outcomes.append(ItemOutcome(id=item.id, intent=item.intent, answer=message.content or "", findings=findings))
+            answered.append((len(outcomes) - 1, item, message))
+    judge_name, unjudged = "rule", 0
+    if settings.llm.enabled and answered:
+        judge_name = f"rule+llm:{settings.llm.judge_model}"
+        unjudged = _add_llm_findings(settings, judge, answered, outcomes, name)
+    metrics = compute_metrics(name, outcomes, settings.taxonomy.problem_types)
+    return metrics.model_copy(update={"judge": judge_name, "llm_unjudged": unjudged})
+
+
+def _add_llm_findings(settings: Settings, rules: RuleJudge, answered: list[tuple[int, EvalItem, Message]], outcomes: list[ItemOutcome], set_name: str) -> int:
+    """Ask the LLM judge about each answer the rules did not settle (no high/critical finding, not
+    equal to the reference answer) and add what it finds as `llm` findings. The LLM can add a problem,
+    never remove or soften a rule finding (`judge.combine`). Returns how many answers stayed unjudged
+    (no valid verdict after the re-asks: their rule findings stand).
+
+    Endpoint trouble raises InfrastructureError: champion and candidate must be judged the same way,
+    and a comparison over partly judged sets would be wrong in an unknown direction."""
+    import openai
+
+    from flywheel.evals.judge import SEVERITY_RANK, JudgeCase, LLMJudge, LLMOutcome, combine, worst
+    from flywheel.llm import Limits, async_chat_model, run_bounded, run_sync
+
+    cases: dict[int, JudgeCase] = {}
+    for index, item, message in answered:
+        findings = outcomes[index].findings
+        top = worst(findings)
+        if (top is not None and SEVERITY_RANK[top.severity] >= SEVERITY_RANK["high"]) or (top is None and rules.confirms(message, item.reference)):
+            continue
+        interaction = Interaction(id=f"eval:{item.id}", timestamp=utcnow(), model_version="eval", intent=item.intent, messages=[*item.messages, message], source="eval")
+        cases[index] = JudgeCase(failure_id=item.id, interaction=interaction, findings=findings, reference=item.reference, answer=message)
+    if not cases:
+        return 0
+
+    async def ask() -> list[Any]:
+        async with async_chat_model(settings, settings.llm.judge_model) as model:
+            llm = LLMJudge(settings, model)
+            limits = Limits.from_settings(settings, timeout_s=settings.llm.timeout_s * (settings.judge.llm_retries + 1) + 5.0)
+            return await run_bounded(list(cases.values()), llm.ajudge, limits)
+
+    results = run_sync(ask)
+    refused = (openai.BadRequestError, openai.UnprocessableEntityError)  # this one request, not the endpoint
+    broken = [r for r in results if not r.ok and not isinstance(r.exception, refused)]
+    if broken:
+        first = broken[0]
+        if not (first.transient or isinstance(first.exception, openai.APIError)):
+            raise first.exception or RuntimeError(first.error)  # a bug, not the endpoint: keep the traceback
+        raise InfrastructureError(
+            f"the LLM judge at {settings.llm.base_url} failed on {len(broken)} of {len(results)} answers in the {set_name} set "
+            f"({first.error}); the evaluation stops rather than compare partly judged sets"
+        )
+    judge_name = f"rule+llm:{settings.llm.judge_model}"
+    unjudged = 0
+    for index, result in zip(cases, results):
+        outcome: LLMOutcome = result.value if result.ok else LLMOutcome(verdict=None, reason=f"the endpoint refused the request: {result.error}")
+        verdict = combine(cases[index], outcome, settings, judge_name)
+        if verdict.status == "unjudged":
+            unjudged += 1
+            continue
+        findings = outcomes[index].findings
+        if verdict.is_failure and verdict.problem_type and verdict.severity and not any(
+            (f.problem_type, f.severity) == (verdict.problem_type, verdict.severity) for f in findings
+        ):
+            findings.append(Finding(problem_type=verdict.problem_type, severity=verdict.severity, check="llm", detail=verdict.rationale[:200]))
+    return unjudged
+
+
+def build_judge(settings: Settings) -> RuleJudge:
+    """The same rule judge triage uses; answers are judged by the same checks as production traffic."""
+    return RuleJudge(settings)
+
+
+def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Callable[[], None]]:
+    """A generate function over a local base model plus optional LoRA adapter, and a function that
+    frees it (two models of a real size do not fit side by side on many machines)."""
+    from flywheel.trainer.models import LocalModel
+
+    holder: dict[str, Any] = {"model": LocalModel(ref.base_model, ref.adapter_path)}
+
+    def generate(conversations: list[list[dict[str, Any]]]) -> list[Any]:
+        return list(holder["model"].generate(conversations, max_new_tokens=settings.eval.max_new_tokens, batch_size=settings.eval.batch_size))
+
+    def release() -> None:
+        holder.clear()
+        gc.collect()
+
+    return generate, release
+
+
+# --- champion against candidate ----------------------------------------------------------------------------
+
+
+def load_sets(ctx: Context) -> dict[str, list[EvalItem]]:
+    """The three sets; an unconfigured test set or an empty store gives an empty set, not an error."""
+    settings = ctx.settings
+    test_path = settings.eval.test_set
+    test: list[EvalItem] = []
+    if test_path:
+        path = Path(test_path)
+        test = load_test_set(path if path.is_absolute() else settings.project_dir / path)
+    return {TEST: test, BASELINE: baseline_set(ctx.store), PROBLEM: problem_set(ctx.store)}
+
+
+def default_targeted(sets: Mapping[str, Sequence[EvalItem]]) -> list[str]:
+    """The problem types of this cycle's verified failures, most frequent first."""
+    counts = Counter(item.problem_type for item in sets.get(PROBLEM, []) if item.problem_type)
+    return [name for name, _ in counts.most_common()]
+
+
+def evaluate_all(generate_fn: GenerateFn, sets: Mapping[str, Sequence[EvalItem]], judge: RuleJudge, settings: Settings) -> dict[str, SetMetrics]:
+    return {name: evaluate_model(generate_fn, items, judge, settings, name=name) for name, items in sets.items()}
+
+
+def check_targeted(targeted: Sequence[str], settings: Settings) -> list[str]:
+    known = settings.taxonomy.problem_types
+    unknown = [t for t in targeted if t not in known]
+    if unknown:
+        raise UserInputError(f"--targeted names {', '.join(unknown)}, not in the taxonomy ({', '.join(known)})")
+    return list(dict.fromkeys(targeted))
+
+
+def run_eval(
+    ctx: Context,
+    candidate: ModelRef,
+    champion: ModelRef,
+    targeted: Sequence[str] = (),
+    curve_path: Path | str | None = None,
+    judge: RuleJudge | None = None,
+    load_model: ModelLoader | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Evaluate candidate and champion on the three sets, gate, and write report.json + report.html.
+
+    `targeted` defaults to the problem types of this cycle's problem set. Each model is loaded, run on
+    every set and freed before the next one loads. `load_model` turns a ModelRef into a generate
+    function and its release (default: `local_generate_fn`); tests pass scripted models here. A curve
+    named in `curve_path` must load; one found beside the adapter is charted when it loads and noted
+    when it does not."""
+    settings = ctx.settings
+    say = progress or (lambda _message: None)
+    sets = load_sets(ctx)
+    targeted = check_targeted(list(targeted) or default_targeted(sets), settings)
+    curve, notes = _curve(candidate, curve_path)
+    judge = judge or build_judge(settings)
+    sizes = ", ".join(f"{name} {len(items)}" for name, items in sets.items())
+    metrics: dict[str, dict[str, SetMetrics]] = {}
+    for role, ref in (("champion", champion), ("candidate", candidate)):
+        say(f"evaluating the {role} {ref.name} on {sizes} items")
+        generate, release = (load_model or local_generate_fn)(ref, settings)
+        try:
+            metrics[role] = evaluate_all(generate, sets, judge, settings)
+        finally:
+            release()
+    gate = evaluate_gate(metrics["champion"], metrics["candidate"], targeted, settings.gate)
+    return write_report(
+        settings,
+        candidate=candidate,
+        champion=champion,
+        before=metrics["champion"],
+        after=metrics["candidate"],
+        gate=gate,
+        curve=curve,
+        set_sources={TEST: settings.eval.test_set, BASELINE: "store: core and secondary baseline tiers", PROBLEM: "store: verified problem-tier failures"},
+        notes=notes,
+    )
+
+
+def _curve(candidate: ModelRef, curve_path: Path | str | None) -> tuple[Curve | None, list[str]]:
+    if curve_path is not None:
+        return load_curve(curve_path), []
+    found = find_curve(candidate)
+    if found is None:
+        return None, []
+    try:
+        return load_curve(found), []
+    except UserInputError as exc:
+        return None, [f"training curve not charted: {exc}"]

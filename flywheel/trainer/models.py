@@ -1,0 +1,473 @@
+"""Causal language models on local folders: a tiny one built from a config, and `LocalModel` for inference.
+
+Nothing here downloads. `build_tiny_model` trains a byte-level BPE tokenizer on a corpus and saves a small
+randomly initialised Llama with it (tests and the demo use it); any causal LM that transformers loads from a
+local folder with safetensors weights is a base model. `LocalModel` wraps one base model and any number of
+PEFT LoRA adapters over it, switched by name without reloading the base (the gateway serves several).
+
+Weights are read from safetensors only: a base folder with only `pytorch_model.bin` or an adapter folder with
+only `adapter_model.bin` is refused, because loading those means unpickling.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.store.vectors import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|pad|>"
+TURN_START = "<|im_start|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, TURN_START]
+
+# ChatML-style turns. The `{% generation %}` markers let transformers return an assistant-token mask
+# (TRL's assistant_only_loss); the end-of-turn token sits inside them so the model learns to stop. The
+# rendering of a prompt with add_generation_prompt is a prefix of the prompt plus its answer, which TRL
+# relies on to find where a completion starts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] or '' }}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE = None  # adapter name meaning "the base model, every adapter off"
+
+
+def build_tiny_model(
+    out_dir: Path | str,
+    corpus: Iterable[str],
+    *,
+    vocab_size: int = 2000,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    max_len: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer on `corpus`, build a small Llama over it and save both (safetensors)
+    to `out_dir`. The same corpus and seed give byte-identical files. Returns the folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable, so nothing is <unk>
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_with_roles(corpus), trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        model_max_length=max_len,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _with_roles(corpus: Iterable[str]) -> Iterator[str]:
+    # The role names appear in every rendered conversation; make sure they have compact tokens.
+    yield from ("system\n", "user\n", "assistant\n", "tool\n")
+    yield from corpus
+
+
+# --- inference --------------------------------------------------------------------------------------------
+
+
+class Generation(BaseModel):
+    """One greedy answer and how sure the model was of it.
+
+    `top1`, `top2` and `entropy` describe the first `k` generated positions (the selection strategies use
+    least-confidence, margin and entropy over the start of an answer, where the model commits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    tokens: int
+    mean_logprob: float
+    min_logprob: float
+    top1: list[float]  # probability of the most likely token, per position
+    top2: list[float]  # probability of the second most likely token, per position
+    entropy: list[float]  # nats, per position
+
+    @property
+    def least_confidence(self) -> float:
+        return 1.0 - float(np.mean(self.top1)) if self.top1 else 1.0
+
+    @property
+    def margin(self) -> float:
+        return float(np.mean(np.subtract(self.top1, self.top2))) if self.top1 else 0.0
+
+    @property
+    def mean_entropy(self) -> float:
+        return float(np.mean(self.entropy)) if self.entropy else 0.0
+
+
+def check_adapter_folder(path: Path | str, expected_sha256: str | None = None) -> Path:
+    """The adapter folder if it holds safetensors weights (and they have the expected hash); otherwise a
+    UserInputError. A `.bin` adapter would have to be unpickled, so it is refused."""
+    folder = Path(path)
+    weights = folder / ADAPTER_WEIGHTS
+    if not (folder / "adapter_config.json").is_file():
+        raise UserInputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise UserInputError(f"{folder}: adapter_model.bin is refused (pickle); save the adapter as {ADAPTER_WEIGHTS}")
+        raise UserInputError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    if expected_sha256 is not None:
+        actual = sha256_file(weights)
+        if actual != expected_sha256:
+            raise UserInputError(f"{weights}: sha256 {actual} does not match the recorded {expected_sha256}")
+    return folder
+
+
+def check_base_folder(path: Path | str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UserInputError(f"{folder}: not a model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise UserInputError(f"{folder}: only pickled weights (.bin/.pt) found; flywheel loads safetensors only")
+        raise UserInputError(f"{folder}: no .safetensors weights")
+    return folder
+
+
+class _Current:
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT: Any = _Current()  # default `adapter` argument: whichever adapter is active
+
+
+class LocalModel:
+    """A causal LM from a local folder plus named LoRA adapters over it, for greedy generation, scoring and
+    embeddings. Methods are serialised by a lock: switching an adapter and generating is one step."""
+
+    def __init__(
+        self,
+        base_path: Path | str,
+        adapter_path: Path | str | None = None,
+        *,
+        adapter_name: str = "default",
+        device: str | None = None,
+        confidence_positions: int = 8,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_path = check_base_folder(base_path)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        self.confidence_positions = confidence_positions
+        self._lock = threading.RLock()
+        try:
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(self.base_path), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.base_path), local_files_only=True, use_safetensors=True, dtype=dtype
+            )
+        except (OSError, ValueError) as exc:
+            raise InfrastructureError(f"cannot load the model at {self.base_path}: {str(exc).splitlines()[0]}") from exc
+        if self.tokenizer.chat_template is None:
+            raise UserInputError(f"{self.base_path}: the tokenizer has no chat template")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.model: PreTrainedModel = model.to(self.device).eval()
+        self.adapters: dict[str, str] = {}  # name -> folder
+        self.active: str | None = BASE
+        if adapter_path is not None:
+            self.load_adapter(adapter_name, adapter_path)
+            self.set_adapter(adapter_name)
+
+    # --- adapters ---------------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: Path | str, expected_sha256: str | None = None) -> None:
+        """Add a LoRA adapter under `name` (no-op if that name already holds that folder)."""
+        from peft import PeftModel
+
+        folder = check_adapter_folder(path, expected_sha256)
+        with self._lock:
+            if self.adapters.get(name) == str(folder):
+                return
+            if name in self.adapters:
+                self.model.delete_adapter(name)
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise UserInputError(f"cannot load the adapter at {folder}: {str(exc).splitlines()[0]}") from exc
+            self.model.eval()
+            self.adapters[name] = str(folder)
+            # PeftModel activates the first adapter it loads; keep whatever was active before.
+            self._activate(self.active)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter; None serves the base model."""
+        with self._lock:
+            if name is not None and name not in self.adapters:
+                raise UserInputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self.adapters) or 'none'})")
+            self._activate(name)
+            self.active = name
+
+    def _activate(self, name: str | None) -> None:
+        if name is not None:
+            self.model.set_adapter(name)
+
+    @contextmanager
+    def _using(self, adapter: Any) -> Iterator[None]:
+        name = self.active if adapter is CURRENT else adapter
+        with self._lock:
+            if name is None and self.adapters:
+                with self.model.disable_adapter():
+                    yield
+                return
+            if name is not None:
+                if name not in self.adapters:
+                    raise UserInputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self.adapters) or 'none'})")
+                self.model.set_adapter(name)
+            try:
+                yield
+            finally:
+                self._activate(self.active)
+
+    # --- inference --------------------------------------------------------------------------------------
+
+    def render(self, conversation: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        messages = [{"role": m["role"], "content": m.get("content") or ""} for m in conversation]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def generate(
+        self,
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        *,
+        adapter: Any = CURRENT,
+    ) -> list[Generation]:
+        """Greedy answers to each conversation (the next assistant turn), in order."""
+        import torch
+
+        results: list[Generation] = []
+        eos_ids = self._eos_ids()
+        with self._using(adapter), torch.inference_mode():
+            for start in range(0, len(conversations), batch_size):
+                batch = conversations[start : start + batch_size]
+                texts = [self.render(c, add_generation_prompt=True) for c in batch]
+                enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=eos_ids,
+                )
+                new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]
+                logits = torch.stack(out.logits, dim=1).float()  # (batch, steps, vocab)
+                logprobs = torch.log_softmax(logits, dim=-1)
+                for row in range(new_tokens.shape[0]):
+                    results.append(self._summarise(new_tokens[row], logprobs[row], eos_ids))
+        return results
+
+    def _summarise(self, tokens: "torch.Tensor", logprobs: "torch.Tensor", eos_ids: list[int]) -> Generation:
+        import torch
+
+        ids = tokens.tolist()
+        length = len(ids)
+        for position, token in enumerate(ids):
+            if token in eos_ids:
+                length = position + 1  # the stop token was generated: it counts, what follows is padding
+                break
+        chosen = logprobs[:length].gather(1, tokens[:length, None]).squeeze(1)
+        k = min(self.confidence_positions, length)
+        probs = logprobs[:k].exp()
+        top = torch.topk(probs, k=2, dim=-1).values
+        entropy = -(probs * logprobs[:k]).sum(dim=-1)
+        text_ids = [t for t in ids[:length] if t not in eos_ids]
+        return Generation(
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            tokens=length,
+            mean_logprob=float(chosen.mean()) if length else 0.0,
+            min_logprob=float(chosen.min()) if length else 0.0,
+            top1=[float(v) for v in top[:, 0]],
+            top2=[float(v) for v in top[:, 1]],
+            entropy=[float(v) for v in entropy],
+        )
+
+    def sequence_logprob(
+        self,
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        answers: Sequence[str],
+        batch_size: int = 8,
+        *,
+        adapter: Any = CURRENT,
+    ) -> list[float]:
+        """Total log-probability (nats) of each answer, with its end-of-turn token, as the next assistant turn."""
+        import torch
+
+        if len(conversations) != len(answers):
+            raise UserInputError(f"{len(conversations)} conversations but {len(answers)} answers")
+        sequences: list[tuple[list[int], int]] = []
+        for conversation, answer in zip(conversations, answers, strict=True):
+            prompt = self.tokenizer(self.render(conversation, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            full_text = self.render([*conversation, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+            full = self.tokenizer(full_text, add_special_tokens=False)["input_ids"]
+            start = _common_prefix(prompt, full)
+            # Score through the end-of-turn token; what the template adds after it (a newline) is not the answer.
+            end = _last_index(full, self._eos_ids(), after=start)
+            sequences.append((full[: end + 1], start))
+        totals: list[float] = []
+        pad = self.tokenizer.pad_token_id
+        with self._using(adapter), torch.inference_mode():
+            for begin in range(0, len(sequences), batch_size):
+                batch = sequences[begin : begin + batch_size]
+                width = max(len(ids) for ids, _ in batch)
+                # right padding here: positions line up with the prompt lengths we computed
+                input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=self.device)
+                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=self.device)
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+                logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+                for row, (ids, start) in enumerate(batch):
+                    totals.append(float(logprobs[row, max(start - 1, 0) : len(ids) - 1].sum()))
+        return totals
+
+    def embed_last_hidden(
+        self,
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        batch_size: int = 8,
+        *,
+        adapter: Any = CURRENT,
+    ) -> np.ndarray:
+        """Mean-pooled last hidden state of each rendered conversation: (n, hidden) float32."""
+        import torch
+
+        rows: list[np.ndarray] = []
+        with self._using(adapter), torch.inference_mode():
+            for start in range(0, len(conversations), batch_size):
+                texts = [self.render(c, add_generation_prompt=False) for c in conversations[start : start + batch_size]]
+                enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1].float()
+                mask = enc["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+                rows.append(pooled.cpu().numpy())
+        if not rows:
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
+        return np.concatenate(rows).astype(np.float32)
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return int(getattr(config.get_text_config(), "hidden_size"))
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _last_index(ids: Sequence[int], targets: Sequence[int], after: int) -> int:
+    for index in range(len(ids) - 1, after - 1, -1):
+        if ids[index] in targets:
+            return index
+    return len(ids) - 1
+
+
+def model_config_hash(base_path: Path | str) -> str:
+    """sha256 of a model folder's config.json: which architecture and size a base model is."""
+    config = Path(base_path) / "config.json"
+    if not config.is_file():
+        raise UserInputError(f"{base_path}: not a model folder (no config.json)")
+    return sha256_file(config)
+
+
+def tiny_corpus() -> list[str]:
+    """A small built-in corpus (customer-support phrasing) for a tiny model when the caller has none."""
+    lines = [
+        "Hello, how can I help you today?",
+        "I would like a refund for my last order.",
+        "Refunds are processed within five business days after we receive the item.",
+        "Your order has shipped and will arrive on Tuesday.",
+        "I cannot promise a refund, but I can open a review for you.",
+        "Please share your order number so I can check the status.",
+        "Our support team is available from nine to five on weekdays.",
+        "The fee cannot be waived, but you can appeal through the billing page.",
+        "Thank you for your patience. Is there anything else I can do?",
+        "I have escalated your request to a human agent.",
+    ]
+    return lines * 3

@@ -1,0 +1,475 @@
+"""The training recipes: LoRA SFT and LoRA DPO with TRL over a local base model and a dataset snapshot.
+
+A `TrainSpec` says everything a run depends on (method, base model, dataset content, hyper-parameters); its
+`identity()` is what a job id is derived from. `run(spec, work_dir)` trains and writes, under
+`work_dir/adapter`:
+
+    adapter_model.safetensors, adapter_config.json   the PEFT adapter (plus the tokenizer, for convenience)
+    adapter.sha256                                   sha256 of adapter_model.safetensors
+    curve.json                                       train and held-out loss per step
+    lineage.json                                     base model + config hash, dataset id + hash, the spec
+
+Checkpoints go to `work_dir/checkpoints`; a run that finds one there resumes from the newest.
+
+Snapshot rows (train.jsonl and heldout.jsonl, or .parquet; manifest.json beside them):
+    SFT  {"messages": [..., {"role": "assistant", "content": "the corrected answer"}], "weight": 1.5, ...}
+    DPO  {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "weight": 1.0, ...}
+SFT trains on the final assistant turn only: earlier assistant turns are production answers that may be
+the very failures being corrected, so they are context, not targets. A row that does not fit is skipped with
+its file, line and reason in the log and in lineage.json; the run fails only when no row is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flywheel.errors import UserInputError
+from flywheel.records import stable_hash, utcnow
+from flywheel.settings import TrainSettings
+from flywheel.store.vectors import sha256_file
+from flywheel.trainer.models import ADAPTER_WEIGHTS, check_base_folder, model_config_hash
+
+log = logging.getLogger("flywheel.train")
+
+SPLITS = ("train", "heldout")
+ROLES = {"system", "user", "assistant", "tool"}
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainSpec(BaseModel):
+    """One training run, fully resolved. `hyper` carries the hyper-parameters (its own base_model and
+    method are kept equal to the spec's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["sft", "dpo"]
+    base_model: str  # absolute folder
+    base_config_hash: str
+    dataset_dir: str  # absolute folder
+    dataset_id: str = ""  # from manifest.json, when it has one
+    dataset_hash: str  # sha256 over the split files' bytes
+    hyper: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="after")
+    def _sync(self) -> "TrainSpec":
+        if self.hyper.base_model != self.base_model or self.hyper.method != self.method:
+            self.hyper = self.hyper.model_copy(update={"base_model": self.base_model, "method": self.method})
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What the run's result depends on: equal identities give the same adapter."""
+        return {
+            "method": self.method,
+            "base_model": self.base_model,
+            "base_config_hash": self.base_config_hash,
+            "dataset_hash": self.dataset_hash,
+            "hyper": self.hyper.model_dump(mode="json", exclude={"base_model", "method"}),
+        }
+
+    def job_id(self) -> str:
+        return f"{self.method}-{stable_hash(self.identity(), 16)}"
+
+
+class SkippedRow(BaseModel):
+    where: str  # "train.jsonl:12"
+    why: str
+
+
+class TrainResult(BaseModel):
+    adapter_path: str
+    adapter_sha256: str
+    curve_path: str
+    lineage_path: str
+    steps: int
+    epochs: float
+    train_loss: float | None
+    best_eval_loss: float | None
+    resumed_from: str | None = None
+    skipped_rows: int = 0
+
+
+# --- building a spec ----------------------------------------------------------------------------------------
+
+
+def split_file(dataset_dir: Path, split: str) -> Path | None:
+    for suffix in (".jsonl", ".parquet"):
+        path = dataset_dir / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_manifest(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def dataset_content_hash(dataset_dir: Path) -> str:
+    """sha256 over the bytes of the split files, so a job id follows the data, not the folder's name."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        path = split_file(dataset_dir, split)
+        digest.update(f"{split}:{path.name if path else '-'}:".encode())
+        if path is not None:
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def build_spec(
+    train: TrainSettings,
+    dataset_dir: Path | str,
+    *,
+    method: str | None = None,
+    base_model: Path | str | None = None,
+) -> TrainSpec:
+    """A spec from the settings' [train] section, a snapshot folder and optional overrides. The method
+    defaults to the snapshot's kind (manifest "kind"), then to train.method."""
+    folder = Path(dataset_dir).resolve()
+    if not folder.is_dir():
+        raise UserInputError(f"dataset snapshot {folder} does not exist")
+    if split_file(folder, "train") is None:
+        raise UserInputError(f"dataset snapshot {folder} has no train.jsonl or train.parquet")
+    manifest = read_manifest(folder)
+    chosen = method or manifest.get("kind") or train.method
+    if chosen not in ("sft", "dpo"):
+        raise UserInputError(f"training method {chosen!r} is not sft or dpo")
+    base = base_model or train.base_model
+    if not base:
+        raise UserInputError("no base model: pass --base PATH or set train.base_model in flywheel.toml")
+    base_path = check_base_folder(Path(base).expanduser().resolve())
+    return TrainSpec(
+        method=chosen,
+        base_model=str(base_path),
+        base_config_hash=model_config_hash(base_path),
+        dataset_dir=str(folder),
+        dataset_id=str(manifest.get("id") or manifest.get("snapshot_id") or ""),
+        dataset_hash=dataset_content_hash(folder),
+        hyper=train,
+    )
+
+
+# --- reading rows ------------------------------------------------------------------------------------------
+
+
+def _read_split(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) pairs; a line that is not JSON becomes (where, None) so it is reported, not fatal."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"{path.name}:{i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    rows: list[tuple[str, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path.name}:{number}", json.loads(line)))
+            except json.JSONDecodeError:
+                rows.append((f"{path.name}:{number}", None))
+    return rows
+
+
+def _message(raw: Any, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
+        raise ValueError(f"a message is not an object with a role in {sorted(ROLES)}")
+    content = raw.get("content") or ""
+    if not isinstance(content, str):
+        raise ValueError("a message content is not text")
+    if raw.get("tool_calls"):
+        # Arrow wants one schema for all rows, so tool calls travel as JSON text in the content.
+        content = (content + "\n" if content else "") + json.dumps(raw["tool_calls"], sort_keys=True)
+    return {"role": raw["role"], "content": content}
+
+
+def _weight(row: dict[str, Any]) -> float:
+    weight = row.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight {weight!r} is not a non-negative number")
+    return float(weight)
+
+
+def sft_example(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        raise ValueError("no messages list")
+    messages = [_message(m, where) for m in row["messages"]]
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise ValueError("messages must end with a non-empty assistant answer after at least one other message")
+    return {"prompt": messages[:-1], "completion": messages[-1:], "weight": _weight(row)}
+
+
+def dpo_example(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), list) or not row["prompt"]:
+        raise ValueError("no prompt messages list")
+    prompt = [_message(m, where) for m in row["prompt"]]
+    answers = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]
+        if not isinstance(value, list) or len(value) != 1:
+            raise ValueError(f"{key} must be one assistant message")
+        message = _message(value[0], where)
+        if message["role"] != "assistant" or not message["content"].strip():
+            raise ValueError(f"{key} must be a non-empty assistant message")
+        answers[key] = [message]
+    if answers["chosen"][0]["content"] == answers["rejected"][0]["content"]:
+        raise ValueError("chosen and rejected are the same answer")
+    return {"prompt": prompt, **answers, "weight": _weight(row)}
+
+
+def load_examples(dataset_dir: Path, split: str, method: str) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
+    path = split_file(dataset_dir, split)
+    if path is None:
+        return [], []
+    convert = sft_example if method == "sft" else dpo_example
+    examples: list[dict[str, Any]] = []
+    skipped: list[SkippedRow] = []
+    for where, row in _read_split(path):
+        try:
+            if row is None:
+                raise ValueError("not valid JSON")
+            examples.append(convert(row, where))
+        except ValueError as exc:
+            skipped.append(SkippedRow(where=where, why=str(exc)))
+            log.warning("skipping %s: %s", where, exc)
+    return examples, skipped
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+def _precision() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16, "activation_checkpointing": True}
+    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False}
+
+
+def _common_args(spec: TrainSpec, checkpoints: Path, has_eval: bool) -> dict[str, Any]:
+    hyper = spec.hyper
+    by_steps = hyper.eval_steps > 0
+    strategy = "steps" if by_steps else "epoch"
+    early = has_eval and hyper.early_stopping_patience > 0
+    args: dict[str, Any] = {
+        "output_dir": str(checkpoints),
+        "num_train_epochs": hyper.epochs,
+        "learning_rate": hyper.learning_rate,
+        "per_device_train_batch_size": hyper.batch_size,
+        "per_device_eval_batch_size": hyper.batch_size,
+        "gradient_accumulation_steps": hyper.grad_accum,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": hyper.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "max_grad_norm": hyper.max_grad_norm,
+        "max_length": hyper.max_length,
+        "seed": hyper.seed,
+        "data_seed": hyper.seed,
+        "logging_strategy": "steps",
+        "logging_steps": 0.01,  # a float below 1: every 1% of the steps, and every step for short runs
+        "logging_first_step": True,
+        "eval_strategy": strategy if has_eval else "no",
+        "save_strategy": strategy,
+        "save_total_limit": 2,
+        "load_best_model_at_end": early,
+        "metric_for_best_model": "eval_loss" if early else None,
+        "greater_is_better": False if early else None,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "remove_unused_columns": True,  # the weighted trainers keep `weight` among the columns
+        "dataloader_num_workers": 0,
+        "save_only_model": False,  # optimizer and scheduler state are what a resume needs
+        **_precision(),
+    }
+    if by_steps:
+        args["eval_steps"] = hyper.eval_steps
+        args["save_steps"] = hyper.eval_steps
+    return args
+
+
+def _lora(spec: TrainSpec):  # noqa: ANN202 - peft type
+    from peft import LoraConfig
+
+    hyper = spec.hyper
+    return LoraConfig(
+        r=hyper.lora_r,
+        lora_alpha=hyper.lora_alpha,
+        lora_dropout=hyper.lora_dropout,
+        target_modules=hyper.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_training(base_model: str):  # noqa: ANN201 - (model, tokenizer)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+    model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True, use_safetensors=True, dtype=dtype)
+    return model, tokenizer
+
+
+def make_trainer(
+    spec: TrainSpec,
+    train_examples: Sequence[dict[str, Any]],
+    heldout_examples: Sequence[dict[str, Any]],
+    checkpoints: Path,
+    callbacks: Sequence[Any] = (),
+):  # noqa: ANN201 - a TRL trainer
+    """The weighted TRL trainer for a spec, ready to `.train()`."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import DPOConfig, SFTConfig
+
+    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedSFTTrainer
+
+    has_eval = len(heldout_examples) > 0
+    model, tokenizer = load_for_training(spec.base_model)
+    args = _common_args(spec, checkpoints, has_eval)
+    all_callbacks = list(callbacks)
+    if args["load_best_model_at_end"]:
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.hyper.early_stopping_patience))
+    train_ds = Dataset.from_list(list(train_examples))
+    eval_ds = Dataset.from_list(list(heldout_examples)) if has_eval else None
+    if spec.method == "sft":
+        config = SFTConfig(**args, completion_only_loss=True, assistant_only_loss=False, packing=False)
+        trainer_cls = WeightedSFTTrainer
+    else:
+        config = DPOConfig(**args, beta=spec.hyper.dpo_beta, loss_type=["sigmoid"])
+        trainer_cls = WeightedDPOTrainer
+    return trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=_lora(spec),
+        callbacks=all_callbacks,
+    )
+
+
+def _curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    train = [{"step": e["step"], "epoch": e.get("epoch", 0.0), "loss": e["loss"]} for e in log_history if "loss" in e]
+    held = [{"step": e["step"], "epoch": e.get("epoch", 0.0), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"train": train, "eval": held}
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint that was written to the end. Trainer writes trainer_state.json last, so a
+    checkpoint without it was cut short by a kill; such folders are removed so that neither the resume nor
+    Trainer's checkpoint rotation trips over them."""
+    import shutil
+
+    found = sorted(
+        (int(path.name.split("-", 1)[1]), path)
+        for path in checkpoints.glob("checkpoint-*")
+        if path.is_dir() and path.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors")):
+            return str(path)
+        log.warning("removing incomplete checkpoint %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def run(spec: TrainSpec, work_dir: Path | str, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train the adapter a spec describes, resuming from the newest checkpoint in `work_dir` if any."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(work_dir)
+    dataset_dir = Path(spec.dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserInputError(f"dataset snapshot {dataset_dir} does not exist")
+    if dataset_content_hash(dataset_dir) != spec.dataset_hash:
+        raise UserInputError(f"dataset snapshot {dataset_dir} changed since the job was created (content hash differs)")
+    train_examples, skipped = load_examples(dataset_dir, "train", spec.method)
+    heldout_examples, skipped_heldout = load_examples(dataset_dir, "heldout", spec.method)
+    skipped += skipped_heldout
+    if not train_examples:
+        raise UserInputError(f"dataset snapshot {dataset_dir}: no usable training rows ({len(skipped)} skipped)")
+    log.info("training %s on %d rows (%d held out, %d skipped)", spec.method, len(train_examples), len(heldout_examples), len(skipped))
+
+    checkpoints = work / CHECKPOINT_DIR
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    last = last_complete_checkpoint(checkpoints)
+    trainer = make_trainer(spec, train_examples, heldout_examples, checkpoints, callbacks)
+    if last:
+        log.info("resuming from %s", last)
+    output = trainer.train(resume_from_checkpoint=last)
+
+    adapter_dir = work / ADAPTER_DIR
+    trainer.save_model(str(adapter_dir))
+    # Trainer pickles its arguments beside the model; an adapter folder holds no pickle.
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise RuntimeError(f"the trainer did not write {weights}")
+    digest = sha256_file(weights)
+    (adapter_dir / "adapter.sha256").write_text(f"{digest}  {ADAPTER_WEIGHTS}\n", encoding="utf-8")
+
+    curve = _curve(trainer.state.log_history)
+    curve_path = adapter_dir / "curve.json"
+    curve_path.write_text(json.dumps(curve, indent=1), encoding="utf-8")
+    lineage_path = adapter_dir / "lineage.json"
+    lineage_path.write_text(json.dumps(_lineage(spec, digest, skipped, last), indent=1, default=str), encoding="utf-8")
+    best = trainer.state.best_metric if trainer.args.load_best_model_at_end else None
+    if best is None and curve["eval"]:
+        best = min(point["loss"] for point in curve["eval"])
+    return TrainResult(
+        adapter_path=str(adapter_dir),
+        adapter_sha256=digest,
+        curve_path=str(curve_path),
+        lineage_path=str(lineage_path),
+        steps=trainer.state.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        best_eval_loss=best,
+        resumed_from=last,
+        skipped_rows=len(skipped),
+    )
+
+
+def _lineage(spec: TrainSpec, digest: str, skipped: list[SkippedRow], resumed_from: str | None) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    manifest_path = Path(spec.dataset_dir) / "manifest.json"
+    return {
+        "adapter_sha256": digest,
+        "base_model": {"path": spec.base_model, "config_sha256": spec.base_config_hash},
+        "dataset": {
+            "path": spec.dataset_dir,
+            "id": spec.dataset_id,
+            "content_hash": spec.dataset_hash,
+            "manifest_sha256": sha256_file(manifest_path) if manifest_path.is_file() else None,
+            "skipped_rows": [row.model_dump() for row in skipped],
+        },
+        "spec": spec.model_dump(mode="json"),
+        "job_id": spec.job_id(),
+        "resumed_from": resumed_from,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__},
+        "created_at": utcnow().isoformat(),
+    }

@@ -1,0 +1,161 @@
+"""The training worker: `python -m flywheel.trainer.worker JOB_DIR`.
+
+Started by a launcher in its own process group, with stdout and stderr going to the job's log. It reads
+`JOB_DIR/job.json` (the job id and the settings), opens its own store, marks the job running, trains with
+`flywheel.trainer.recipes.run` (resuming from the newest checkpoint in JOB_DIR), and records progress and a
+heartbeat while it goes; at the end it writes the result, or the error with the log's path.
+
+If the worker is killed outright it writes nothing more; the launcher sees the dead process (or the stale
+heartbeat) and marks the job killed, and `flywheel jobs resume` starts a new worker on the same folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub, which reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import logging  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from transformers import TrainerCallback  # noqa: E402
+
+from flywheel.errors import FlywheelError  # noqa: E402
+from flywheel.records import utcnow  # noqa: E402
+from flywheel.store.db import Store, open_store  # noqa: E402
+from flywheel.trainer.jobs import JobStatus, get_job, read_job_file, set_fields, transition  # noqa: E402
+
+HEARTBEAT_S = 5.0
+PROGRESS_EVERY_S = 1.0
+log = logging.getLogger("flywheel.worker")
+
+
+class StoreProgress(TrainerCallback):
+    """Writes step, total and losses to the job row, at most once a second
+    (and always on logs, evaluations and checkpoints)."""
+
+    def __init__(self, store: Store, job_id: str, pid: int):
+        self.store = store
+        self.job_id = job_id
+        self.pid = pid
+        self.progress: dict[str, Any] = {"step": 0, "total": 0, "host": socket.gethostname()}
+        self._last_write = 0.0
+
+    def _write(self, force: bool = False) -> None:
+        moment = time.monotonic()
+        if not force and moment - self._last_write < PROGRESS_EVERY_S:
+            return
+        self._last_write = moment
+        try:
+            set_fields(self.store, self.job_id, only_status=[JobStatus.RUNNING], worker_pid=self.pid, progress=dict(self.progress), heartbeat_at=utcnow())
+        except Exception as exc:  # a progress write must never stop training
+            log.warning("could not record progress: %s", exc)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.progress.update(step=state.global_step, total=state.max_steps)
+        self._write(force=True)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.progress.update(step=state.global_step, total=state.max_steps, epoch=state.epoch)
+        self._write(force=state.global_step >= state.max_steps)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        logs = logs or {}
+        if "loss" in logs:
+            self.progress["loss"] = float(logs["loss"])
+        if "eval_loss" in logs:
+            self.progress["eval_loss"] = float(logs["eval_loss"])
+        self._write(force=True)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.progress["checkpoint"] = state.global_step
+        self._write(force=True)
+        return control
+
+
+def _heartbeat(store: Store, job_id: str, pid: int, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            set_fields(store, job_id, only_status=[JobStatus.RUNNING], worker_pid=pid, heartbeat_at=utcnow())
+        except Exception as exc:  # the database may be briefly busy; the next beat tries again
+            log.warning("heartbeat failed: %s", exc)
+
+
+def run_job(work_dir: Path) -> int:
+    from flywheel.trainer import recipes
+
+    job_id, settings = read_job_file(work_dir)
+    store = open_store(settings, migrate=False)
+    pid = os.getpid()
+    try:
+        job = get_job(store, job_id)
+        started = transition(
+            store, job_id, [JobStatus.QUEUED], JobStatus.RUNNING,
+            pid=pid, started_at=utcnow(), heartbeat_at=utcnow(), error=None,
+        )
+        if not started:
+            log.warning("job %s is %s, not queued: this worker does nothing", job_id, job.status)
+            return 0
+        log.info("job %s attempt %d: %s on %s", job_id, job.attempts, job.spec.get("method"), job.spec.get("dataset_dir"))
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(store, job_id, pid, stop), daemon=True)
+        beat.start()
+        progress = StoreProgress(store, job_id, pid)
+        try:
+            spec = recipes.TrainSpec.model_validate(job.spec)
+            result = recipes.run(spec, work_dir, callbacks=[progress])
+        except BaseException as exc:
+            stop.set()
+            if isinstance(exc, FlywheelError):
+                message = str(exc)
+            else:
+                traceback.print_exc()
+                message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("job %s failed: %s", job_id, message)
+            transition(
+                store, job_id, [JobStatus.RUNNING], JobStatus.FAILED,
+                error=f"{message} (log: {job.log_path})", finished_at=utcnow(), progress=progress.progress,
+            )
+            return 1
+        stop.set()
+        progress.progress.update(step=result.steps)
+        transition(
+            store, job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED,
+            result=result.model_dump(mode="json"), finished_at=utcnow(), progress=progress.progress,
+        )
+        log.info("job %s succeeded: adapter %s sha256 %s", job_id, result.adapter_path, result.adapter_sha256)
+        return 0
+    finally:
+        store.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flywheel.trainer.worker JOB_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Progress bars are noise in a log file; the job row carries the progress.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    return run_job(Path(args[0]).resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The promotion gate over hand-built metrics: it passes, and it fails for each of its reasons."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from flywheel.evals.gate import GateResult, evaluate_gate
+from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
+from flywheel.records import Finding
+from flywheel.settings import GateSettings, TaxonomySettings
+
+TYPES = list(TaxonomySettings().problem_types)
+SEVERITY = dict(TaxonomySettings().default_severity)
+GATE = GateSettings(targeted_min_relative_drop=0.3, max_regression=0.02, min_intent_samples=5, block_new_severities=["high", "critical"])
+
+# A block of items: (how many, intent, problem types found in each; a type may be "type@severity")
+Block = tuple[int, str, Sequence[str]]
+
+
+def build(name: str, blocks: Sequence[Block]) -> SetMetrics:
+    outcomes: list[ItemOutcome] = []
+    for count, intent, found in blocks:
+        for _ in range(count):
+            findings = []
+            for spec in found:
+                problem_type, _, severity = spec.partition("@")
+                findings.append(Finding(problem_type=problem_type, severity=severity or SEVERITY[problem_type], check="test"))
+            outcomes.append(ItemOutcome(id=f"{name}-{len(outcomes)}", intent=intent, findings=findings))
+    return compute_metrics(name, outcomes, TYPES)
+
+
+# Champion: 100 test items. over_promise 20%, format_error 10%; billing 35/55 ok, cards 35/45 ok.
+CHAMPION_TEST: list[Block] = [(20, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (35, "billing", []), (35, "cards", [])]
+CHAMPION_PROBLEM: list[Block] = [(8, "billing", ["over_promise"]), (2, "billing", [])]
+CHAMPION_BASELINE: list[Block] = [(50, "cards", []), (0, "cards", [])]
+
+
+def champion(test: list[Block] = CHAMPION_TEST, problem: list[Block] = CHAMPION_PROBLEM, baseline: list[Block] = CHAMPION_BASELINE) -> dict[str, SetMetrics]:
+    return {"test": build("test", test), "problem": build("problem", problem), "baseline": build("baseline", baseline)}
+
+
+def candidate(
+    test: list[Block] | None = None, problem: list[Block] | None = None, baseline: list[Block] | None = None
+) -> dict[str, SetMetrics]:
+    """By default a good candidate: over_promise halves on the test set and falls 8 -> 2 on the problem set."""
+    test = test if test is not None else [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (35, "cards", [])]
+    problem = problem if problem is not None else [(2, "billing", ["over_promise"]), (8, "billing", [])]
+    baseline = baseline if baseline is not None else [(50, "cards", [])]
+    return {"test": build("test", test), "problem": build("problem", problem), "baseline": build("baseline", baseline)}
+
+
+def failed(result: GateResult, kind: str) -> list[str]:
+    return [c.reason for c in result.checks if not c.passed and c.kind == kind]
+
+
+def test_good_candidate_passes_with_every_reason_listed() -> None:
+    result = evaluate_gate(champion(), candidate(), ["over_promise"], GATE)
+    assert result.passed, result.reasons
+    assert result.targeted == ["over_promise"]
+    assert len(result.reasons) == len(result.checks) and all(result.reasons)
+    kinds = {c.kind for c in result.checks}
+    assert kinds == {"targeted", "problem_type", "intent", "baseline", "new_severity"}
+    targeted = {c.set: c for c in result.checks if c.kind == "targeted"}
+    assert targeted["test"].before == pytest.approx(0.20) and targeted["test"].after == pytest.approx(0.10)
+    assert targeted["test"].limit == pytest.approx(0.14)
+    assert "20.0% (20/100) -> 10.0% (10/100)" in targeted["test"].reason and "50%" in targeted["test"].reason
+    assert "80.0% (8/10) -> 20.0% (2/10)" in targeted["problem"].reason
+    # every other type is checked on both gated sets, passing ones included
+    other = {(c.subject, c.set) for c in result.checks if c.kind == "problem_type"}
+    assert other == {(t, s) for t in TYPES if t != "over_promise" for s in ("test", "problem")}
+    assert any("baseline-regression success: 100.0% (50/50) -> 100.0% (50/50)" in r for r in result.reasons)
+    low, high = targeted["test"].ci_change
+    assert low < -0.10 < high < 0
+
+
+def test_targeted_type_not_falling_enough_fails() -> None:
+    # 20 -> 15 on the test set is a 25% drop; 30% is required
+    weak = [(15, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (40, "billing", []), (35, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=weak), ["over_promise"], GATE)
+    assert not result.passed
+    reasons = failed(result, "targeted")
+    assert len(reasons) == 1
+    assert "targeted over_promise on the fixed test set: 20.0% (20/100) -> 15.0% (15/100)" in reasons[0]
+    assert "25%" in reasons[0] and "misses the required 30%" in reasons[0]
+    assert result.reasons[0] == reasons[0]  # failing reasons come first
+
+
+def test_targeted_drop_of_exactly_the_threshold_passes() -> None:
+    exact = [(14, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (41, "billing", []), (35, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=exact), ["over_promise"], GATE)
+    assert not failed(result, "targeted"), result.reasons
+
+
+def test_targeted_must_also_fall_on_the_problem_set() -> None:
+    result = evaluate_gate(champion(), candidate(problem=[(7, "billing", ["over_promise"]), (3, "billing", [])]), ["over_promise"], GATE)
+    assert not result.passed
+    assert [c.set for c in result.checks if c.kind == "targeted" and not c.passed] == ["problem"]
+
+
+def test_targeted_type_the_champion_never_had() -> None:
+    # absent before and after: passes; appearing in the candidate: fails
+    absent = evaluate_gate(champion(), candidate(), ["over_promise", "wrong_tool_call"], GATE)
+    assert not failed(absent, "targeted")
+    assert any("targeted wrong_tool_call on the fixed test set: 0.0% (0/100) -> 0.0% (0/100), stays absent" in r for r in absent.reasons)
+    appears = [(10, "billing", ["over_promise"]), (1, "cards", ["wrong_tool_call"]), (9, "cards", ["format_error"]), (45, "billing", []), (35, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=appears), ["over_promise", "wrong_tool_call"], GATE)
+    assert any("appears although the champion had none" in r for r in failed(result, "targeted"))
+
+
+def test_another_problem_type_regressing_fails() -> None:
+    # format_error rises 10% -> 13% (3 points > the allowed 2)
+    worse = [(10, "billing", ["over_promise"]), (13, "cards", ["format_error"]), (45, "billing", []), (32, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=worse), ["over_promise"], GATE)
+    assert not result.passed
+    reasons = failed(result, "problem_type")
+    assert reasons == ["format_error on the fixed test set: 10.0% (10/100) -> 13.0% (13/100), a change of +3.0 points, beyond the allowed rise of 2.0"]
+    # exactly the allowed rise passes
+    edge = [(10, "billing", ["over_promise"]), (12, "cards", ["format_error"]), (45, "billing", []), (33, "cards", [])]
+    assert not failed(evaluate_gate(champion(), candidate(test=edge), ["over_promise"], GATE), "problem_type")
+
+
+def test_an_intent_regressing_fails_and_small_intents_are_not_gated() -> None:
+    # cards loses 2 of its 35 successes (77.8% -> 73.3%); a 4-item intent "tiny" loses all of its successes
+    base = champion(test=[*CHAMPION_TEST, (4, "tiny", [])])
+    worse_cards = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (33, "cards", []),
+                   (2, "cards", ["format_error@low"]), (4, "tiny", ["format_error"])]
+    result = evaluate_gate(base, candidate(test=worse_cards), ["over_promise"], GATE)
+    intent_failures = failed(result, "intent")
+    assert intent_failures and intent_failures[0].startswith("intent cards on the fixed test set: success 77.8% (35/45) -> 73.3% (33/45)")
+    assert "beyond the allowed drop of 2.0" in intent_failures[0]
+    # "tiny" (4 items) fell from 100% to 0% but has fewer than min_intent_samples items: reported, not gated
+    assert all("intent tiny " not in r for r in intent_failures)
+    small = [c for c in result.checks if c.kind == "intent" and c.skipped]
+    assert small and "fewer than 5 items and are not gated: tiny" in small[0].reason and small[0].passed
+
+
+def test_a_new_high_severity_type_fails() -> None:
+    leak = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk"]), (44, "billing", []), (35, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=leak), ["over_promise"], GATE)
+    assert not result.passed
+    assert failed(result, "new_severity") == [
+        "new high/critical problem type policy_boundary_risk: the candidate has 1 item(s) at high across all sets; the champion had none"
+    ]
+    # the same type at a severity that is not blocked is not "new at a blocked severity"
+    mild = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk@low"]), (44, "billing", []), (35, "cards", [])]
+    assert not failed(evaluate_gate(champion(), candidate(test=mild), ["over_promise"], GATE), "new_severity")
+    # a blocked-severity type the champion already had (over_promise, high) is not new either
+    assert not failed(evaluate_gate(champion(), candidate(), ["over_promise"], GATE), "new_severity")
+    # nothing blocked: the check says so
+    open_gate = GATE.model_copy(update={"block_new_severities": []})
+    assert not failed(evaluate_gate(champion(), candidate(test=leak), ["over_promise"], open_gate), "new_severity")
+
+
+def test_baseline_regression_fails() -> None:
+    result = evaluate_gate(champion(), candidate(baseline=[(48, "cards", []), (2, "cards", ["format_error"])]), ["over_promise"], GATE)
+    assert not result.passed
+    assert failed(result, "baseline") == [
+        "baseline-regression success: 100.0% (50/50) -> 96.0% (48/50), -4.0 points, beyond the allowed drop of 2.0"
+    ]
+
+
+def test_empty_sets_are_reported_not_failed() -> None:
+    empty = build("baseline", [])
+    before = {**champion(), "baseline": empty, "problem": build("problem", [])}
+    after = {**candidate(), "baseline": empty, "problem": build("problem", [])}
+    result = evaluate_gate(before, after, ["over_promise"], GATE)
+    assert result.passed, result.reasons
+    skipped = [c.reason for c in result.checks if c.skipped]
+    assert "targeted over_promise not checked on the problem set: the set is empty" in skipped
+    assert "the baseline-regression set is empty: no graduated samples to protect yet" in skipped
+
+
+def test_nothing_targeted_says_so() -> None:
+    result = evaluate_gate(champion(), champion(), [], GATE)
+    assert result.passed
+    assert "no targeted problem types were named, so no drop was required" in result.reasons
+
+
+def test_every_failure_reason_at_once() -> None:
+    bad_test = [(18, "billing", ["over_promise"]), (14, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk"]), (37, "billing", []), (30, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=bad_test, baseline=[(40, "cards", []), (10, "cards", ["format_error"])]), ["over_promise"], GATE)
+    assert not result.passed
+    assert {c.kind for c in result.failed_checks} == {"targeted", "problem_type", "intent", "baseline", "new_severity"}
+    n_failed = len(result.failed_checks)
+    assert result.reasons[:n_failed] == [c.reason for c in result.checks if not c.passed]

@@ -1,0 +1,157 @@
+"""The eval report: report.json holds the metrics exactly, its sha256 is the report hash, the HTML has
+its SVG charts and escapes every logged string."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from flywheel.errors import UserInputError
+from flywheel.evals.charts import nice_ticks
+from flywheel.evals.gate import evaluate_gate
+from flywheel.evals.metrics import ItemOutcome, compute_metrics
+from flywheel.evals.report import ModelRef, find_curve, load_curve, report_hash_of, write_report
+from flywheel.records import Finding
+from flywheel.settings import Settings
+
+from test_gate import GATE, TYPES, build, candidate, champion  # noqa: E402 - tests/ is on sys.path under pytest
+
+EVIL = "<script>alert('owned')</script>"
+CANDIDATE = ModelRef(name="v7", base_model="/models/base", adapter_path="/adapters/v7", adapter_sha256="ab" * 32, version="v7")
+CHAMPION = ModelRef(name="v6", base_model="/models/base", version="v6")
+
+
+def with_evil_intent() -> tuple[dict, dict]:
+    """Champion and candidate metrics where one intent name and one answer carry markup from a log."""
+    before, after = champion(), candidate()
+    evil_before = [ItemOutcome(id=f"e{i}", intent=EVIL, findings=[Finding(problem_type="format_error", severity="low", check="x")]) for i in range(5)]
+    evil_after = [ItemOutcome(id=f"e{i}", intent=EVIL, answer='<img src=x onerror="alert(1)">') for i in range(5)]
+    before["test"] = compute_metrics("test", [*before["test"].outcomes, *evil_before], TYPES)
+    after["test"] = compute_metrics("test", [*after["test"].outcomes, *evil_after], TYPES)
+    return before, after
+
+
+def curve_file(tmp_path: Path) -> Path:
+    path = tmp_path / "curve.json"
+    history = [{"step": s, "loss": 4.0 / (1 + s / 10), "learning_rate": 2e-4, "epoch": s / 50} for s in range(0, 101, 10)]
+    history += [{"step": s, "eval_loss": 4.2 / (1 + s / 12)} for s in (25, 50, 75, 100)]
+    path.write_text(json.dumps({"log_history": history}))
+    return path
+
+
+def test_report_files_numbers_and_hash(settings: Settings, tmp_path: Path) -> None:
+    before, after = with_evil_intent()
+    gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
+    report = write_report(settings, CANDIDATE, CHAMPION, before, after, gate, curve=load_curve(curve_file(tmp_path)), set_sources={"test": "tests.jsonl"})
+
+    payload = report.path_json.read_bytes()
+    assert report.report_hash == hashlib.sha256(payload).hexdigest() == report_hash_of(report.path_json)
+    assert report.path_json.parent == settings.artifacts_path / "reports" / f"v7-{report.report_hash[:12]}"
+    assert report.path_html.parent == report.path_json.parent
+
+    document = json.loads(payload)
+    assert document["candidate"] == CANDIDATE.model_dump(mode="json") and document["champion"]["name"] == "v6"
+    assert document["targeted"] == ["over_promise"]
+    assert document["sets"] == {"test": {"size": 105, "source": "tests.jsonl"}, "baseline": {"size": 50, "source": ""}, "problem": {"size": 10, "source": ""}}
+    for side, metrics in (("champion_metrics", before), ("candidate_metrics", after)):
+        for name, m in metrics.items():
+            stored = document[side][name]
+            assert stored["size"] == m.size
+            assert stored["task_success"] == m.task_success.model_dump()
+            assert {t: r["rate"] for t, r in stored["problem_rates"].items()} == {t: r.rate for t, r in m.problem_rates.items()}
+            assert stored["per_intent"][EVIL if name == "test" else next(iter(m.per_intent))]["n"] >= 1
+            assert stored["severity_counts"] == m.severity_counts
+    assert document["gate"]["passed"] is gate.passed and document["gate"]["reasons"] == gate.reasons
+    assert document["settings"]["gate"] == settings.gate.model_dump(mode="json")
+    assert document["settings"]["judge"] == "rule"
+    assert set(document["training_curve"]) == {"loss", "eval_loss"}  # learning rate and epoch are not curves
+    assert document["training_curve"]["eval_loss"][0] == [25.0, pytest.approx(4.2 / (1 + 25 / 12))]
+
+    html = report.path_html.read_text()
+    assert html.count("<svg") == 5  # problem rates on the 3 sets, per-intent changes, the training curve
+    assert html.count("<polyline") == 2  # two curve series
+    assert "Success change per intent" in html and "Loss by training step" in html
+    assert "Problem rate per type, fixed test set" in html and "Gate PASSED" in html
+    assert report.report_hash in html
+    # every logged string is escaped: the page holds no script, no handler, no external resource
+    assert "<script" not in html.lower() and "<img" not in html.lower()
+    assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+    assert not re.search(r"""\b(src|href)\s*=\s*["']?(https?:|//)""", html)
+    assert "://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "default-src 'none'" in html  # and a browser would refuse to load anything anyway
+    for reason in gate.reasons[:3]:
+        assert reason.replace("<", "&lt;") in html.replace("&gt;", ">")
+
+
+def test_same_results_same_hash_and_folder(settings: Settings) -> None:
+    before, after = champion(), candidate()
+    gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
+    first = write_report(settings, CANDIDATE, CHAMPION, before, after, gate)
+    second = write_report(settings, CANDIDATE, CHAMPION, before, after, gate)
+    assert first.report_hash == second.report_hash and first.path_json == second.path_json
+    # one changed answer is another report
+    worse = candidate(baseline=[(49, "cards", []), (1, "cards", ["format_error"])])
+    third = write_report(settings, CANDIDATE, CHAMPION, before, worse, evaluate_gate(before, worse, ["over_promise"], settings.gate))
+    assert third.report_hash != first.report_hash and third.path_json.parent != first.path_json.parent
+
+
+def test_failed_gate_and_empty_sets_render(settings: Settings) -> None:
+    empty = {name: build(name, []) for name in ("test", "baseline", "problem")}
+    before = {**empty, "problem": build("problem", [(8, "billing", ["over_promise"]), (2, "billing", [])])}
+    after = {**empty, "problem": build("problem", [(7, "billing", ["over_promise"]), (3, "billing", [])])}
+    gate = evaluate_gate(before, after, ["over_promise"], GATE)
+    assert not gate.passed
+    report = write_report(settings, ModelRef(name="../../etc/x y", base_model="/b"), CHAMPION, before, after, gate)
+    assert report.path_json.parent.parent == settings.artifacts_path / "reports"  # a hostile name stays inside
+    html = report.path_html.read_text()
+    assert "Gate FAILED" in html and "Failing checks" in html
+    assert html.count(">empty<") == 2  # the two empty sets' cards
+    assert "no training curve was recorded" in html
+    assert "misses the required 30%" in html
+    metrics = report.key_metrics()
+    assert metrics["primary_set"] == "problem" and metrics["task_success"] == pytest.approx(0.3)
+    assert metrics["targeted_problem_rates"] == {"over_promise": pytest.approx(0.7)}
+    assert metrics["gate_passed"] is False and set(metrics["sets"]) == {"problem"}
+
+
+def test_load_curve_formats_and_errors(tmp_path: Path) -> None:
+    series = tmp_path / "series.json"
+    series.write_text(json.dumps({"loss": [[2, 1.5], [1, 2.0]], "eval_loss": [[2, 1.8]]}))
+    assert load_curve(series) == {"loss": [(1.0, 2.0), (2.0, 1.5)], "eval_loss": [(2.0, 1.8)]}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"step": 3, "train_loss": 0.5}, {"no_step": 1, "loss": 9}]))
+    assert load_curve(plain) == {"train_loss": [(3.0, 0.5)]}
+    for name, content, message in [
+        ("broken.json", "{", "training curve .*broken.json"),
+        ("nothing.json", json.dumps([{"step": 1, "accuracy": 0.5}]), "no loss values with a step"),
+        ("words.json", json.dumps({"loss": [["a", "b"]]}), "series 'loss' holds non-numbers"),
+    ]:
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(UserInputError, match=message):
+            load_curve(path)
+    with pytest.raises(UserInputError):
+        load_curve(tmp_path / "missing.json")
+
+
+def test_find_curve_beside_the_adapter(tmp_path: Path) -> None:
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    ref = ModelRef(name="v2", base_model="/b", adapter_path=str(adapter))
+    assert find_curve(ref) is None and find_curve(ModelRef(name="b", base_model="/b")) is None
+    (tmp_path / "run" / "curve.json").write_text("[]")
+    assert find_curve(ref) == tmp_path / "run" / "curve.json"
+    (adapter / "curve.json").write_text("[]")
+    assert find_curve(ref) == adapter / "curve.json"
+
+
+def test_nice_ticks_cover_the_range() -> None:
+    assert nice_ticks(0.0, 0.23, 5) == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    assert nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    ticks = nice_ticks(1.3, 6.0, 5)
+    assert ticks[0] <= 1.3 and ticks[-1] >= 6.0

@@ -1,0 +1,193 @@
+"""The vector index: the packaged embedding model, Chroma collections in a temp folder and behind a real
+`chroma run` server on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.settings import Settings, load_settings
+from flywheel.store.vectors import MODEL_SHA256, Embedder, Hit, VectorIndex, clean_metadata, embedding_function, model_dir, open_index, sha256_file
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+@pytest.fixture
+def index(settings: Settings, embedder: Embedder) -> Iterator[VectorIndex]:
+    handle = open_index(settings, embedder)
+    yield handle
+    handle.close()
+
+
+def test_packaged_weights_are_the_upstream_ones() -> None:
+    assert sha256_file(model_dir() / "model.safetensors") == MODEL_SHA256
+
+
+def test_embeddings_are_normalised_and_put_paraphrases_close(embedder: Embedder) -> None:
+    texts = ["Where is my refund?", "When will I get my money back?", "How do I reset my password?", ""]
+    vectors = embedder.embed(texts)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    sims = vectors @ vectors.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # the two refund questions are nearer than refund and password
+    assert embedder.embed([]).shape == (0, 384)
+
+
+def test_batching_and_length_sorting_do_not_change_a_vector(embedder: Embedder) -> None:
+    texts = ["short", "a much longer sentence about a delayed parcel and an angry customer " * 3, "mid length text here"]
+    together = embedder.embed(texts)
+    alone = np.stack([embedder.embed([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    small_batches = Embedder(batch_size=1).embed(texts)
+    np.testing.assert_allclose(together, small_batches, atol=1e-5)
+
+
+def test_weights_with_a_wrong_hash_are_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "model"
+    fake.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(model_dir() / name, fake / name)
+    (fake / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(InfrastructureError, match="sha256"):
+        Embedder(fake).embed(["hello"])
+    (fake / "model.safetensors").unlink()
+    with pytest.raises(InfrastructureError, match="missing"):
+        Embedder(fake).embed(["hello"])
+
+
+def test_metadata_becomes_chroma_scalars() -> None:
+    assert clean_metadata({"a": None, "b": 1, "c": [1, 2], "d": np.float32(0.5), "e": "x"}) == {"b": 1, "c": "[1, 2]", "d": 0.5, "e": "x"}
+    assert clean_metadata({"a": None}) is None
+    assert clean_metadata(None) is None
+
+
+def test_upsert_query_get_count_delete(index: VectorIndex) -> None:
+    index.upsert(
+        "kb",
+        ["refund", "password", "shipping"],
+        ["Refunds reach your card within 5 business days.", "Reset your password from the login page.", "Parcels ship within 2 days."],
+        [{"kind": "approved_response", "intent": "refund_status"}, {"kind": "doc", "intent": None}, None],
+    )
+    assert index.count("kb") == 3
+    hits = index.query("kb", "when do I get my money back", k=3)
+    assert [h.id for h in hits][0] == "refund"
+    assert all(0.0 <= h.similarity <= 1.0 for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h.similarity)
+    assert hits[0].metadata == {"kind": "approved_response", "intent": "refund_status"}
+    assert index.get("kb", ids=["password"])[0].metadata == {"kind": "doc"}  # None was dropped
+
+    found = index.get("kb", where={"$and": [{"kind": "approved_response"}, {"intent": "refund_status"}]})
+    assert [h.id for h in found] == ["refund"] and found[0].similarity == 1.0
+    assert [h.id for h in index.query("kb", "money back", k=5, where={"kind": "doc"})] == ["password"]
+
+    index.upsert("kb", ["refund"], ["Refunds take up to 10 business days."], [{"kind": "policy"}])
+    assert index.count("kb") == 3
+    assert index.get("kb", ids=["refund"])[0].text == "Refunds take up to 10 business days."
+
+    index.delete("kb", ["shipping"])
+    assert index.count("kb") == 2
+    assert index.get("kb", ids=[]) == []
+    assert index.count("failures") == 0 and index.query("failures", "anything", k=3) == []
+
+
+def test_query_with_precomputed_embeddings_answers_each_row(index: VectorIndex) -> None:
+    texts = ["cancel my subscription", "my parcel never arrived", "change the delivery address"]
+    vectors = index.embedder.embed(texts)
+    index.upsert("failures", ["f1", "f2", "f3"], texts, [{"rule": "thumbs_down"}] * 3, embeddings=vectors)
+    results = index.query_embeddings("failures", vectors, k=2)
+    assert [hits[0].id for hits in results] == ["f1", "f2", "f3"]
+    assert all(hits[0].similarity == pytest.approx(1.0, abs=1e-4) for hits in results)
+    assert index.query_embeddings("failures", np.zeros((0, 384), dtype=np.float32)) == []
+
+
+def test_collections_use_cosine_space_and_our_embedding_function(index: VectorIndex) -> None:
+    config = index.collection("corrections").configuration_json
+    assert config["hnsw"]["space"] == "cosine"
+    assert config["embedding_function"]["name"] == "flywheel-minilm-l6-v2"
+    # Chroma embedding text itself goes through our function, not its downloading default.
+    col = index.collection("corrections")
+    col.upsert(ids=["c1"], documents=["Your refund is on its way."])
+    result = col.query(query_texts=["refund"], n_results=1)
+    assert result["ids"] == [["c1"]]
+    direct = embedding_function(index.embedder)(["Your refund is on its way."])
+    stored = col.get(ids=["c1"], include=["embeddings"])["embeddings"][0]
+    np.testing.assert_allclose(np.asarray(direct[0]), np.asarray(stored), atol=1e-5)
+
+
+def test_unknown_collection_is_a_user_error(index: VectorIndex) -> None:
+    with pytest.raises(UserInputError, match="unknown collection"):
+        index.count("nope")
+
+
+def test_the_index_persists_across_clients(settings: Settings, embedder: Embedder) -> None:
+    first = open_index(settings, embedder)
+    first.upsert("kb", ["a"], ["Opening hours are 9 to 5."], [{"kind": "doc"}])
+    first.close()
+    second = open_index(settings, embedder)
+    try:
+        hits = second.query("kb", "when are you open", k=1)
+        assert hits[0].id == "a" and hits[0].metadata["kind"] == "doc"
+    finally:
+        second.close()
+    assert (settings.chroma_path / "chroma.sqlite3").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path) -> Iterator[int]:
+    """A real Chroma server (`chroma run`, shipped with chromadb) on loopback."""
+    exe = shutil.which("chroma")
+    if exe is None:
+        pytest.skip("the chroma CLI is not installed")
+    port = _free_port()
+    log = (tmp_path / "chroma.log").open("w")
+    proc = subprocess.Popen([exe, "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                pytest.fail(f"chroma run exited: {(tmp_path / 'chroma.log').read_text()[-500:]}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_http_client_against_a_real_server(project: Path, chroma_server: int, embedder: Embedder) -> None:
+    settings = load_settings(project, chroma={"host": "127.0.0.1", "port": chroma_server})
+    index = open_index(settings, embedder)
+    try:
+        assert index.location == f"http://127.0.0.1:{chroma_server}"
+        index.upsert("kb", ["a", "b"], ["Where is my refund?", "Reset a password"], [{"kind": "doc"}, {"kind": "policy"}])
+        hits = index.query("kb", "refund status", k=2)
+        assert [h.id for h in hits] == ["a", "b"] and isinstance(hits[0], Hit)
+        assert not (project / ".flywheel" / "chroma").exists()  # nothing embedded locally
+    finally:
+        index.close()
+
+
+def test_unreachable_server_is_an_infrastructure_error(project: Path) -> None:
+    settings = load_settings(project, chroma={"host": "127.0.0.1", "port": _free_port()})
+    with pytest.raises(InfrastructureError, match=r"cannot open the vector index at 127\.0\.0\.1:\d+"):
+        open_index(settings)
