@@ -19,6 +19,15 @@ from flywheel.settings import CONFIG_FILE, load_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="flywheel: an autonomous training manager for LLM agents in production.")
 err_console = Console(stderr=True)
 
+# typer 0.29 vendors click as typer._click; older typers use click itself. Catch both kinds.
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _TyperClickException = None  # type: ignore[assignment,misc]
+import click as _click
+
+_CLICK_ERRORS: tuple[type[Exception], ...] = tuple(c for c in (_click.ClickException, _TyperClickException) if c is not None)
+
 # Command modules, each adding its commands to `app`. Imported lazily by main() so that `--help` stays fast
 # and a module's heavy imports (torch, chromadb) load only when one of its commands runs.
 COMMAND_MODULES = [
@@ -94,13 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _CLICK_ERRORS as exc:  # usage errors arrive here in non-standalone mode
+        exc.show()
+        return exc.exit_code
     return result if isinstance(result, int) else 0
 
 

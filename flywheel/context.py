@@ -43,4 +43,6 @@ class Context:
         if self._store is not None:
             self._store.dispose()
             self._store = None
-        self._index = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None

@@ -150,6 +150,7 @@ class Reply:
     raw_body: bytes | None = None
     delay_s: float = 0.0
     finish_reason: str | None = None
+    refusal: str | None = None
 
     @classmethod
     def text(cls, content: str) -> "Reply":
@@ -166,6 +167,11 @@ class Reply:
     @classmethod
     def json(cls, obj: Any) -> "Reply":
         return cls(structured=obj)
+
+    @classmethod
+    def refuse(cls, refusal: str = "I can't help with that.") -> "Reply":
+        """A structured-output refusal: no content, the `refusal` field set."""
+        return cls(refusal=refusal)
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = None, message: str = "rate limit reached") -> "Reply":
@@ -470,7 +476,7 @@ def _message_for(reply: Reply, request: ChatRequest) -> dict[str, Any]:
             calls.append({"name": request.forced_tool or request.tool_names[0], "arguments": encoded})
         else:
             content = encoded
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": reply.refusal}
     if calls:
         message["tool_calls"] = [
             {
@@ -483,7 +489,7 @@ def _message_for(reply: Reply, request: ChatRequest) -> dict[str, Any]:
             }
             for call in calls
         ]
-    elif content is None:
+    elif content is None and reply.refusal is None:
         message["content"] = ""
     return message
 

@@ -335,6 +335,23 @@ def test_sft_row_is_prompt_plus_correction(make_ctx) -> None:
     assert (row["intent"], row["problem_type"], row["category"], row["tier"], row["failure_id"]) == ("cards", "missing_knowledge", "reasoning", "problem", "f00000")
 
 
+def test_a_human_label_sets_the_intent_and_newest_verified_correction_wins(make_ctx) -> None:
+    from flywheel.data.labels import add_label
+
+    ctx = make_ctx()
+    (fid,) = seed_store(ctx.store, [{"intent": "billing", "correction": "first fix"}])
+    with ctx.store.begin() as conn:
+        save_correction(conn, Correction(failure_id=fid, answer="second fix", generator="kb", verification=Verification(passed=True, verifier="rule")))
+        save_correction(conn, Correction(failure_id=fid, answer="failed fix", generator="kb", verification=Verification(passed=False, verifier="rule")))
+        move_tier(conn, fid, SampleTier.CORE, actor="test")  # a graduated sample trains whatever its status
+    add_label(ctx.store, fid, {"intent": "refunds"}, "alice")
+    # the failure is now replay; a supplied problem row lets the snapshot build
+    new_problem = {"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "fix"}], "tier": "problem"}
+    rows = read_rows(build_snapshot(make_ctx(replay_target_share=0.5), "sft", extra_rows=[new_problem]))
+    (row,) = [r for r in rows if r["failure_id"] == fid]
+    assert row["intent"] == "refunds" and row["messages"][-1]["content"] == "second fix"
+
+
 def test_unverified_corrections_are_not_trained_on(make_ctx) -> None:
     ctx = make_ctx()
     seed_store(ctx.store, [{"verified": False}])

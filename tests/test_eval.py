@@ -3,6 +3,7 @@ end to end on a tiny real model (base model vs. a scripted better model, and reg
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ from flywheel.settings import Settings, load_settings
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 INTENTS = ["card_arrival", "refund_status", "lost_card", "exchange_rate"]
 SCHEMA = {"type": "object", "required": ["intent", "answer"], "properties": {"intent": {"type": "string"}, "answer": {"type": "string"}}}
@@ -260,6 +262,48 @@ def test_a_broken_model_is_an_infrastructure_error(project: Path) -> None:
     assert missing.outcomes[0].error == "no answer generated" and missing.task_success.count == 0
 
 
+def test_llm_judge_adds_what_the_rules_miss(project: Path, tmp_path: Path, openai_server: OpenAIServer) -> None:
+    """With an endpoint configured, answers the rules did not settle go to the LLM judge (through the
+    real langchain-openai client, against a local server); its failures become `llm` findings."""
+    settings = schema_settings(project, llm={"base_url": openai_server.base_url, "judge_model": "judge-model", "timeout_s": 5.0,
+                                             "max_retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.02})
+    path = tmp_path / "test.jsonl"
+    write_test_set(path, 4)
+    items = load_test_set(path)
+    vague = {"is_failure": True, "problem_type": "missing_knowledge", "severity": "medium", "acceptance": "Risk", "rationale": "says nothing the KB knows"}
+    fine = {"is_failure": False, "problem_type": None, "severity": None, "acceptance": "Accept", "rationale": "ok"}
+    openai_server.handler = lambda req: Reply.json(vague if "I am not sure" in req.text else fine)
+
+    def scripted(conversations: list[list[dict[str, Any]]]) -> list[str]:
+        out = []
+        for conv in conversations:
+            number = int(re.search(r"question (\d+)", conv[-1]["content"]).group(1))
+            intent = next(i for i in INTENTS if i.replace("_", " ") in conv[-1]["content"])
+            if number == 0:
+                out.append(json.dumps({"intent": intent, "answer": "ok"}))  # equals the reference: settled by the rules
+            elif number == 1:
+                out.append(json.dumps({"intent": intent, "answer": "We guarantee a refund."}))  # high rule finding: settled
+            else:
+                out.append(json.dumps({"intent": intent, "answer": "I am not sure." if number == 2 else "It takes 3 days."}))
+        return out
+
+    m = evaluate_model(scripted, items, RuleJudge(settings), settings)
+    assert len(openai_server.chat_requests) == 2  # t2 and t3 only
+    assert m.judge == "rule+llm:judge-model" and m.llm_unjudged == 0
+    found = {o.id: [(f.problem_type, f.check) for f in o.findings] for o in m.outcomes}
+    assert found == {"t0": [], "t1": [("over_promise", "policy:guaranteed_refund")], "t2": [("missing_knowledge", "llm")], "t3": []}
+
+    # verdicts out of schema after the re-asks: the answer stays judged by its rule findings only
+    openai_server.handler = lambda req: Reply.json({"verdict": "meh"})
+    m = evaluate_model(scripted, items, RuleJudge(settings), settings)
+    assert m.llm_unjudged == 2 and m.task_success.count == 3
+
+    # a broken endpoint stops the evaluation: the models must be judged alike
+    openai_server.handler = lambda req: Reply.server_error(503)
+    with pytest.raises(InfrastructureError, match="the LLM judge at .* failed on 2 of 2 answers in the test set"):
+        evaluate_model(scripted, items, RuleJudge(settings), settings)
+
+
 # --- end to end on a tiny real model ------------------------------------------------------------------------
 
 
@@ -327,9 +371,13 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
         assert report.path_json.is_file() and report.path_html.is_file()
         assert report.report_hash == report_hash_of(report.path_json)
         document = json.loads(report.path_json.read_text())
-        assert document["sets"]["test"] == {"size": 20, "source": "test_set.jsonl"}
+        digest = hashlib.sha256((project / "test_set.jsonl").read_bytes()).hexdigest()
+        assert document["sets"]["test"] == {"size": 20, "source": f"test_set.jsonl (sha256 {digest[:16]})"}
         assert document["training_curve"] == {"loss": [[1.0, 6.0], [2.0, 5.1]]}
         assert document["candidate_metrics"]["test"]["task_success"]["rate"] == 1.0
+        # the same models on the same data give the same report: an approval given for it stays valid
+        again = run_eval(ctx, candidate, champion, targeted=["format_error"], load_model=load, curve_path=tiny_model.parent / "curve.json")
+        assert again.report_hash == report.report_hash and again.path_json == report.path_json
     finally:
         ctx.close()
 
@@ -373,3 +421,31 @@ def test_flywheel_eval_registered_versions(project: Path, tiny_model: Path, tiny
     assert main(["-C", str(project), "eval", "--candidate", "v9"]) == 3  # NotFoundError
     assert main(["-C", str(project), "eval", "--candidate", "v2", "--targeted", "nonsense"]) == 2
     assert "not in the taxonomy" in capsys.readouterr().err
+
+
+def test_flywheel_eval_unregistered_adapter(project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flywheel.commands.evaluate import resolve_candidate, resolve_champion
+
+    make_project(project, rows=6)
+    ctx = Context(settings=load_settings(project))
+    try:
+        ref = resolve_candidate(ctx, None, tiny_adapter, tiny_model)
+        assert (ref.name, ref.base_model, ref.adapter_path, ref.version) == ("adapter", str(tiny_model), str(tiny_adapter), None)
+        assert resolve_candidate(ctx, str(tiny_model), None, None).adapter_path is None  # a whole model folder
+        # no champion registered: the candidate's own base model is the one to beat
+        assert resolve_champion(ctx, None, ref) == ModelRef(name="base", base_model=str(tiny_model))
+        with pytest.raises(UserInputError, match="is an adapter folder: give --base"):
+            resolve_candidate(ctx, None, tiny_adapter, None)
+        with pytest.raises(UserInputError, match="neither a PEFT adapter folder nor a model folder"):
+            resolve_candidate(ctx, str(project), None, None)
+        with pytest.raises(UserInputError, match="not both"):
+            resolve_candidate(ctx, "v1", tiny_adapter, tiny_model)
+    finally:
+        ctx.close()
+
+    capsys.readouterr()
+    code = main(["-C", str(project), "eval", "--candidate-adapter", str(tiny_adapter), "--base", str(tiny_model), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed["attached_to"] is None
+    assert printed["report"]["champion"]["name"] == "base" and printed["report"]["sets"]["test"]["size"] == 6
+    assert Path(printed["path_html"]).is_file()

@@ -62,6 +62,7 @@ def test_good_candidate_passes_with_every_reason_listed() -> None:
     assert len(result.reasons) == len(result.checks) and all(result.reasons)
     kinds = {c.kind for c in result.checks}
     assert kinds == {"targeted", "problem_type", "intent", "baseline", "new_severity"}
+    assert {(c.subject, c.set) for c in result.checks if c.kind == "intent"} == {("billing", "test"), ("cards", "test")}
     targeted = {c.set: c for c in result.checks if c.kind == "targeted"}
     assert targeted["test"].before == pytest.approx(0.20) and targeted["test"].after == pytest.approx(0.10)
     assert targeted["test"].limit == pytest.approx(0.14)
@@ -170,6 +171,10 @@ def test_empty_sets_are_reported_not_failed() -> None:
     skipped = [c.reason for c in result.checks if c.skipped]
     assert "targeted over_promise not checked on the problem set: the set is empty" in skipped
     assert "the baseline-regression set is empty: no graduated samples to protect yet" in skipped
+    # intents are gated on the fixed test set only; with it empty, the gate says they were not checked
+    no_test = evaluate_gate({**champion(), "test": build("test", [])}, {**candidate(), "test": build("test", [])}, ["over_promise"], GATE)
+    assert "intents not checked: the fixed test set is empty" in no_test.reasons
+    assert {c.set for c in no_test.checks if c.kind == "intent"} == {"test"}
 
 
 def test_nothing_targeted_says_so() -> None:

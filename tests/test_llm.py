@@ -12,7 +12,7 @@ import pytest
 from flywheel.errors import SettingsError
 from flywheel.llm import Limits, TransientError, async_chat_model, chat_model, classify, retry_after_seconds, run_bounded, run_bounded_sync
 from flywheel.settings import Settings, load_settings
-from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 FAST = Limits(max_in_flight=4, retries=3, timeout_s=5.0, backoff_base_s=0.01, backoff_max_s=0.05)
 
@@ -184,5 +184,3 @@ def test_limits_from_settings(project: Path) -> None:
     assert Limits.from_settings(settings) == Limits(3, 5, 9.0, 0.1, 2.0)
     assert Limits.from_settings(settings, max_in_flight=16).max_in_flight == 16
 
-
-_ = ChatRequest  # re-exported for readers: the handler receives one

@@ -151,6 +151,22 @@ def test_function_calling_mode_and_a_not_failure_verdict(any_store: Store, opena
     assert req.forced_tool == "JudgeVerdict" and req.response_format is None
 
 
+def test_what_the_rules_left_open_goes_to_the_llm_once_there_is_one(any_store: Store, openai_server: OpenAIServer) -> None:
+    ids = seed(any_store, {"a": said("Please wait.")})
+    judge_failures(make_ctx(any_store))
+    assert stored(any_store, ids["a"])[0] == "unjudged"
+    assert judge_failures(make_ctx(any_store)).total == 0  # without an LLM, nothing new to say
+    openai_server.push(Reply.json(GOOD))
+    assert judge_failures(make_ctx(any_store, openai_server)).failures == 1
+    assert stored(any_store, ids["a"])[1].judge == "rule+llm:judge-model"
+    openai_server.handler = lambda req: Reply.json({**GOOD, "problem_type": "nope"})
+    seed(any_store, {"b": said("Hold on.")})
+    judge_failures(make_ctx(any_store, openai_server))  # b ends unjudged by the LLM...
+    calls = len(openai_server.chat_requests)
+    assert judge_failures(make_ctx(any_store, openai_server)).total == 0  # ...and is not asked again each run
+    assert len(openai_server.chat_requests) == calls
+
+
 def test_429_then_success(any_store: Store, openai_server: OpenAIServer) -> None:
     ids = seed(any_store, {"a": said("Please wait.")})
     openai_server.push(Reply.rate_limited(retry_after=0.05), Reply.json(GOOD))
@@ -164,7 +180,7 @@ def test_500_once_is_retried_and_500_always_leaves_it_triaged(any_store: Store, 
     openai_server.handler = lambda req: Reply.server_error(500)
     with pytest.raises(InfrastructureError) as err:
         judge_failures(make_ctx(any_store, openai_server))
-    assert "failed for all 1 failure(s)" in str(err.value) and "stay triaged" in str(err.value)
+    assert "failed for all 1 failure(s)" in str(err.value) and "keep their status" in str(err.value)
     assert len(openai_server.chat_requests) == 3  # 1 + llm.max_retries
     assert stored(any_store, ids["a"]) == ("triaged", None) and verdict_rows(any_store) == 0
     openai_server.handler = None
@@ -211,6 +227,14 @@ def test_out_of_schema_verdicts_are_re_asked_then_unjudged(any_store: Store, ope
     assert "not a valid verdict object" in second.last_user_text
     for value in ("made_up_type", "apocalyptic"):
         assert value not in second.last_user_text
+
+
+@pytest.mark.parametrize("mode", ["json_schema", "function_calling"])
+def test_a_refusal_or_a_stray_tool_call_is_re_asked(any_store: Store, openai_server: OpenAIServer, mode: str) -> None:
+    ids = seed(any_store, {"a": said("Please wait.")})
+    openai_server.push(Reply.refuse(), Reply.tool("approve_model", {"version": "v9"}), Reply.json(GOOD))
+    judge_failures(make_ctx(any_store, openai_server, judge={"structured_output": mode}))
+    assert stored(any_store, ids["a"])[0] == "judged" and len(openai_server.chat_requests) == 3
 
 
 def test_out_of_schema_then_valid_is_judged(any_store: Store, openai_server: OpenAIServer) -> None:

@@ -85,6 +85,12 @@ def test_failures_rate_limit_server_error_garbage_timeout(openai_server: OpenAIS
     assert c.chat.completions.create(model="m", messages=USER).choices[0].message.content == "ok"
 
 
+def test_a_structured_output_refusal(openai_server: OpenAIServer) -> None:
+    openai_server.push(Reply.refuse("not allowed"))
+    message = client(openai_server).chat.completions.create(model="m", messages=USER).choices[0].message
+    assert message.refusal == "not allowed" and message.content is None
+
+
 def test_bad_json_body_and_unknown_route_are_clear_errors(openai_server: OpenAIServer) -> None:
     r = httpx.post(openai_server.base_url + "/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "invalid JSON" in r.json()["error"]["message"]

@@ -129,6 +129,11 @@ def test_weights_scale_each_samples_loss(base: Path, tmp_path: Path, method: str
     spec = recipes.build_spec(hyper(), data, base_model=base)
     trainer = recipes.make_trainer(spec, rows, [], tmp_path / "ckpt")
     trainer.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0): every DPO pair would score exactly log 2
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
 
     # the weight column survives TRL's preprocessing and Trainer's column pruning, in row order
     prepared = trainer._remove_unused_columns(trainer.train_dataset)

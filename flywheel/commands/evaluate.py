@@ -171,15 +171,15 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the report JSON instead of tables")] = False,
 ) -> int:
     """Evaluate a candidate against the champion on the test, baseline and problem sets; gate; report."""
-    from flywheel.evals.runner import run_eval
+    from flywheel.evals.runner import record_on_version, run_eval
 
     c = context(ctx)
     cand = resolve_candidate(c, candidate, candidate_adapter, base)
     champ = resolve_champion(c, champion, cand)
     wanted = [t.strip() for t in (targeted or "").split(",") if t.strip()]
-    progress: Callable[[str], None] = (lambda _msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False))
+    progress: Callable[[str], None] = (lambda _msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False, markup=False))
     report = run_eval(c, cand, champ, wanted, curve_path=curve, progress=progress)
-    attached = _attach(c, report)
+    attached = record_on_version(c.store, report)
     if as_json:
         typer.echo(json.dumps({
             "report_hash": report.report_hash,
@@ -195,18 +195,3 @@ def eval_command(
         console.print(f"report {escape(str(report.path_html))}")
         console.print(f"report hash {report.report_hash}" + (f" (recorded on {attached})" if attached else ""))
     return 0 if report.gate.passed else GATE_FAILED_EXIT
-
-
-def _attach(ctx: Context, report: EvalReport) -> str | None:
-    """Record the report on the registered candidate version, so an approval can bind to its hash."""
-    if report.candidate.version is None:
-        return None
-    registry.attach_eval(
-        ctx.store,
-        report.candidate.version,
-        report_path=str(report.path_json),
-        report_hash=report.report_hash,
-        gate_passed=report.gate.passed,
-        metrics=report.key_metrics(),
-    )
-    return report.candidate.version

@@ -88,14 +88,18 @@ def models(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 @app.command()
 def approve(
     ctx: typer.Context,
-    version: Annotated[str, typer.Argument(help="the version to approve (v3, or canary)")],
+    version: Annotated[str, typer.Argument(help="the version to approve (v3, or canary), or an agent run waiting on one")],
     by: ByOption = None,
     reason: Annotated[str, typer.Option("--reason", help="why, kept with the approval")] = "",
 ) -> None:
-    """Approve a version's current eval report and promote it to champion."""
+    """Approve a version's current eval report and promote it to champion.
+
+    When an agent run waits for this decision, the run is resumed and promotes in its promotion node."""
     c = context(ctx)
-    target = _version_id(ctx, version)
     who = _who(by)
+    if _answer_waiting_run(ctx, version, "approved", who, reason):
+        return
+    target = _version_id(ctx, version)
     decision = approvals.record_approval(c.store, target, "approved", who, "terminal", reason=reason)
     typer.echo(f"approved {target} (report {decision.report_hash[:12]}) by {decision.approver}")
     try:
@@ -103,6 +107,28 @@ def approve(
     except PolicyViolation as exc:
         raise PolicyViolation(f"the approval is recorded, but {target} was not promoted: {exc}") from None
     _print_promotion(done)
+
+
+def _answer_waiting_run(ctx: typer.Context, name: str, decision: str, who: str, reason: str) -> bool:
+    """If an agent run waits for a decision on `name` (a run id, a version or an alias), record the
+    decision and resume the run to its promotion or rejection; False when no run waits on it."""
+    from flywheel.agent.runner import decide, waiting_run
+    from flywheel.errors import InfrastructureError
+
+    c = context(ctx)
+    run = waiting_run(c, name)
+    if run is None:
+        return False
+    version = (run.pending or {}).get("version", name)
+    typer.echo(f"run {run.id} waits on {version}: recording the decision and resuming it")
+    outcome = decide(c, run.id, decision, who, reason, "terminal")
+    if outcome.state == "failed":
+        raise InfrastructureError(outcome.error or f"run {run.id} failed after the decision")
+    result = outcome.outcome or {}
+    if result.get("error"):
+        raise PolicyViolation(f"{version} was not changed: {result['error']}")
+    typer.echo(outcome.message or f"run {run.id} is {outcome.state}")
+    return True
 
 
 @app.command()
@@ -126,13 +152,17 @@ def _print_promotion(done: approvals.Promotion) -> None:
 @app.command()
 def reject(
     ctx: typer.Context,
-    version: Annotated[str, typer.Argument(help="the version to reject")],
+    version: Annotated[str, typer.Argument(help="the version to reject, or an agent run waiting on one")],
     reason: Annotated[str, typer.Option("--reason", help="why (required)")] = "",
     by: ByOption = None,
 ) -> None:
-    """Reject a version: it never serves, and its dataset's failures stay problem samples."""
+    """Reject a version: it never serves, and its dataset's failures stay problem samples.
+
+    When an agent run waits for this decision, the run is resumed and records the rejection itself."""
     if not reason.strip():
         raise UserInputError("reject needs --reason TEXT")
+    if _answer_waiting_run(ctx, version, "rejected", _who(by), reason):
+        return
     c = context(ctx)
     target = _version_id(ctx, version)
     result = approvals.reject(c.store, target, _who(by), reason)

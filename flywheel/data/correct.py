@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection
 
 from flywheel.context import Context
-from flywheel.data import kb
 from flywheel.data.labels import latest_labels
 from flywheel.data.verify import Verifier
 from flywheel.errors import NotFoundError
@@ -36,9 +35,11 @@ from flywheel.settings import Settings
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
-from flywheel.store.vectors import CORRECTIONS
+from flywheel.store.vectors import CORRECTIONS, KB
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from flywheel.store.vectors import Hit, VectorIndex
 
 KB_GENERATOR = "kb"
@@ -167,37 +168,61 @@ def _first_sentence(text: str, limit: int = 300) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
 
 
-def policies_to_cite(index: "VectorIndex", settings: Settings, case: Case, intent: str, k: int = 2) -> list["Hit"]:
-    """Policies written for this intent; for a safety problem (over-promise, policy boundary) with none,
-    the general policy (no intent) nearest to the request."""
-    hits = kb.search(index, case.request or intent, k=k, kind="policy", intent=intent)
-    if hits:
-        return hits
-    if settings.taxonomy.categories.get(case.verdict.problem_type or "") != "safety":
-        return []
-    general = [h for h in kb.search(index, case.request or intent, k=5, kind="policy") if not h.metadata.get("intent")]
-    return general[:1]
+def nearest_by_intent(index: "VectorIndex", intents: Sequence[str], vectors: "np.ndarray", kind: str, k: int) -> list[list["Hit"]]:
+    """For each row, the `k` KB entries of `kind` written for that row's intent nearest to its vector.
+    One Chroma query per distinct intent, over vectors embedded once by the caller (kb.search embeds
+    per call, which costs a model forward pass per failure)."""
+    out: list[list["Hit"]] = [[] for _ in intents]
+    rows_of: dict[str, list[int]] = {}
+    for row, intent in enumerate(intents):
+        rows_of.setdefault(intent, []).append(row)
+    for intent, rows in rows_of.items():
+        where = {"$and": [{"kind": kind}, {"intent": intent}]}
+        for row, hits in zip(rows, index.query_embeddings(KB, vectors[rows], k=k, where=where)):
+            out[row] = hits
+    return out
 
 
-def kb_attempt(index: "VectorIndex", settings: Settings, case: Case) -> Attempt:
-    """The approved response for the case's intent, with its policies cited; never invents an answer."""
-    by_label = label_attempt(case)
-    if by_label is not None:
-        return by_label
-    intent = case.intent
-    if not intent:
-        return Attempt(reason="the failure has no intent and no label names one, so no approved response can be looked up", generator=KB_GENERATOR)
-    approved = kb.search(index, case.request or intent, k=1, kind="approved_response", intent=intent)
-    if not approved:
-        return Attempt(reason=f"no approved response for intent {intent!r} in the knowledge base", generator=KB_GENERATOR)
-    text = approved[0].text.strip()
-    context = [f"kb/{approved[0].id}"]
+def _compose(approved: "Hit", policies: Sequence["Hit"], settings: Settings) -> Attempt:
+    text = approved.text.strip()
+    context = [f"kb/{approved.id}"]
     if not is_full_answer(text, settings):
-        for policy in policies_to_cite(index, settings, case, intent):
+        for policy in policies:
             title = policy.metadata.get("title") or "policy"
             text += f"\n\nPlease note our policy ({title}): {_first_sentence(policy.text)}"
             context.append(f"kb/{policy.id}")
     return Attempt(answer=text, generator=KB_GENERATOR, context_ids=context)
+
+
+def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case], policies_per_answer: int = 2) -> list[Attempt]:
+    """The KB corrector for many cases: for each, the approved response for its intent with the policies
+    written for that intent cited; for a safety problem (over-promise, policy boundary) with none, the
+    nearest general policy (one with no intent). Never invents: no approved response, no answer."""
+    attempts: list[Attempt | None] = [label_attempt(case) for case in cases]
+    for row, case in enumerate(cases):
+        if attempts[row] is None and not case.intent:
+            attempts[row] = Attempt(reason="the failure has no intent and no label names one, so no approved response can be looked up", generator=KB_GENERATOR)
+    todo = [row for row, attempt in enumerate(attempts) if attempt is None]
+    if todo:
+        intents = [cases[row].intent or "" for row in todo]
+        vectors = index.embedder.embed([cases[row].request or cases[row].intent or "" for row in todo])
+        approved = nearest_by_intent(index, intents, vectors, "approved_response", 1)
+        policies = nearest_by_intent(index, intents, vectors, "policy", policies_per_answer)
+        safety = [n for n, row in enumerate(todo) if not policies[n] and approved[n] and settings.taxonomy.categories.get(cases[row].verdict.problem_type or "") == "safety"]
+        if safety:
+            for n, hits in zip(safety, index.query_embeddings(KB, vectors[safety], k=5, where={"kind": "policy"})):
+                policies[n] = [h for h in hits if not h.metadata.get("intent")][:1]
+        for n, row in enumerate(todo):
+            if approved[n]:
+                attempts[row] = _compose(approved[n][0], policies[n], settings)
+            else:
+                attempts[row] = Attempt(reason=f"no approved response for intent {intents[n]!r} in the knowledge base", generator=KB_GENERATOR)
+    return [a for a in attempts if a is not None]
+
+
+def kb_attempt(index: "VectorIndex", settings: Settings, case: Case) -> Attempt:
+    """`kb_attempts` for one case."""
+    return kb_attempts(index, settings, [case])[0]
 
 
 # --- saving -------------------------------------------------------------------------------------------------
@@ -273,8 +298,7 @@ def correct_failures(ctx: Context, failure_ids: list[str] | None = None) -> Corr
         summary = CorrectSummary(corrector=KB_GENERATOR)
         verifier = Verifier(settings)
         verified: list[tuple[Case, str]] = []
-        for case in cases:
-            attempt = kb_attempt(ctx.index, settings, case)
+        for case, attempt in zip(cases, kb_attempts(ctx.index, settings, cases)):
             verification = verifier.verify_rules(case, attempt.answer) if attempt.answer is not None else None
             outcome = save_attempt(ctx.store, case, attempt, verification)
             summary.outcomes.append(outcome)
@@ -299,6 +323,8 @@ __all__ = [
     "correct_failures",
     "index_corrections",
     "kb_attempt",
+    "kb_attempts",
+    "nearest_by_intent",
     "load_cases",
     "reindex_verified",
 ]

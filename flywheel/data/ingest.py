@@ -174,12 +174,12 @@ def _number(value: Any, where: str) -> Any:
     raise BadLine("wrong_type", f"{where} must be a number, got {type(value).__name__}")
 
 
-def _complaint(value: Any, scrubber: Scrubber) -> str | None:
+def _complaint(value: Any) -> str | None:
     if value is None or value is False or value == "":
         return None
     if value is True:
         return "complaint"  # a bare flag: the capture rule needs a non-empty text
-    return scrubber.text(_text(value, "complaint"))
+    return _text(value, "complaint")
 
 
 def _tool_calls(value: Any, where: str, scrubber: Scrubber, max_chars: int) -> list[dict[str, Any]] | None:
@@ -215,40 +215,53 @@ def _tool_calls(value: Any, where: str, scrubber: Scrubber, max_chars: int) -> l
 
 
 def _messages(value: Any, scrubber: Scrubber, max_chars: int) -> list[dict[str, Any]]:
-    """Validated, scrubbed messages, each shaped exactly as `Message.model_dump(exclude_none=True)`."""
-    if not isinstance(value, list):
+    """Validated messages, each shaped exactly as `Message.model_dump(exclude_none=True)`. Content is not
+    scrubbed here: `build_row` scrubs the whole conversation in one scan."""
+    if type(value) is not list:
         raise BadLine("wrong_type", f"messages must be a list, got {type(value).__name__}")
     if not value:
         raise BadLine("missing_field", "messages is empty")
     out = []
     for i, msg in enumerate(value):
-        where = f"messages[{i}]"
         if type(msg) is not dict:
-            raise BadLine("wrong_type", f"{where} must be an object, got {type(msg).__name__}")
+            raise BadLine("wrong_type", f"messages[{i}] must be an object, got {type(msg).__name__}")
         role = msg.get("role")
         if role not in ROLES:
             role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
             if role is None:
-                raise BadLine("unknown_role", f"{where}.role {msg.get('role')!r} is not one of system, user, assistant, tool"[:160])
-        content = msg.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-        elif content is not None and type(content) is not str:
-            raise BadLine("wrong_type", f"{where}.content must be a string, got {type(content).__name__}")
+                raise BadLine("unknown_role", f"messages[{i}].role {msg.get('role')!r} is not one of system, user, assistant, tool"[:160])
         row: dict[str, Any] = {"role": role}
+        content = msg.get("content")
         if content is not None:
+            if type(content) is not str:
+                if not isinstance(content, list):
+                    raise BadLine("wrong_type", f"messages[{i}].content must be a string, got {type(content).__name__}")
+                # content parts: keep the text ones
+                content = "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             if len(content) > max_chars:
-                raise BadLine("oversized", f"{where}.content is {len(content)} characters, over policies.max_message_chars ({max_chars})")
-            row["content"] = scrubber.text(content) if content else content
+                raise BadLine("oversized", f"messages[{i}].content is {len(content)} characters, over policies.max_message_chars ({max_chars})")
+            row["content"] = content
         calls = msg.get("tool_calls")
         if calls:
-            row["tool_calls"] = _tool_calls(calls, where, scrubber, max_chars)
+            row["tool_calls"] = _tool_calls(calls, f"messages[{i}]", scrubber, max_chars)
         for key in ("tool_call_id", "name"):
             item = msg.get(key)
             if item is not None:
-                row[key] = _text(item, f"{where}.{key}", MAX_ID_CHARS)
+                row[key] = _text(item, f"messages[{i}].{key}", MAX_ID_CHARS)
         out.append(row)
     return out
+
+
+def content_hash(messages: list[dict[str, Any]], user_id: str | None, timestamp: str) -> str:
+    """Exactly `flywheel.records.interaction_hash(messages, user_id, timestamp)`, computed with orjson when
+    that gives the same bytes: for dicts, lists, strings and None, orjson with sorted keys writes what
+    json.dumps(sort_keys=True, separators=(",", ":")) writes as long as the text is ASCII without DEL
+    (json.dumps escapes those, orjson does not). Anything else takes the reference function.
+    tests/test_ingest.py checks the two agree on every ASCII character and on non-ASCII text."""
+    blob = orjson.dumps({"m": messages, "u": user_id, "t": timestamp}, option=orjson.OPT_SORT_KEYS)
+    if blob.isascii() and b"\x7f" not in blob:
+        return hashlib.sha256(blob).hexdigest()[:32]
+    return interaction_hash(messages, user_id, timestamp)
 
 
 def _pseudonym(user_id: str | None) -> str | None:
@@ -266,16 +279,30 @@ def build_row(flat: dict[str, Any], scrubber: Scrubber, max_chars: int, source: 
 
     Raises BadLine naming the field when something is missing, of the wrong type or too large."""
     messages = _messages(flat.get("messages"), scrubber, max_chars)
+    complaint = _complaint(flat.get("complaint"))
+    # PII: the whole conversation and the complaint in one scan, before the hash and before storage.
+    texts = [m["content"] for m in messages if m.get("content")]
+    if complaint:
+        texts.append(complaint)
+    if texts:
+        cleaned = scrubber.texts(texts)
+        if cleaned is not texts:
+            it = iter(cleaned)
+            for m in messages:
+                if m.get("content"):
+                    m["content"] = next(it)
+            if complaint:
+                complaint = next(it)
     timestamp = _timestamp(flat.get("timestamp"))
     user_id = _pseudonym(_ident(flat.get("user_id"), "user_id"))
     # Without a timestamp the hash leaves time out, so the same conversation logged twice still counts once.
-    content_hash = interaction_hash(messages, user_id, timestamp.isoformat() if timestamp else "")
+    digest = content_hash(messages, user_id, timestamp.isoformat() if timestamp else "")
     intent = flat.get("intent")
     if intent is None:
         intent = flat.get("task")
     return {
-        "id": _ident(flat.get("id"), "id") or content_hash,
-        "content_hash": content_hash,
+        "id": _ident(flat.get("id"), "id") or digest,
+        "content_hash": digest,
         "timestamp": timestamp or now,
         "model_version": _text(flat.get("model_version"), "model_version", MAX_ID_CHARS) or "unknown",
         "intent": _text(intent, "intent", MAX_ID_CHARS) or None,
@@ -286,7 +313,7 @@ def build_row(flat: dict[str, Any], scrubber: Scrubber, max_chars: int, source: 
         "escalated_to_human": _flag(flat.get("escalated_to_human"), "escalated_to_human"),
         "followups": _count(flat.get("followups"), "followups"),
         "qa_verdict": _qa_verdict(flat.get("qa_verdict")),
-        "complaint": _complaint(flat.get("complaint"), scrubber),
+        "complaint": complaint,
         "source": source,
         "latency_ms": _number(flat.get("latency_ms"), "latency_ms"),
         "prompt_tokens": _number(flat.get("prompt_tokens"), "prompt_tokens"),
@@ -511,6 +538,9 @@ def _ingest_one(
                         bad(line_no, "invalid_utf8", f"invalid UTF-8 at byte {uexc.start}", raw)
                     else:
                         bad(line_no, "malformed_json", f"not valid JSON: {exc}"[:200], raw)
+                    continue
+                if b"\\u0000" in raw:  # JSON's escape for NUL: PostgreSQL cannot store it, and PII scans join on it
+                    bad(line_no, "nul_character", "the line contains a NUL character (\\u0000)", raw)
                     continue
                 if type(obj) is not dict:
                     bad(line_no, "wrong_type", f"expected a JSON object, got a JSON {type(obj).__name__}", raw)

@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flywheel.records import stable_hash
-from flywheel.store.vectors import KB, VectorIndex
+from flywheel.store.vectors import KB, Hit, VectorIndex
 
 Kind = Literal["approved_response", "policy", "doc"]
 KINDS: tuple[str, ...] = ("approved_response", "policy", "doc")
@@ -278,7 +278,7 @@ def add_files(index: VectorIndex, paths: list[Path | str]) -> KbSummary:
     return summary
 
 
-def search(index: VectorIndex, query: str, k: int = 5, kind: str | None = None, intent: str | None = None):
+def search(index: VectorIndex, query: str, k: int = 5, kind: str | None = None, intent: str | None = None) -> list[Hit]:
     """The `k` KB sections nearest to `query`, optionally of one kind and/or intent."""
     conditions = [{"kind": kind}] if kind else []
     if intent:

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.context import Context
-from flywheel.data.correct import Attempt, Case, CorrectOutcome, CorrectSummary, index_corrections, label_attempt, save_attempt
+from flywheel.data.correct import (
+    Attempt,
+    Case,
+    CorrectOutcome,
+    CorrectSummary,
+    index_corrections,
+    label_attempt,
+    nearest_by_intent,
+    save_attempt,
+)
 from flywheel.data.verify import Preference, Verifier, reply_problem
 from flywheel.errors import InfrastructureError
 from flywheel.evals.judge import USER_MARKER, new_nonce, render_messages, untrusted_block
@@ -65,13 +74,10 @@ def retrieve(index: "VectorIndex", settings: Settings, cases: Sequence[Case]) ->
         return out
     cfg = settings.correct
     vectors = index.embedder.embed([case.request or case.intent or "" for case in cases])
-    by_intent: dict[str, list[int]] = {}
-    for row, case in enumerate(cases):
-        if case.intent:
-            by_intent.setdefault(case.intent, []).append(row)
-    for intent, rows in by_intent.items():
-        where = {"$and": [{"kind": "approved_response"}, {"intent": intent}]}
-        for row, hits in zip(rows, index.query_embeddings(KB, vectors[rows], k=1, where=where)):
+    with_intent = [row for row, case in enumerate(cases) if case.intent]
+    if with_intent:
+        approved = nearest_by_intent(index, [cases[row].intent or "" for row in with_intent], vectors[with_intent], "approved_response", 1)
+        for row, hits in zip(with_intent, approved):
             out[cases[row].failure.id].kb.extend(hits)
     if cfg.context_docs:
         for case, hits in zip(cases, index.query_embeddings(KB, vectors, k=cfg.context_docs)):

@@ -50,6 +50,7 @@ CAPTURE_PAGE = 2000  # interactions read per query
 INSERT_BATCH = 1000  # failures written per transaction
 CLUSTER_BATCH = 256  # failures embedded and compared at once
 NEIGHBOURS = 3  # representatives fetched per failure (a stale index entry may take the first place)
+EMBEDDING_CACHE = 50_000  # dedup texts remembered within one run (~1.5 kB each)
 
 
 class TriageSummary(BaseModel):
@@ -198,7 +199,6 @@ class _Assignment:
     text: str
     embedding: np.ndarray
     representative: str  # its own id when it leads a cluster
-    size: int = 1
 
 
 def _existing_representatives(conn, ids: Sequence[str]) -> set[str]:  # noqa: ANN001
@@ -208,10 +208,23 @@ def _existing_representatives(conn, ids: Sequence[str]) -> set[str]:  # noqa: AN
     return {row.id for row in conn.execute(query)}
 
 
-def assign_clusters(index: VectorIndex, store: Store, batch: list[Failure], texts: list[str], threshold: float) -> list[_Assignment]:
+def embed_cached(index: VectorIndex, texts: list[str], cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Embeddings of the dedup form of `texts`, remembering them for the rest of the run: templated
+    mistakes repeat across batches word for word once digits are folded, and embedding is the cost."""
+    keys = [dedup_text(t) for t in texts]
+    missing = list(dict.fromkeys(k for k in keys if k not in cache))
+    fresh = dict(zip(missing, index.embedder.embed(missing)))
+    if len(cache) + len(fresh) <= EMBEDDING_CACHE:
+        cache.update(fresh)
+    return np.stack([fresh[k] if k in fresh else cache[k] for k in keys]) if keys else np.zeros((0, index.embedder.dim), np.float32)
+
+
+def assign_clusters(
+    index: VectorIndex, store: Store, batch: list[Failure], texts: list[str], threshold: float, cache: dict[str, np.ndarray] | None = None
+) -> list[_Assignment]:
     """Leader clustering of one batch, highest risk first: join the most similar representative
     (already indexed, or led by an earlier failure of this batch) when it is >= threshold, else lead."""
-    embeddings = index.embedder.embed([dedup_text(t) for t in texts])
+    embeddings = embed_cached(index, texts, cache if cache is not None else {})
     neighbours = index.query_embeddings(FAILURES, embeddings, k=NEIGHBOURS)
     with store.engine.connect() as conn:
         # The index may hold entries the store does not (an interrupted run, a reset database): only
@@ -265,12 +278,13 @@ def cluster_new(store: Store, index: VectorIndex, threshold: float, summary: Tri
     """Pass 2: give every captured, unclustered failure a cluster, highest risk first."""
     batch_size = batch_size or CLUSTER_BATCH
     seen: set[str] = set()  # guards against a row that (for any reason) stays unclustered
+    cache: dict[str, np.ndarray] = {}
     while batch := _unclustered(store, batch_size, seen):
         seen.update(f.id for f in batch)
         with store.engine.connect() as conn:
             found = interaction_repo.get_many(conn, [f.interaction_id for f in batch])
         texts = [failure_text(found[f.interaction_id]) for f in batch]
-        assigned = assign_clusters(index, store, batch, texts, threshold)
+        assigned = assign_clusters(index, store, batch, texts, threshold, cache)
         leads = [a for a in assigned if a.representative == a.failure.id]
         # The index first: if we stop before the store is updated, these failures are unclustered next
         # time, meet their own entries (ignored: same id) and are written again.

@@ -173,10 +173,11 @@ def diverging_bars(rows: Sequence[Change], title: str, width: int = 760, max_row
         y = top + index * row_h
         if row is None:
             body.append(f'<line x1="0" y1="{y + row_h / 2:.1f}" x2="{width}" y2="{y + row_h / 2:.1f}" stroke="#b0b6c0" stroke-dasharray="4 4"/>')
-            body.append(f'<text x="{left - 8:.1f}" y="{y + row_h - 5:.1f}" text-anchor="end" fill="#667" style="font-style:italic;paint-order:stroke;stroke:#fff;stroke-width:5px">'
+            body.append(f'<text x="{width - 12}" y="{y + row_h - 5:.1f}" text-anchor="end" fill="#667" style="font-style:italic;paint-order:stroke;stroke:#fff;stroke-width:5px">'
                         f"{hidden} smaller changes not drawn</text>")
             continue
-        colour = MUTED_COLOUR if row.muted else (BETTER_COLOUR if row.delta > 0 else WORSE_COLOUR)
+        flat = points(row.delta) == "+0.0"
+        colour = MUTED_COLOUR if row.muted or flat else (BETTER_COLOUR if row.delta > 0 else WORSE_COLOUR)
         length = abs(row.delta) * scale
         x = centre if row.delta >= 0 else centre - length
         tip = f"<title>{esc(row.label)}: {points(row.delta)} points {esc(row.detail)}</title>"

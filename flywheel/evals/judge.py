@@ -16,7 +16,7 @@ The reply is parsed against a schema built from the taxonomy; an unparsable or o
 is re-asked (settings.judge.llm_retries) and then recorded as unjudged with the reason, never guessed.
 Only the verdict of the failure being judged is written: the LLM's reply carries no ids and no actions.
 
-Endpoint trouble (429, 5xx, timeouts, after flywheel.llm's retries) leaves the failure triaged for the
+Endpoint trouble (429, 5xx, timeouts, after flywheel.llm's retries) leaves the failure as it was for the
 next run (`deferred` in the summary); if every LLM call failed that way the stage raises
 InfrastructureError. An endpoint refusing one request (400/422, e.g. too long) makes that one unjudged.
 """
@@ -60,9 +60,13 @@ from flywheel.settings import SEVERITIES, Settings
 
 __all__ = [
     "ACCEPTANCE_FOR_SEVERITY",
+    "SEVERITY_RANK",
+    "USER_MARKER",
+    "InvalidVerdict",
     "JudgeCase",
     "JudgeSummary",
     "LLMJudge",
+    "LLMOutcome",
     "RuleJudge",
     "combine",
     "judge_answer",
@@ -90,6 +94,8 @@ def new_nonce() -> str:
 def untrusted_block(name: str, text: str, nonce: str) -> str:
     """`text` fenced as data. Runs of three or more angle brackets inside become look-alike characters
     and the nonce is masked, so the text can neither close this block nor forge another."""
+    if len(nonce) < 8:
+        raise ValueError("untrusted_block needs a random nonce from new_nonce()")
     safe = text.replace(nonce, "[fence-tag]")
     safe = re.sub(r"<{3,}", lambda m: "‹" * len(m.group()), safe)
     safe = re.sub(r">{3,}", lambda m: "›" * len(m.group()), safe)
@@ -174,7 +180,9 @@ class LLMJudge:
         self.prompt: Prompt = load_prompt(settings.judge.prompt)
         self.schema = verdict_schema(settings)
         self.retries = settings.judge.llm_retries
-        self._runnable = model.with_structured_output(self.schema, method=settings.judge.structured_output, include_raw=True)
+        # Without include_raw: a reply that does not parse raises (caught in ajudge), and the raw-message
+        # bookkeeping would cost about as much CPU as the HTTP call itself (see bench/judge.py).
+        self._runnable = model.with_structured_output(self.schema, method=settings.judge.structured_output)
 
     @property
     def name(self) -> str:
@@ -214,7 +222,6 @@ class LLMJudge:
     async def ajudge(self, case: JudgeCase) -> LLMOutcome:
         """The validated verdict, or the reason there is none after 1 + llm_retries asks. Endpoint
         errors (429, 5xx, timeouts) are raised for flywheel.llm.run_bounded to retry."""
-        import openai
         from langchain_core.messages import HumanMessage
 
         messages = self.build_messages(case, new_nonce())
@@ -226,7 +233,7 @@ class LLMJudge:
                 outcome.verdict = self._validate(reply)
                 outcome.reason = ""
                 return outcome
-            except (ValidationError, ValueError, openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError) as exc:
+            except _content_errors() as exc:
                 outcome.reason = _describe(exc, detail=True)
                 # Re-ask with what was wrong, by field and error kind only: the model's reply may carry
                 # injected text, and it must not come back to the model outside a fence.
@@ -234,13 +241,9 @@ class LLMJudge:
         outcome.reason = f"no valid verdict after {outcome.calls} attempt(s): {outcome.reason}"
         return outcome
 
-    def _validate(self, reply: Any) -> dict[str, Any]:
-        parsed = reply.get("parsed") if isinstance(reply, dict) else reply
-        if parsed is None:
-            error = reply.get("parsing_error") if isinstance(reply, dict) else None
-            if isinstance(error, (ValidationError, ValueError)):
-                raise error
-            raise InvalidVerdict(f"the reply held no verdict object ({type(error).__name__})" if error else "the reply held no verdict object")
+    def _validate(self, parsed: Any) -> dict[str, Any]:
+        if parsed is None:  # function calling: the model called no tool, or another one
+            raise InvalidVerdict("the reply held no verdict object")
         data = self.schema.model_validate(parsed.model_dump() if isinstance(parsed, BaseModel) else parsed).model_dump()
         if data["is_failure"]:
             if not data["problem_type"] or not data["severity"]:
@@ -250,6 +253,14 @@ class LLMJudge:
         limit = self.settings.judge.rationale_max_chars
         data["rationale"] = data["rationale"].strip()[:limit]
         return data
+
+
+def _content_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the reply was not a usable verdict" (re-ask), as opposed to endpoint errors."""
+    import openai
+    from langchain_openai.chat_models.base import OpenAIRefusalError
+
+    return (ValidationError, ValueError, OpenAIRefusalError, openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError)
 
 
 def _describe(exc: BaseException, detail: bool) -> str:
@@ -304,7 +315,7 @@ class JudgeSummary(Record):
     failures: int = 0  # judged to be failures
     not_failure: int = 0
     unjudged: int = 0
-    deferred: int = 0  # the endpoint failed: left triaged for the next run
+    deferred: int = 0  # the endpoint failed: left as they were, for the next run
     by_problem_type: dict[str, int] = {}
     by_severity: dict[str, int] = {}
     unjudged_reasons: dict[str, int] = {}
@@ -321,7 +332,8 @@ def judge_failures(
     reference_for: Callable[[str], Reference | None] | None = None,
 ) -> JudgeSummary:
     """Judge every TRIAGED failure (or exactly `failure_ids`, whatever their status) and store one
-    verdict each. A failure's Reference is `reference_for(id)` when that gives one, else its newest
+    verdict each. With an LLM endpoint configured, failures the rule judge alone left unjudged are
+    taken again too. A failure's Reference is `reference_for(id)` when that gives one, else its newest
     human label. Returns counts; raises InfrastructureError if the LLM endpoint failed every call."""
     from flywheel.data.labels import latest_labels
     from flywheel.store import failures as failure_repo
@@ -333,6 +345,9 @@ def judge_failures(
     with store.engine.connect() as conn:
         if failure_ids is None:
             items = failure_repo.get_failures(conn, status=FailureStatus.TRIAGED)
+            if settings.llm.enabled:  # what the rules alone left open now goes to the LLM judge
+                unjudged = failure_repo.get_failures(conn, status=FailureStatus.UNJUDGED)
+                items += [f for f in unjudged if (v := failure_repo.latest_verdict(conn, f.id)) is not None and v.judge == "rule"]
         else:
             items = failure_repo.get_failures(conn, ids=list(dict.fromkeys(failure_ids)))
             missing = sorted(set(failure_ids) - {f.id for f in items})
@@ -377,7 +392,7 @@ def judge_failures(
         summary.seconds = round(time.monotonic() - started, 3)
     if ask and summary.deferred == len(ask):
         raise InfrastructureError(
-            f"the LLM judge at {settings.llm.base_url} failed for all {len(ask)} failure(s) ({summary.errors[0]}); they stay triaged"
+            f"the LLM judge at {settings.llm.base_url} failed for all {len(ask)} failure(s) ({summary.errors[0]}); they keep their status for the next run"
         )
     return summary
 

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.records import Finding
+from flywheel.settings import SEVERITIES
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NO_INTENT = "(none)"  # the intent bucket of items that carry no intent
-SEVERITY_ORDER = ("low", "medium", "high", "critical")
 
 
 def points(share: float) -> str:
@@ -110,7 +110,7 @@ def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: I
     types = list(dict.fromkeys(problem_types))
     with_type: Counter[str] = Counter()
     type_sev: dict[str, Counter[str]] = defaultdict(Counter)
-    severities: Counter[str] = Counter({s: 0 for s in SEVERITY_ORDER})
+    severities: Counter[str] = Counter({s: 0 for s in SEVERITIES})
     intent_total: Counter[str] = Counter()
     intent_ok: Counter[str] = Counter()
     for outcome in outcomes:
@@ -138,7 +138,3 @@ def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: I
         outcomes=list(outcomes),
     )
 
-
-def worst_severity(severities: Iterable[str]) -> str | None:
-    ranked = [s for s in severities if s in SEVERITY_ORDER]
-    return max(ranked, key=SEVERITY_ORDER.index) if ranked else None

@@ -247,7 +247,8 @@ def render_html(document: Mapping[str, Any], report_hash: str) -> str:
 
 def _describe(ref: Mapping[str, Any]) -> str:
     adapter = f" + adapter {ref['adapter_path']}" if ref.get("adapter_path") else " (base model)"
-    return f"{ref['name']}: {ref['base_model']}{adapter}"
+    weights = f" (weights sha256 {ref['adapter_sha256'][:12]})" if ref.get("adapter_sha256") else ""
+    return f"{ref['name']}: {ref['base_model']}{adapter}{weights}"
 
 
 def _gate_box(gate: GateResult) -> str:
@@ -364,6 +365,8 @@ def _numbers_table(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetr
         rows.append(f'<tr><td>findings by severity</td><td>{sev_b}</td><td>{sev_a}</td><td></td></tr>')
         if a.generation_errors or b.generation_errors:
             rows.append(f"<tr><td>generation errors</td><td>{b.generation_errors}</td><td>{a.generation_errors}</td><td></td></tr>")
+        if a.llm_unjudged or b.llm_unjudged:
+            rows.append(f"<tr><td>answers the LLM judge gave no verdict on</td><td>{b.llm_unjudged}</td><td>{a.llm_unjudged}</td><td></td></tr>")
     if not rows:
         return ""
     return ('<section><h2>Numbers</h2><p class="muted">rates are shares of items; hover a cell for its 95% Wilson interval; '
@@ -429,6 +432,8 @@ def _settings_block(document: Mapping[str, Any]) -> str:
         f"<li>{esc(SET_LABELS[name])}: {info['size']} items{' from ' + esc(info['source']) if info['source'] else ''}</li>"
         for name, info in document["sets"].items()
     )
+    judges = sorted({m.get("judge", "rule") for m in document["candidate_metrics"].values() if m.get("size")})
+    sets += f"<li>answers judged by: {esc(', '.join(judges) or 'nothing (every set is empty)')}</li>"
     notes = "".join(f"<li>{esc(n)}</li>" for n in document.get("notes", []))
     settings_json = json.dumps(document["settings"], indent=2, sort_keys=True)
     return (

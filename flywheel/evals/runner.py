@@ -291,15 +291,28 @@ def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Ca
 # --- champion against candidate ----------------------------------------------------------------------------
 
 
+def test_set_path(settings: Settings) -> Path | None:
+    """The configured fixed test set (relative paths are relative to the project), or None."""
+    if not settings.eval.test_set:
+        return None
+    path = Path(settings.eval.test_set)
+    return path if path.is_absolute() else settings.project_dir / path
+
+
 def load_sets(ctx: Context) -> dict[str, list[EvalItem]]:
     """The three sets; an unconfigured test set or an empty store gives an empty set, not an error."""
-    settings = ctx.settings
-    test_path = settings.eval.test_set
-    test: list[EvalItem] = []
-    if test_path:
-        path = Path(test_path)
-        test = load_test_set(path if path.is_absolute() else settings.project_dir / path)
+    path = test_set_path(ctx.settings)
+    test = load_test_set(path) if path is not None else []
     return {TEST: test, BASELINE: baseline_set(ctx.store), PROBLEM: problem_set(ctx.store)}
+
+
+def _set_sources(settings: Settings) -> dict[str, str]:
+    """Where each set came from; the test set with its content hash, so the report names the exact file."""
+    from flywheel.store.vectors import sha256_file
+
+    path = test_set_path(settings)
+    test = f"{settings.eval.test_set} (sha256 {sha256_file(path)[:16]})" if path is not None else ""
+    return {TEST: test, BASELINE: "store: core and secondary baseline tiers", PROBLEM: "store: verified problem-tier failures"}
 
 
 def default_targeted(sets: Mapping[str, Sequence[EvalItem]]) -> list[str]:
@@ -361,9 +374,27 @@ def run_eval(
         after=metrics["candidate"],
         gate=gate,
         curve=curve,
-        set_sources={TEST: settings.eval.test_set, BASELINE: "store: core and secondary baseline tiers", PROBLEM: "store: verified problem-tier failures"},
+        set_sources=_set_sources(settings),
         notes=notes,
     )
+
+
+def record_on_version(store: Store, report: EvalReport) -> str | None:
+    """Record the report (path, hash, gate result, key metrics) on the registered candidate version, so
+    an approval can bind to its hash. Returns the version id, or None for an unregistered candidate."""
+    if report.candidate.version is None:
+        return None
+    from flywheel import registry
+
+    registry.attach_eval(
+        store,
+        report.candidate.version,
+        report_path=str(report.path_json),
+        report_hash=report.report_hash,
+        gate_passed=report.gate.passed,
+        metrics=report.key_metrics(),
+    )
+    return report.candidate.version
 
 
 def _curve(candidate: ModelRef, curve_path: Path | str | None) -> tuple[Curve | None, list[str]]:

@@ -205,6 +205,8 @@ def mix_replay(
     problems = [r for r in rows if r.pool == PROBLEM]
     replay = sorted((r for r in rows if r.pool != PROBLEM), key=lambda r: r.key)
     share = min(max(target_share if target_share is not None else (min_share + max_share) / 2, min_share), max_share)
+    if target_share is not None and share != target_share:
+        ledger.warnings.append(f"replay_target_share {target_share} lies outside [{min_share}, {max_share}]; aimed at {share}")
     n_prob = len(problems)
     want = round(n_prob * (1 - share) / share)
     need = math.ceil(n_prob * (1 - max_share) / max_share - 1e-9)  # the least replay keeping problems <= max

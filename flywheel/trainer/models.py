@@ -60,9 +60,14 @@ def build_tiny_model(
     heads: int = 4,
     max_len: int = 256,
     seed: int = 0,
+    init_std: float = 0.2,
 ) -> Path:
     """Train a byte-level BPE tokenizer on `corpus`, build a small Llama over it and save both (safetensors)
-    to `out_dir`. The same corpus and seed give byte-identical files. Returns the folder."""
+    to `out_dir`. The same corpus and seed give byte-identical files. Returns the folder.
+
+    `init_std` is larger than transformers' 0.02 on purpose: LoRA does not touch the (tied) output layer
+    and the final norm bounds the hidden state, so with 0.02 the logits of a tiny model can hardly move
+    past uniform and an adapter learns next to nothing."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -105,6 +110,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -31,6 +31,7 @@ which keeps pairwise distances within a few percent (Johnson-Lindenstrauss) at a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ def _cover(x: np.ndarray, sq: np.ndarray, center: int, nearest: np.ndarray) -> N
     np.minimum(nearest, d, out=nearest)
 
 
-def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iterations: int = 30, batch: int = 4096) -> np.ndarray:
+def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iterations: int = 20, batch: int = 4096) -> np.ndarray:
     """Mini-batch k-means (Sculley 2010) with k = picks over the allowed points, k-means++ seeded on a
     sample; then per cluster the member nearest its centroid. Empty clusters give their pick to the
     allowed points farthest from their centroid (the ones no cluster describes well)."""
@@ -231,16 +232,19 @@ def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iter
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     pts = x[pos]
-    sample = pts[rng.choice(len(pts), size=min(len(pts), max(20 * k, 2000)), replace=False)]
+    # k-means++ seeding on a sample of 3 batches (as scikit-learn's MiniBatchKMeans does): seeding is
+    # sequential in k, so its cost is what the sample size buys
+    sample = pts[rng.choice(len(pts), size=min(len(pts), max(3 * k, 3 * batch)), replace=False)]
     centroids = _kmeans_pp(sample, k, rng)
     counts = np.zeros(k, dtype=np.float64)
     for _ in range(iterations):
         mb = pts[rng.choice(len(pts), size=min(batch, len(pts)), replace=False)]
         labels = _nearest(mb, centroids)[0]
         for_each = np.bincount(labels, minlength=k).astype(np.float64)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, mb)
         hit = for_each > 0
+        order = np.argsort(labels, kind="stable")  # members of each centroid side by side, summed per run
+        sums = np.zeros_like(centroids)
+        sums[hit] = np.add.reduceat(mb[order], np.concatenate([[0], np.cumsum(for_each[hit])[:-1]]).astype(np.int64), axis=0)
         counts[hit] += for_each[hit]
         # per-centroid learning rate 1/count: the running mean of every point it has seen
         centroids[hit] += (sums[hit] - for_each[hit, None] * centroids[hit]) / counts[hit, None].astype(np.float32)
@@ -256,13 +260,31 @@ def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iter
     return pos[picks]
 
 
+def _one_blas_thread() -> Any:
+    """Sequential loops of small matrix-vector products run 3x faster on one BLAS thread on a busy machine
+    (measured: k-means++ seeding 9.2 s -> 2.9 s at load 12 on 2 cores): thread hand-offs cost more than the
+    product. threadpoolctl comes with scikit-learn (a sentence-transformers dependency); without it, no-op."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    with _one_blas_thread():
+        return _kmeans_pp_seeds(x, k, rng)
+
+
+def _kmeans_pp_seeds(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     sq = np.einsum("ij,ij->i", x, x)
     chosen = [int(rng.integers(len(x)))]
     nearest = np.maximum(sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]], 0.0)
     for _ in range(1, k):
-        total = float(nearest.sum())
-        nxt = int(rng.choice(len(x), p=nearest / total)) if total > 0 else int(rng.integers(len(x)))
+        cumulative = np.cumsum(nearest, dtype=np.float64)
+        total = float(cumulative[-1])
+        # D^2 sampling by inverse CDF (rng.choice(p=...) re-validates p on every call, which dominated)
+        nxt = min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), len(x) - 1) if total > 0 else int(rng.integers(len(x)))
         chosen.append(nxt)
         np.minimum(nearest, np.maximum(sq - 2.0 * (x @ x[nxt]) + sq[nxt], 0.0), out=nearest)
     return x[chosen].astype(np.float32).copy()

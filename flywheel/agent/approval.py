@@ -1,0 +1,247 @@
+"""The human decision on a candidate: what the approval node asks, what a decision is, and the checks
+the promotion node applies before anything changes.
+
+Approval is code, not a prompt (ARCHITECTURE principle 4). There is no tool that promotes. When a
+candidate has passed its gate, the graph reaches the approval node, which pauses the run with
+LangGraph's `interrupt(PendingApproval)`. A person answers from any way in (the terminal, `flywheel
+approve`, Slack) and the run resumes with `Command(resume=Decision(...))`. The promotion node then
+records the decision with flywheel.approvals (bound to the version AND the report hash the person saw,
+from an approver the settings allow) and promotes through `approvals.promote`, which checks all of it
+again and switches the alias under an effect key derived from the run, the version and the report: a
+node that runs twice after a crash switches once.
+
+A rejection records the reason; flywheel.approvals then marks the version rejected and leaves the
+samples of its dataset in the pool for the next cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from flywheel import approvals, graduation, registry
+from flywheel.context import Context
+from flywheel.errors import PolicyViolation, UserInputError
+from flywheel.records import Record, utcnow
+from flywheel.registry import CLOSED, ModelVersion
+
+DecisionValue = Literal["approved", "rejected"]
+Channel = Literal["terminal", "slack", "api", "web"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A person's answer to a pending approval: `Command(resume=Decision(...))`, or the same as a dict.
+
+    `report_hash`, when given, is the report the person looked at: the decision is refused if the
+    candidate's report has changed since (someone re-evaluated it)."""
+
+    decision: DecisionValue
+    approver: str
+    reason: str = ""
+    channel: Channel = "terminal"
+    report_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        if not str(self.approver).strip():
+            raise UserInputError("a decision needs the approver's name")
+        if self.decision == "rejected" and not str(self.reason).strip():
+            raise UserInputError("a rejection needs a reason")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, value: Any) -> "Decision":
+        """A Decision from a Decision or a dict (what a checkpoint gives back); UserInputError if invalid."""
+        if isinstance(value, Decision):
+            return value
+        try:
+            return _DECISION.validate_python(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "decision"
+            raise UserInputError(f"not a valid decision ({where}: {err['msg']})") from None
+
+
+_DECISION = TypeAdapter(Decision)
+
+
+class PendingApproval(Record):
+    """What the approval node shows a person (the interrupt's payload, and `runs.pending`)."""
+
+    run_id: str
+    version: str
+    report_hash: str
+    report_json: str
+    report_html: str | None = None
+    champion: str | None = None
+    dataset_id: str | None = None
+    job_id: str | None = None
+    gate_passed: bool
+    gate_reasons: list[str] = []  # every check's sentence, failing ones first (the first few)
+    targeted: list[str] = []
+    primary_set: str | None = None  # the set the headline numbers come from
+    task_success_before: float | None = None
+    task_success_after: float | None = None
+    problem_rates_before: dict[str, float] = {}
+    problem_rates_after: dict[str, float] = {}
+    summary: str
+    refused: str | None = None  # why the previous answer was not accepted
+    requested_at: datetime
+
+    def answer_hint(self) -> str:
+        return (f"flywheel approve {self.version}   or   flywheel reject {self.version} --reason TEXT"
+                f"   (run {self.run_id})")
+
+
+# --- before asking ------------------------------------------------------------------------------------------
+
+
+def skip_reason(target: ModelVersion, champion: str | None) -> str | None:
+    """Why this version needs no decision now (None: it needs one)."""
+    if target.gate_passed is not True or not target.eval_report_hash:
+        return f"{target.id} has not passed its gate"
+    if target.status in CLOSED:
+        return f"{target.id} is {target.status}"
+    if champion == target.id:
+        return f"{target.id} is already the champion"
+    return None
+
+
+def stored_decision(ctx: Context, target: ModelVersion) -> Decision | None:
+    """A decision someone already recorded on this version's current report (e.g. before a crash)."""
+    for row in approvals.approvals_for(ctx.store, target.id):
+        if row.report_hash == target.eval_report_hash:
+            return Decision(row.decision, row.approver, row.reason or "recorded earlier", row.channel, row.report_hash)  # type: ignore[arg-type]
+    return None
+
+
+def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str | None, refused: str | None = None) -> PendingApproval:
+    """The payload: version, gate result, report summary and path, problem rates before and after."""
+    from flywheel.tools.evals import load_report, summarize_report
+
+    document, path = load_report(target)
+    report = summarize_report(target.id, target.eval_report_hash or "", path, document)
+    primary = next(iter(report.sets), None)
+    numbers = report.sets.get(primary) if primary else None
+    targeted = ", ".join(report.targeted) or "none named"
+    headline = (f"task success {numbers.task_success_before:.1%} -> {numbers.task_success_after:.1%} on the {primary} set"
+                if numbers else "no set had items to measure")
+    failed = len(report.failed_checks)
+    return PendingApproval(
+        run_id=run_id,
+        version=target.id,
+        report_hash=target.eval_report_hash or "",
+        report_json=str(path),
+        report_html=report.report_html,
+        champion=champion or report.champion or None,
+        dataset_id=target.dataset_id,
+        job_id=target.job_id,
+        gate_passed=bool(target.gate_passed),
+        gate_reasons=report.reasons,
+        targeted=report.targeted,
+        primary_set=primary,
+        task_success_before=numbers.task_success_before if numbers else None,
+        task_success_after=numbers.task_success_after if numbers else None,
+        problem_rates_before=numbers.problem_rates_before if numbers else {},
+        problem_rates_after=numbers.problem_rates_after if numbers else {},
+        summary=(f"{target.id} passed its promotion gate against {champion or 'the base model'} "
+                 f"({failed} failed checks; targeted: {targeted}); {headline}."),
+        refused=refused,
+        requested_at=utcnow(),
+    )
+
+
+def refusal(ctx: Context, target: ModelVersion, decision: Decision) -> str | None:
+    """Why this decision cannot be applied (None: it can): an approver the settings do not allow on its
+    channel, or a decision made on a report that is no longer the version's."""
+    try:
+        approvals.check_approver(ctx.settings, decision.approver, decision.channel)
+    except (PolicyViolation, UserInputError) as exc:
+        return str(exc)
+    if decision.report_hash and decision.report_hash != target.eval_report_hash:
+        return (f"the decision was made on report {decision.report_hash[:12]}, but {target.id}'s report is now "
+                f"{(target.eval_report_hash or '')[:12]}; decide again on the new report")
+    return None
+
+
+# --- the promotion node ---------------------------------------------------------------------------------------
+
+
+class DecisionOutcome(Record):
+    version: str
+    decision: DecisionValue
+    approver: str
+    channel: str
+    promoted: bool = False
+    previous: str | None = None
+    replayed: bool = False  # the switch had happened already (a re-run after a crash): nothing changed now
+    graduated: int = 0
+    down_weighted: int = 0
+    returned_to_pool: int = 0
+    note: str = ""
+    error: str | None = None  # the decision could not be applied: nothing changed
+
+    def sentence(self) -> str:
+        if self.error:
+            return f"{self.version} was not changed: {self.error}"
+        if self.decision == "rejected":
+            pool = f"; {self.returned_to_pool} samples stay in the pool" if self.returned_to_pool else ""
+            return f"{self.version} rejected by {self.approver}{pool}."
+        extra = f" (previous: {self.previous})" if self.previous else ""
+        again = " It already was: nothing changed." if self.replayed else ""
+        grads = f" {self.graduated} samples graduated, {self.down_weighted} down-weighted." if (self.graduated or self.down_weighted) else ""
+        return f"{self.version} promoted to champion, approved by {self.approver} ({self.channel}){extra}.{again}{grads}"
+
+
+def promotion_key(run_id: str, version: str, report_hash: str) -> str:
+    return registry.effect_key("agent-promote", run_id, version, report_hash[:16])
+
+
+def apply_decision(ctx: Context, run_id: str, version: str, decision: Decision) -> DecisionOutcome:
+    """Record the decision and act on it. Every step is idempotent: run twice, it changes things once.
+    A check that fails (an approver no longer allowed, a version someone else already decided, a report
+    that changed) leaves everything as it was and says why."""
+    store, settings = ctx.store, ctx.settings
+    outcome = DecisionOutcome(version=version, decision=decision.decision, approver=decision.approver, channel=decision.channel)
+    target = registry.resolve(store, version)
+    problem = refusal(ctx, target, decision)
+    if problem:
+        outcome.error = problem
+        return outcome
+    try:
+        if decision.decision == "rejected":
+            rejection = approvals.reject(store, version, decision.approver, decision.reason, decision.channel, run_id=run_id)
+            outcome.returned_to_pool = len(rejection.returned_to_pool)
+            outcome.note = rejection.pool_note
+            return outcome
+        approvals.record_approval(store, version, "approved", decision.approver, decision.channel, decision.reason, run_id=run_id)
+        done = approvals.promote(store, settings, version, actor=decision.approver,
+                                 effect_key=promotion_key(run_id, version, target.eval_report_hash or ""))
+    except (PolicyViolation, UserInputError) as exc:
+        outcome.error = str(exc)
+        return outcome
+    outcome.promoted, outcome.previous, outcome.replayed = True, done.previous, done.replayed
+    _graduate(ctx, target, decision.approver, outcome)
+    return outcome
+
+
+def _graduate(ctx: Context, target: ModelVersion, actor: str, outcome: DecisionOutcome) -> None:
+    """Move samples by how the promoted version did on them (flywheel.graduation; a second run moves
+    nothing). A report that cannot be read leaves the samples where they are, noted."""
+    try:
+        document = json.loads(Path(target.eval_report_path or "").read_text(encoding="utf-8"))
+        fixed = graduation.outcomes_from_report(document)
+        if not fixed:
+            return
+        result = graduation.graduate(ctx.store, ctx.settings, target.id, fixed=fixed, actor=actor)
+    except (OSError, ValueError, UserInputError) as exc:
+        outcome.note = f"samples not graduated: {exc}"
+        return
+    outcome.graduated, outcome.down_weighted = len(result.graduated), len(result.down_weighted)

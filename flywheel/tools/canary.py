@@ -1,0 +1,45 @@
+"""Tools: start a canary for a gate-passed candidate and read its observations (flywheel.canary).
+
+A canary serves real users, so `start_canary` refuses a version that has not passed its gate (the check
+is in flywheel.canary, not here). Reading the status records an observation and, when the canary harms,
+rolls it back: that is the canary monitor's rule, applied the same way as `flywheel canary status`.
+Neither tool promotes: promotion needs a person's approval (flywheel.agent.approval).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from flywheel import canary, registry
+from flywheel.records import Record
+from flywheel.tools.registry import ToolContext, ToolSpec
+
+
+class CanaryStarted(Record):
+    version: str
+    share: float
+    already_running: bool
+
+
+def start_canary(ctx: ToolContext, version: str, share: Annotated[float, Field(gt=0, lt=0.5)] | None = None) -> CanaryStarted:
+    """Serve a gate-passed candidate to a share of users, to watch its problem rates on real traffic before a person decides.
+
+    Args:
+        version: the candidate version id.
+        share: the share of users it serves, below 0.5 (default: the canary.share setting).
+    """
+    switch = canary.start_canary(ctx.store, registry.resolve(ctx.store, version).id, share, actor="agent")
+    return CanaryStarted(version=switch.to_version or version, share=registry.current_routing(ctx.store).share, already_running=switch.replayed)
+
+
+def canary_status(ctx: ToolContext) -> canary.CanaryStatus:
+    """Compare the running canary with the champion now: requests, failure and problem rates on each side. A canary that harms is rolled back automatically."""
+    return canary.observe_canary(ctx.store, ctx.settings, actor="agent")
+
+
+SPECS = [
+    ToolSpec(start_canary, mutates=True),
+    ToolSpec(canary_status, mutates=True),
+]

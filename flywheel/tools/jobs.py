@@ -1,0 +1,148 @@
+"""Tools: launch a LoRA SFT or DPO training job, read (and wait on) its status, resume it, and register
+its adapter as a candidate version.
+
+Launching goes through flywheel.trainer.launcher, as `flywheel train` does: the job id is derived from
+the spec (method, base model, dataset content, hyper-parameters), so launching the same thing twice
+starts one process. `register_candidate` is a thin adapter (nothing else turns a finished job into a
+registry version yet): it hands the job's recorded adapter to `registry.register_version`, which is
+idempotent by the adapter's weights hash.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from flywheel import registry
+from flywheel.errors import NotFoundError, ToolInputError
+from flywheel.records import Record
+from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.trainer import launcher
+from flywheel.trainer.jobs import JobRecord, JobStatus
+
+MAX_WAIT_S = 3600
+
+
+class JobInfo(Record):
+    id: str
+    kind: str
+    status: str
+    attempts: int
+    dataset_id: str | None = None
+    progress: dict[str, Any] | None = None
+    adapter_path: str | None = None
+    error: str | None = None
+
+
+class CandidateInfo(Record):
+    version: str
+    status: str
+    job_id: str | None
+    dataset_id: str | None
+    parent: str | None
+    gate_passed: bool | None = None
+
+
+def _info(record: JobRecord) -> JobInfo:
+    progress = {k: v for k, v in (record.progress or {}).items() if k in ("step", "total", "loss", "eval_loss", "epoch")}
+    return JobInfo(
+        id=record.id,
+        kind=record.kind,
+        status=str(record.status),
+        attempts=record.attempts,
+        dataset_id=record.spec.get("dataset_id") or None,
+        progress=progress or None,
+        adapter_path=(record.result or {}).get("adapter_path"),
+        error=(record.error or "")[:500] or None,
+    )
+
+
+def _job_facts(info: JobInfo) -> dict[str, Any]:
+    return {"job_id": info.id, "job_status": info.status}
+
+
+def _base_model(ctx: Any) -> str | None:
+    """train.base_model, else the champion's base model (what the adapters are trained on top of)."""
+    if ctx.settings.train.base_model:
+        return None  # build_spec reads the setting
+    try:
+        return registry.resolve(ctx.store, "champion").base_model
+    except NotFoundError:
+        return None
+
+
+def launch_training(ctx: ToolContext, dataset_id: str, method: Literal["sft", "dpo"] | None = None) -> JobInfo:
+    """Start training a LoRA adapter on a dataset snapshot. The same dataset and settings run once: asking again returns the existing job.
+
+    Args:
+        dataset_id: the snapshot id from build_dataset.
+        method: "sft" or "dpo" (default: the snapshot's kind).
+    """
+    from flywheel.trainer.recipes import build_spec
+
+    folder = launcher.resolve_dataset(ctx, dataset_id)
+    spec = build_spec(ctx.settings.train, folder, method=method, base_model=_base_model(ctx))
+    record = launcher.launch(ctx, spec)
+    report_progress(ctx, f"training job {record.id} {record.status}", job_id=record.id)
+    return _info(record)
+
+
+def training_status(ctx: ToolContext, job_id: str, wait_seconds: Annotated[int, Field(ge=0, le=MAX_WAIT_S)] = 0) -> JobInfo:
+    """A training job's status and progress; with wait_seconds, wait up to that long for it to end first.
+
+    Args:
+        job_id: the job id from launch_training.
+        wait_seconds: wait at most this long for the job to finish (0: answer at once).
+    """
+    if wait_seconds <= 0:
+        return _info(launcher.status(ctx, job_id))
+
+    def show(record: JobRecord) -> None:
+        p = record.progress or {}
+        step = f" step {p.get('step', 0)}/{p['total']}" if p.get("total") else ""
+        loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+        report_progress(ctx, f"job {record.id} {record.status}{step}{loss}", job_id=record.id, step=p.get("step"), total=p.get("total"))
+
+    record = launcher.wait(ctx, job_id, on_progress=show, timeout_s=float(wait_seconds), raise_on_failure=False)
+    return _info(record)
+
+
+def resume_training(ctx: ToolContext, job_id: str) -> JobInfo:
+    """Start a failed or killed training job again from its last checkpoint. A running or finished job is returned as it is.
+
+    Args:
+        job_id: the job id.
+    """
+    return _info(launcher.resume(ctx, job_id))
+
+
+def register_candidate(ctx: ToolContext, job_id: str) -> CandidateInfo:
+    """Register the adapter a finished training job wrote as a new candidate model version (registering the same adapter again returns its version).
+
+    Args:
+        job_id: a succeeded training job.
+    """
+    record = launcher.status(ctx, job_id)
+    if record.status != JobStatus.SUCCEEDED or not record.result:
+        raise ToolInputError(f"job {job_id} is {record.status}, not succeeded: there is no adapter to register yet")
+    result, spec = record.result, record.spec
+    version = registry.register_version(
+        ctx.store,
+        base_model=spec["base_model"],
+        adapter_path=result["adapter_path"],
+        adapter_sha256=result.get("adapter_sha256"),
+        dataset_id=spec.get("dataset_id") or None,
+        job_id=record.id,
+        notes=f"trained by job {record.id}",
+    )
+    return CandidateInfo(version=version.id, status=str(version.status), job_id=version.job_id, dataset_id=version.dataset_id,
+                         parent=version.parent, gate_passed=version.gate_passed)
+
+
+SPECS = [
+    ToolSpec(launch_training, mutates=True, facts=_job_facts),
+    ToolSpec(training_status, facts=_job_facts),
+    ToolSpec(resume_training, mutates=True, facts=_job_facts),
+    ToolSpec(register_candidate, mutates=True, facts=lambda r: {"candidate": r.version, "candidate_status": r.status}),
+]

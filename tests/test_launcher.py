@@ -1,0 +1,191 @@
+"""Training jobs: one process per spec, progress in the store, a SIGKILLed worker resumed to success,
+failures reported with the log's tail, and the `train` / `jobs` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from flywheel.cli import main
+from flywheel.context import Context
+from flywheel.errors import JobFailed, NotFoundError
+from flywheel.records import utcnow
+from flywheel.settings import TrainSettings
+from flywheel.store.db import Store
+from flywheel.trainer import launcher
+from flywheel.trainer.jobs import JobRecord, JobStatus, find_job, get_job, insert_job, list_jobs, set_fields, transition
+from flywheel.trainer.models import ADAPTER_WEIGHTS, build_tiny_model, tiny_corpus
+from flywheel.trainer.recipes import build_spec
+
+QUESTIONS = ["I want a refund", "Where is my order", "Can you waive the fee", "Talk to a human"]
+ANSWERS = ["Refunds take five business days.", "Your order ships on Tuesday.", "The fee cannot be waived.", "I have escalated your request."]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus() + QUESTIONS + ANSWERS, vocab_size=300, hidden=32, layers=1)
+
+
+def write_sft(folder: Path, n_train: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"messages": [{"role": "user", "content": QUESTIONS[i % 4]}, {"role": "assistant", "content": ANSWERS[i % 4]}], "weight": 1.0 + (i % 4 == 2)}
+        for i in range(n_train)
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (folder / "manifest.json").write_text(json.dumps({"id": "ds-1", "kind": "sft"}))
+    return folder
+
+
+def hyper(**overrides) -> TrainSettings:
+    values = dict(epochs=2.0, batch_size=4, learning_rate=1e-2, lora_r=4, early_stopping_patience=0, warmup_ratio=0.0)
+    return TrainSettings(**{**values, **overrides})
+
+
+def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_same_spec_launched_twice_starts_one_process(ctx: Context, base: Path, tmp_path: Path) -> None:
+    spec = build_spec(hyper(), write_sft(tmp_path / "data"), base_model=base)
+    first = launcher.launch(ctx, spec)
+    second = launcher.launch(ctx, spec)
+    other = Context(settings=ctx.settings)  # another CLI process: its own launcher, the same store
+    third = launcher.launch(other, spec)
+    assert first.id == second.id == third.id == spec.job_id()
+    assert first.pid is not None and second.pid == third.pid == first.pid
+    assert len(ctx.extras["launcher"]._children) == 1 and not other.extras["launcher"]._children
+    seen: list[JobRecord] = []
+    done = launcher.wait(ctx, first.id, on_progress=seen.append, poll_s=0.2)
+    other.close()
+
+    assert done.status == JobStatus.SUCCEEDED and done.attempts == 1 and done.error is None
+    assert seen[-1].status == JobStatus.SUCCEEDED and done.progress["step"] == done.progress["total"] == 8
+    weights = Path(done.result["adapter_path"]) / ADAPTER_WEIGHTS
+    assert done.result["adapter_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert Path(done.result["curve_path"]).is_file() and Path(done.result["lineage_path"]).is_file()
+    assert Path(done.log_path).read_text().count("=== ") == 1  # one worker ever started
+    assert launcher.launch(ctx, spec).status == JobStatus.SUCCEEDED  # asking again is a no-op
+
+
+def test_sigkilled_worker_is_detected_and_resumed_to_success(ctx: Context, base: Path, tmp_path: Path) -> None:
+    # checkpoints every 2 steps; enough steps that the kill lands mid-run
+    spec = build_spec(hyper(epochs=40.0, eval_steps=2), write_sft(tmp_path / "data"), base_model=base)
+    job = launcher.launch(ctx, spec)
+    running = _wait_for(lambda: (r := get_job(ctx.store, job.id)).progress and r.progress.get("checkpoint", 0) >= 4 and r)
+    assert running.status == JobStatus.RUNNING and running.heartbeat_at is not None
+    os.killpg(running.pid, signal.SIGKILL)
+
+    killed = _wait_for(lambda: (r := launcher.status(ctx, job.id)).ended and r)
+    assert killed.status == JobStatus.KILLED and "signal 9" in killed.error and killed.log_path in killed.error
+    with pytest.raises(JobFailed, match="resume with `flywheel jobs resume"):
+        launcher.wait(ctx, job.id)
+    assert launcher.launch(ctx, spec).status == JobStatus.KILLED  # launching again does not silently restart
+
+    resumed = launcher.resume(ctx, job.id)
+    assert resumed.attempts == 2 and resumed.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+    done = launcher.wait(ctx, job.id, poll_s=0.2)
+    assert done.status == JobStatus.SUCCEEDED and done.progress["step"] == done.progress["total"] == 160
+    checkpoint = Path(done.result["resumed_from"]).name
+    assert int(checkpoint.split("-")[1]) >= 4
+    assert f"resuming from {done.result['resumed_from']}" in Path(done.log_path).read_text()
+    assert launcher.resume(ctx, job.id).attempts == 2  # a succeeded job is not resumed again
+
+
+def test_failing_job_reports_the_log_tail(ctx: Context, base: Path, tmp_path: Path) -> None:
+    data = write_sft(tmp_path / "data")
+    spec = build_spec(hyper(), data, base_model=base)
+    shutil.rmtree(data)  # the snapshot disappears between planning and training
+    job = launcher.launch(ctx, spec)
+    with pytest.raises(JobFailed) as caught:
+        launcher.wait(ctx, job.id, poll_s=0.2)
+    message = str(caught.value)
+    assert f"job {job.id} failed" in message and "does not exist" in message
+    assert f"--- last lines of {job.log_path} ---" in message and "ERROR flywheel.worker" in message
+    record = get_job(ctx.store, job.id)
+    assert record.status == JobStatus.FAILED and job.log_path in record.error
+    # through the CLI: the same failure, exit status 6
+    assert main(["-C", str(ctx.settings.project_dir), "jobs", "resume", job.id]) == 6
+    assert get_job(ctx.store, job.id).attempts == 2
+
+
+def test_cli_train_jobs_list_show_logs_cancel(
+    ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = str(ctx.settings.project_dir)
+    data = write_sft(tmp_path / "data")
+    argv = ["-C", project, "train", "--dataset", str(data), "--base", str(base)]
+    assert main([*argv, "--no-wait", "--json"]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert main([*argv, "--json"]) == 0  # waits for the same job rather than starting another
+    finished = json.loads(capsys.readouterr().out)
+    assert finished["id"] == job_id and finished["status"] == "succeeded" and finished["attempts"] == 1
+
+    assert main(["-C", project, "jobs", "list", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [job_id]
+    assert main(["-C", project, "jobs", "show", job_id]) == 0
+    shown = capsys.readouterr().out
+    assert "succeeded" in shown and finished["result"]["adapter_sha256"] in shown
+    assert main(["-C", project, "jobs", "logs", job_id, "--tail", "3"]) == 0
+    assert "succeeded" in capsys.readouterr().out
+    assert main(["-C", project, "jobs", "show", "nope"]) == NotFoundError.exit_code
+    assert main(["-C", project, "train", "--dataset", "no-such-id", "--base", str(base)]) == NotFoundError.exit_code
+
+    # a long job, cancelled while it runs, then restarted from scratch
+    long_argv = ["-C", project, "train", "--dataset", str(write_sft(tmp_path / "long", n_train=24)), "--base", str(base), "--no-wait", "--json"]
+    monkeypatch.setenv("FLYWHEEL_TRAIN__EPOCHS", "50")
+    assert main(long_argv) == 0
+    long_id = json.loads(capsys.readouterr().out)["id"]
+    _wait_for(lambda: get_job(ctx.store, long_id).status == JobStatus.RUNNING)
+    assert main(["-C", project, "jobs", "cancel", long_id, "--json"]) == 0
+    cancelled = json.loads(capsys.readouterr().out)
+    assert cancelled["status"] == "killed" and cancelled["error"].startswith("cancelled")
+    pid = cancelled["pid"]
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z")
+    assert main(["-C", project, "jobs", "resume", long_id, "--restart", "--no-wait", "--json"]) == 0
+    restarted = json.loads(capsys.readouterr().out)
+    assert restarted["attempts"] == 2 and restarted["status"] in ("queued", "running")
+    assert not (Path(restarted["work_dir"]) / "checkpoints").exists() or not any((Path(restarted["work_dir"]) / "checkpoints").glob("checkpoint-*"))
+    assert main(["-C", project, "jobs", "cancel", long_id]) == 0
+
+
+def test_job_records_and_guarded_transitions(any_store: Store) -> None:
+    record = JobRecord(
+        id="sft-abc", kind="train_sft", status=JobStatus.QUEUED, spec={"method": "sft"},
+        work_dir="/tmp/j", log_path="/tmp/j/train.log", attempts=1, created_at=utcnow(),
+    )
+    assert insert_job(any_store, record) is True
+    assert insert_job(any_store, record) is False  # the id is the idempotency key
+    assert find_job(any_store, "missing") is None
+    with pytest.raises(NotFoundError):
+        get_job(any_store, "missing")
+
+    assert transition(any_store, "sft-abc", [JobStatus.QUEUED], JobStatus.RUNNING, pid=42, started_at=utcnow())
+    assert not transition(any_store, "sft-abc", [JobStatus.QUEUED], JobStatus.RUNNING, pid=43)  # lost the race
+    assert set_fields(any_store, "sft-abc", only_status=[JobStatus.RUNNING], worker_pid=42, progress={"step": 3, "total": 10})
+    assert not set_fields(any_store, "sft-abc", only_status=[JobStatus.RUNNING], worker_pid=7, progress={"step": 9})
+    got = get_job(any_store, "sft-abc")
+    assert got.status == JobStatus.RUNNING and got.pid == 42 and got.progress == {"step": 3, "total": 10}
+    assert got.created_at.tzinfo is not None and utcnow() - got.created_at < timedelta(minutes=5)
+
+    assert transition(any_store, "sft-abc", [JobStatus.RUNNING], JobStatus.SUCCEEDED, result={"adapter_sha256": "f" * 64}, finished_at=utcnow())
+    assert not set_fields(any_store, "sft-abc", only_status=[JobStatus.RUNNING], progress={"step": 10})  # ended: frozen
+    insert_job(any_store, record.model_copy(update={"id": "dpo-def", "kind": "train_dpo"}))
+    assert {r.id for r in list_jobs(any_store)} == {"sft-abc", "dpo-def"}
+    assert [r.id for r in list_jobs(any_store, statuses=["succeeded"])] == ["sft-abc"]
+    assert get_job(any_store, "sft-abc").result == {"adapter_sha256": "f" * 64}
