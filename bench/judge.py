@@ -5,7 +5,8 @@ so the best possible rate with N calls in flight is N / delay judgments per seco
 stage (`judge_failures`: SQLite store, rule judge, langchain-openai, the bounded runner, verdict writes)
 over freshly seeded triaged failures once per bound and reports how close it gets to that ceiling, and
 the judge's own CPU time per judgment (the server runs in a child process so it does not share the GIL).
-It also times the rule judge alone (what evaluation runs on every model answer).
+It also times the rule judge alone (what evaluation runs on every model answer), and, as a yardstick
+for a busy machine, the bare openai client against the same server with the same bound.
 
     python bench/judge.py [--failures 400] [--delay 0.2] [--bounds 16 32]
 
@@ -15,6 +16,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -97,6 +99,7 @@ def run_once(n: int, delay_s: float, in_flight: int) -> dict:
             summary = judge_failures(ctx)
             seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
             ctx.close()
+        raw_rate = asyncio.run(raw_client_rate(port, n, in_flight))
         stop.set()
         peak = port_out.get(timeout=30)
     finally:
@@ -115,7 +118,26 @@ def run_once(n: int, delay_s: float, in_flight: int) -> dict:
         "peak_in_flight": peak,
         "llm_calls": summary.llm_calls,
         "judge_cpu_ms_per_judgment": round(1000 * cpu / n, 2),  # the judge process only
+        # the bare openai client, same server, same bound: what this machine allows right now
+        "raw_client_calls_per_second": round(raw_rate, 1),
     }
+
+
+async def raw_client_rate(port: int, n: int, in_flight: int) -> float:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    slots = asyncio.Semaphore(in_flight)
+
+    async def one(i: int) -> None:
+        async with slots:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}], response_format={"type": "json_object"})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    rate = n / (time.perf_counter() - started)
+    await client.close()
+    return rate
 
 
 def rule_judge_rate(n: int = 20_000) -> float:

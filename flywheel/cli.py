@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "flywheel.commands.evaluate",
     "flywheel.commands.release",
     "flywheel.commands.agent",
+    "flywheel.commands.daemon",
     "flywheel.commands.serve",
     "flywheel.commands.demo",
 ]
@@ -110,4 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flywheel.cli`: run through the imported module, so that the command modules register on
+    # the same `app` object as this entry point (under __main__ they would see a second copy).
+    from flywheel.cli import main as _main
+
+    sys.exit(_main())

@@ -269,11 +269,14 @@ class AgentSettings(Section):
 
 class Schedule(Section):
     id: str
-    cron: str  # crontab expression, e.g. "0 3 * * *"
+    cron: str  # crontab expression, e.g. "0 3 * * *"; six fields: the first is the second (tests, fast loops)
 
 
 class DaemonSettings(Section):
     schedules: list[Schedule] = []
+    timezone: str = "UTC"  # the zone the cron expressions are read in
+    misfire_grace_s: int = Field(900, ge=1)  # a firing missed while the daemon was down still runs (once) this late
+    shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, time given to a running cycle before leaving it resumable
 
 
 class SlackSettings(Section):
@@ -281,6 +284,10 @@ class SlackSettings(Section):
     channel: str = ""
     api_url: str = ""  # empty: Slack's own; tests point it at a local server
     # tokens come from the environment only: SLACK_BOT_TOKEN, SLACK_APP_TOKEN, SLACK_SIGNING_SECRET
+    http_host: str = "127.0.0.1"  # HTTP mode: where the app listens for Slack's requests (behind your TLS proxy)
+    http_port: int = Field(3000, ge=0, le=65535)  # 0: any free port
+    report_url: str = ""  # a URL serving <state>/artifacts; empty: the message shows the report's file path
+    sync_interval_s: float = Field(15.0, gt=0)  # the daemon posts new approval requests and closes decided ones this often
 
 
 class ServeSettings(Section):
@@ -290,6 +297,22 @@ class ServeSettings(Section):
     upstream_url: str = ""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     capture_queue: int = Field(10_000, ge=1)
+    # --- the gateway (flywheel.serve) ---
+    base_model: str = ""  # builtin backend: the base model folder; empty: train.base_model, then the champion's
+    upstream_model: str = ""  # proxy: the upstream's name for the base model; empty: the version's base_model
+    upstream_timeout_s: float = Field(120.0, gt=0)
+    upstream_max_connections: int = Field(256, ge=1)
+    # proxy: local adapter folder prefix -> the same folder as the upstream server sees it
+    adapter_path_map: dict[str, str] = {}
+    max_new_tokens: int = Field(256, ge=1)  # builtin: default and cap of max_tokens
+    batch_size: int = Field(8, ge=1)  # builtin: concurrent requests generated as one batch
+    routing_refresh_s: float = Field(0.25, gt=0, le=60)  # aliases re-read this often: promotions need no restart
+    keys_refresh_s: float = Field(1.0, gt=0, le=300)  # API keys re-read this often: revocations need no restart
+    capture: bool = True  # store every served interaction
+    capture_batch: int = Field(256, ge=1)  # interactions per store transaction
+    spill_dir: str = ""  # empty: <state_dir>/gateway; where capture spills while the store falls behind
+    store_retry_s: float = Field(2.0, gt=0)  # after a store error, capture retries (and replays spills) this often
+    shutdown_flush_s: float = Field(10.0, ge=0)  # on shutdown, time to write the queue to the store before spilling it
 
 
 class Settings(BaseSettings):

@@ -36,7 +36,7 @@ batch_size = 64
 learning_rate = 1e-6
 lora_r = 2
 lora_alpha = 4
-max_length = 64
+max_length = 256
 early_stopping_patience = 0
 warmup_ratio = 0.0
 
@@ -60,7 +60,7 @@ def tiny_corpus() -> list[str]:
 def build_base(folder: Path) -> Path:
     from flywheel.trainer.models import build_tiny_model
 
-    return build_tiny_model(folder, tiny_corpus(), vocab_size=300, hidden=32, layers=1, heads=2, max_len=128)
+    return build_tiny_model(folder, tiny_corpus(), vocab_size=300, hidden=32, layers=1, heads=2, max_len=256)
 
 
 def write_project(project: Path, extra_toml: str = "", **sections: dict[str, Any]) -> None:

@@ -20,6 +20,12 @@ Failures: `Reply.rate_limited(retry_after=...)` (429), `Reply.server_error(500)`
 Every request is recorded (`server.requests`, `server.chat_requests`) for assertions, and the peak
 number of chat requests in flight at once is kept in `server.peak_in_flight`.
 
+LoRA adapters, as vLLM serves them with runtime loading enabled: `POST /v1/load_lora_adapter`
+{lora_name, lora_path} adds a model name (400 when the name is loaded already), `POST
+/v1/unload_lora_adapter` {lora_name} removes it, `server.loras` maps loaded names to paths and
+`/v1/models` lists them after the base models. `OpenAIServer(strict_models=True)` answers 404 to a chat
+request for a model that is neither a base model nor a loaded adapter (what vLLM does after a restart).
+
 Use:
     with OpenAIServer(handler=lambda req: {"ok": True}) as server:
         ChatOpenAI(base_url=server.base_url, api_key="x", model="test-model")
@@ -222,8 +228,11 @@ class OpenAIServer:
         delay_s: float = 0.0,
         default: ReplyLike = "ok",
         models: tuple[str, ...] = ("test-model",),
+        strict_models: bool = False,
     ):
         self.handler = handler
+        self.strict_models = strict_models
+        self.loras: dict[str, str] = {}  # loaded LoRA adapter name -> path
         self.delay_s = delay_s
         self.default = default
         self.models = models
@@ -308,6 +317,11 @@ class OpenAIServer:
             self._requests.clear()
             self.peak_in_flight = 0
 
+    def unload_all_loras(self) -> None:
+        """Forget every loaded adapter, as a restarted vLLM does."""
+        with self._lock:
+            self.loras.clear()
+
     # called by the request handler threads
     def _record(self, request: ChatRequest) -> None:
         with self._lock:
@@ -344,6 +358,9 @@ class OpenAIServer:
 class _RequestHandler(BaseHTTPRequestHandler):
     owner: OpenAIServer
     protocol_version = "HTTP/1.1"  # keep-alive, as the clients expect
+    # Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm and the client's
+    # delayed ACK hold the body back ~40 ms on keep-alive connections.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # quiet test output
@@ -354,6 +371,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.owner._record(request)
         if self.path.rstrip("/").endswith("/models"):
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "flywheel-tests"} for m in self.owner.models]
+            data += [{"id": name, "object": "model", "created": 0, "owned_by": "flywheel-tests", "root": path, "parent": self.owner.models[0]}
+                     for name, path in dict(self.owner.loras).items()]
             self._send_json(200, {"object": "list", "data": data})
         else:
             self._send_error(404, f"no route GET {self.path}", "not_found_error")
@@ -371,6 +390,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         request = ChatRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         self.owner._record(request)
+        if self.path.rstrip("/").endswith(("/load_lora_adapter", "/unload_lora_adapter")):
+            self._lora(request)
+            return
         if not self.path.rstrip("/").endswith("/chat/completions"):
             self._send_error(404, f"no route POST {self.path}", "not_found_error")
             return
@@ -382,8 +404,33 @@ class _RequestHandler(BaseHTTPRequestHandler):
         finally:
             self.owner._leave()
 
+    # --- LoRA adapters (vLLM's runtime loading endpoints)
+    def _lora(self, request: ChatRequest) -> None:
+        name, path = request.body.get("lora_name"), request.body.get("lora_path")
+        loras = self.owner.loras
+        if self.path.rstrip("/").endswith("/unload_lora_adapter"):
+            if name not in loras:
+                self._send_error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+                return
+            with self.owner._lock:
+                loras.pop(name, None)
+            self._send_bytes(200, f"Success: LoRA adapter '{name}' removed successfully.".encode(), {"content-type": "text/plain"})
+            return
+        if not name or not path:
+            self._send_error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+            return
+        if name in loras:
+            self._send_error(400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput")
+            return
+        with self.owner._lock:
+            loras[name] = path
+        self._send_bytes(200, f"Success: LoRA adapter '{name}' added successfully.".encode(), {"content-type": "text/plain"})
+
     # --- chat completions
     def _chat(self, request: ChatRequest) -> None:
+        if self.owner.strict_models and request.model not in self.owner.models and request.model not in self.owner.loras:
+            self._send_error(404, f"The model `{request.model}` does not exist.", "NotFoundError")
+            return
         try:
             reply = self.owner._next_reply(request)
         except Exception as exc:  # a broken test handler shows up as a 500 naming it, not a hang

@@ -220,7 +220,7 @@ def test_label_one_and_show_it(seeded: Path, any_store: Store, capsys: pytest.Ca
 def test_label_file_keeps_good_lines_and_names_bad_ones(seeded: Path, any_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "labels.jsonl"
     lines = [
-        json.dumps({"failure_id": fid("i0"), "intent": "card_arrival"}),
+        json.dumps({"failure_id": fid("i0"), "intent": "card_arrival", "text": "the request, as the label queue wrote it"}),
         "{not json",
         json.dumps({"failure_id": fid("i1"), "intent": "refund_status", "answer": "It takes 5 days.", "by": "cat"}),
         "",
@@ -257,3 +257,25 @@ def test_judge_command_prints_the_stage_summary(seeded: Path, capsys: pytest.Cap
     assert json.loads(out)["verdict"]["judge"] == "rule"
     code, out, _ = run(capsys, seeded, "judge")
     assert code == 0 and "total" in out and "0" in out  # nothing left to judge
+    code, out, _ = run(capsys, seeded, "judge", "--id", fid("i4"), "--json")
+    assert code == 0 and json.loads(out)["total"] == 1  # an explicit id is judged again
+    assert run(capsys, seeded, "judge", "--id", "f-nope")[0] == 3
+
+
+def test_newest_labels_and_uncorrectable_attempts_on_both_stores(any_store: Store) -> None:
+    from flywheel.data.labels import latest_labels
+
+    seed(any_store)
+    add_label(any_store, fid("i0"), {"intent": "a"}, "ann")
+    add_label(any_store, fid("i0"), {"intent": "b", "answer": "B"}, "bob")
+    add_label(any_store, fid("i1"), {"intent": "c"}, "cat")
+    with any_store.engine.connect() as conn:
+        refs = latest_labels(conn, [fid("i0"), fid("i1"), fid("i2")])
+    assert {k: (r.intent, r.answer, r.source) for k, r in refs.items()} == {fid("i0"): ("b", "B", "label:bob"), fid("i1"): ("c", None, "label:cat")}
+    with any_store.begin() as conn:
+        repo.save_uncorrectable(conn, fid("i0"), "kb", "no approved response for intent 'b' in the knowledge base")
+    view = repo.show(any_store, fid("i0"))
+    assert view.failure.status == FailureStatus.UNCORRECTABLE
+    assert view.correction.answer == "" and not view.correction.verified and view.correction.verification.reasons == ["no approved response for intent 'b' in the knowledge base"]
+    rows = {r.id: r for r in repo.list_failures(any_store, repo.FailureFilter(status="uncorrectable"))}
+    assert set(rows) == {fid("i0")} and not rows[fid("i0")].verified

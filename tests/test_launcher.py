@@ -18,7 +18,7 @@ from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.errors import JobFailed, NotFoundError
 from flywheel.records import utcnow
-from flywheel.settings import TrainSettings
+from flywheel.settings import TrainSettings, load_settings
 from flywheel.store.db import Store
 from flywheel.trainer import launcher
 from flywheel.trainer.jobs import JobRecord, JobStatus, find_job, get_job, insert_job, list_jobs, set_fields, transition
@@ -51,6 +51,13 @@ def hyper(**overrides) -> TrainSettings:
     return TrainSettings(**{**values, **overrides})
 
 
+def configure(project: Path) -> TrainSettings:
+    """Write the test's [train] section to the project's flywheel.toml, so the CLI plans the same spec."""
+    lines = ["[train]"] + [f"{k} = {json.dumps(v)}" for k, v in hyper().model_dump(exclude={"base_model", "target_modules"}).items()]
+    (project / "flywheel.toml").write_text("\n".join(lines) + "\n")
+    return load_settings(project).train
+
+
 def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,35 +68,68 @@ def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):  # noqa: 
     raise AssertionError("timed out")
 
 
-def test_same_spec_launched_twice_starts_one_process(ctx: Context, base: Path, tmp_path: Path) -> None:
-    spec = build_spec(hyper(), write_sft(tmp_path / "data"), base_model=base)
+def test_same_spec_launched_twice_starts_one_process_then_cancel_and_restart(
+    ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = str(ctx.settings.project_dir)
+    data = write_sft(tmp_path / "data")
+    spec = build_spec(configure(ctx.settings.project_dir), data, base_model=base)
+    assert spec.hyper.model_dump() == hyper().model_copy(update={"base_model": str(base), "method": "sft"}).model_dump()
     first = launcher.launch(ctx, spec)
     second = launcher.launch(ctx, spec)
     other = Context(settings=ctx.settings)  # another CLI process: its own launcher, the same store
     third = launcher.launch(other, spec)
+    other.close()
     assert first.id == second.id == third.id == spec.job_id()
     assert first.pid is not None and second.pid == third.pid == first.pid
     assert len(ctx.extras["launcher"]._children) == 1 and not other.extras["launcher"]._children
-    seen: list[JobRecord] = []
-    done = launcher.wait(ctx, first.id, on_progress=seen.append, poll_s=0.2)
-    other.close()
+    assert Path(first.log_path).read_text().count("=== ") == 1  # one worker started
 
-    assert done.status == JobStatus.SUCCEEDED and done.attempts == 1 and done.error is None
-    assert seen[-1].status == JobStatus.SUCCEEDED and done.progress["step"] == done.progress["total"] == 8
-    weights = Path(done.result["adapter_path"]) / ADAPTER_WEIGHTS
-    assert done.result["adapter_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert Path(done.result["curve_path"]).is_file() and Path(done.result["lineage_path"]).is_file()
-    assert Path(done.log_path).read_text().count("=== ") == 1  # one worker ever started
+    # cancelled while it loads the training stack; `train` then points at resume, `--restart` starts over
+    _wait_for(lambda: get_job(ctx.store, first.id).status == JobStatus.RUNNING)
+    assert main(["-C", project, "jobs", "cancel", first.id, "--json"]) == 0
+    cancelled = json.loads(capsys.readouterr().out)
+    assert cancelled["status"] == "killed" and cancelled["error"].startswith("cancelled")
+    assert launcher.status(ctx, first.id).status == JobStatus.KILLED
+    pid = cancelled["pid"]
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z")
+    argv = ["-C", project, "train", "--dataset", str(data), "--base", str(base)]
+    assert main(argv) == JobFailed.exit_code
+    assert f"flywheel jobs resume {first.id}" in capsys.readouterr().err
+
+    seen: list[str] = []
+    assert main([*argv, "--restart", "--json"]) == 0  # restarts and waits, with a progress bar on stderr
+    done = json.loads(capsys.readouterr().out)
+    assert done["id"] == first.id and done["status"] == "succeeded" and done["attempts"] == 2
+    assert done["progress"]["step"] == done["progress"]["total"] == 8 and done["result"]["resumed_from"] is None
+    weights = Path(done["result"]["adapter_path"]) / ADAPTER_WEIGHTS
+    assert done["result"]["adapter_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert Path(done["result"]["curve_path"]).is_file() and Path(done["result"]["lineage_path"]).is_file()
     assert launcher.launch(ctx, spec).status == JobStatus.SUCCEEDED  # asking again is a no-op
+    record = launcher.wait(ctx, first.id, on_progress=lambda r: seen.append(str(r.status)))
+    assert seen == ["succeeded"] and record.result == done["result"]
+
+    assert main(["-C", project, "jobs", "list", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [first.id]
+    assert main(["-C", project, "jobs", "show", first.id]) == 0
+    shown = capsys.readouterr().out
+    assert "succeeded" in shown and done["result"]["adapter_sha256"] in shown
+    assert main(["-C", project, "jobs", "logs", first.id, "--tail", "3"]) == 0
+    assert "succeeded" in capsys.readouterr().out
+    assert main(["-C", project, "jobs", "show", "nope"]) == NotFoundError.exit_code
+    assert main(["-C", project, "train", "--dataset", "no-such-id", "--base", str(base)]) == NotFoundError.exit_code
 
 
 def test_sigkilled_worker_is_detected_and_resumed_to_success(ctx: Context, base: Path, tmp_path: Path) -> None:
     # checkpoints every 2 steps; enough steps that the kill lands mid-run
-    spec = build_spec(hyper(epochs=40.0, eval_steps=2), write_sft(tmp_path / "data"), base_model=base)
+    spec = build_spec(hyper(epochs=10.0, eval_steps=2), write_sft(tmp_path / "data"), base_model=base)
     job = launcher.launch(ctx, spec)
     running = _wait_for(lambda: (r := get_job(ctx.store, job.id)).progress and r.progress.get("checkpoint", 0) >= 4 and r)
     assert running.status == JobStatus.RUNNING and running.heartbeat_at is not None
+    assert launcher._worker_alive(running.pid, running.work_dir)  # what a launcher without the child checks
+    assert not launcher._worker_alive(os.getpid(), running.work_dir)  # a live pid that is not this worker
     os.killpg(running.pid, signal.SIGKILL)
+    _wait_for(lambda: not launcher._worker_alive(running.pid, running.work_dir))  # a zombie counts as dead
 
     killed = _wait_for(lambda: (r := launcher.status(ctx, job.id)).ended and r)
     assert killed.status == JobStatus.KILLED and "signal 9" in killed.error and killed.log_path in killed.error
@@ -100,7 +140,7 @@ def test_sigkilled_worker_is_detected_and_resumed_to_success(ctx: Context, base:
     resumed = launcher.resume(ctx, job.id)
     assert resumed.attempts == 2 and resumed.status in (JobStatus.QUEUED, JobStatus.RUNNING)
     done = launcher.wait(ctx, job.id, poll_s=0.2)
-    assert done.status == JobStatus.SUCCEEDED and done.progress["step"] == done.progress["total"] == 160
+    assert done.status == JobStatus.SUCCEEDED and done.progress["step"] == done.progress["total"] == 40
     checkpoint = Path(done.result["resumed_from"]).name
     assert int(checkpoint.split("-")[1]) >= 4
     assert f"resuming from {done.result['resumed_from']}" in Path(done.log_path).read_text()
@@ -120,48 +160,8 @@ def test_failing_job_reports_the_log_tail(ctx: Context, base: Path, tmp_path: Pa
     record = get_job(ctx.store, job.id)
     assert record.status == JobStatus.FAILED and job.log_path in record.error
     # through the CLI: the same failure, exit status 6
-    assert main(["-C", str(ctx.settings.project_dir), "jobs", "resume", job.id]) == 6
+    assert main(["-C", str(ctx.settings.project_dir), "jobs", "resume", job.id, "--restart"]) == JobFailed.exit_code
     assert get_job(ctx.store, job.id).attempts == 2
-
-
-def test_cli_train_jobs_list_show_logs_cancel(
-    ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    project = str(ctx.settings.project_dir)
-    data = write_sft(tmp_path / "data")
-    argv = ["-C", project, "train", "--dataset", str(data), "--base", str(base)]
-    assert main([*argv, "--no-wait", "--json"]) == 0
-    job_id = json.loads(capsys.readouterr().out)["id"]
-    assert main([*argv, "--json"]) == 0  # waits for the same job rather than starting another
-    finished = json.loads(capsys.readouterr().out)
-    assert finished["id"] == job_id and finished["status"] == "succeeded" and finished["attempts"] == 1
-
-    assert main(["-C", project, "jobs", "list", "--json"]) == 0
-    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [job_id]
-    assert main(["-C", project, "jobs", "show", job_id]) == 0
-    shown = capsys.readouterr().out
-    assert "succeeded" in shown and finished["result"]["adapter_sha256"] in shown
-    assert main(["-C", project, "jobs", "logs", job_id, "--tail", "3"]) == 0
-    assert "succeeded" in capsys.readouterr().out
-    assert main(["-C", project, "jobs", "show", "nope"]) == NotFoundError.exit_code
-    assert main(["-C", project, "train", "--dataset", "no-such-id", "--base", str(base)]) == NotFoundError.exit_code
-
-    # a long job, cancelled while it runs, then restarted from scratch
-    long_argv = ["-C", project, "train", "--dataset", str(write_sft(tmp_path / "long", n_train=24)), "--base", str(base), "--no-wait", "--json"]
-    monkeypatch.setenv("FLYWHEEL_TRAIN__EPOCHS", "50")
-    assert main(long_argv) == 0
-    long_id = json.loads(capsys.readouterr().out)["id"]
-    _wait_for(lambda: get_job(ctx.store, long_id).status == JobStatus.RUNNING)
-    assert main(["-C", project, "jobs", "cancel", long_id, "--json"]) == 0
-    cancelled = json.loads(capsys.readouterr().out)
-    assert cancelled["status"] == "killed" and cancelled["error"].startswith("cancelled")
-    pid = cancelled["pid"]
-    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z")
-    assert main(["-C", project, "jobs", "resume", long_id, "--restart", "--no-wait", "--json"]) == 0
-    restarted = json.loads(capsys.readouterr().out)
-    assert restarted["attempts"] == 2 and restarted["status"] in ("queued", "running")
-    assert not (Path(restarted["work_dir"]) / "checkpoints").exists() or not any((Path(restarted["work_dir"]) / "checkpoints").glob("checkpoint-*"))
-    assert main(["-C", project, "jobs", "cancel", long_id]) == 0
 
 
 def test_job_records_and_guarded_transitions(any_store: Store) -> None:
@@ -189,3 +189,17 @@ def test_job_records_and_guarded_transitions(any_store: Store) -> None:
     assert {r.id for r in list_jobs(any_store)} == {"sft-abc", "dpo-def"}
     assert [r.id for r in list_jobs(any_store, statuses=["succeeded"])] == ["sft-abc"]
     assert get_job(any_store, "sft-abc").result == {"adapter_sha256": "f" * 64}
+
+
+def test_dataset_ids_resolve_through_the_store(ctx: Context, tmp_path: Path) -> None:
+    from sqlalchemy import insert
+
+    from flywheel.store.schema import datasets
+
+    folder = write_sft(tmp_path / "snap")
+    with ctx.store.begin() as conn:
+        conn.execute(insert(datasets).values(id="ds-sft-1", kind="sft", path=str(folder), content_hash="x", manifest={}, created_at=utcnow()))
+    assert launcher.resolve_dataset(ctx, "ds-sft-1") == folder
+    assert launcher.resolve_dataset(ctx, str(folder)) == folder.resolve()
+    with pytest.raises(NotFoundError, match="neither a folder nor a dataset id"):
+        launcher.resolve_dataset(ctx, "ds-nope")

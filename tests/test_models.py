@@ -151,6 +151,14 @@ def test_adapters_switch_by_name_without_reloading(base: Path, tmp_path: Path) -
     assert served.generate([CONV], max_new_tokens=4)[0].text == LocalModel(base).generate([CONV], max_new_tokens=4)[0].text
     with pytest.raises(UserInputError, match="no adapter named 'c'"):
         served.set_adapter("c")
+    # retiring adapters, down to none, leaves the plain base; loading again works
+    served.set_adapter("b")
+    served.remove_adapter("b")
+    assert served.active is None and list(served.adapters) == ["a"]
+    served.remove_adapter("a")
+    assert served.adapters == {} and served.sequence_logprob([CONV], answer)[0] == pytest.approx(plain, abs=1e-5)
+    served.load_adapter("a", a)
+    assert served.sequence_logprob([CONV], answer, adapter="a")[0] == pytest.approx(with_a, abs=1e-5)
 
 
 def test_adapter_loader_refuses_pickles_and_wrong_hashes(base: Path, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def hyper(**overrides) -> TrainSettings:
 
 def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Path) -> None:
     data = write_snapshot(tmp_path / "sft", "sft", extra_rows=["not json", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})])
-    spec = recipes.build_spec(hyper(), data, base_model=base)
+    spec = recipes.build_spec(hyper(early_stopping_patience=2), data, base_model=base)  # best model kept at the end
     assert spec.method == "sft" and spec.dataset_id == "ds-sft"
     result = recipes.run(spec, tmp_path / "work")
 
@@ -74,6 +74,7 @@ def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Pa
     assert len(eval_losses) == 6  # one evaluation per epoch
     assert eval_losses[-1] < eval_losses[0] * 0.8
     assert sum(train_losses[-4:]) / 4 < sum(train_losses[:4]) / 4
+    assert result.best_eval_loss == pytest.approx(min(eval_losses)) and result.steps == 24
 
     lineage = json.loads(Path(result.lineage_path).read_text())
     assert lineage["base_model"]["config_sha256"] == hashlib.sha256((base / "config.json").read_bytes()).hexdigest()

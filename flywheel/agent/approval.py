@@ -114,12 +114,14 @@ def skip_reason(target: ModelVersion, champion: str | None) -> str | None:
     return None
 
 
-def stored_decision(ctx: Context, target: ModelVersion) -> Decision | None:
-    """A decision someone already recorded on this version's current report (e.g. before a crash)."""
+def stored_decision(ctx: Context, target: ModelVersion) -> tuple[Decision | None, str | None]:
+    """A decision someone already recorded on this version's current report (through `decide`, another
+    way in, or before a crash), and the run it was recorded for."""
     for row in approvals.approvals_for(ctx.store, target.id):
         if row.report_hash == target.eval_report_hash:
-            return Decision(row.decision, row.approver, row.reason or "recorded earlier", row.channel, row.report_hash)  # type: ignore[arg-type]
-    return None
+            decision = Decision(row.decision, row.approver, row.reason or "recorded earlier", row.channel, row.report_hash)  # type: ignore[arg-type]
+            return decision, row.run_id
+    return None, None
 
 
 def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str | None, refused: str | None = None) -> PendingApproval:

@@ -21,10 +21,12 @@ and runs it with `durability="sync"`, so every step is on disk before the next o
 - promotion: applies the decision (record, promote or reject) with every check in code.
 
 Test hook (inert unless set): FLYWHEEL_TEST_PAUSE_AT names a point, "supervisor", "approval",
-"promotion" or "tools:<tool name>"; when the run reaches it, the node touches FLYWHEEL_TEST_PAUSE_FILE
-(when set) and sleeps, so a test can SIGKILL the process exactly there. The supervisor pauses after
-the policy decided, a tool after it ran, the approval node before it asks, the promotion node after it
-acted: the points where a crash is hardest to recover from.
+"promotion", "tools:<tool name>" or "tools:<tool name>:start"; when the run reaches it, the node writes
+the point's name to FLYWHEEL_TEST_PAUSE_FILE (when set) and sleeps (FLYWHEEL_TEST_PAUSE_SECONDS, default
+600), so a test can SIGKILL the process exactly there. The supervisor pauses after the policy decided,
+a tool after it ran (or, with ":start", before), the approval node before it asks, the promotion node
+after it acted: the points where a crash is hardest to recover from. Production never sets it; unset,
+the hook is one environment lookup.
 """
 
 from __future__ import annotations
@@ -151,10 +153,13 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
         target = registry.resolve(ctx.store, cycle["candidate"])
         with ctx.store.engine.connect() as conn:
             champion = registry.alias_map(conn).get(registry.CHAMPION, (None, None))[0]
-        skip = approval_rules.skip_reason(target, champion)
-        if skip:
-            return {"cycle": checked, "decision": None, "approval_error": None}
-        decision = approval_rules.stored_decision(ctx, target)
+        decision, decided_in = approval_rules.stored_decision(ctx, target)
+        # A decision recorded for this run (by `decide`, or before a crash) is applied whatever the
+        # version's status became since: a rejection has already closed it.
+        if decided_in != state["run_id"]:
+            skip = approval_rules.skip_reason(target, champion)
+            if skip:
+                return {"cycle": checked, "decision": None, "approval_error": None}
         if decision is None:
             pending = approval_rules.build_pending(ctx, state["run_id"], target, champion, refused=state.get("approval_error"))
             runs.update_run(ctx.store, state["run_id"], pending=pending.model_dump(mode="json"))
@@ -224,6 +229,7 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
                                        tool_call_id=call_id, name=name, status="error"))
             continue
         key = runs_effect_key(run_id, call_id)
+        pause_point(f"tools:{name}:start")
         recorded = recall_effect(ctx.store, key) if spec.mutates else None
         if recorded is None:
             recorded = _execute(tools, name, call.get("args") or {}, writer)

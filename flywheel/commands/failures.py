@@ -26,6 +26,8 @@ app.add_typer(failures_app, name="failures")
 # Fields `failures counts --by` accepts; store.failures.counts groups by these.
 COUNT_FIELDS = ("problem_type", "severity", "acceptance", "intent", "status", "rule", "first_seen_version", "tier")
 
+SHOW_UNRESOLVED = 20  # outcomes listed under `flywheel correct`'s table
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
@@ -237,11 +239,15 @@ def _print_summary(title: str, summary: Any, as_json: bool) -> None:
 
 
 @app.command()
-def judge(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+def judge(
+    ctx: typer.Context,
+    failure_ids: Annotated[Optional[list[str]], typer.Option("--id", help="judge exactly these failures (may repeat), whatever their status")] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Judge triaged failures: problem type, severity and acceptance for each."""
     from flywheel.evals.judge import judge_failures
 
-    _print_summary("judge", judge_failures(context(ctx)), as_json)
+    _print_summary("judge", judge_failures(context(ctx), failure_ids or None), as_json)
 
 
 @app.command()
@@ -253,7 +259,17 @@ def correct(
     """Write and verify a corrected answer for every judged failure."""
     from flywheel.data.correct import correct_failures
 
-    _print_summary("correct", correct_failures(context(ctx), failure_ids or None), as_json)
+    summary = correct_failures(context(ctx), failure_ids or None)
+    _print_summary("correct", summary, as_json)
+    if as_json:
+        return
+    # What a person should look at: every failure that did not end verified, with its first reason.
+    unresolved = [o for o in summary.outcomes if o.status != "verified"]
+    out = _out()
+    for outcome in unresolved[:SHOW_UNRESOLVED]:
+        out.print(f"{outcome.failure_id} {outcome.status}: {outcome.reasons[0] if outcome.reasons else ''}", markup=False)
+    if len(unresolved) > SHOW_UNRESOLVED:
+        out.print(f"... and {len(unresolved) - SHOW_UNRESOLVED} more (--json lists all)")
 
 
 # --- label --------------------------------------------------------------------------------------------

@@ -86,8 +86,7 @@ def train(
     restart: Annotated[bool, typer.Option("--restart", help="if this job failed or was killed, start it again from scratch")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Train a LoRA adapter on a dataset snapshot. The same dataset and settings run once: asking again
-    shows (or waits for) the existing job."""
+    """Train a LoRA adapter on a dataset snapshot; the same snapshot and settings train once."""
     from flywheel.trainer import launcher
     from flywheel.trainer.recipes import build_spec
 

@@ -298,13 +298,14 @@ def correct_failures(ctx: Context, failure_ids: list[str] | None = None) -> Corr
         summary = CorrectSummary(corrector=KB_GENERATOR)
         verifier = Verifier(settings)
         verified: list[tuple[Case, str]] = []
-        for case, attempt in zip(cases, kb_attempts(ctx.index, settings, cases)):
+        # ctx.index opens Chroma on first use: not at all when there is nothing to correct
+        for case, attempt in zip(cases, kb_attempts(ctx.index, settings, cases) if cases else []):
             verification = verifier.verify_rules(case, attempt.answer) if attempt.answer is not None else None
             outcome = save_attempt(ctx.store, case, attempt, verification)
             summary.outcomes.append(outcome)
             if outcome.status == "verified":
                 verified.append((case, attempt.answer or ""))
-        summary.indexed = index_corrections(ctx.index, verified)
+        summary.indexed = index_corrections(ctx.index, verified) if verified else 0
     summary.outcomes.extend(skipped)
     summary.considered = len(cases)
     for outcome in summary.outcomes:

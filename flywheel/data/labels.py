@@ -6,7 +6,9 @@ spends (`count_labels`), so relabelling a failure costs another label.
 
 Label files are JSONL, one object per line:
     {"failure_id": "f-...", "intent": "card_arrival", "answer": "optional text", "by": "optional name"}
-A bad line is reported with its line number and the good lines are still stored.
+A "text" key (the user's request, as the label queue of flywheel.data.labelling writes it) is read and
+ignored, so a person can answer the queue file in place. A bad line is reported with its line number
+and the good lines are still stored.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def add_labels_from_file(store: Store, path: Path, labeller: str) -> LabelFileRe
         if not isinstance(obj, dict):
             errors.append((number, f"expected a JSON object, got {type(obj).__name__}"))
             continue
+        obj.pop("text", None)  # the request as the label queue showed it (data.labelling.QueueLabeller)
         failure_id = obj.pop("failure_id", None)
         by = obj.pop("by", None) or labeller
         if not isinstance(failure_id, str) or not failure_id:

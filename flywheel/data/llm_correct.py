@@ -10,15 +10,19 @@ Failures run through `run_bounded` (llm.max_in_flight at once; transient endpoin
 there); an answer that does not parse or is empty is re-asked up to `correct.llm_retries` times here.
 Each result is saved as soon as it arrives. Outcomes:
   - verified / corrected: an answer, verified (rules + LLM preference), stored with its reasons;
-  - uncorrectable: no usable answer after the re-asks, or the endpoint refused the request (a 4xx);
-  - error: the endpoint kept failing transiently; the failure stays `judged` for the next run.
-If every failure ends in a transient error the endpoint is down: InfrastructureError.
+  - uncorrectable: no usable answer after the re-asks, or the endpoint refused the request (400/422);
+  - error: the endpoint kept failing (429, 5xx, timeouts after the retries; 401/404: misconfigured);
+    the failure stays `judged` for the next run.
+If every failure ends in an error the endpoint is down: InfrastructureError. Anything else that goes
+wrong in one item is a bug and is raised after the others are saved.
+
+Logged text reaches the models only inside `untrusted_block` fences (the judge's, with a fresh nonce per
+request); the prompt files are split at the judge's `<!-- user -->` marker into system and user message.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +43,7 @@ from flywheel.data.verify import Preference, Verifier, reply_problem
 from flywheel.errors import InfrastructureError
 from flywheel.evals.judge import USER_MARKER, new_nonce, render_messages, untrusted_block
 from flywheel.llm import ItemResult, Limits, async_chat_model, run_bounded, run_sync
-from flywheel.prompts import Prompt, load_prompt
+from flywheel.prompts import Prompt, fill, load_prompt
 from flywheel.records import Verification
 from flywheel.settings import Settings
 from flywheel.store.vectors import CORRECTIONS, KB
@@ -97,20 +101,14 @@ def context_ids(found: Retrieved) -> list[str]:
 # --- prompts -----------------------------------------------------------------------------------------------
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
-    """Fill `{name}` slots in one pass, so that text put into one slot (a logged message that happens
-    to contain "{knowledge}") is never itself filled. Unknown slots stay as they are."""
-    return re.sub(r"\{([a-z_]+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
-
-
 def chat_messages(prompt: Prompt, nonce: str, system_values: dict[str, str], user_values: dict[str, str]) -> list["BaseMessage"]:
     """The prompt file split at the judge's user marker: instructions as the system message, the
     (fenced) material as the user message."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
     system_part, _, user_part = prompt.text.partition(USER_MARKER)
-    system = _fill(system_part, {"nonce": nonce, **system_values})
-    return [SystemMessage(system.strip()), HumanMessage(_fill(user_part, user_values).strip())]
+    system = fill(system_part, {"nonce": nonce, **system_values})
+    return [SystemMessage(system.strip()), HumanMessage(fill(user_part, user_values).strip())]
 
 
 def _facts_block(case: Case, nonce: str) -> str:
@@ -285,7 +283,7 @@ def correct_with_llm(ctx: Context, cases: list[Case]) -> CorrectSummary:
             return await run_bounded(cases, one, Limits.from_settings(settings, timeout_s=None), on_result=saved)
 
     run_sync(run_all)
-    summary.indexed = index_corrections(ctx.index, verified)
+    summary.indexed = index_corrections(ctx.index, verified) if verified else 0
     if bugs:
         raise bugs[0]  # not the endpoint's fault: keep the traceback
     errors = [o for o in summary.outcomes if o.status == "error"]

@@ -153,34 +153,38 @@ def _emails(text: str, spans: list[Span]) -> None:
 # Leftmost candidate first; when a candidate fails its check, the kinds after it are tried at the same place
 # (a bare 15-digit French NIR fails the card check first), then the scan goes on after the candidate.
 #
-# (kind group, first character, the rest). Written after the first character: boundary lookbehinds include it.
+# (kind group, first character, the rest). Every kind but the IBAN starts a token; the boundary check for
+# that is shared (see _NUMBERS). The rest may look back at the first character with a lookbehind.
 _NUMBER_KINDS: list[tuple[str, str, str]] = [
-    # IBAN: the match starts at the check digits (two letters before them are the country): DE89 3704 0044 ...
-    # People type them in lower case too; the mod-97 check keeps that safe.
-    ("iban", "[0-9]", r"(?<=[A-Za-z]{2}[0-9])(?<![\w][A-Za-z]{2}[0-9])[0-9](?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?(?![\w])"),
     # payment cards: grouped by four (Visa/MC/Discover), 4-6-5 (Amex), or one run of 13-19 digits
-    ("card", "[0-9]", r"(?<![\w+-][0-9])(?:[0-9]{3}[ -](?:[0-9]{4}[ -]){2}[0-9]{1,7}|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{12,18})(?![\w-])"),
+    ("card", "[0-9]", r"(?:[0-9]{3}[ -](?:[0-9]{4}[ -]){2}[0-9]{1,7}|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{12,18})(?![\w-])"),
     # US SSN 123-45-6789 / 123 45 6789, Spanish DNI 12345678Z, French NIR 2 95 10 99 126 111 93
-    ("ssn", "[0-9]", r"(?<![\w-][0-9])[0-9]{2}(?P<sep>[- ])[0-9]{2}(?P=sep)[0-9]{4}(?![\w-])"),
-    ("es_dni", "[0-9]", r"(?<![\w-][0-9])[0-9]{7}-?[A-Z](?![\w-])"),
-    ("fr_nir", "[12]", r"(?<![\w-][0-9]) ?[0-9]{2} ?[0-9]{2} ?(?:[0-9]{2}|2[AB]) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}(?![\w-])"),
+    ("ssn", "[0-9]", r"[0-9]{2}(?P<sep>[- ])[0-9]{2}(?P=sep)[0-9]{4}(?![\w-])"),
+    ("es_dni", "[0-9]", r"[0-9]{7}-?[A-Z](?![\w-])"),
+    ("fr_nir", "[12]", r" ?[0-9]{2} ?[0-9]{2} ?(?:[0-9]{2}|2[AB]) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}(?![\w-])"),
     # UK NINO: prefix letters (D, F, I, Q, U, V never; O never second; BG GB NK KN TN NT ZZ never, checked
     # below), six digits, suffix A-D; Spanish NIE X1234567L; Italian codice fiscale RSSMRA85T10A562S
-    ("nino", "[A-CEGHJ-PR-TW-Z]", r"(?<![\w][A-Z])[A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])"),
-    ("es_nie", "[XYZ]", r"(?<![\w][A-Z])-?[0-9]{7}-?[A-Z](?![\w])"),
-    ("it_cf", "[A-Z]", r"(?<![\w][A-Z])[A-Z]{5}[0-9]{2}[A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z](?![\w])"),
+    ("nino", "[A-CEGHJ-PR-TW-Z]", r"[A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])"),
+    ("es_nie", "[XYZ]", r"-?[0-9]{7}-?[A-Z](?![\w])"),
+    ("it_cf", "[A-Z]", r"[A-Z]{5}[0-9]{2}[A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z](?![\w])"),
     # phones: international +CC groups; in parentheses (555) 123-4567 / (020) 7946 0958; North American
     # 555-123-4567, 1-800-555-0199; UK/EU domestic after the trunk 0: 020 7946 0958, 07700 900123
-    ("intl", r"\+", r"(?<![\w+.-]\+)[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,5}\)?){1,6}(?![\w-]|\.[0-9])"),
-    ("paren", r"\(", r"(?<![\w+.-]\()(?:[0-9]{3}\) ?[0-9]{3}[ .-][0-9]{4}|0[0-9]{2,4}\)(?:[ -]?[0-9]{2,4}){1,3})(?![\w-]|\.[0-9])"),
-    ("nanp", "[0-9]", r"(?<![\w+.-][0-9])(?:(?<=1)[ .-][0-9]{3}[ .-]|[0-9]{2}[ .-])[0-9]{3}[ .-][0-9]{4}(?![\w-]|\.[0-9])"),
-    ("domestic", "0", r"(?<![\w+.-]0)[0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,3}(?![\w-]|\.[0-9])"),
+    ("intl", r"\+", r"[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,5}\)?){1,6}(?![\w-]|\.[0-9])"),
+    ("paren", r"\(", r"(?:[0-9]{3}\) ?[0-9]{3}[ .-][0-9]{4}|0[0-9]{2,4}\)(?:[ -]?[0-9]{2,4}){1,3})(?![\w-]|\.[0-9])"),
+    ("nanp", "[0-9]", r"(?:(?<=1)[ .-][0-9]{3}[ .-]|[0-9]{2}[ .-])[0-9]{3}[ .-][0-9]{4}(?![\w-]|\.[0-9])"),
+    ("domestic", "0", r"[0-9]{2,4}(?:[ -]?[0-9]{2,4}){1,3}(?![\w-]|\.[0-9])"),
     # bare 9-11 digits: a phone or an SSN only right after a word that says so (checked below)
-    ("bare", "[0-9]", r"(?<![\w+-][0-9])[0-9]{8,10}(?![\w-])"),
+    ("bare", "[0-9]", r"[0-9]{8,10}(?![\w-])"),
 ]
-_NUMBERS = re.compile("[+(0-9A-Z](?:" + "|".join(f"(?<={first})(?P<{kind}>{rest})" for kind, first, rest in _NUMBER_KINDS) + ")")
-_NUMBER_ONE = {kind: re.compile(f"{first}(?P<{kind}>{rest})") for kind, first, rest in _NUMBER_KINDS}
+# One shared lookbehind right after the first character rejects positions inside a word or a longer number
+# before any alternative is tried.
+_BOUNDARY = r"(?<![\w+.-][+(0-9A-Z])"
+_NUMBERS = re.compile("[+(0-9A-Z]" + _BOUNDARY + "(?:" + "|".join(f"(?<={first})(?P<{kind}>{rest})" for kind, first, rest in _NUMBER_KINDS) + ")")
+_NUMBER_ONE = {kind: re.compile(f"{first}{_BOUNDARY}(?P<{kind}>{rest})") for kind, first, rest in _NUMBER_KINDS}
 _NUMBER_ORDER = [kind for kind, _, _ in _NUMBER_KINDS]
+# IBAN: found from its check digits (two letters before them are the country): DE89 3704 0044 0532 0130 00.
+# People type them in lower case too; the mod-97 check keeps that safe. Its own scan, run first.
+_IBAN = re.compile(r"[0-9](?<=[A-Za-z]{2}[0-9])(?<![\w][A-Za-z]{2}[0-9])[0-9](?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?(?![\w])")
 _PLACEHOLDER_KIND = {"iban": "IBAN", "card": "CARD", "ssn": "NATIONAL_ID", "es_dni": "NATIONAL_ID", "fr_nir": "NATIONAL_ID", "nino": "NATIONAL_ID",
                      "es_nie": "NATIONAL_ID", "it_cf": "NATIONAL_ID", "intl": "PHONE", "paren": "PHONE", "nanp": "PHONE", "domestic": "PHONE"}
 _NINO_NEVER = frozenset(("BG", "GB", "NK", "KN", "TN", "NT", "ZZ"))
@@ -243,6 +247,10 @@ def _check_number(kind: str, m: re.Match[str], text: str) -> Span | None:
 
 
 def _numbers(text: str, spans: list[Span]) -> None:
+    for m in _IBAN.finditer(text):
+        span = _check_number("iban", m, text)
+        if span is not None and not _overlaps(spans, span.start, span.end):
+            spans.append(span)
     pos = 0
     search = _NUMBERS.search
     while True:

@@ -184,6 +184,11 @@ def simulate_signals(correct: bool, breach: bool, pack: DemoPack, rng: random.Ra
     return signals
 
 
+def user_of(row: Row) -> str:
+    """Which simulated user sent a row: fixed per row, so canary routing can be sticky per user."""
+    return f"user-{(row.line * 7919) % 2003}"
+
+
 def traffic_records(
     rows: list[Row],
     answers: list[str],
@@ -201,7 +206,7 @@ def traffic_records(
     for index, (row, answer) in enumerate(zip(rows, answers, strict=True)):
         correct = parse_intent(answer) == row.intent
         breach = policy_breach(answer, patterns)
-        user = f"user-{rng.randint(1, max(1, len(rows) // 3))}"
+        user = user_of(row)
         record = {
             "id": f"{pack.name}-{version}-{row.line}",
             "timestamp": (clock + timedelta(seconds=37 * index)).isoformat(),

@@ -28,6 +28,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -358,19 +359,11 @@ def judge_failures(
     cases = [_case(f, interactions[f.interaction_id], rules, labels.get(f.id), reference_for) for f in items]
 
     summary = JudgeSummary(total=len(cases))
-    pending: list[Verdict] = []
+    writer = _VerdictWriter(store, failure_repo.save_verdict)
 
     def keep(verdict: Verdict) -> None:
-        pending.append(verdict)
         _count(summary, verdict)
-        if len(pending) >= SAVE_BATCH:
-            flush()
-
-    def flush() -> None:
-        with store.begin() as conn:
-            for verdict in pending:
-                failure_repo.save_verdict(conn, verdict)
-        pending.clear()
+        writer.add(verdict)
 
     ask: list[JudgeCase] = []
     for case in cases:
@@ -387,14 +380,46 @@ def judge_failures(
             summary.prompt_version = load_prompt(settings.judge.prompt).version
             run_sync(lambda: _ask_llm(settings, ask, summary, keep))
     finally:
-        if pending:  # what was decided is kept even when the run stops on an error
-            flush()
+        writer.close()  # what was decided is kept even when the run stops on an error
         summary.seconds = round(time.monotonic() - started, 3)
     if ask and summary.deferred == len(ask):
         raise InfrastructureError(
             f"the LLM judge at {settings.llm.base_url} failed for all {len(ask)} failure(s) ({summary.errors[0]}); they keep their status for the next run"
         )
     return summary
+
+
+class _VerdictWriter:
+    """Saves verdicts in batches on one background thread, so that a commit never stalls the event
+    loop that keeps the LLM calls in flight. Batches are written in order; `close` waits for all of
+    them and raises the first write error."""
+
+    def __init__(self, store: Any, save: Callable[[Any, Verdict], None]):
+        self._store, self._save = store, save
+        self._batch: list[Verdict] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdict-writer")
+        self._futures: list[Future[None]] = []
+
+    def add(self, verdict: Verdict) -> None:
+        self._batch.append(verdict)
+        if len(self._batch) >= SAVE_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self._futures.append(self._pool.submit(self._write, batch))
+
+    def _write(self, batch: list[Verdict]) -> None:
+        with self._store.begin() as conn:
+            for verdict in batch:
+                self._save(conn, verdict)
+
+    def close(self) -> None:
+        self._submit()
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
 
 
 def _case(failure: Failure, interaction: Interaction, rules: RuleJudge, label: Reference | None, reference_for: Callable[[str], Reference | None] | None) -> JudgeCase:

@@ -7,11 +7,21 @@ prompt produced it.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 from flywheel.errors import SettingsError
+
+
+_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Fill `{name}` slots in one pass over the template, so that a slot name inside an inserted value (a
+    logged message containing "{knowledge}") is never itself filled. Unknown slots stay as they are."""
+    return _SLOT.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
 
 
 @dataclass(frozen=True)
@@ -26,10 +36,7 @@ class Prompt:
     def render(self, **values: str) -> str:
         """Fill `{name}` slots. Values are inserted as they are: callers wrap untrusted text in
         delimited blocks first (see flywheel.evals.judge.untrusted_block)."""
-        text = self.text
-        for key, value in values.items():
-            text = text.replace("{" + key + "}", value)
-        return text
+        return fill(self.text, values)
 
 
 @lru_cache(maxsize=64)

@@ -28,12 +28,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
-
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, JobFailed, NotFoundError, UserInputError
 from flywheel.records import utcnow
-from flywheel.store.schema import datasets
 from flywheel.trainer.jobs import (
     ACTIVE,
     JobRecord,
@@ -171,14 +168,15 @@ def job_dir(ctx: Context, job_id: str) -> Path:
 
 def resolve_dataset(ctx: Context, ref: str | Path) -> Path:
     """A snapshot folder from a path or a dataset id in the store."""
+    from flywheel.trainer.dataset import get_snapshot
+
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
-    with ctx.store.begin() as conn:
-        row = conn.execute(select(datasets.c.path).where(datasets.c.id == str(ref))).first()
-    if row is None:
-        raise NotFoundError(f"dataset {ref!r} is neither a folder nor a dataset id in the store")
-    folder = Path(row.path)
+    try:
+        folder = Path(get_snapshot(ctx.store, str(ref)).path)
+    except NotFoundError:
+        raise NotFoundError(f"dataset {ref!r} is neither a folder nor a dataset id in the store") from None
     if not folder.is_dir():
         raise UserInputError(f"dataset {ref!r} points at {folder}, which does not exist")
     return folder

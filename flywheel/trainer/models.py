@@ -234,6 +234,7 @@ class LocalModel:
         self.tokenizer.padding_side = "left"
         self.model: PreTrainedModel = model.to(self.device).eval()
         self.adapters: dict[str, str] = {}  # name -> folder
+        self.adapter_sha256: dict[str, str] = {}  # name -> sha256 of its weights
         self.active: str | None = BASE
         if adapter_path is not None:
             self.load_adapter(adapter_name, adapter_path)
@@ -242,12 +243,13 @@ class LocalModel:
     # --- adapters ---------------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: Path | str, expected_sha256: str | None = None) -> None:
-        """Add a LoRA adapter under `name` (no-op if that name already holds that folder)."""
+        """Add a LoRA adapter under `name`, replacing what the name held (a no-op when it holds these weights)."""
         from peft import PeftModel
 
         folder = check_adapter_folder(path, expected_sha256)
+        digest = expected_sha256 or sha256_file(folder / ADAPTER_WEIGHTS)
         with self._lock:
-            if self.adapters.get(name) == str(folder):
+            if self.adapters.get(name) == str(folder) and self.adapter_sha256.get(name) == digest:
                 return
             if name in self.adapters:
                 self.model.delete_adapter(name)
@@ -260,7 +262,23 @@ class LocalModel:
                 raise UserInputError(f"cannot load the adapter at {folder}: {str(exc).splitlines()[0]}") from exc
             self.model.eval()
             self.adapters[name] = str(folder)
+            self.adapter_sha256[name] = digest
             # PeftModel activates the first adapter it loads; keep whatever was active before.
+            self._activate(self.active)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop a loaded adapter (a retired version); serving falls back to the base if it was active."""
+        with self._lock:
+            if name not in self.adapters:
+                return
+            if len(self.adapters) == 1:
+                # PEFT cannot hold zero adapters: take the LoRA layers out and serve the plain base again.
+                self.model = self.model.unload().eval()
+            else:
+                self.model.delete_adapter(name)
+            del self.adapters[name], self.adapter_sha256[name]
+            if self.active == name:
+                self.active = BASE
             self._activate(self.active)
 
     def set_adapter(self, name: str | None) -> None:

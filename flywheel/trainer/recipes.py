@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,10 @@ SPLITS = ("train", "heldout")
 ROLES = {"system", "user", "assistant", "tool"}
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+
+# Progress events: ("begin" | "step" | "log" | "save", fields such as step, total, epoch, loss, eval_loss,
+# checkpoint). The worker writes them to the job row; a plain function keeps transformers out of its imports.
+ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
 class TrainSpec(BaseModel):
@@ -394,8 +398,30 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     return None
 
 
-def run(spec: TrainSpec, work_dir: Path | str, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Train the adapter a spec describes, resuming from the newest checkpoint in `work_dir` if any."""
+def progress_callback(on_progress: ProgressFn):  # noqa: ANN201 - a transformers TrainerCallback
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            on_progress("begin", {"step": state.global_step, "total": state.max_steps})
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            on_progress("step", {"step": state.global_step, "total": state.max_steps, "epoch": state.epoch})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+            losses = {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+            if losses:
+                on_progress("log", losses)
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            on_progress("save", {"checkpoint": state.global_step})
+
+    return _Progress()
+
+
+def run(spec: TrainSpec, work_dir: Path | str, on_progress: ProgressFn | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train the adapter a spec describes, resuming from the newest checkpoint in `work_dir` if any.
+    Checks the snapshot before importing the training stack, so a bad job fails in a second."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(work_dir)
     dataset_dir = Path(spec.dataset_dir)
@@ -413,7 +439,8 @@ def run(spec: TrainSpec, work_dir: Path | str, callbacks: Sequence[Any] = ()) ->
     checkpoints = work / CHECKPOINT_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     last = last_complete_checkpoint(checkpoints)
-    trainer = make_trainer(spec, train_examples, heldout_examples, checkpoints, callbacks)
+    all_callbacks = [*callbacks, progress_callback(on_progress)] if on_progress else list(callbacks)
+    trainer = make_trainer(spec, train_examples, heldout_examples, checkpoints, all_callbacks)
     if last:
         log.info("resuming from %s", last)
     output = trainer.train(resume_from_checkpoint=last)

@@ -24,9 +24,11 @@ Uncertainty features are per candidate, averaged over its first generated tokens
 (probabilities), `entropy` (nats), or `mean_logprob` (of the generated tokens) when only that is logged.
 
 Cost at n = 100,000 candidates, d = 384 (bench/selection.py): k-center greedy does k matrix-vector
-products (O(n k d), memory bound, ~8 s for k = 500 here); above `PROJECT_ABOVE` multiply-adds the
-embeddings are first projected to `PROJECT_DIMS` dimensions with a seeded Gaussian random projection,
-which keeps pairwise distances within a few percent (Johnson-Lindenstrauss) at a fraction of the cost.
+products (O(n k d), memory bound: k = 500 took 7.6 s on an idle 2-core machine, 22 s at load 10).
+Above `PROJECT_ABOVE` multiply-adds (e.g. k >= 1,100 at that n and d) the embeddings are first projected
+to `PROJECT_DIMS` dimensions with a seeded Gaussian random projection: squared distances keep their
+order roughly (typical relative error ~ sqrt(2 / 128) = 12%, Johnson-Lindenstrauss) at a third of the cost,
+and k-center greedy is only a 2-approximation to begin with.
 """
 
 from __future__ import annotations
@@ -197,19 +199,20 @@ def kcenter_greedy(x: np.ndarray, k: int, allowed: np.ndarray, centers: np.ndarr
             np.minimum(nearest[row : row + _CHUNK], d.min(axis=1), out=nearest[row : row + _CHUNK])
     nearest[~allowed] = -np.inf  # never picked; still counts as covered space through `centers`
     picks: list[int] = []
-    if len(centers) == 0:
-        pos = np.flatnonzero(allowed)
-        if len(pos) == 0 or k == 0:
-            return np.zeros(0, dtype=np.int64)
-        first = int(np.random.default_rng(seed).choice(pos))
-        picks.append(first)
-        _cover(x, sq, first, nearest)
-    while len(picks) < k:
-        best = int(np.argmax(nearest))
-        if nearest[best] == -np.inf:
-            break  # nothing allowed is left
-        picks.append(best)
-        _cover(x, sq, best, nearest)
+    with _one_blas_thread():  # one memory-bound product per pick: see _one_blas_thread
+        if len(centers) == 0:
+            pos = np.flatnonzero(allowed)
+            if len(pos) == 0 or k == 0:
+                return np.zeros(0, dtype=np.int64)
+            first = int(np.random.default_rng(seed).choice(pos))
+            picks.append(first)
+            _cover(x, sq, first, nearest)
+        while len(picks) < k:
+            best = int(np.argmax(nearest))
+            if nearest[best] == -np.inf:
+                break  # nothing allowed is left
+            picks.append(best)
+            _cover(x, sq, best, nearest)
     return np.array(picks, dtype=np.int64)
 
 
@@ -261,9 +264,10 @@ def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iter
 
 
 def _one_blas_thread() -> Any:
-    """Sequential loops of small matrix-vector products run 3x faster on one BLAS thread on a busy machine
-    (measured: k-means++ seeding 9.2 s -> 2.9 s at load 12 on 2 cores): thread hand-offs cost more than the
-    product. threadpoolctl comes with scikit-learn (a sentence-transformers dependency); without it, no-op."""
+    """Sequential loops of matrix-vector products run faster on one BLAS thread on a busy machine
+    (measured at load 10-12 on 2 cores: k-means++ seeding 9.2 s -> 2.9 s, 200 k-center picks over 100,000
+    x 384 12.5 s -> 9.4 s): thread hand-offs cost more than a memory-bound product gains. threadpoolctl
+    comes with scikit-learn (a sentence-transformers dependency); without it this is a no-op."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

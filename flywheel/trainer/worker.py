@@ -28,8 +28,6 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from transformers import TrainerCallback  # noqa: E402
-
 from flywheel.errors import FlywheelError  # noqa: E402
 from flywheel.records import utcnow  # noqa: E402
 from flywheel.store.db import Store, open_store  # noqa: E402
@@ -40,9 +38,9 @@ PROGRESS_EVERY_S = 1.0
 log = logging.getLogger("flywheel.worker")
 
 
-class StoreProgress(TrainerCallback):
-    """Writes step, total and losses to the job row, at most once a second
-    (and always on logs, evaluations and checkpoints)."""
+class StoreProgress:
+    """Receives the recipe's progress events and writes step, total and losses to the job row: at most
+    once a second for steps, always for logs, evaluations and checkpoints."""
 
     def __init__(self, store: Store, job_id: str, pid: int):
         self.store = store
@@ -50,6 +48,11 @@ class StoreProgress(TrainerCallback):
         self.pid = pid
         self.progress: dict[str, Any] = {"step": 0, "total": 0, "host": socket.gethostname()}
         self._last_write = 0.0
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        self.progress.update(fields)
+        last_step = event == "step" and self.progress.get("step", 0) >= self.progress.get("total", 0)
+        self._write(force=event != "step" or last_step)
 
     def _write(self, force: bool = False) -> None:
         moment = time.monotonic()
@@ -60,30 +63,6 @@ class StoreProgress(TrainerCallback):
             set_fields(self.store, self.job_id, only_status=[JobStatus.RUNNING], worker_pid=self.pid, progress=dict(self.progress), heartbeat_at=utcnow())
         except Exception as exc:  # a progress write must never stop training
             log.warning("could not record progress: %s", exc)
-
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        self.progress.update(step=state.global_step, total=state.max_steps)
-        self._write(force=True)
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        self.progress.update(step=state.global_step, total=state.max_steps, epoch=state.epoch)
-        self._write(force=state.global_step >= state.max_steps)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
-        logs = logs or {}
-        if "loss" in logs:
-            self.progress["loss"] = float(logs["loss"])
-        if "eval_loss" in logs:
-            self.progress["eval_loss"] = float(logs["eval_loss"])
-        self._write(force=True)
-        return control
-
-    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        self.progress["checkpoint"] = state.global_step
-        self._write(force=True)
-        return control
 
 
 def _heartbeat(store: Store, job_id: str, pid: int, stop: threading.Event) -> None:
@@ -116,7 +95,7 @@ def run_job(work_dir: Path) -> int:
         progress = StoreProgress(store, job_id, pid)
         try:
             spec = recipes.TrainSpec.model_validate(job.spec)
-            result = recipes.run(spec, work_dir, callbacks=[progress])
+            result = recipes.run(spec, work_dir, on_progress=progress)
         except BaseException as exc:
             stop.set()
             if isinstance(exc, FlywheelError):

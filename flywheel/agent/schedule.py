@@ -1,0 +1,321 @@
+"""The daemon: scheduled autonomous cycles (APScheduler 3) and the Slack app, in one long-running process.
+
+- Jobs live in APScheduler's SQLAlchemyJobStore on the flywheel store itself (table
+  `flywheel_scheduler_jobs`, created by APScheduler beside ours), one per `daemon.schedules` entry, with
+  the stable id `schedule:<id>`. A restart re-adds them with replace_existing, so nothing is duplicated;
+  a job whose schedule is unchanged is left as stored, so a firing missed while the daemon was down
+  still runs once (coalesce, within daemon.misfire_grace_s); a schedule removed from the settings has
+  its job removed.
+- A cycle never runs twice at once: max_instances=1 per job, a process-wide lock across jobs, and
+  `run_in_progress` across processes (a `flywheel run` in a terminal counts).
+- A job calls `start_run(ctx, "schedule")` with the heuristic policy when no LLM endpoint is
+  configured. A run that reaches an approval is posted to Slack at once; a sync job also posts every
+  pending approval (whichever way in started the run) and closes requests answered elsewhere.
+- SIGTERM/SIGINT stop it: no new firings, the Slack endpoint closes, and a running cycle gets
+  daemon.shutdown_grace_s to finish; after that it is left to its checkpoint, resumable with
+  `flywheel resume RUN`.
+
+APScheduler stores a job as a reference to a module-level function plus pickled arguments, so a job
+cannot carry the live Context. The daemon registers itself in `_targets` under a key derived from the
+store URL while it runs, and the stored job carries only that key and the schedule id.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flywheel.context import Context
+from flywheel.errors import FlywheelError, SettingsError, UserInputError
+from flywheel.records import stable_hash
+from flywheel.settings import Schedule, Settings
+
+log = logging.getLogger("flywheel.daemon")
+
+JOB_TABLE = "flywheel_scheduler_jobs"
+JOB_PREFIX = "schedule:"
+SYNC_JOB = "slack-sync"
+FIRE_REF = "flywheel.agent.schedule:fire"
+DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+_targets: dict[str, Callable[[str], Any]] = {}
+_targets_lock = threading.Lock()
+
+
+# --- schedules ---------------------------------------------------------------------------------------------------
+
+
+def _crontab_weekdays(field: str) -> str:
+    """Crontab weekday numbers (0 or 7 = Sunday) as names: APScheduler 3 counts 0 as Monday."""
+    names: list[str] = []
+    for item in field.split(","):
+        if not any(ch.isdigit() for ch in item):
+            names.append(item)  # *, mon-fri, sun: the same in both
+            continue
+        span, _, step = item.partition("/")
+        if span == "*":
+            low, high = 0, 6
+        elif "-" in span:
+            low_s, high_s = span.split("-", 1)
+            low, high = int(low_s), int(high_s)
+        else:
+            low = int(span)
+            high = 6 if step else low
+        if not (0 <= low <= 7 and 0 <= high <= 7 and low <= high):
+            raise ValueError(f"day of week {item!r} is out of range (0-7, 0 and 7 are Sunday)")
+        names.extend(DAYS[n % 7] for n in range(low, high + 1, int(step or 1)))
+    return ",".join(dict.fromkeys(names))
+
+
+def cron_trigger(expr: str, timezone: str) -> Any:
+    """A CronTrigger from a crontab expression: five fields (minute hour day month weekday), or six with
+    a leading second. Weekday numbers follow crontab (0 and 7 are Sunday)."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"expected 5 fields (minute hour day month weekday) or 6 (second first), got {len(fields)}")
+    second = fields.pop(0) if len(fields) == 6 else "0"
+    minute, hour, day, month, weekday = fields
+    return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
+                       day_of_week=_crontab_weekdays(weekday), timezone=timezone)
+
+
+def check_schedules(settings: Settings) -> list[tuple[Schedule, Any]]:
+    """Each configured schedule with its trigger; SettingsError names the first wrong entry."""
+    seen: set[str] = set()
+    checked = []
+    for index, item in enumerate(settings.daemon.schedules):
+        where = f"daemon.schedules[{index}]"
+        if not item.id.strip() or any(ch.isspace() for ch in item.id):
+            raise SettingsError(f"{where}.id", f"expected a short name without spaces, got {item.id!r}")
+        if item.id in seen:
+            raise SettingsError(f"{where}.id", f"{item.id!r} is used twice; schedule ids must be unique")
+        seen.add(item.id)
+        try:
+            checked.append((item, cron_trigger(item.cron, settings.daemon.timezone)))
+        except (ValueError, LookupError) as exc:  # an unknown time zone is a LookupError
+            raise SettingsError(f"{where}.cron", f"{exc} (got {item.cron!r})") from None
+    return checked
+
+
+def build_scheduler(ctx: Context, table: str = JOB_TABLE) -> Any:
+    """A BackgroundScheduler whose jobs persist in `table` of the flywheel store (not started)."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    settings = ctx.settings
+    try:
+        return BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=ctx.store.engine, tablename=table), "volatile": MemoryJobStore()},
+            executors={"default": ThreadPoolExecutor(max_workers=2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": settings.daemon.misfire_grace_s},
+            timezone=settings.daemon.timezone,
+        )
+    except LookupError as exc:
+        raise SettingsError("daemon.timezone", f"unknown time zone {settings.daemon.timezone!r}") from exc
+
+
+def target_key(settings: Settings) -> str:
+    return "store-" + stable_hash(settings.store_url)
+
+
+def sync_jobs(scheduler: Any, settings: Settings) -> list[str]:
+    """Make the stored jobs match `daemon.schedules` (the scheduler must be started, possibly paused).
+    Unchanged jobs stay as stored; changed ones are replaced under the same id; removed ones go."""
+    key = target_key(settings)
+    wanted: dict[str, Any] = {}
+    for item, trigger in check_schedules(settings):
+        job_id = JOB_PREFIX + item.id
+        wanted[job_id] = trigger
+        current = scheduler.get_job(job_id, jobstore="default")
+        if current is not None and repr(current.trigger) == repr(trigger) and list(current.args) == [key, item.id] \
+                and current.func_ref == FIRE_REF and current.misfire_grace_time == settings.daemon.misfire_grace_s:
+            continue
+        scheduler.add_job(FIRE_REF, trigger, args=[key, item.id], id=job_id, name=f"flywheel cycle ({item.id})",
+                          jobstore="default", replace_existing=True)
+    for job in scheduler.get_jobs(jobstore="default"):
+        if job.id.startswith(JOB_PREFIX) and job.id not in wanted:
+            log.info("schedule %s is no longer configured; its job is removed", job.id[len(JOB_PREFIX):])
+            job.remove()
+    return sorted(wanted)
+
+
+def fire(key: str, schedule_id: str) -> Any:
+    """What a stored job calls: the live daemon of this store runs the cycle."""
+    with _targets_lock:
+        target = _targets.get(key)
+    if target is None:
+        log.warning("schedule %s fired but no daemon of this store runs in this process", schedule_id)
+        return None
+    return target(schedule_id)
+
+
+# --- one scheduled cycle -------------------------------------------------------------------------------------------
+
+
+def scheduled_policy(settings: Settings) -> str | None:
+    """A scheduled run uses the configured policy, or the heuristic when no LLM endpoint is configured."""
+    return None if settings.llm.enabled else "heuristic"
+
+
+def run_scheduled(ctx: Context, schedule_id: str, busy: threading.Lock, on_waiting: Callable[[Any], Any] | None = None) -> Any:
+    """Start one cycle unless one is running (here or in another process). Returns the RunOutcome, or
+    None when skipped or failed (the reason is logged: a scheduler thread has nobody to raise to)."""
+    from flywheel.agent.runner import run_in_progress, start_run
+
+    if not busy.acquire(blocking=False):
+        log.info("schedule %s: a cycle is running in this daemon; skipped", schedule_id)
+        return None
+    try:
+        if run_in_progress(ctx):
+            log.info("schedule %s: an autonomous run is in progress; skipped", schedule_id)
+            return None
+        try:
+            outcome = start_run(ctx, "schedule", scheduled_policy(ctx.settings))
+        except UserInputError as exc:  # another process started one between the check and the start
+            log.info("schedule %s: skipped: %s", schedule_id, exc)
+            return None
+        except FlywheelError as exc:
+            log.error("schedule %s: the cycle failed: %s", schedule_id, exc)
+            return None
+        log.info("schedule %s: run %s ended %s%s", schedule_id, outcome.run_id, outcome.state,
+                 f" ({outcome.error})" if outcome.error else "")
+        if outcome.state == "waiting_approval" and outcome.pending is not None and on_waiting is not None:
+            try:
+                on_waiting(outcome.pending)
+            except FlywheelError as exc:  # the sync job posts it later
+                log.warning("run %s waits on %s, but posting to Slack failed: %s", outcome.run_id, outcome.pending.version, exc)
+        return outcome
+    finally:
+        busy.release()
+
+
+# --- the daemon ----------------------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """The scheduler and (unless off) the Slack app, around one Context. `start()`, then `stop()`;
+    `serve_until_signalled()` does both around SIGTERM/SIGINT."""
+
+    def __init__(self, ctx: Context, slack_mode: str | None = None, port: int | None = None, table: str = JOB_TABLE,
+                 tokens: Any = None):
+        self.ctx, self.settings = ctx, ctx.settings
+        self.slack_mode = slack_mode or self.settings.slack.mode
+        if self.slack_mode not in ("off", "socket", "http"):
+            raise UserInputError(f"--slack must be socket, http or off, not {self.slack_mode!r}")
+        self.port = self.settings.slack.http_port if port is None else port
+        self.table, self._tokens = table, tokens
+        check_schedules(self.settings)  # a wrong schedule is an error before anything starts
+        self.scheduler: Any = None
+        self.slack: Any = None  # SlackApprovals
+        self.http: Any = None  # SlackHttpServer
+        self.socket: Any = None  # SocketModeHandler
+        self._slack_workers: Any = None
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> "Daemon":
+        self.ctx.store  # noqa: B018 - open (and migrate) the store once, before threads share it
+        if self.slack_mode != "off":
+            self._start_slack()
+        with _targets_lock:
+            _targets[target_key(self.settings)] = self._fire
+        self.scheduler = build_scheduler(self.ctx, self.table)
+        self.scheduler.start(paused=True)
+        job_ids = sync_jobs(self.scheduler, self.settings)
+        if self.slack is not None:
+            self.scheduler.add_job(self._sync_slack, "interval", seconds=self.settings.slack.sync_interval_s, id=SYNC_JOB,
+                                   jobstore="volatile", replace_existing=True, next_run_time=_now(self.scheduler))
+        self.scheduler.resume()
+        for job in self.scheduler.get_jobs(jobstore="default"):
+            log.info("job %s: next run %s", job.id, job.next_run_time)
+        log.info("daemon started: %d schedule(s) %s; slack %s", len(job_ids), ", ".join(job_ids) or "(none)", self.describe_slack())
+        return self
+
+    def describe_slack(self) -> str:
+        if self.http is not None:
+            return f"http on {self.http.url}"
+        return "socket mode" if self.socket is not None else "off"
+
+    def _start_slack(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from flywheel.agent.slack import SlackApprovals, SlackHttpServer, SlackTokens, build_app, socket_mode_handler, web_client
+
+        tokens = (self._tokens or SlackTokens.from_env()).require(self.slack_mode)
+        self.slack = SlackApprovals(self.ctx, web_client(self.settings, tokens.bot_token))
+        self._slack_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker")
+        app = build_app(self.slack, tokens, self.slack_mode, executor=self._slack_workers)
+        if self.slack_mode == "http":
+            self.http = SlackHttpServer(app, self.settings.slack.http_host, self.port).start()
+        else:
+            self.socket = socket_mode_handler(app, tokens)
+            self.socket.connect()
+
+    def stop(self, grace_s: float | None = None) -> list[str]:
+        """Stop firing, close Slack, give a running cycle `grace_s` (default daemon.shutdown_grace_s).
+        Returns the ids of runs still being driven (they stay resumable from their checkpoints)."""
+        from flywheel.agent import runs
+
+        grace = self.settings.daemon.shutdown_grace_s if grace_s is None else grace_s
+        with _targets_lock:
+            if _targets.get(target_key(self.settings)) == self._fire:
+                del _targets[target_key(self.settings)]
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if self.http is not None:
+            self.http.stop()
+        if self.socket is not None:
+            self.socket.close()
+        deadline = time.monotonic() + grace
+        while self._busy.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._slack_workers is not None:
+            self._slack_workers.shutdown(wait=True, cancel_futures=False)  # a click being applied finishes
+        if not self._busy.locked():
+            return []
+        return [r.id for r in runs.list_runs(self.ctx.store, limit=20, states=[runs.RUNNING]) if r.trigger == "schedule"]
+
+    def serve_until_signalled(self) -> list[str]:
+        """start(), wait for SIGTERM or SIGINT, stop(). Must run in the main thread (signal handlers)."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self._stop.wait(0.5):
+                pass
+            log.info("stopping")
+            return self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        self._stop.set()
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+    def _fire(self, schedule_id: str) -> Any:
+        return run_scheduled(self.ctx, schedule_id, self._busy, self.slack.post if self.slack is not None else None)
+
+    def _sync_slack(self) -> None:
+        try:
+            done = self.slack.sync()
+        except FlywheelError as exc:
+            log.warning("slack sync: %s", exc)
+            return
+        if done["posted"] or done["closed"]:
+            log.info("slack sync: %d request(s) posted, %d closed", done["posted"], done["closed"])
+
+
+def _now(scheduler: Any) -> Any:
+    from datetime import datetime
+
+    return datetime.now(scheduler.timezone)

@@ -1,0 +1,522 @@
+"""Approvals in Slack: post a request when a run waits for a decision, take Approve/Reject clicks, resume
+the run, and close the message with the outcome.
+
+Pieces, top to bottom:
+- `SlackTokens`: read from the environment only (SLACK_BOT_TOKEN, SLACK_APP_TOKEN, SLACK_SIGNING_SECRET).
+- `web_client(settings, token)`: slack_sdk's WebClient on `slack.api_url` (tests point it at a local
+  stand-in). It does not retry a failed connection by itself: a chat.postMessage whose answer was lost
+  may have been posted, and a blind retry would post twice. Rate limits are retried (nothing was posted).
+- `SlackApprovals`: the work, with no Bolt in it. `post` is idempotent (table `effects`, keyed by run id +
+  version + report hash; a request whose post was cut off is found again by its message metadata in the
+  channel's history, so a resume after a crash never posts twice). `decide` applies a click through
+  flywheel.agent.runner.decide and updates the message; `sync` posts what waits and closes what was
+  decided elsewhere (`flywheel approve` in a terminal).
+- `build_app`: the slack_bolt App. It runs with process_before_response=True and lazy listeners, in
+  both modes: the ack function answers Slack at once (within its 3 seconds) and claims the request,
+  then the lazy function does the slow part (the decision resumes the graph to its promotion) on
+  Bolt's worker threads, off the request thread. Refused: a bad or missing signature and a timestamp
+  older than five minutes (Bolt's RequestVerification, HTTP mode), a user not in
+  approvals.slack_approvers, a click on a decided request ("already decided by X", to that user only),
+  and Slack's retries (X-Slack-Retry-Num) or repeats of the same payload: every request is claimed in
+  `effects` by what identifies it (event id, action timestamp, view id), and a second claim is a no-op.
+- `SlackHttpServer` (HTTP mode: Starlette + uvicorn on /slack/events) and `socket_mode_handler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from flywheel.agent.approval import DecisionOutcome, PendingApproval
+from flywheel.agent.slack_blocks import (
+    ACTION_APPROVE, ACTION_REJECT, EVENT_TYPE, VIEW_REJECT, ApprovalRef, MessageRef, approval_blocks,
+    escape, fallback_text, mention, parse_dialog, reject_dialog,
+)
+from flywheel.context import Context
+from flywheel.errors import FlywheelError, InfrastructureError, PolicyViolation, SettingsError, UserInputError
+from flywheel.records import stable_hash, utcnow
+from flywheel.settings import Settings
+from flywheel.store.schema import effects
+
+log = logging.getLogger("flywheel.slack")
+
+POST_KIND, REQUEST_KIND = "slack_approval", "slack_request"
+POSTING, POSTED, CLOSED = "posting", "posted", "closed"
+EVENTS_PATH = "/slack/events"
+
+
+# --- tokens and the client ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlackTokens:
+    bot_token: str
+    app_token: str
+    signing_secret: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SlackTokens":
+        env = os.environ if environ is None else environ
+        return cls(env.get("SLACK_BOT_TOKEN", ""), env.get("SLACK_APP_TOKEN", ""), env.get("SLACK_SIGNING_SECRET", ""))
+
+    def require(self, mode: str) -> "SlackTokens":
+        """Refuse to start a mode whose tokens are missing, naming the variable to set."""
+        if not self.bot_token:
+            raise SettingsError("slack.mode", f"{mode} mode needs SLACK_BOT_TOKEN (an xoxb- token) in the environment")
+        if mode == "socket" and not self.app_token:
+            raise SettingsError("slack.mode", "socket mode needs SLACK_APP_TOKEN (an xapp- token with connections:write) in the environment")
+        if mode == "http" and not self.signing_secret:
+            raise SettingsError("slack.mode", "http mode needs SLACK_SIGNING_SECRET in the environment")
+        return self
+
+
+def web_client(settings: Settings, token: str) -> Any:
+    from slack_sdk import WebClient
+    from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+
+    base_url = settings.slack.api_url or WebClient.BASE_URL
+    return WebClient(token=token, base_url=base_url.rstrip("/") + "/", timeout=15,
+                     retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)])
+
+
+def _api_error(what: str, exc: Exception) -> InfrastructureError:
+    response = getattr(exc, "response", None)
+    detail = response.get("error") if response is not None and hasattr(response, "get") else None
+    return InfrastructureError(f"Slack {what} failed: {detail or str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+# --- table `effects`: claims and posted requests ----------------------------------------------------------------
+
+
+def claim(ctx: Context, key: str, kind: str, result: dict[str, Any]) -> bool:
+    """Insert `key` unless it is there. True: this caller holds it now; False: someone did it before."""
+    store = ctx.store
+    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
+    with store.begin() as conn:
+        inserted = conn.execute(dialect.insert(effects).values(key=key, kind=kind, result=result, created_at=utcnow())
+                                .on_conflict_do_nothing(index_elements=["key"]).returning(effects.c.key)).first()
+    return inserted is not None  # (rowcount is not reliable here on psycopg)
+
+
+def _effect(ctx: Context, key: str) -> tuple[dict[str, Any], datetime] | None:
+    with ctx.store.engine.connect() as conn:
+        row = conn.execute(select(effects.c.result, effects.c.created_at).where(effects.c.key == key)).first()
+    return (dict(row.result or {}), row.created_at) if row else None
+
+
+def _set_effect(ctx: Context, key: str, result: dict[str, Any]) -> None:
+    with ctx.store.begin() as conn:
+        conn.execute(update(effects).where(effects.c.key == key).values(result=result))
+
+
+def approval_key(pending: PendingApproval | ApprovalRef) -> str:
+    return f"slack:approval:{pending.run_id}:{pending.version}:{pending.report_hash[:16]}"
+
+
+def request_key(*parts: Any) -> str:
+    return "slack:request:" + stable_hash([str(p) for p in parts], 32)
+
+
+class PostedApproval(MessageRef):
+    key: str
+    replayed: bool = False  # it had been posted before: nothing was posted now
+
+
+# --- the work ---------------------------------------------------------------------------------------------------
+
+
+class SlackApprovals:
+    """Posting, deciding and closing approval requests in `settings.slack.channel` through `client`."""
+
+    def __init__(self, ctx: Context, client: Any):
+        if not ctx.settings.slack.channel:
+            raise SettingsError("slack.channel", "set the channel approval requests go to (a name like #approvals, or an id)")
+        self.ctx, self.client, self.settings = ctx, client, ctx.settings
+        self._lock = threading.RLock()  # one decision or post at a time in this process
+        self._channel_ids: dict[str, str] = {}
+
+    # --- posting ---------------------------------------------------------------------------------------------
+    def post(self, pending: PendingApproval) -> PostedApproval:
+        """Post the request once. A second call, after a crash or from a second path, returns the first post."""
+        key = approval_key(pending)
+        with self._lock:
+            record = {"state": POSTING, "channel": self.settings.slack.channel, "pending": pending.model_dump(mode="json")}
+            if not claim(self.ctx, key, POST_KIND, record):
+                found = _effect(self.ctx, key)
+                assert found is not None
+                record, claimed_at = found
+                if record.get("ts"):
+                    return PostedApproval(key=key, channel=record["channel"], ts=record["ts"], replayed=True)
+                # A post was started and never recorded: it may have reached Slack. Look before posting.
+                channel = self._channel_id(record.get("channel") or self.settings.slack.channel)
+                ts = self._find_posted(channel, key, claimed_at)
+                if ts is not None:
+                    _set_effect(self.ctx, key, {**record, "state": POSTED, "channel": channel, "ts": ts})
+                    return PostedApproval(key=key, channel=channel, ts=ts, replayed=True)
+            try:
+                answer = self.client.chat_postMessage(
+                    channel=record.get("channel") or self.settings.slack.channel, text=fallback_text(pending),
+                    blocks=approval_blocks(self.settings, pending), unfurl_links=False,
+                    metadata={"event_type": EVENT_TYPE, "event_payload": {"key": key, "run_id": pending.run_id, "version": pending.version}},
+                )
+            except Exception as exc:  # noqa: BLE001 - any client failure leaves the claim for the recovery above
+                raise _api_error("chat.postMessage", exc) from exc
+            _set_effect(self.ctx, key, {**record, "state": POSTED, "channel": answer["channel"], "ts": answer["ts"]})
+            log.info("posted the approval request for %s (run %s) to %s", pending.version, pending.run_id, answer["channel"])
+            return PostedApproval(key=key, channel=answer["channel"], ts=answer["ts"])
+
+    def _channel_id(self, channel: str) -> str:
+        """conversations.history wants an id; the setting may be a name."""
+        if channel[:1] in "CGD" and channel[1:].isalnum() and channel.upper() == channel:
+            return channel
+        if channel not in self._channel_ids:
+            name, cursor = channel.lstrip("#"), None
+            while True:
+                try:
+                    page = self.client.conversations_list(types="public_channel,private_channel", limit=200, cursor=cursor, exclude_archived=True)
+                except Exception as exc:  # noqa: BLE001
+                    raise _api_error("conversations.list", exc) from exc
+                for item in page.get("channels", []):
+                    self._channel_ids[item["name"]] = item["id"]
+                cursor = (page.get("response_metadata") or {}).get("next_cursor")
+                if name in self._channel_ids or not cursor:
+                    break
+            if name not in self._channel_ids:
+                raise SettingsError("slack.channel", f"no channel named {channel!r} is visible to the bot; invite it or use the channel id")
+            self._channel_ids[channel] = self._channel_ids[name]
+        return self._channel_ids[channel]
+
+    def _find_posted(self, channel: str, key: str, since: datetime) -> str | None:
+        oldest = (since - timedelta(minutes=2)).timestamp()
+        cursor = None
+        for _page in range(10):
+            try:
+                page = self.client.conversations_history(channel=channel, oldest=f"{oldest:.6f}", limit=200,
+                                                         include_all_metadata=True, cursor=cursor)
+            except Exception as exc:  # noqa: BLE001
+                raise _api_error("conversations.history", exc) from exc
+            for message in page.get("messages", []):
+                meta = message.get("metadata") or {}
+                if meta.get("event_type") == EVENT_TYPE and (meta.get("event_payload") or {}).get("key") == key:
+                    return message["ts"]
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return None
+        return None
+
+    # --- answering -------------------------------------------------------------------------------------------
+    def decided(self, ref: ApprovalRef) -> str | None:
+        """'approved by <@U1> (slack)' when someone decided this version's report already; else None."""
+        from flywheel.approvals import approvals_for
+
+        for row in approvals_for(self.ctx.store, ref.version):
+            if row.report_hash == ref.report_hash:
+                return f"{row.decision} by {mention(row.approver, row.channel)} ({row.channel})"
+        return None
+
+    def refusal(self, user: str, ref: ApprovalRef) -> str | None:
+        """Why `user` may not answer this request now (None: they may)."""
+        from flywheel.agent.runner import pending_approvals
+
+        earlier = self.decided(ref)
+        if earlier:
+            return f"Already decided: {ref.version} was {earlier}. Nothing changed."
+        if user not in self.settings.approvals.slack_approvers:
+            return "You are not on the approver list (approvals.slack_approvers); nothing was decided."
+        waiting = next((p for p in pending_approvals(self.ctx) if p.run_id == ref.run_id), None)
+        if waiting is None:
+            return f"Run {ref.run_id} no longer waits for a decision (see `flywheel runs`); nothing was decided."
+        if waiting.version != ref.version or waiting.report_hash != ref.report_hash:
+            return (f"This request is outdated: run {ref.run_id} now waits on {waiting.version} with report "
+                    f"{waiting.report_hash[:12]}; answer the newer request.")
+        return None
+
+    def decide(self, user: str, decision: str, ref: ApprovalRef, reason: str, where: MessageRef | None) -> str:
+        """Apply a click: refuse (ephemeral, to `user` only) or decide, resume the run, close the message.
+        Returns what happened, in a sentence."""
+        from flywheel.agent.runner import decide
+
+        with self._lock:
+            problem = self.refusal(user, ref)
+            if problem:
+                self.tell(user, where, problem)
+                return problem
+            try:
+                outcome = decide(self.ctx, ref.run_id, decision, user, reason, "slack")
+            except (PolicyViolation, UserInputError) as exc:  # a race lost to another way in, or a changed report
+                earlier = self.decided(ref)
+                text = f"Already decided: {ref.version} was {earlier}. Nothing changed." if earlier else f"Nothing was decided: {exc}"
+                self.tell(user, where, text)
+                return text
+            except FlywheelError as exc:
+                text = f"The decision could not be applied: {exc}"
+                self.tell(user, where, text)
+                return text
+            if outcome.state == "waiting_approval":  # the promotion node refused it; the run asks again
+                text = f"Not applied: {(outcome.pending.refused if outcome.pending else None) or outcome.message}"
+                self.tell(user, where, text)
+                return text
+            text = _outcome_text(outcome.outcome, outcome.message, outcome.state, outcome.error, ref.run_id)
+            self.close(ref, text, where)
+            return text
+
+    def tell(self, user: str, where: MessageRef | None, text: str) -> None:
+        if where is None:
+            log.info("to %s: %s", user, text)
+            return
+        try:
+            self.client.chat_postEphemeral(channel=where.channel, user=user, text=text)
+        except Exception as exc:  # noqa: BLE001 - telling is best effort; the decision state is in the store
+            log.warning("could not tell %s: %s", user, _api_error("chat.postEphemeral", exc))
+
+    def close(self, ref: ApprovalRef, text: str, where: MessageRef | None = None) -> None:
+        """Replace the buttons with the outcome (chat.update) and mark the request closed."""
+        key = approval_key(ref)
+        found = _effect(self.ctx, key)
+        record = found[0] if found else {}
+        target = MessageRef(channel=record["channel"], ts=record["ts"]) if record.get("ts") else where
+        if target is None:
+            return
+        pending = PendingApproval.model_validate(record["pending"]) if record.get("pending") else None
+        try:
+            if pending is not None:
+                self.client.chat_update(channel=target.channel, ts=target.ts, text=f"{ref.version}: {_plain(text)}",
+                                        blocks=approval_blocks(self.settings, pending, outcome=text))
+            else:
+                self.client.chat_update(channel=target.channel, ts=target.ts, text=f"{ref.version}: {_plain(text)}",
+                                        blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": text}}])
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error("chat.update", exc) from exc
+        if found:
+            _set_effect(self.ctx, key, {**record, "state": CLOSED, "outcome": text})
+
+    def sync(self) -> dict[str, int]:
+        """Post every approval some run waits for; close requests that were answered another way."""
+        from flywheel.agent.runner import get_run, pending_approvals
+
+        posted = closed = 0
+        with self._lock:
+            for pending in pending_approvals(self.ctx):
+                posted += 0 if self.post(pending).replayed else 1
+            with self.ctx.store.engine.connect() as conn:
+                rows = conn.execute(select(effects.c.key, effects.c.result).where(effects.c.kind == POST_KIND)).fetchall()
+            for row in rows:
+                record = dict(row.result or {})
+                if record.get("state") != POSTED or not record.get("pending"):
+                    continue
+                ref = ApprovalRef.of(PendingApproval.model_validate(record["pending"]))
+                run = get_run(self.ctx, ref.run_id)
+                if run.state in ("running", "waiting_approval"):
+                    continue  # being decided right now, or still open
+                earlier = self.decided(ref)
+                outcome = run.summary.get("outcome")
+                text = (_outcome_text(outcome, "", run.state, run.error, ref.run_id) if outcome
+                        else f"{ref.version} was {earlier}." if earlier else f"No longer pending: run {ref.run_id} is {run.state}.")
+                self.close(ref, text)
+                closed += 1
+        return {"posted": posted, "closed": closed}
+
+    def pending_summary(self) -> str:
+        from flywheel.agent.runner import pending_approvals
+
+        waiting = pending_approvals(self.ctx)
+        if not waiting:
+            return "No approvals pending."
+        return "\n".join(f"• *{escape(p.version)}* (run `{escape(p.run_id)}`): {escape(p.summary)}" for p in waiting)
+
+
+def _plain(text: str) -> str:
+    return text.replace("*", "")
+
+
+def _outcome_text(outcome: dict[str, Any] | None, message: str, state: str, error: str | None, run_id: str) -> str:
+    if outcome:
+        done = DecisionOutcome.model_validate(outcome)
+        sentence = escape(done.sentence())
+        if done.channel == "slack":
+            sentence = sentence.replace(f"by {escape(done.approver)}", f"by {mention(done.approver, 'slack')}")
+        icon = ":white_check_mark:" if done.promoted else ":x:" if done.decision == "rejected" else ":warning:"
+        text = f"{icon} {sentence}"
+    else:
+        text = escape(message or f"run {run_id} is {state}")
+    if state == "failed":
+        text += f"\n:warning: the run stopped: {escape(error or '')} (`flywheel resume {escape(run_id)}`)"
+    return text
+
+
+# --- the Bolt app -----------------------------------------------------------------------------------------------
+
+
+def _where(body: dict[str, Any]) -> MessageRef | None:
+    container = body.get("container") or {}
+    channel = container.get("channel_id") or (body.get("channel") or {}).get("id")
+    ts = container.get("message_ts") or (body.get("message") or {}).get("ts")
+    return MessageRef(channel=channel, ts=ts) if channel and ts else None
+
+
+def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executor: ThreadPoolExecutor | None = None) -> Any:
+    """The Bolt App for `mode` ("http": requests are signature-checked; "socket": the websocket is the
+    authentication). Raises InfrastructureError when Slack refuses the bot token (auth.test)."""
+    from slack_bolt import App
+    from slack_bolt.error import BoltError
+
+    try:
+        app = App(
+            name="flywheel",
+            client=approvals.client,
+            signing_secret=tokens.signing_secret if mode == "http" else "",
+            request_verification_enabled=(mode == "http"),
+            process_before_response=True,  # the ack function answers; lazy functions do the rest
+            listener_executor=executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker"),
+            logger=log,
+        )
+    except BoltError as exc:
+        raise InfrastructureError(f"Slack refused the bot token (auth.test): {exc}") from exc
+
+    def ack_click(ack: Any, body: dict[str, Any], context: Any) -> None:
+        ack()
+        action = (body.get("actions") or [{}])[0]
+        user = (body.get("user") or {}).get("id", "")
+        if not claim(approvals.ctx, request_key("action", action.get("action_ts"), user, action.get("action_id"), (_where(body) or "")),
+                     REQUEST_KIND, {"user": user, "action": action.get("action_id")}):
+            context["flywheel_repeat"] = True  # Slack's retry, or the same payload again: done already
+            return
+        if action.get("action_id") != ACTION_REJECT:
+            return
+        try:  # the dialog must open now: a trigger id expires three seconds after the click
+            ref = ApprovalRef.parse(action.get("value"))
+            if approvals.refusal(user, ref) is None:
+                approvals.client.views_open(trigger_id=body["trigger_id"], view=reject_dialog(ref, _where(body)))
+                context["flywheel_dialog"] = True
+        except Exception as exc:  # noqa: BLE001 - the lazy function tells the user what went wrong
+            log.warning("could not open the reject dialog: %s", exc)
+
+    def work_click(body: dict[str, Any], context: Any) -> None:
+        if context.get("flywheel_repeat") or context.get("flywheel_dialog"):
+            return
+        action = (body.get("actions") or [{}])[0]
+        user, where = (body.get("user") or {}).get("id", ""), _where(body)
+        try:
+            ref = ApprovalRef.parse(action.get("value"))
+        except UserInputError as exc:
+            approvals.tell(user, where, str(exc))
+            return
+        if action.get("action_id") == ACTION_APPROVE:
+            approvals.decide(user, "approved", ref, "approved in Slack", where)
+        else:
+            approvals.tell(user, where, approvals.refusal(user, ref) or "The reject dialog could not be opened; try again.")
+
+    def ack_reason(ack: Any, body: dict[str, Any], view: dict[str, Any], context: Any) -> None:
+        try:
+            _ref, _where_, reason = parse_dialog(view)
+        except UserInputError as exc:
+            ack(response_action="errors", errors={"reason": str(exc)})
+            context["flywheel_repeat"] = True
+            return
+        if not reason:
+            ack(response_action="errors", errors={"reason": "Say why it is rejected."})
+            context["flywheel_repeat"] = True
+            return
+        ack()
+        user = (body.get("user") or {}).get("id", "")
+        if not claim(approvals.ctx, request_key("view", view.get("id"), view.get("hash")), REQUEST_KIND, {"user": user, "view": VIEW_REJECT}):
+            context["flywheel_repeat"] = True
+
+    def work_reason(body: dict[str, Any], view: dict[str, Any], context: Any) -> None:
+        if context.get("flywheel_repeat"):
+            return
+        ref, where, reason = parse_dialog(view)
+        approvals.decide((body.get("user") or {}).get("id", ""), "rejected", ref, reason, where)
+
+    def ack_event(ack: Any, body: dict[str, Any], context: Any) -> None:
+        ack()
+        if not claim(approvals.ctx, request_key("event", body.get("event_id")), REQUEST_KIND, {"event": "app_mention"}):
+            context["flywheel_repeat"] = True
+
+    def work_mention(event: dict[str, Any], context: Any) -> None:
+        if context.get("flywheel_repeat"):
+            return
+        try:
+            approvals.client.chat_postMessage(channel=event["channel"], thread_ts=event.get("thread_ts") or event["ts"],
+                                              text=approvals.pending_summary())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s", _api_error("chat.postMessage", exc))
+
+    app.action(ACTION_APPROVE)(ack=ack_click, lazy=[work_click])
+    app.action(ACTION_REJECT)(ack=ack_click, lazy=[work_click])
+    app.view(VIEW_REJECT)(ack=ack_reason, lazy=[work_reason])
+    app.event("app_mention")(ack=ack_event, lazy=[work_mention])
+    return app
+
+
+# --- running it -------------------------------------------------------------------------------------------------
+
+
+class SlackHttpServer:
+    """HTTP mode: the Bolt app behind Starlette on uvicorn, in a background thread. Slack posts events and
+    interactivity to POST /slack/events; GET /healthz answers "ok". Dispatch runs in Starlette's thread
+    pool so that the event loop stays free while an ack function claims its request."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 3000):
+        import uvicorn
+        from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import Request
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        async def events(request: Request) -> Any:
+            body = await request.body()
+            return to_starlette_response(await run_in_threadpool(app.dispatch, to_bolt_request(request, body)))
+
+        async def healthz(_request: Request) -> Any:
+            return PlainTextResponse("ok")
+
+        web = Starlette(routes=[Route(EVENTS_PATH, events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])])
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise UserInputError(f"cannot listen for Slack on {host}:{port}: {exc.strerror} (use --port)") from exc
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off", access_log=False))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="slack-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{EVENTS_PATH}"
+
+    def start(self, timeout: float = 10.0) -> "SlackHttpServer":
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self._server.started:
+                return self
+            deadline.wait(0.02)
+        raise InfrastructureError(f"the Slack HTTP endpoint did not start on {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+
+def socket_mode_handler(app: Any, tokens: SlackTokens) -> Any:
+    """Socket Mode: the app connects out to Slack with the app-level token; no public endpoint needed.
+    `.connect()` starts it in the background, `.close()` stops it."""
+    from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+    return SocketModeHandler(app, app_token=tokens.app_token, web_client=app.client)

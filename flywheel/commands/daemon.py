@@ -1,0 +1,76 @@
+"""`flywheel daemon`: scheduled autonomous cycles and the Slack approval app in one long-running process;
+`flywheel schedules`: the configured schedules and when each fires next.
+
+The daemon logs to stderr and stops on SIGTERM or SIGINT (exit status 0). A cycle still running after
+daemon.shutdown_grace_s is left to its checkpoint (`flywheel resume RUN` continues it) and the process
+exits without waiting for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from typing import Annotated, Optional
+
+import typer
+
+from flywheel.cli import app, context
+
+SlackOption = Annotated[Optional[str], typer.Option("--slack", help="socket | http | off (default: slack.mode)")]
+PortOption = Annotated[Optional[int], typer.Option("--port", min=0, max=65535, help="HTTP mode: the port Slack posts to (default: slack.http_port; 0: any free port)")]
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("flywheel")
+    if not any(getattr(h, "_flywheel_daemon", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._flywheel_daemon = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@app.command("daemon")
+def daemon_command(ctx: typer.Context, slack: SlackOption = None, port: PortOption = None) -> None:
+    """Run scheduled improvement cycles (daemon.schedules) and the Slack approval app until stopped."""
+    from flywheel.agent.schedule import Daemon
+
+    _log_to_stderr()
+    c = context(ctx)
+    daemon = Daemon(c, slack_mode=slack, port=port)
+    left = daemon.serve_until_signalled()
+    if not left:
+        typer.echo("daemon stopped", err=True)
+        return
+    for run_id in left:
+        typer.echo(f"run {run_id} was still running; it is left to its checkpoint: flywheel resume {run_id}", err=True)
+    typer.echo("daemon stopped", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    c.close()
+    # The cycle's thread cannot be interrupted and the interpreter would wait for it at exit.
+    os._exit(0)
+
+
+@app.command("schedules")
+def schedules_command(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """The configured schedules (daemon.schedules) and when each fires next."""
+    from flywheel.agent.schedule import JOB_PREFIX, check_schedules
+
+    settings = context(ctx).settings
+    rows = []
+    for item, trigger in check_schedules(settings):
+        upcoming = trigger.get_next_fire_time(None, datetime.now(trigger.timezone))
+        rows.append({"id": item.id, "job_id": JOB_PREFIX + item.id, "cron": item.cron, "timezone": settings.daemon.timezone,
+                     "next_run": upcoming.isoformat() if upcoming else None})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no schedules configured (add [[daemon.schedules]] with id and cron to flywheel.toml)")
+        return
+    for row in rows:
+        typer.echo(f"{row['id']}: {row['cron']} ({row['timezone']}), next run {row['next_run']}")

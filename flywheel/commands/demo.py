@@ -1,0 +1,67 @@
+"""`flywheel demo`: the whole loop on an intent dataset, offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flywheel.cli import app
+
+
+@app.command()
+def demo(
+    data: Annotated[Optional[Path], typer.Option(help="dataset folder: train.csv, test.csv, categories.json (+ kb.jsonl, demo.toml); default: the bundled Banking77 pack")] = None,
+    workdir: Annotated[Path, typer.Option(help="project folder the demo writes (store, models, reports)")] = Path("flywheel-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="a small slice, for CI: the same path in a few minutes")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="approve the candidate at the approval step")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object on the last line")] = False,
+    strategy: Annotated[Optional[str], typer.Option(help="selection strategy for labelling (random, least_confidence, margin, entropy, kcenter, kmeans, expected_change, hybrid)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for sampling, simulation and training")] = 0,
+) -> None:
+    """Run the whole loop on real data with no network and no LLM endpoint, and leave the HTML report."""
+    from flywheel.demo.run import DemoOptions, run_demo
+
+    console = Console(stderr=as_json)
+    options = DemoOptions(data=data, workdir=workdir, quick=quick, yes=yes, interactive=sys.stdin.isatty(), seed=seed, strategy=strategy)
+    result = run_demo(options, say=lambda line: console.print(line, highlight=False, markup=False))
+    _print_table(console, result)
+    if as_json:
+        typer.echo(json.dumps({
+            "before": result.before.model_dump(),
+            "after": result.after.model_dump(),
+            "promoted": result.promoted,
+            "report": result.report,
+            "state": result.state,
+        }))
+
+
+def _print_table(console: Console, result) -> None:  # noqa: ANN001 - DemoResult
+    table = Table(title="fixed test set: before and after")
+    table.add_column("metric")
+    table.add_column(f"before ({result.before.version})", justify="right")
+    table.add_column(f"after ({result.after.version})", justify="right")
+    table.add_column("change", justify="right")
+
+    def row(name: str, b: float | None, a: float | None) -> None:
+        change = "" if b is None or a is None else f"{(a - b) * 100:+.1f} pts"
+        table.add_row(name, _pct(b), _pct(a), change)
+
+    row("task success", result.before.task_success, result.after.task_success)
+    for name in sorted(set(result.before.problem_rates) | set(result.after.problem_rates)):
+        row(f"rate: {name}", result.before.problem_rates.get(name), result.after.problem_rates.get(name))
+    console.print(table)
+    console.print(f"state: {result.state}; promoted: {result.promoted}; report: {result.report}", highlight=False)
+    if result.how_to_approve:
+        console.print(f"approve with: {result.how_to_approve}", highlight=False)
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
+    console.print(f"timings: {timings}", highlight=False)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"

@@ -1,0 +1,168 @@
+"""`flywheel demo`: the whole loop on real data, offline, in minutes.
+
+1. Set up the world (demo.setup): a project folder, the production model (v1, the champion) trained on
+   a skewed sample of the pack's train split, the fixed test set from test.csv, the knowledge base.
+2. Production traffic: the rest of the train split answered by v1, with simulated signals, logged to a
+   JSONL file and ingested like any team's logs.
+3. One improvement cycle, run by the supervisor graph with the heuristic policy: triage, label (active
+   learning under the labelling budget), judge, correct, verify, build a balanced snapshot with replay,
+   train a LoRA adapter, evaluate against the champion, canary, ask for approval, promote, graduate.
+4. Before and after on the untouched test set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from flywheel.context import Context
+from flywheel.data.ingest import ingest_files
+from flywheel.data.kb import add_files
+from flywheel.demo.cycle import CanaryTraffic, TruthLabeller
+from flywheel.demo.pack import DemoPack, load_pack
+from flywheel.demo.setup import FULL, QUICK, DemoSize, build_production_model, serve_traffic, write_project, write_test_set
+from flywheel.errors import UserInputError
+from flywheel.registry import register_base, resolve
+from flywheel.trainer.models import LocalModel
+
+Say = Callable[[str], None]
+
+
+class DemoOptions(BaseModel):
+    data: Path | None = None
+    workdir: Path = Path("flywheel-demo")
+    quick: bool = False
+    yes: bool = False  # approve at the approval step without asking
+    interactive: bool = False  # a person is at the terminal to answer the approval prompt
+    seed: int = 0
+    strategy: str | None = None  # selection strategy (default: settings)
+    fresh: bool = True  # start from an empty store (the production model is reused when unchanged)
+
+
+class Side(BaseModel):
+    version: str | None
+    task_success: float | None
+    problem_rates: dict[str, float]
+
+
+class DemoResult(BaseModel):
+    before: Side
+    after: Side
+    promoted: str | None
+    report: str | None
+    state: str  # promoted | waiting_approval | rejected | gate_failed | canary_rolled_back
+    how_to_approve: str | None = None
+    timings: dict[str, float] = {}
+    steps: dict[str, Any] = {}
+
+
+def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize, dict[str, str], list[Any], dict[str, float]]:
+    """Everything before the cycle: returns the context, the pack, the size, the truth per interaction
+    (the labels a person would give), the rows kept for canary traffic, and timings."""
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    pack = load_pack(options.data)
+    size = QUICK if options.quick else FULL
+    workdir = options.workdir.resolve()
+    if options.fresh:
+        _clear_state(workdir)
+    settings = write_project(workdir, pack, size, options.seed)
+    ctx = Context(settings=settings)
+    test_rows = pack.test if not size.test else pack.test[:: max(1, len(pack.test) // size.test)][: size.test]
+    write_test_set(Path(settings.eval.test_set), test_rows)
+    say(f"data: {pack.name}: {len(pack.intents)} intents, {len(pack.train)} train rows, fixed test set {len(test_rows)} rows from test.csv")
+
+    model_dir, traffic, _info = build_production_model(workdir, pack, size, options.seed, say)
+    champion = register_base(ctx.store, str(model_dir), notes="production model before flywheel")
+    timings["production_model"] = time.monotonic() - started
+
+    rows = traffic[: size.traffic]
+    canary_rows = traffic[size.traffic : size.traffic + size.canary_traffic]
+    if len(rows) < 100:
+        raise UserInputError(f"{pack.folder}: only {len(rows)} train rows left for traffic; the demo needs at least 100")
+    log = workdir / "logs" / "production.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    say(f"traffic: {len(rows)} requests answered by {champion.id}")
+    t = time.monotonic()
+    truth = serve_traffic(LocalModel(model_dir), rows, pack, settings, log, version=champion.id, seed=options.seed)
+    ingested = ingest_files(ctx.store, settings, [log])
+    timings["traffic"] = time.monotonic() - t
+    say(f"ingest: {ingested.files[0].stored} interactions stored, {ingested.files[0].quarantined} quarantined")
+
+    kb_file = pack.kb_file or _generated_kb(workdir, pack)
+    kb = add_files(ctx.index, [kb_file])
+    say(f"knowledge base: {kb.added + kb.updated + kb.unchanged} entries from {kb_file.name}")
+    return ctx, pack, size, truth, canary_rows, timings
+
+
+def _generated_kb(workdir: Path, pack: DemoPack) -> Path:
+    from flywheel.demo.pack import approved_replies
+
+    path = workdir / "kb.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for intent, answer in approved_replies(pack).items():
+            out.write(json.dumps({"id": f"approved-{intent}", "kind": "approved_response", "intent": intent, "text": answer}) + "\n")
+    return path
+
+
+def _clear_state(workdir: Path) -> None:
+    """A fresh store, index and artifacts; the production model and its cache stay."""
+    import shutil
+
+    for name in (".flywheel", "logs", "test_set.jsonl"):
+        target = workdir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def side(report: dict[str, Any] | None, role: str, version: str | None) -> Side:
+    """Task success and problem rates of one model on the fixed test set, from the eval report."""
+    if report is None:
+        return Side(version=version, task_success=None, problem_rates={})
+    metrics = report[f"{role}_metrics"]["test"]
+    return Side(
+        version=version,
+        task_success=metrics["task_success"]["rate"],
+        problem_rates={name: rate["rate"] for name, rate in metrics["problem_rates"].items()},
+    )
+
+
+def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
+    from flywheel.demo.loop import run_cycle
+
+    ctx, pack, size, truth, canary_rows, timings = prepare(options, say)
+    try:
+        hooks = {
+            "labeller": TruthLabeller(ctx, truth),
+            "canary_traffic": CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth),
+        }
+        outcome = run_cycle(ctx, hooks, options, say)
+        champion_before = outcome.get("champion_before")
+        report = json.loads(Path(outcome["report_json"]).read_text()) if outcome.get("report_json") else None
+        promoted = outcome.get("promoted")
+        after_role = "candidate" if promoted or outcome["state"] == "waiting_approval" else "champion"
+        result = DemoResult(
+            before=side(report, "champion", champion_before),
+            after=side(report, after_role, outcome.get("candidate") if after_role == "candidate" else champion_before),
+            promoted=promoted,
+            report=outcome.get("report_html"),
+            state=outcome["state"],
+            how_to_approve=outcome.get("how_to_approve"),
+            timings={**timings, **outcome.get("timings", {})},
+            steps=outcome.get("steps", {}),
+        )
+        return result
+    finally:
+        ctx.close()
+
+
+def champion_version(ctx: Context) -> str:
+    return resolve(ctx.store, "champion").id

@@ -1,0 +1,147 @@
+"""Feedback on served answers: `POST /v1/feedback` -> the interaction's signals + a feedback_events row.
+
+    {"interaction_id": "chatcmpl-...", "kind": "thumbs_down"}
+    {"interaction_id": "chatcmpl-...", "kind": "qa_verdict", "value": "Reject"}
+    {"interaction_id": "chatcmpl-...", "kind": "complaint", "value": "it promised me a refund"}
+
+The interaction id is the completion id the gateway returned (also in the `x-flywheel-interaction-id`
+header). Each kind sets the signal the capture rules (flywheel.data.triage) read:
+
+    thumbs_up / thumbs_down   signals.feedback = "up" / "down"
+    escalation                signals.escalated_to_human = value (default true)
+    followup                  signals.followups += value (default 1)
+    qa_verdict                signals.qa_verdict = value: Accept | Risk | Reject
+    complaint                 signals.complaint = value (default "complaint"), PII-scrubbed as in ingest
+
+Feedback travels through the capture writer (flywheel.serve.capture) like the interactions do, so a slow
+store never slows the caller, and it may reach the store before its interaction does (the interaction
+sat in a spill file): `apply_pending` then applies the early events when the interaction is inserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, select
+
+from flywheel.data.pii import Scrubber
+from flywheel.records import utcnow
+from flywheel.serve.protocol import ApiError
+from flywheel.store.schema import feedback_events, interactions
+
+KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "complaint")
+QA_VERDICTS = ("Accept", "Risk", "Reject")
+MAX_FOLLOWUPS_PER_EVENT = 100
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    interaction_id: str = Field(min_length=1, max_length=200)
+    kind: str
+    value: Any = None
+
+
+@dataclass(slots=True)
+class FeedbackItem:
+    """One validated feedback event on its way to the store."""
+
+    interaction_id: str
+    kind: str
+    value: Any
+    client: str | None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> FeedbackItem:
+    """The event with its value checked and normalised, or a 400 naming what is wrong."""
+    kind, value = request.kind, request.value
+    if kind not in KINDS:
+        raise ApiError(400, f"Invalid value for 'kind': {kind!r} is not one of {', '.join(KINDS)}", param="kind", code="invalid_value")
+    if kind in ("thumbs_up", "thumbs_down"):
+        if value is not None:
+            raise ApiError(400, f"'{kind}' takes no value", param="value", code="invalid_value")
+    elif kind == "escalation":
+        if value is None:
+            value = True
+        if not isinstance(value, bool):
+            raise ApiError(400, "'escalation' value must be true or false", param="value", code="invalid_value")
+    elif kind == "followup":
+        if value is None:
+            value = 1
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_FOLLOWUPS_PER_EVENT:
+            raise ApiError(400, f"'followup' value must be a whole number of follow-ups from 1 to {MAX_FOLLOWUPS_PER_EVENT}", param="value", code="invalid_value")
+    elif kind == "qa_verdict":
+        verdict = value.strip().capitalize() if isinstance(value, str) else None
+        if verdict not in QA_VERDICTS:
+            raise ApiError(400, f"'qa_verdict' value must be one of {', '.join(QA_VERDICTS)}, got {value!r}"[:200], param="value", code="invalid_value")
+        value = verdict
+    elif kind == "complaint":
+        if value is None:
+            value = "complaint"  # a bare flag: the capture rule needs a non-empty text
+        if not isinstance(value, str) or not value.strip():
+            raise ApiError(400, "'complaint' value must be a non-empty text", param="value", code="invalid_value")
+        if len(value) > max_chars:
+            raise ApiError(400, f"'complaint' value is {len(value)} characters, over policies.max_message_chars ({max_chars})", param="value", code="invalid_value")
+        value = Scrubber().text(value)  # the complaint is stored: scrubbed like everything ingest stores
+    return FeedbackItem(interaction_id=request.interaction_id, kind=kind, value=value, client=client)
+
+
+def signal_update(kind: str, value: Any) -> dict[str, Any]:
+    """The interactions columns one event sets."""
+    if kind == "thumbs_up":
+        return {"feedback": "up"}
+    if kind == "thumbs_down":
+        return {"feedback": "down"}
+    if kind == "escalation":
+        return {"escalated_to_human": bool(value)}
+    if kind == "followup":
+        return {"followups": interactions.c.followups + int(value)}
+    if kind == "qa_verdict":
+        return {"qa_verdict": value}
+    if kind == "complaint":
+        return {"complaint": value}
+    raise ValueError(f"unknown feedback kind {kind!r}")
+
+
+def _apply(conn: Connection, interaction_id: str, kind: str, value: Any) -> int:
+    result = conn.execute(interactions.update().where(interactions.c.id == interaction_id).values(**signal_update(kind, value)))
+    return result.rowcount or 0
+
+
+def record(conn: Connection, items: Sequence[FeedbackItem]) -> int:
+    """Store the events and apply each to its interaction, in order. Returns how many found their interaction
+    (the others wait in feedback_events for `apply_pending`)."""
+    applied = 0
+    for item in items:
+        conn.execute(feedback_events.insert().values(
+            interaction_id=item.interaction_id, kind=item.kind, value=item.value, client=item.client, created_at=item.created_at,
+        ))
+        applied += _apply(conn, item.interaction_id, item.kind, item.value)
+    return applied
+
+
+def pending_for(conn: Connection, interaction_ids: Sequence[str]) -> list[Any]:
+    """Events already stored for interactions about to be inserted (call before inserting them)."""
+    if not interaction_ids:
+        return []
+    rows = conn.execute(
+        select(feedback_events.c.interaction_id, feedback_events.c.kind, feedback_events.c.value)
+        .where(feedback_events.c.interaction_id.in_(list(interaction_ids)))
+        .order_by(feedback_events.c.id)
+    ).fetchall()
+    if not rows:
+        return []
+    # Interactions already stored had their events applied when the events arrived.
+    ids = list({r.interaction_id for r in rows})
+    existing = set(conn.execute(select(interactions.c.id).where(interactions.c.id.in_(ids))).scalars())
+    return [r for r in rows if r.interaction_id not in existing]
+
+
+def apply_pending(conn: Connection, pending: Sequence[Any]) -> int:
+    """Apply events that arrived before their interaction (from `pending_for`), after inserting it."""
+    return sum(_apply(conn, r.interaction_id, r.kind, r.value) for r in pending)

@@ -1,0 +1,123 @@
+"""API keys: one per client of the gateway, shown once at creation, stored only as a sha256.
+
+    key = create_key(store, "support-bot")      # "fw-..." : print it, it is never shown again
+    list_keys(store) / revoke_key(store, "support-bot")
+
+The gateway checks keys against `KeyCache`, an in-memory copy of the active key hashes that a background
+thread re-reads every `serve.keys_refresh_s`, so the request path never waits on the store and a
+revocation takes effect within that interval without a restart. A key the cache does not know triggers
+one early re-read (at most every MISS_REFRESH_S), so a key created a moment ago works at once.
+
+Why sha256 and not a slow password hash: the keys are 256-bit random tokens, not passwords a person
+chose; nothing can be guessed from a fast hash of one, and the gateway checks one per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from flywheel.errors import NotFoundError, UserInputError
+from flywheel.records import Record, utcnow
+from flywheel.store.db import Store
+from flywheel.store.schema import api_keys
+
+log = logging.getLogger("flywheel.serve")
+
+KEY_PREFIX = "fw-"
+MAX_NAME = 200  # api_keys.name column width
+MISS_REFRESH_S = 0.5
+
+
+class ApiKey(Record):
+    name: str
+    revoked: bool
+    created_at: datetime
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise UserInputError("a key needs a name (the client it is for), e.g. `flywheel keys create support-bot`")
+    if len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
+        raise UserInputError(f"key name {name[:40]!r}: use up to {MAX_NAME} printable characters without spaces")
+    return name
+
+
+def create_key(store: Store, name: str) -> str:
+    """A new key for client `name`. Returns the key itself; only its sha256 is stored."""
+    name = _check_name(name)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        with store.begin() as conn:
+            conn.execute(api_keys.insert().values(name=name, key_hash=hash_key(key), revoked=False, created_at=utcnow()))
+    except IntegrityError:
+        raise UserInputError(f"a key named {name!r} exists already (revoked keys keep their name); choose another name") from None
+    return key
+
+
+def list_keys(store: Store) -> list[ApiKey]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(api_keys.c.name, api_keys.c.revoked, api_keys.c.created_at).order_by(api_keys.c.created_at, api_keys.c.id))
+        return [ApiKey(name=r.name, revoked=bool(r.revoked), created_at=r.created_at) for r in rows]
+
+
+def revoke_key(store: Store, name: str) -> ApiKey:
+    """Revoke the key named `name` (revoking it again changes nothing). The gateway refuses it within
+    serve.keys_refresh_s."""
+    with store.begin() as conn:
+        row = conn.execute(select(api_keys.c.name, api_keys.c.created_at).where(api_keys.c.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"no API key named {name!r} (see `flywheel keys list`)")
+        conn.execute(api_keys.update().where(api_keys.c.name == name).values(revoked=True))
+    return ApiKey(name=row.name, revoked=True, created_at=row.created_at)
+
+
+class KeyCache:
+    """Active key hashes -> client name, re-read from the store in the background."""
+
+    def __init__(self, store: Store, refresh_s: float = 1.0):
+        self.store = store
+        self.refresh_s = refresh_s
+        self._by_hash: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._last_attempt = 0.0
+        self.loaded = False  # at least one read succeeded
+
+    def refresh(self) -> bool:
+        """Re-read the active keys. False (and the old table kept) when the store cannot be read."""
+        self._last_attempt = time.monotonic()
+        try:
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(select(api_keys.c.key_hash, api_keys.c.name).where(api_keys.c.revoked.is_(False))).fetchall()
+        except SQLAlchemyError as exc:
+            log.warning("cannot re-read API keys (keeping the %d known): %s", len(self._by_hash), str(exc).splitlines()[0])
+            return False
+        self._by_hash = {r.key_hash: r.name for r in rows}  # one assignment: readers see the old or the new table
+        self.loaded = True
+        return True
+
+    def client_for(self, key: str) -> str | None:
+        return self._by_hash.get(hash_key(key))
+
+    def claim_miss_refresh(self) -> bool:
+        """True when a request with an unknown key may re-read the table now (at most every MISS_REFRESH_S)."""
+        with self._lock:
+            if time.monotonic() - self._last_attempt < MISS_REFRESH_S:
+                return False
+            self._last_attempt = time.monotonic()
+            return True
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
