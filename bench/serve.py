@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--no-capture", action="store_true", help="run the gateway without capture (to see what capture costs)")
     parser.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,7 +164,7 @@ def main() -> None:
         upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)], env=env)
         gateway = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "-C", str(project), "serve", "--backend", "proxy",
-             "--upstream", f"http://127.0.0.1:{up_port}/v1", "--port", str(gw_port)],
+             "--upstream", f"http://127.0.0.1:{up_port}/v1", "--port", str(gw_port), *(["--no-capture"] if args.no_capture else [])],
             env=env, stderr=subprocess.DEVNULL,
         )
         try:
@@ -185,7 +186,7 @@ def main() -> None:
             sent = args.warmup + args.rounds * (args.requests // args.concurrency) * args.concurrency
             deadline = time.monotonic() + 60
             health = gateway_health(gw_port, key)
-            while health["capture"]["stored"] < sent and time.monotonic() < deadline:
+            while not args.no_capture and health["capture"]["stored"] < sent and time.monotonic() < deadline:
                 time.sleep(0.2)
                 health = gateway_health(gw_port, key)
         finally:
@@ -198,6 +199,7 @@ def main() -> None:
         "benchmark": "serve",
         "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
         "concurrency": args.concurrency,
+        "capture": not args.no_capture,
         "requests_per_target": len(latencies["gateway"]),
         "direct_ms": direct,
         "gateway_ms": through,

@@ -59,7 +59,7 @@ class SlackApiServer:
         self.state = SlackState(bot_token=bot_token, app_token=app_token)
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._http.daemon_threads = True
-        self._thread = threading.Thread(target=self._http.serve_forever, name="slack-api", daemon=True)
+        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, name="slack-api", daemon=True)
         self.socket = SocketModeServer() if socket_mode else None
 
     # --- lifecycle --------------------------------------------------------------------------------------

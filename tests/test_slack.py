@@ -18,6 +18,7 @@ import httpx
 import pytest
 from agent_helpers import build_base, seed_project
 from slack_api_server import SlackApiServer
+from slack_bolt.request import BoltRequest
 from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
@@ -26,9 +27,8 @@ from flywheel.agent import runs
 from flywheel.agent.approval import PendingApproval
 from flywheel.agent.runner import decide, pending_approvals, start_run
 from flywheel.agent.schedule import Daemon
-from flywheel.agent.slack import (
-    SlackApprovals, SlackHttpServer, SlackTokens, approval_key, build_app, socket_mode_handler, web_client,
-)
+from flywheel.agent.slack import SlackApprovals, SlackTokens, approval_key, build_app, web_client
+from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 from flywheel.agent.slack_blocks import ACTION_APPROVE, ACTION_REJECT, VIEW_REJECT, ApprovalRef
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, SettingsError
@@ -146,7 +146,7 @@ def _count(ctx: Context, table: Any, *where: Any) -> int:
 @pytest.fixture
 def http_app(waiting: Context, slack: SlackApiServer) -> Iterator[tuple[SlackApprovals, SlackHttpServer]]:
     approvals_ = SlackApprovals(waiting, web_client(waiting.settings, TOKENS.bot_token))
-    server = SlackHttpServer(build_app(approvals_, TOKENS, "http"), "127.0.0.1", 0).start()
+    server = SlackHttpServer(build_app(approvals_, TOKENS, "http"), SECRET, "127.0.0.1", 0).start()
     yield approvals_, server
     server.stop()
 
@@ -228,6 +228,15 @@ def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[S
     assert _post(server.url, body, secret="not-the-secret").status_code == 401
     assert _post(server.url, body, age_s=6 * 60).status_code == 401  # older than five minutes
     assert _post(server.url, body, headers={"X-Slack-Signature": "v0=" + "0" * 64}).status_code == 401  # tampered
+    assert _post(server.url, body, headers={"X-Slack-Request-Timestamp": "yesterday"}).status_code == 401
+    assert _post(server.url, "{not json", secret=None, content_type="application/json").status_code == 401
+    assert _post(server.url, "{not json", content_type="application/json").status_code == 400  # signed, malformed
+    # Bolt's own check stands behind ours: the same app, dispatched directly, refuses a stale request too
+    stale = str(int(time.time()) - 6 * 60)
+    bolt_answer = server.app.dispatch(BoltRequest(body=body, headers={
+        "content-type": "application/x-www-form-urlencoded", "x-slack-request-timestamp": stale,
+        "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=stale, body=body) or ""}))
+    assert bolt_answer.status == 401
     assert httpx.get(server.url.replace("/slack/events", "/healthz")).text == "ok"
     time.sleep(0.3)
     assert _count(waiting, approvals) == 0 and slack.calls_to("chat.update") == [] and slack.ephemeral == []
@@ -241,8 +250,7 @@ def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
     assert approvals_.sync() == {"posted": 1, "closed": 0}
     [message] = slack.messages()
     pending = pending_approvals(waiting)[0]
-    ref, where = ApprovalRef.of(pending), (message_channel := "C0APPROVALS", message["ts"])
-    assert message_channel == "C0APPROVALS"
+    ref, where = ApprovalRef.of(pending), ("C0APPROVALS", message["ts"])
 
     # someone not on the approver list: told so, privately; nothing decided
     assert _post(server.url, _form(_click_payload(ACTION_APPROVE, ref, MALLORY, where, "1700000001.000001"))).status_code == 200

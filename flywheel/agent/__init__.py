@@ -1,1 +1,7 @@
-"""flywheel.agent"""
+"""The manager agent: a LangGraph supervisor that runs the improvement loop.
+
+Entry points for every way in (CLI, chat, daemon, Slack) are in flywheel.agent.runner: `start_run`,
+`resume_run`, `decide`, `pending_approvals`, `run_in_progress`. The graph is flywheel.agent.graph,
+its policies flywheel.agent.policies, the approval and promotion rules flywheel.agent.approval, the
+tools flywheel.tools.
+"""

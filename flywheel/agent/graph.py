@@ -39,8 +39,6 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 from pydantic import ValidationError
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel import registry
 from flywheel.agent import approval as approval_rules
@@ -48,9 +46,7 @@ from flywheel.agent import runs
 from flywheel.agent.policies import Policy
 from flywheel.agent.state import AgentState
 from flywheel.errors import InfrastructureError, JobFailed, PolicyViolation, ToolInputError, UserInputError
-from flywheel.records import utcnow
 from flywheel.settings import Settings
-from flywheel.store.schema import effects
 from flywheel.tools.registry import PROGRESS_KEY, ToolRegistry, render_result
 
 NODES = ("supervisor", "tools", "approval", "promotion")
@@ -79,25 +75,20 @@ def _stream_writer() -> Any:
         return lambda _chunk: None
 
 
+def run_id_of(state: AgentState) -> str:
+    """The run id: set by the runner's input; a graph started elsewhere (LangGraph Studio) uses its thread id."""
+    if state.get("run_id"):
+        return str(state["run_id"])
+    from langgraph.config import get_config
+
+    return str(get_config()["configurable"]["thread_id"])
+
+
 def _last_ai(state: AgentState) -> AIMessage | None:
     for message in reversed(state.get("messages", [])):
         if isinstance(message, AIMessage):
             return message
     return None
-
-
-# --- the tool node's memory of effects ---------------------------------------------------------------------
-
-
-def recall_effect(store: Any, key: str) -> dict[str, Any] | None:
-    with store.engine.connect() as conn:
-        return conn.execute(select(effects.c.result).where(effects.c.key == key)).scalar()
-
-
-def remember_effect(store: Any, key: str, kind: str, result: dict[str, Any]) -> None:
-    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    with store.begin() as conn:
-        conn.execute(dialect.insert(effects).values(key=key, kind=kind, result=result, created_at=utcnow()).on_conflict_do_nothing(index_elements=["key"]))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -156,13 +147,13 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
         decision, decided_in = approval_rules.stored_decision(ctx, target)
         # A decision recorded for this run (by `decide`, or before a crash) is applied whatever the
         # version's status became since: a rejection has already closed it.
-        if decided_in != state["run_id"]:
+        if decided_in != run_id_of(state):
             skip = approval_rules.skip_reason(target, champion)
             if skip:
                 return {"cycle": checked, "decision": None, "approval_error": None}
         if decision is None:
-            pending = approval_rules.build_pending(ctx, state["run_id"], target, champion, refused=state.get("approval_error"))
-            runs.update_run(ctx.store, state["run_id"], pending=pending.model_dump(mode="json"))
+            pending = approval_rules.build_pending(ctx, run_id_of(state), target, champion, refused=state.get("approval_error"))
+            runs.update_run(ctx.store, run_id_of(state), pending=pending.model_dump(mode="json"))
             pause_point("approval")
             answer = interrupt(pending.model_dump(mode="json"))
             try:
@@ -182,7 +173,7 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
     def promotion(state: AgentState) -> dict[str, Any]:
         decision = approval_rules.Decision.parse(state["decision"])
         version = (state.get("cycle") or {})["candidate"]
-        outcome = approval_rules.apply_decision(ctx, state["run_id"], version, decision)
+        outcome = approval_rules.apply_decision(ctx, run_id_of(state), version, decision)
         pause_point("promotion")
         return {"outcome": outcome.model_dump(mode="json"), "decision": None, "messages": [AIMessage(content=outcome.sentence())]}
 
@@ -208,7 +199,8 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
     ai = _last_ai(state)
     if ai is None:
         return {}
-    ctx, run_id = tools.ctx, state["run_id"]
+    ctx, run_id = tools.ctx, run_id_of(state)
+    position = len(state.get("messages", [])) - 1  # where this AIMessage sits in the thread: stable on a re-run
     cycle = state.get("cycle") or {}
     done, errors = list(cycle.get("done", [])), dict(cycle.get("errors", {}))
     refused, jobs = list(cycle.get("refused", [])), list(cycle.get("jobs", []))
@@ -228,13 +220,13 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
             replies.append(ToolMessage(content=f"error: the training budget of this cycle is spent ({settings.agent.max_training_runs} run(s): {', '.join(jobs) or 'none'})",
                                        tool_call_id=call_id, name=name, status="error"))
             continue
-        key = runs_effect_key(run_id, call_id)
+        key = tool_effect_key(run_id, position, call_id)
         pause_point(f"tools:{name}:start")
-        recorded = recall_effect(ctx.store, key) if spec.mutates else None
+        recorded = runs.effect_result(ctx.store, key) if spec.mutates else None
         if recorded is None:
             recorded = _execute(tools, name, call.get("args") or {}, writer)
             if spec.mutates:
-                remember_effect(ctx.store, key, "tool_call", recorded)
+                runs.record_effect(ctx.store, key, "tool_call", recorded)
         pause_point(f"tools:{name}")
         if recorded["ok"]:
             done.append(name)
@@ -255,8 +247,10 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
     return {"messages": replies, "cycle": update_cycle, "training_runs": len(jobs)}
 
 
-def runs_effect_key(run_id: str, call_id: str) -> str:
-    return f"tool:{run_id}:{call_id}"[:200]
+def tool_effect_key(run_id: str, position: int, call_id: str) -> str:
+    """The effects key of one tool call: the run, the message that asked for it, the call's id. The
+    same step re-run after a crash has the same key; a later step never does (ids may repeat)."""
+    return f"tool:{run_id}:{position}:{call_id}"[:200]
 
 
 def _execute(tools: ToolRegistry, name: str, args: dict[str, Any], writer: Any) -> dict[str, Any]:

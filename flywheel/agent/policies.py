@@ -62,7 +62,8 @@ def choose_policy(settings: Settings, name: str | None = None, model: Any = None
 
 
 def _call(name: str, step: int, **args: Any) -> dict[str, Any]:
-    # Deterministic ids: a supervisor step re-run after a crash asks for the same calls.
+    # Deterministic ids (`step` is the thread's message count): a supervisor step re-run after a crash
+    # asks for the same calls, and no later step reuses an id.
     return {"name": name, "args": args, "id": f"call_h{step}_{name}", "type": "tool_call"}
 
 
@@ -100,7 +101,7 @@ class HeuristicPolicy:
         self.settings = settings
 
     def decide(self, state: "AgentState", tools: "ToolRegistry") -> AIMessage:
-        step = int(state.get("steps", 0))
+        step = len(state.get("messages", []))
         if state.get("trigger") == "chat":
             request, results = _since_request(list(state.get("messages", [])))
             intent = next((name for name, pattern in CHAT_INTENTS if pattern.search(request)), None)
@@ -141,10 +142,10 @@ class HeuristicPolicy:
         cycle = dict(state.get("cycle") or {})
         done, errors = set(cycle.get("done", [])), dict(cycle.get("errors", {}))
         if state.get("outcome"):
-            return AIMessage(content=_finish(cycle, "the decision was applied"))
+            return AIMessage(content=_finish(cycle, "The decision was applied"))
         if errors:
             name, message = next(iter(errors.items()))
-            return AIMessage(content=_finish(cycle, f"stopped: {name} failed: {message}"))
+            return AIMessage(content=_finish(cycle, f"Stopped: {name} failed: {message}"))
         status = pipeline_status(tools.ctx)
         if "triage_new_logs" not in done:
             return AIMessage(content="", tool_calls=[_call("triage_new_logs", step)])
@@ -153,24 +154,27 @@ class HeuristicPolicy:
         if status.waiting_for_correction and "generate_corrections" not in done:
             return AIMessage(content="", tool_calls=[_call("generate_corrections", step)])
         if not cycle.get("dataset_id"):
+            if status.awaiting_decision:
+                # the same samples would train the same candidate again: a person decides first
+                return AIMessage(content=_finish(cycle, f"{', '.join(status.awaiting_decision)} waits for a person's decision; answer it first"))
             if status.verified_problem_samples == 0:
-                return AIMessage(content=_finish(cycle, "nothing to train on: no verified corrections in the problem tier"))
+                return AIMessage(content=_finish(cycle, "Nothing to train on: no verified corrections in the problem tier"))
             return AIMessage(content="", tool_calls=[_call("build_dataset", step)])
         job_id, job_status = cycle.get("job_id"), cycle.get("job_status")
         if not job_id:
             if int(state.get("training_runs", 0)) >= self.settings.agent.max_training_runs:
-                return AIMessage(content=_finish(cycle, f"the training budget ({self.settings.agent.max_training_runs} per cycle) is spent"))
+                return AIMessage(content=_finish(cycle, f"The training budget ({self.settings.agent.max_training_runs} per cycle) is spent"))
             return AIMessage(content="", tool_calls=[_call("launch_training", step, dataset_id=cycle["dataset_id"])])
         if job_status in ("queued", "running"):
             return AIMessage(content="", tool_calls=[_call("training_status", step, job_id=job_id, wait_seconds=TRAINING_WAIT_S)])
         if job_status in ("failed", "killed"):
             if "resume_training" in done:
-                return AIMessage(content=_finish(cycle, f"training job {job_id} {job_status} again after a resume"))
+                return AIMessage(content=_finish(cycle, f"Training job {job_id} {job_status} again after a resume"))
             return AIMessage(content="", tool_calls=[_call("resume_training", step, job_id=job_id)])
         if not cycle.get("candidate"):
             return AIMessage(content="", tool_calls=[_call("register_candidate", step, job_id=job_id)])
         if cycle.get("candidate_status") not in (None, "candidate", "canary"):
-            return AIMessage(content=_finish(cycle, f"this data trained {cycle['candidate']} before, which is {cycle['candidate_status']}"))
+            return AIMessage(content=_finish(cycle, f"This data trained {cycle['candidate']} before, which is {cycle['candidate_status']}"))
         if cycle.get("gate_passed") is None:
             return AIMessage(content="", tool_calls=[_call("run_evaluation", step, version=cycle["candidate"])])
         return AIMessage(content=_finish(cycle, ""))
@@ -180,8 +184,9 @@ def _status_sentence(s: PipelineStatus) -> str:
     waiting = ", ".join(f"{count} {name}" for name, count in sorted(s.failures_by_status.items())) or "no failures"
     cands = ", ".join(f"{c.version} ({c.status}, gate {'passed' if c.gate_passed else 'not passed' if c.gate_passed is False else 'not run'})" for c in s.candidates) or "none"
     jobs = ", ".join(s.active_jobs) or "none"
+    asks = f" Waiting for a person's decision: {', '.join(s.awaiting_decision)}." if s.awaiting_decision else ""
     return (f"{s.interactions} interactions logged; failures: {waiting}; {s.verified_problem_samples} verified samples "
-            f"ready to train on. Champion: {s.champion or 'none'}. Undecided candidates: {cands}. Running jobs: {jobs}.")
+            f"ready to train on. Champion: {s.champion or 'none'}. Undecided candidates: {cands}. Running jobs: {jobs}.{asks}")
 
 
 def _finish(cycle: dict[str, Any], why: str) -> str:
@@ -197,7 +202,7 @@ def _finish(cycle: dict[str, Any], why: str) -> str:
         parts.append(f"candidate {cycle['candidate']} {verdict}")
     done = ", ".join(cycle.get("done", [])) or "nothing"
     text = f"Cycle finished ({'; '.join(parts) or 'no candidate'}). Steps run: {done}."
-    return text + (f" {why[0].upper()}{why[1:]}." if why else "")
+    return text + (f" {why}." if why else "")
 
 
 # --- the LLM ------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from flywheel.agent import runs
 from flywheel.agent.approval import Decision, PendingApproval
 from flywheel.agent.graph import build_graph
 from flywheel.agent.policies import Policy, choose_policy
-from flywheel.agent.state import new_request
+from flywheel.agent.state import TRIGGERS, new_request
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError, PolicyViolation, UserInputError
 from flywheel.records import Record
@@ -170,6 +170,9 @@ def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask
                 note = f"{exc} (resume with `flywheel resume {run_id}`)"
                 runs.update_run(store, run_id, state=runs.FAILED, error=note)
                 return RunOutcome(run_id=run_id, state=runs.FAILED, error=note)
+            except KeyboardInterrupt:
+                runs.update_run(store, run_id, state=runs.INTERRUPTED, error=f"interrupted; continue with `flywheel resume {run_id}`")
+                raise
             except BaseException as exc:
                 runs.update_run(store, run_id, state=runs.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
                 raise
@@ -239,8 +242,10 @@ def start_run(
     `policy`: a name (auto, heuristic, llm) or a Policy; default settings.agent.policy. `yes` approves
     at the approval as the local user; otherwise `ask` may answer, and without either the run stops
     there, pending. Refuses to start a second autonomous run while one is running."""
+    if trigger not in TRIGGERS:
+        raise UserInputError(f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}")
     if trigger != "chat" and run_in_progress(ctx):
-        busy = next(r.id for r in runs.list_runs(ctx.store, states=[runs.RUNNING]) if r.trigger != "chat")
+        busy = next(r.id for r in runs.list_runs(ctx.store, states=[runs.RUNNING]) if r.trigger != "chat" and r.state == runs.RUNNING)
         raise UserInputError(f"run {busy} is in progress; one autonomous run at a time (see `flywheel runs`)")
     chosen = policy if policy is not None and not isinstance(policy, str) else choose_policy(ctx.settings, policy)
     run_id = run_id or new_run_id()
@@ -251,8 +256,10 @@ def start_run(
 def send_message(ctx: Context, run_id: str, text: str, policy: Policy, *, ask: Ask | None = None, on_event: OnEvent | None = None) -> RunOutcome:
     """A new request in an existing run (the next turn of a chat)."""
     run = runs.get_run(ctx.store, run_id)
-    if not runs.claim_run(ctx.store, run_id, [runs.DONE, runs.STOPPED, runs.FAILED, runs.INTERRUPTED]):
-        raise UserInputError(f"run {run_id} is {run.state}; answer or resume it first")
+    # A failed or interrupted step must finish first (resume_run): a new request would leave it behind.
+    if not runs.claim_run(ctx.store, run_id, [runs.DONE, runs.STOPPED]):
+        hint = "answer its approval first" if run.state == runs.WAITING else f"resume it first (flywheel resume {run_id})"
+        raise UserInputError(f"run {run_id} is {run.state}; {hint}")
     return _drive(ctx, run_id, new_request(run_id, run.trigger, text), policy, ask, on_event)
 
 
@@ -337,7 +344,7 @@ def pending_approvals(ctx: Context) -> list[PendingApproval]:
 
 def run_in_progress(ctx: Context) -> bool:
     """Is an autonomous run (not a chat) being driven by a live process now?"""
-    return any(r.trigger != "chat" for r in runs.list_runs(ctx.store, limit=100, states=[runs.RUNNING]))
+    return any(r.trigger != "chat" and r.state == runs.RUNNING for r in runs.list_runs(ctx.store, limit=100, states=[runs.RUNNING]))
 
 
 def list_runs(ctx: Context, limit: int = 50) -> list[runs.RunRow]:

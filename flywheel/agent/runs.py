@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel.errors import NotFoundError
 from flywheel.records import Record, utcnow
 from flywheel.store.db import Store
-from flywheel.store.schema import runs
+from flywheel.store.schema import effects, runs
 
 RUNNING, WAITING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "waiting_approval", "done", "stopped", "failed", "interrupted"
 RESUMABLE = (WAITING, DONE, STOPPED, FAILED, INTERRUPTED)
@@ -153,3 +154,21 @@ def _reconcile(store: Store, run: RunRow) -> RunRow:
         )
         row = conn.execute(select(runs).where(runs.c.id == run.id)).one()
     return _row(row)
+
+
+# --- effects: what was done once must not be done twice -----------------------------------------------------
+
+
+def effect_result(store: Store, key: str) -> dict[str, Any] | None:
+    """The result recorded under an effect key, or None when that effect has not happened."""
+    with store.engine.connect() as conn:
+        return conn.execute(select(effects.c.result).where(effects.c.key == key)).scalar()
+
+
+def record_effect(store: Store, key: str, kind: str, result: dict[str, Any] | None = None) -> bool:
+    """Record that the effect `key` happened. False when it was recorded already (by anyone): then the
+    caller must not act again. (The tool node keys tool calls; the Slack app can key its messages.)"""
+    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(effects).values(key=key[:200], kind=kind, result=result, created_at=utcnow()).on_conflict_do_nothing(index_elements=["key"])
+    with store.begin() as conn:
+        return conn.execute(stmt).rowcount == 1

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.context import Context
-from flywheel.errors import FlywheelError, SettingsError, UserInputError
+from flywheel.errors import FlywheelError, InfrastructureError, SettingsError, UserInputError
 from flywheel.records import stable_hash
 from flywheel.settings import Schedule, Settings
 
@@ -120,6 +120,21 @@ def build_scheduler(ctx: Context, table: str = JOB_TABLE) -> Any:
         )
     except LookupError as exc:
         raise SettingsError("daemon.timezone", f"unknown time zone {settings.daemon.timezone!r}") from exc
+
+
+def stop_scheduler(scheduler: Any) -> None:
+    """Shut the scheduler down without consuming due jobs. APScheduler 3 runs one last round of due jobs
+    after its executors have shut down, fails to submit them and still advances their next run time: a
+    firing due at that moment would be lost. Detaching the persistent store first leaves it due in the
+    table, so the next start runs it (within daemon.misfire_grace_s). The store's engine is the flywheel
+    store's, so it is not disposed here."""
+    if not scheduler.running:
+        return
+    try:
+        scheduler.remove_jobstore("default", shutdown=False)
+    except KeyError:
+        pass
+    scheduler.shutdown(wait=False)
 
 
 def target_key(settings: Settings) -> str:
@@ -248,17 +263,21 @@ class Daemon:
     def _start_slack(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from flywheel.agent.slack import SlackApprovals, SlackHttpServer, SlackTokens, build_app, socket_mode_handler, web_client
+        from flywheel.agent.slack import SlackApprovals, SlackTokens, build_app, web_client
+        from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 
         tokens = (self._tokens or SlackTokens.from_env()).require(self.slack_mode)
         self.slack = SlackApprovals(self.ctx, web_client(self.settings, tokens.bot_token))
         self._slack_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker")
         app = build_app(self.slack, tokens, self.slack_mode, executor=self._slack_workers)
         if self.slack_mode == "http":
-            self.http = SlackHttpServer(app, self.settings.slack.http_host, self.port).start()
+            self.http = SlackHttpServer(app, tokens.signing_secret, self.settings.slack.http_host, self.port).start()
         else:
             self.socket = socket_mode_handler(app, tokens)
-            self.socket.connect()
+            try:
+                self.socket.connect()
+            except Exception as exc:  # noqa: BLE001 - slack_sdk raises its own types; the user sees one line
+                raise InfrastructureError(f"cannot open the Slack Socket Mode connection: {str(exc).splitlines()[0]}") from exc
 
     def stop(self, grace_s: float | None = None) -> list[str]:
         """Stop firing, close Slack, give a running cycle `grace_s` (default daemon.shutdown_grace_s).
@@ -269,8 +288,8 @@ class Daemon:
         with _targets_lock:
             if _targets.get(target_key(self.settings)) == self._fire:
                 del _targets[target_key(self.settings)]
-        if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+        if self.scheduler is not None:
+            stop_scheduler(self.scheduler)
         if self.http is not None:
             self.http.stop()
         if self.socket is not None:

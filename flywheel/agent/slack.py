@@ -19,19 +19,18 @@ Pieces, top to bottom:
   approvals.slack_approvers, a click on a decided request ("already decided by X", to that user only),
   and Slack's retries (X-Slack-Retry-Num) or repeats of the same payload: every request is claimed in
   `effects` by what identifies it (event id, action timestamp, view id), and a second claim is a no-op.
-- `SlackHttpServer` (HTTP mode: Starlette + uvicorn on /slack/events) and `socket_mode_handler`.
+Running the app (HTTP mode's server, Socket Mode's handler) is in flywheel.agent.slack_server.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select, update
@@ -43,7 +42,7 @@ from flywheel.agent.slack_blocks import (
     escape, fallback_text, mention, parse_dialog, reject_dialog,
 )
 from flywheel.context import Context
-from flywheel.errors import FlywheelError, InfrastructureError, PolicyViolation, SettingsError, UserInputError
+from flywheel.errors import FlywheelError, InfrastructureError, NotFoundError, PolicyViolation, SettingsError, UserInputError
 from flywheel.records import stable_hash, utcnow
 from flywheel.settings import Settings
 from flywheel.store.schema import effects
@@ -52,7 +51,6 @@ log = logging.getLogger("flywheel.slack")
 
 POST_KIND, REQUEST_KIND = "slack_approval", "slack_request"
 POSTING, POSTED, CLOSED = "posting", "posted", "closed"
-EVENTS_PATH = "/slack/events"
 
 
 # --- tokens and the client ------------------------------------------------------------------------------------
@@ -90,9 +88,12 @@ def web_client(settings: Settings, token: str) -> Any:
 
 
 def _api_error(what: str, exc: Exception) -> InfrastructureError:
+    """One line: Slack's error code when it answered (`channel_not_found`), else what the client said."""
     response = getattr(exc, "response", None)
     detail = response.get("error") if response is not None and hasattr(response, "get") else None
-    return InfrastructureError(f"Slack {what} failed: {detail or str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if not detail:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InfrastructureError(f"Slack {what} failed: {detail}")
 
 
 # --- table `effects`: claims and posted requests ----------------------------------------------------------------
@@ -142,6 +143,7 @@ class SlackApprovals:
         if not ctx.settings.slack.channel:
             raise SettingsError("slack.channel", "set the channel approval requests go to (a name like #approvals, or an id)")
         self.ctx, self.client, self.settings = ctx, client, ctx.settings
+        ctx.store  # noqa: B018 - open the store here, not first on two worker threads at once
         self._lock = threading.RLock()  # one decision or post at a time in this process
         self._channel_ids: dict[str, str] = {}
 
@@ -151,9 +153,8 @@ class SlackApprovals:
         key = approval_key(pending)
         with self._lock:
             record = {"state": POSTING, "channel": self.settings.slack.channel, "pending": pending.model_dump(mode="json")}
-            if not claim(self.ctx, key, POST_KIND, record):
-                found = _effect(self.ctx, key)
-                assert found is not None
+            found = None if claim(self.ctx, key, POST_KIND, record) else _effect(self.ctx, key)
+            if found is not None:  # claimed before (rows in `effects` are never deleted)
                 record, claimed_at = found
                 if record.get("ts"):
                     return PostedApproval(key=key, channel=record["channel"], ts=record["ts"], replayed=True)
@@ -197,7 +198,9 @@ class SlackApprovals:
         return self._channel_ids[channel]
 
     def _find_posted(self, channel: str, key: str, since: datetime) -> str | None:
-        oldest = (since - timedelta(minutes=2)).timestamp()
+        if since.tzinfo is None:  # SQLite hands back the stored UTC time without its zone
+            since = since.replace(tzinfo=timezone.utc)
+        oldest = (since - timedelta(minutes=2)).timestamp()  # the claim precedes the post; allow for clock skew
         cursor = None
         for _page in range(10):
             try:
@@ -315,13 +318,18 @@ class SlackApprovals:
                 if record.get("state") != POSTED or not record.get("pending"):
                     continue
                 ref = ApprovalRef.of(PendingApproval.model_validate(record["pending"]))
-                run = get_run(self.ctx, ref.run_id)
+                try:
+                    run = get_run(self.ctx, ref.run_id)
+                except NotFoundError:
+                    self.close(ref, f"No longer pending: run {escape(ref.run_id)} is gone.")
+                    closed += 1
+                    continue
                 if run.state in ("running", "waiting_approval"):
                     continue  # being decided right now, or still open
                 earlier = self.decided(ref)
                 outcome = run.summary.get("outcome")
                 text = (_outcome_text(outcome, "", run.state, run.error, ref.run_id) if outcome
-                        else f"{ref.version} was {earlier}." if earlier else f"No longer pending: run {ref.run_id} is {run.state}.")
+                        else f"{ref.version} was {earlier}." if earlier else f"No longer pending: run {escape(ref.run_id)} is {run.state}.")
                 self.close(ref, text)
                 closed += 1
         return {"posted": posted, "closed": closed}
@@ -387,8 +395,9 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
         ack()
         action = (body.get("actions") or [{}])[0]
         user = (body.get("user") or {}).get("id", "")
-        if not claim(approvals.ctx, request_key("action", action.get("action_ts"), user, action.get("action_id"), (_where(body) or "")),
-                     REQUEST_KIND, {"user": user, "action": action.get("action_id")}):
+        where = _where(body)
+        key = request_key("action", action.get("action_ts"), user, action.get("action_id"), where.ts if where else "")
+        if not claim(approvals.ctx, key, REQUEST_KIND, {"user": user, "action": action.get("action_id")}):
             context["flywheel_repeat"] = True  # Slack's retry, or the same payload again: done already
             return
         if action.get("action_id") != ACTION_REJECT:
@@ -396,7 +405,7 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
         try:  # the dialog must open now: a trigger id expires three seconds after the click
             ref = ApprovalRef.parse(action.get("value"))
             if approvals.refusal(user, ref) is None:
-                approvals.client.views_open(trigger_id=body["trigger_id"], view=reject_dialog(ref, _where(body)))
+                approvals.client.views_open(trigger_id=body["trigger_id"], view=reject_dialog(ref, where))
                 context["flywheel_dialog"] = True
         except Exception as exc:  # noqa: BLE001 - the lazy function tells the user what went wrong
             log.warning("could not open the reject dialog: %s", exc)
@@ -457,66 +466,3 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
     app.view(VIEW_REJECT)(ack=ack_reason, lazy=[work_reason])
     app.event("app_mention")(ack=ack_event, lazy=[work_mention])
     return app
-
-
-# --- running it -------------------------------------------------------------------------------------------------
-
-
-class SlackHttpServer:
-    """HTTP mode: the Bolt app behind Starlette on uvicorn, in a background thread. Slack posts events and
-    interactivity to POST /slack/events; GET /healthz answers "ok". Dispatch runs in Starlette's thread
-    pool so that the event loop stays free while an ack function claims its request."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 3000):
-        import uvicorn
-        from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
-        from starlette.applications import Starlette
-        from starlette.concurrency import run_in_threadpool
-        from starlette.requests import Request
-        from starlette.responses import PlainTextResponse
-        from starlette.routing import Route
-
-        async def events(request: Request) -> Any:
-            body = await request.body()
-            return to_starlette_response(await run_in_threadpool(app.dispatch, to_bolt_request(request, body)))
-
-        async def healthz(_request: Request) -> Any:
-            return PlainTextResponse("ok")
-
-        web = Starlette(routes=[Route(EVENTS_PATH, events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])])
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError as exc:
-            self._sock.close()
-            raise UserInputError(f"cannot listen for Slack on {host}:{port}: {exc.strerror} (use --port)") from exc
-        self.host, self.port = host, self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off", access_log=False))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="slack-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}{EVENTS_PATH}"
-
-    def start(self, timeout: float = 10.0) -> "SlackHttpServer":
-        self._thread.start()
-        deadline = threading.Event()
-        for _ in range(int(timeout / 0.02)):
-            if self._server.started:
-                return self
-            deadline.wait(0.02)
-        raise InfrastructureError(f"the Slack HTTP endpoint did not start on {self.host}:{self.port}")
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
-
-
-def socket_mode_handler(app: Any, tokens: SlackTokens) -> Any:
-    """Socket Mode: the app connects out to Slack with the app-level token; no public endpoint needed.
-    `.connect()` starts it in the background, `.close()` stops it."""
-    from slack_bolt.adapter.socket_mode import SocketModeHandler
-
-    return SocketModeHandler(app, app_token=tokens.app_token, web_client=app.client)

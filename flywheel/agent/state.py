@@ -25,21 +25,13 @@ CYCLE_REQUEST = (
     "verified corrections, train a candidate, evaluate it against the champion, and report what happened."
 )
 
-
-PER_REQUEST_FACTS = ("done", "errors", "calls", "refused")  # what one request did; the rest describes the world
-DROP = "_drop"  # in a cycle update: keys to remove ("*": all) before the rest is merged
+DROP = "_drop"  # in a cycle update: "*" empties the facts before the rest is merged (a new request)
 
 
 def merge_cycle(old: dict[str, Any] | None, update: dict[str, Any] | None) -> dict[str, Any]:
     """The `cycle` reducer: updates merge key by key, so the tool node writes only what changed."""
-    merged = dict(old or {})
     update = dict(update or {})
-    drop = update.pop(DROP, ())
-    if drop == "*":
-        merged = {}
-    else:
-        for key in drop:
-            merged.pop(key, None)
+    merged = {} if update.pop(DROP, None) == "*" else dict(old or {})
     merged.update(update)
     return merged
 
@@ -59,8 +51,8 @@ class AgentState(TypedDict, total=False):
 
 
 def new_request(run_id: str, trigger: str, text: str | None = None) -> dict[str, Any]:
-    """The input for a new run or a new chat turn: the request, and fresh counters. The cycle's facts
-    start empty for an autonomous cycle and carry over between the turns of a chat."""
+    """The input for a new run or a new chat turn: the request, fresh counters and no facts yet (each
+    request's facts come from its own tool results; the conversation carries the rest)."""
     values: dict[str, Any] = {
         "run_id": run_id,
         "trigger": trigger,
@@ -70,6 +62,6 @@ def new_request(run_id: str, trigger: str, text: str | None = None) -> dict[str,
         "stop_reason": None,
         "outcome": None,
         "messages": [HumanMessage(content=text or CYCLE_REQUEST)],
+        "cycle": {DROP: "*"},
     }
-    values["cycle"] = {DROP: "*" if trigger != "chat" else list(PER_REQUEST_FACTS)}
     return values

@@ -24,13 +24,15 @@ PortOption = Annotated[Optional[int], typer.Option("--port", min=0, max=65535, h
 
 
 def _log_to_stderr() -> None:
-    logger = logging.getLogger("flywheel")
-    if not any(getattr(h, "_flywheel_daemon", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._flywheel_daemon = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    # flywheel's own lines at INFO; APScheduler's (a firing skipped or missed) at WARNING, same format
+    for name, level in (("flywheel", logging.INFO), ("apscheduler", logging.WARNING)):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_flywheel_daemon", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler._flywheel_daemon = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 @app.command("daemon")

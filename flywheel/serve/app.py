@@ -149,7 +149,7 @@ class _ApiKeyAuth:
             return
         key = _bearer(scope)
         client = self.keys.client_for(key) if key else None
-        if client is None and key and self.keys.claim_miss_refresh():  # a key created a moment ago
+        if client is None and key and self.keys.claim_miss_refresh(key):  # a key created a moment ago
             await anyio.to_thread.run_sync(self.keys.refresh)
             client = self.keys.client_for(key)
         if client is None:

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import anyio
 import httpx
 import orjson
+import yarl
 
 from flywheel import registry
 from flywheel.errors import InfrastructureError, UserInputError
@@ -198,7 +200,12 @@ def lora_name(version: ModelVersion) -> str:
 
 
 class ProxyBackend:
-    """Forwards requests to an upstream server over one pooled HTTP/1.1 connection pool."""
+    """Forwards requests to an upstream server over one pool of keep-alive connections.
+
+    Requests go through aiohttp, not httpx: on this path httpx's async client cost about four times the
+    CPU and latency per request (0.8 ms vs 0.17 ms CPU, 2.5 ms vs 0.6 ms wall, measured against the
+    bench/serve.py upstream), which alone would use up the gateway's 5 ms p99 budget. The adapter
+    loading calls come from the router's thread and use httpx's sync client."""
 
     kind = "proxy"
 
@@ -218,23 +225,30 @@ class ProxyBackend:
         self.base_url = url if url.endswith("/v1") else url + "/v1"
         self.base_model_name = base_model_name
         self.adapter_path_map = dict(adapter_path_map or {})
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        self._timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._client: httpx.AsyncClient | None = None
-        self._admin = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers)  # prepare(): sync
+        self._chat_url = yarl.URL(self.base_url + "/chat/completions")
+        self._session: aiohttp.ClientSession | None = None
+        timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+        self._admin = httpx.Client(base_url=self.base_url, timeout=timeout, headers=self._headers)  # prepare(): sync
         self._names: dict[str, str] = {}  # version id -> the upstream's model name
 
     async def start(self) -> None:
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+        if self._session is None:  # created on the serving event loop, which it then belongs to
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(10.0, self.timeout_s)),
+                headers=self._headers,
+                auto_decompress=True,
+            )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         self._admin.close()
 
     def describe(self) -> dict[str, Any]:
@@ -280,43 +294,48 @@ class ProxyBackend:
     # --- requests ---------------------------------------------------------------------------------------
 
     async def complete(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> Completion:
-        body = {**payload, "model": self._name(version)}
-        response = await self._send(body, stream=False)
-        if response.status_code == 404 and version.adapter_path is not None:
+        body = orjson.dumps({**payload, "model": self._name(version)})
+        status, content, headers = await self._post(body)
+        if status == 404 and version.adapter_path is not None:
             await self._reload(version)  # the upstream restarted and lost the adapter
-            response = await self._send(body, stream=False)
-        if response.status_code != 200:
-            raise _upstream_error(response)
+            status, content, headers = await self._post(body)
+        if status != 200:
+            raise _upstream_error(status, content, headers)
         try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
             message = data["choices"][0]["message"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise ApiError(502, f"the upstream answered with a body that is not a chat completion: {response.text[:200]!r}", type="server_error", code="bad_upstream_response") from None
+            raise ApiError(502, f"the upstream answered with a body that is not a chat completion: {content[:200]!r}", type="server_error", code="bad_upstream_response") from None
         token_usage = data.get("usage") or {}
         return Completion(body=data, message=message, prompt_tokens=token_usage.get("prompt_tokens"), completion_tokens=token_usage.get("completion_tokens"))
 
     async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncIterator[dict[str, Any]]:
         # The gateway always asks for usage (it stores token counts); the app drops that chunk for clients
         # that did not ask for it.
-        body = {**payload, "model": self._name(version), "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}
-        response = await self._send(body, stream=True)
-        if response.status_code == 404 and version.adapter_path is not None:
-            await response.aclose()
+        body = orjson.dumps({**payload, "model": self._name(version), "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}})
+        response = await self._open(body)
+        if response.status == 404 and version.adapter_path is not None:
+            response.release()
             await self._reload(version)
-            response = await self._send(body, stream=True)
-        if response.status_code != 200:
-            await response.aread()
-            await response.aclose()
-            raise _upstream_error(response)
+            response = await self._open(body)
+        if response.status != 200:
+            try:
+                content = await response.read()
+            except aiohttp.ClientError:
+                content = b""
+            finally:
+                response.release()
+            raise _upstream_error(response.status, content, response.headers)
         return self._chunks(response)
 
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     return
                 try:
                     obj = orjson.loads(data)
@@ -325,29 +344,45 @@ class ProxyBackend:
                 if "error" in obj:
                     raise ApiError(502, f"the upstream failed mid-stream: {_message_of(obj)}", type="server_error", code="upstream_error")
                 yield obj
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ApiError(502, f"the upstream stream broke: {type(exc).__name__}: {exc}", type="server_error", code="upstream_error") from exc
         finally:
-            await response.aclose()
+            response.release()
 
-    async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
-        if self._client is None:
+    def _session_or_503(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise ApiError(503, "the proxy backend is not started", type="server_error", code="backend_unavailable")
+        return self._session
+
+    async def _post(self, body: bytes) -> tuple[int, bytes, Any]:
         try:
-            if stream:
-                request = self._client.build_request("POST", "/chat/completions", content=orjson.dumps(body))
-                return await self._client.send(request, stream=True)
-            return await self._client.post("/chat/completions", content=orjson.dumps(body))
-        except httpx.TimeoutException as exc:
-            raise ApiError(504, f"the upstream model server did not answer in time ({type(exc).__name__})", type="server_error", code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
-            raise ApiError(502, f"cannot reach the upstream model server at {self.base_url}: {type(exc).__name__}: {exc}", type="server_error", code="upstream_unavailable") from exc
+            async with self._session_or_503().post(self._chat_url, data=body) as response:
+                return response.status, await response.read(), response.headers
+        except asyncio.TimeoutError as exc:
+            raise _timeout(exc) from exc
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def _open(self, body: bytes) -> aiohttp.ClientResponse:
+        try:
+            return await self._session_or_503().post(self._chat_url, data=body)
+        except asyncio.TimeoutError as exc:
+            raise _timeout(exc) from exc
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> ApiError:
+        return ApiError(502, f"cannot reach the upstream model server at {self.base_url}: {type(exc).__name__}: {exc}", type="server_error", code="upstream_unavailable")
 
     async def _reload(self, version: ModelVersion) -> None:
         try:
             await anyio.to_thread.run_sync(self._load, version)
         except InfrastructureError as exc:
             raise ApiError(503, f"{version.id} cannot be served now: {exc}", type="server_error", param="model", code="model_unavailable") from exc
+
+
+def _timeout(exc: Exception) -> ApiError:
+    return ApiError(504, f"the upstream model server did not answer in time ({type(exc).__name__})", type="server_error", code="upstream_timeout")
 
 
 def _message_of(body: Any) -> str:
@@ -362,21 +397,20 @@ def _message_of(body: Any) -> str:
     return str(body)[:300]
 
 
-def _upstream_error(response: httpx.Response) -> ApiError:
+def _upstream_error(status: int, content: bytes, headers: Any) -> ApiError:
     """The upstream's error as the client's: its own 4xx passes through (a bad parameter is the caller's
     to fix), anything that is the gateway's or the upstream's fault becomes a 502."""
     try:
-        body: Any = orjson.loads(response.content)
+        body: Any = orjson.loads(content)
     except orjson.JSONDecodeError:
-        body = response.text[:300]
+        body = content[:300].decode("utf-8", "replace")
     message = _message_of(body)
-    status = response.status_code
     if status in (401, 403):
         return ApiError(502, f"the upstream refused the gateway's credentials (HTTP {status}): {message}", type="server_error", code="upstream_auth")
     if status == 404:
         return ApiError(502, f"the upstream does not serve the model the gateway asked for (set serve.upstream_model?): {message}", type="server_error", code="upstream_model_not_found")
     if status == 429:
-        retry = {"retry-after": response.headers["retry-after"]} if "retry-after" in response.headers else None
+        retry = {"retry-after": headers["retry-after"]} if "retry-after" in headers else None
         return ApiError(429, f"the upstream is rate limiting: {message}", type="rate_limit_error", code="rate_limit_exceeded", headers=retry)
     if 400 <= status < 500:
         kind = body.get("error", {}).get("type") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None

@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - not on Linux/macOS: no cross-process s
 log = logging.getLogger("flywheel.serve")
 
 MAX_USER_ID = 200  # interactions.user_id width; longer ids are stored as a stable pseudonym
-IDLE_WAIT_S = 0.1
+LINGER_S = 0.05  # the writer's pause after a partial batch
 ROW_TIMES = ("timestamp", "ingested_at")
 
 
@@ -228,7 +228,7 @@ class Capture:
         """Write what is queued (for up to serve.shutdown_flush_s), spill the rest, close the spill file."""
         self._closed = True
         self._stopping.set()
-        limit = (self.flush_s if timeout is None else timeout) + 5.0
+        limit = (self.flush_s if timeout is None else timeout) + 2.0  # a store call already under way gets 2 s more
         if self._thread is not None:
             self._thread.join(limit)
             if self._thread.is_alive():  # stuck in a store call: keep its batch and the queue on disk
@@ -284,13 +284,13 @@ class Capture:
                 return
             if not self._stopping.is_set():
                 self._maybe_replay()
+            if len(items) < self.batch_size:
+                # Not a full batch: let more gather instead of waking (and taking the GIL from the event
+                # loop) for every request. The store sees a transaction per LINGER_S at most, not per request.
+                self._stopping.wait(LINGER_S)
 
     def _take(self) -> list[Served | FeedbackItem]:
-        try:
-            first = self._queue.get(timeout=IDLE_WAIT_S)
-        except queue.Empty:
-            return []
-        items = [first]
+        items: list[Served | FeedbackItem] = []
         while len(items) < self.batch_size:
             try:
                 items.append(self._queue.get_nowait())

@@ -98,9 +98,9 @@ def signal_update(kind: str, value: Any) -> dict[str, Any]:
     if kind == "thumbs_down":
         return {"feedback": "down"}
     if kind == "escalation":
-        return {"escalated_to_human": bool(value)}
+        return {"escalated_to_human": True if value is None else bool(value)}
     if kind == "followup":
-        return {"followups": interactions.c.followups + int(value)}
+        return {"followups": interactions.c.followups + (1 if value is None else int(value))}
     if kind == "qa_verdict":
         return {"qa_verdict": value}
     if kind == "complaint":

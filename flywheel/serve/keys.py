@@ -6,7 +6,9 @@
 The gateway checks keys against `KeyCache`, an in-memory copy of the active key hashes that a background
 thread re-reads every `serve.keys_refresh_s`, so the request path never waits on the store and a
 revocation takes effect within that interval without a restart. A key the cache does not know triggers
-one early re-read (at most every MISS_REFRESH_S), so a key created a moment ago works at once.
+one early re-read, so a key created a moment ago works at once; the same unknown key does so at most
+every MISS_REFRESH_S and all unknown keys together at most MISS_REFRESHES_PER_S times a second, so a
+flood of wrong keys costs the store a few small reads.
 
 Why sha256 and not a slow password hash: the keys are 256-bit random tokens, not passwords a person
 chose; nothing can be guessed from a fast hash of one, and the gateway checks one per request.
@@ -33,7 +35,8 @@ log = logging.getLogger("flywheel.serve")
 
 KEY_PREFIX = "fw-"
 MAX_NAME = 200  # api_keys.name column width
-MISS_REFRESH_S = 0.5
+MISS_REFRESH_S = 2.0
+MISS_REFRESHES_PER_S = 10
 
 
 class ApiKey(Record):
@@ -92,12 +95,12 @@ class KeyCache:
         self.refresh_s = refresh_s
         self._by_hash: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._last_attempt = 0.0
+        self._misses: dict[str, float] = {}  # unknown key hash -> when it last caused a re-read
+        self._recent_rereads: list[float] = []
         self.loaded = False  # at least one read succeeded
 
     def refresh(self) -> bool:
         """Re-read the active keys. False (and the old table kept) when the store cannot be read."""
-        self._last_attempt = time.monotonic()
         try:
             with self.store.engine.connect() as conn:
                 rows = conn.execute(select(api_keys.c.key_hash, api_keys.c.name).where(api_keys.c.revoked.is_(False))).fetchall()
@@ -111,12 +114,20 @@ class KeyCache:
     def client_for(self, key: str) -> str | None:
         return self._by_hash.get(hash_key(key))
 
-    def claim_miss_refresh(self) -> bool:
-        """True when a request with an unknown key may re-read the table now (at most every MISS_REFRESH_S)."""
+    def claim_miss_refresh(self, key: str) -> bool:
+        """True when a request with this unknown key may re-read the table now."""
+        now = time.monotonic()
+        digest = hash_key(key)
         with self._lock:
-            if time.monotonic() - self._last_attempt < MISS_REFRESH_S:
+            if now - self._misses.get(digest, -MISS_REFRESH_S) < MISS_REFRESH_S:
                 return False
-            self._last_attempt = time.monotonic()
+            self._recent_rereads = [t for t in self._recent_rereads if now - t < 1.0]
+            if len(self._recent_rereads) >= MISS_REFRESHES_PER_S:
+                return False
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            self._misses[digest] = now
+            self._recent_rereads.append(now)
             return True
 
     def __len__(self) -> int:

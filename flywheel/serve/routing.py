@@ -119,6 +119,9 @@ class Router:
             for vid, version in explicit.items():
                 if version.status not in CLOSED and (ready := self._ready(version, old)) is not None:
                     versions.setdefault(vid, ready)
+            for vid in self._explicit:  # loaded by a request while this refresh was reading the store
+                if vid not in explicit and vid in old.versions:
+                    versions.setdefault(vid, old.versions[vid])
             if routing is not None and CHAMPION in aliases and aliases[CHAMPION].id != routing.champion:
                 routing = routing.model_copy(update={"champion": aliases[CHAMPION].id})
             snapshot = Snapshot(routing=routing if CHAMPION in aliases else None, aliases=aliases, versions=versions)

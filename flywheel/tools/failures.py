@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
+from sqlalchemy import select
 
 from flywheel import registry as model_registry
 from flywheel.data.triage import TriageSummary, triage
@@ -20,6 +21,7 @@ from flywheel.evals.judge import judge_failures as judge_stage
 from flywheel.records import FailureStatus, Record, SampleTier
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
+from flywheel.store.schema import runs
 from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
 from flywheel.trainer.jobs import list_jobs
 
@@ -43,6 +45,7 @@ class PipelineStatus(Record):
     verified_problem_samples: int  # verified corrections in the problem tier: what a dataset trains on
     champion: str | None
     candidates: list[Candidate] = []  # not yet decided
+    awaiting_decision: list[str] = []  # versions an agent run waits on for a person's decision
     active_jobs: list[str] = []
 
     @property
@@ -88,12 +91,16 @@ def pipeline_status(ctx: ToolContext) -> PipelineStatus:
         if v.status in ("candidate", "canary") and v.approval is None
     ]
     jobs = [j.id for j in list_jobs(store, statuses=["queued", "running"], limit=20)]
+    with store.engine.connect() as conn:
+        pending = conn.execute(select(runs.c.pending).where(runs.c.state == "waiting_approval")).scalars().all()
+    awaiting = sorted({p["version"] for p in pending if isinstance(p, dict) and p.get("version")})
     return PipelineStatus(
         interactions=interaction_repo.count(store),
         failures_by_status=by_status,
         verified_problem_samples=verified,
         champion=champion,
         candidates=undecided[:10],
+        awaiting_decision=awaiting,
         active_jobs=jobs,
     )
 

@@ -1,0 +1,238 @@
+"""Capture and feedback: every answer lands in the store as an Interaction, off the request path; a slow,
+locked or unreachable store slows no request and loses nothing (spill files, replayed later); feedback
+sets the signals the capture rules read."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import PG_ADMIN_DSN
+from openai_server import OpenAIServer
+from serve_helpers import chat, running_gateway, serve_settings
+
+from flywheel import registry
+from flywheel.data.triage import TriageSummary, capture_new, matched_rules
+from flywheel.records import utcnow
+from flywheel.serve.backends import ProxyBackend
+from flywheel.serve.capture import Capture, Served
+from flywheel.serve.feedback import FeedbackItem
+from flywheel.settings import load_settings
+from flywheel.store import interactions as interaction_repo
+from flywheel.store.db import Store, make_engine, open_store
+from flywheel.store.schema import feedback_events
+
+EMAIL = "jane.doe@example.com"
+
+
+@pytest.fixture
+def upstream() -> Iterator[OpenAIServer]:
+    with OpenAIServer(models=("tiny-base",), default="We will look into it.") as server:
+        yield server
+
+
+def _served(i: int, text: str = "where is my parcel?", **extra: object) -> Served:
+    return Served(
+        id=f"chatcmpl-test-{i}", timestamp=utcnow() - timedelta(seconds=i), model_version="v1",
+        messages=[{"role": "user", "content": f"{text} I am {EMAIL} ({i})"}, {"role": "assistant", "content": "On its way."}],
+        latency_ms=1.5, prompt_tokens=9, completion_tokens=3, user_id=f"user-{i}", client="unit", **extra,  # type: ignore[arg-type]
+    )
+
+
+def _spill_text(folder: Path) -> str:
+    return "".join(p.read_text() for p in folder.glob("spill-*.jsonl"))
+
+
+def test_a_locked_store_slows_no_request_and_loses_nothing(store: Store, upstream: OpenAIServer) -> None:
+    registry.register_base(store, "tiny-base")
+    database = store.engine.url.database
+    assert database
+    with running_gateway(store, ProxyBackend(upstream.base_url), capture_queue=10, capture_batch=5) as gw:
+        lock = sqlite3.connect(database, timeout=30)
+        lock.execute("BEGIN IMMEDIATE")  # holds the write lock: every write waits on it
+        try:
+            with gw.http() as http:
+                responses = [chat(http, text=f"I am {EMAIL}, order {i}", user=f"u{i}") for i in range(80)]
+            # every request was answered while the store could not take a single row
+            assert all(r.status_code == 200 for r in responses)
+            stats = gw.gateway.capture.stats()
+            assert stats["stored"] == 0 and stats["spilled"] >= 60, stats
+            spilled = _spill_text(gw.gateway.capture.spill.folder)
+            assert spilled and EMAIL not in spilled and "[EMAIL]" in spilled  # scrubbed before it touches the disk
+        finally:
+            lock.rollback()
+            lock.close()
+        gw.settle()
+        stats = gw.gateway.capture.stats()
+    ids = {r.headers["x-flywheel-interaction-id"] for r in responses}
+    stored = {i.id: i for i in interaction_repo.iter_all(store)}
+    assert set(stored) == ids and stats["lost"] == 0 and stats["replayed"] >= 60
+    assert all(EMAIL not in i.last_user_text() for i in stored.values())
+    assert not list(gw.gateway.capture.spill.folder.glob("spill-*"))  # replayed files are gone
+
+
+def test_an_unreachable_store_spills_and_a_later_start_replays(store: Store, tmp_path: Path) -> None:
+    settings = serve_settings(store.settings, spill_dir=str(tmp_path / "spill"))
+    down = Store(engine=make_engine("postgresql+psycopg://nobody@127.0.0.1:9/none"), settings=settings)  # nothing listens
+    first = Capture(down, settings).start()
+    for i in range(50):
+        first.submit(_served(i))
+    first.submit(FeedbackItem(interaction_id="chatcmpl-test-0", kind="thumbs_down", value=None, client="unit"))
+    assert first.wait_idle(timeout=20)
+    first.close()
+    stats = first.stats()
+    assert stats["store_errors"] >= 1 and stats["stored"] == 0 and stats["spilled"] == 51 and stats["lost"] == 0
+    assert EMAIL not in _spill_text(tmp_path / "spill")
+
+    second = Capture(store, settings).start()  # the next start (the store is back): replays what was spilled
+    assert second.wait_idle(timeout=20, replayed=True)
+    second.close()
+    assert interaction_repo.count(store) == 50 and second.stats()["replayed"] == 51
+    first_row = interaction_repo.get(store, "chatcmpl-test-0")
+    assert first_row is not None and first_row.signals.feedback == "down" and first_row.source == "gateway:unit"
+
+
+def test_shutdown_flushes_the_queue(store: Store, upstream: OpenAIServer) -> None:
+    registry.register_base(store, "tiny-base")
+    with running_gateway(store, ProxyBackend(upstream.base_url), capture_batch=1000) as gw:
+        with gw.http() as http:
+            ids = [chat(http, user=f"u{i}").headers["x-flywheel-interaction-id"] for i in range(60)]
+        # no waiting: stopping the server right away must still write everything
+    assert {i.id for i in interaction_repo.iter_all(store)} == set(ids)
+    assert gw.gateway.capture.stats()["lost"] == 0
+
+
+def test_a_store_stuck_at_shutdown_spills_and_the_next_start_replays(store: Store, upstream: OpenAIServer) -> None:
+    registry.register_base(store, "tiny-base")
+    database = store.engine.url.database
+    assert database
+    lock = sqlite3.connect(database, timeout=30)
+    with running_gateway(store, ProxyBackend(upstream.base_url), shutdown_flush_s=0.3, capture_batch=8) as gw:
+        lock.execute("BEGIN IMMEDIATE")
+        with gw.http() as http:
+            ids = [chat(http, user=f"u{i}").headers["x-flywheel-interaction-id"] for i in range(40)]
+    # the server stopped while the store was still locked: what it could not write is on disk
+    lock.rollback()
+    lock.close()
+    folder = gw.gateway.capture.spill.folder
+    assert list(folder.glob("spill-*.jsonl"))
+    restarted = Capture(store, gw.gateway.settings).start()
+    assert restarted.wait_idle(timeout=30, replayed=True)
+    restarted.close()
+    assert {i.id for i in interaction_repo.iter_all(store)} == set(ids)
+
+
+def test_feedback_that_arrives_before_its_interaction_is_applied_on_insert(store: Store, tmp_path: Path) -> None:
+    settings = serve_settings(store.settings, spill_dir=str(tmp_path / "spill"))
+    capture = Capture(store, settings).start()
+    try:
+        capture.submit(FeedbackItem(interaction_id="chatcmpl-test-7", kind="followup", value=2, client="unit"))
+        capture.submit(FeedbackItem(interaction_id="chatcmpl-test-7", kind="escalation", value=None, client="unit"))
+        assert capture.wait_idle()
+        assert interaction_repo.get(store, "chatcmpl-test-7") is None
+        capture.submit(_served(7))  # e.g. replayed from a spill file after its feedback was stored
+        assert capture.wait_idle()
+        capture.submit(FeedbackItem(interaction_id="chatcmpl-test-7", kind="followup", value=1, client="unit"))
+        capture.submit(_served(7))  # the same interaction again (a replay after a crash) changes nothing
+        assert capture.wait_idle()
+    finally:
+        capture.close()
+    row = interaction_repo.get(store, "chatcmpl-test-7")
+    assert row is not None and row.signals.followups == 3 and row.signals.escalated_to_human
+    with store.engine.connect() as conn:
+        assert len(conn.execute(feedback_events.select()).fetchall()) == 3
+
+
+def test_rows_the_store_cannot_hold_are_kept_in_rejected_jsonl(project: Path, tmp_path: Path) -> None:
+    settings = serve_settings(load_settings(project, policies={"max_message_chars": 200}), spill_dir=str(tmp_path / "spill"))
+    store = open_store(settings)
+    try:
+        capture = Capture(store, settings).start()
+        capture.submit(_served(1))
+        capture.submit(_served(2, text="x" * 500))  # over policies.max_message_chars: the store refuses it, as ingest does
+        capture.submit(_served(3, user_tier="enterprise", intent="refund"))
+        assert capture.wait_idle()
+        capture.close()
+        assert capture.stats()["rejected"] == 1 and capture.stats()["lost"] == 0
+        assert interaction_repo.count(store) == 2
+        rejected = (tmp_path / "spill" / "rejected.jsonl").read_text()
+        assert "chatcmpl-test-2" in rejected and "oversized" in rejected and EMAIL not in rejected
+        row = interaction_repo.get(store, "chatcmpl-test-3")
+        assert row is not None and row.signals.user_tier == "enterprise" and row.intent == "refund"
+    finally:
+        store.dispose()
+
+
+def test_feedback_sets_the_signals_the_capture_rules_read(any_store: Store, upstream: OpenAIServer) -> None:
+    registry.register_base(any_store, "tiny-base")
+    with running_gateway(any_store, ProxyBackend(upstream.base_url)) as gw:
+        http = gw.http()
+        ids = [chat(http, text=f"question {i}", user=f"user-{i}").headers["x-flywheel-interaction-id"] for i in range(6)]
+        events = [
+            (ids[0], "thumbs_down", None), (ids[1], "escalation", None), (ids[2], "followup", None), (ids[2], "followup", None),
+            (ids[3], "qa_verdict", "reject"), (ids[4], "complaint", "It promised a refund! Call me on +1 415 555 0100"), (ids[5], "thumbs_up", None),
+        ]
+        for interaction_id, kind, value in events:
+            body = {"interaction_id": interaction_id, "kind": kind, **({"value": value} if value is not None else {})}
+            response = http.post("/v1/feedback", json=body)
+            assert response.status_code == 202 and response.json()["status"] == "accepted", response.text
+        bad = [
+            ({"interaction_id": ids[0], "kind": "love"}, 400, "kind"),
+            ({"interaction_id": ids[0], "kind": "qa_verdict", "value": "great"}, 400, "value"),
+            ({"interaction_id": ids[0], "kind": "followup", "value": "two"}, 400, "value"),
+            ({"kind": "thumbs_up"}, 400, "interaction_id"),
+            ({"interaction_id": "chatcmpl-nope", "kind": "thumbs_up"}, 404, "interaction_id"),
+        ]
+        for body, status, param in bad:
+            response = http.post("/v1/feedback", json=body)
+            assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+        gw.settle()
+    rules = any_store.settings.rules
+    rows = [interaction_repo.get(any_store, i) for i in ids]
+    assert all(rows)
+    caught = [matched_rules(row, rules) for row in rows if row is not None]
+    assert caught == [["thumbs_down"], ["escalation"], ["repeated_followups"], ["qa_reject"], ["complaint"], []]
+    complaint = rows[4].signals.complaint if rows[4] else None
+    assert complaint and "555" not in complaint and "[PHONE]" in complaint  # scrubbed before it is stored
+    summary = TriageSummary()
+    capture_new(any_store, rules, summary)
+    assert summary.captured == 5
+    with any_store.engine.connect() as conn:
+        stored_events = conn.execute(feedback_events.select().order_by(feedback_events.c.id)).fetchall()
+    assert [e.kind for e in stored_events] == [kind for _, kind, _ in events]
+    assert all(e.client and e.client.startswith("test-") for e in stored_events)
+
+
+def test_postgres_going_away_slows_no_request_and_loses_nothing(pg_url: str, project: Path, upstream: OpenAIServer) -> None:
+    settings = load_settings(project, store={"url": pg_url})
+    from conftest import _truncate_all
+
+    _truncate_all(pg_url)
+    store = open_store(settings)
+    name = pg_url.rsplit("/", 1)[1]
+    admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True)
+    try:
+        registry.register_base(store, "tiny-base")
+        with running_gateway(store, ProxyBackend(upstream.base_url)) as gw:
+            with gw.http() as http:
+                before = [chat(http, user=f"a{i}") for i in range(10)]
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                during = [chat(http, user=f"b{i}") for i in range(40)]
+                assert all(r.status_code == 200 for r in before + during)
+                assert gw.gateway.capture.wait_idle(timeout=20)
+                assert gw.gateway.capture.stats()["store_errors"] >= 1 and gw.gateway.capture.stats()["spill_pending"]
+                assert http.get("/health").json()["status"] == "degraded"
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+                gw.settle()
+        ids = {r.headers["x-flywheel-interaction-id"] for r in before + during}
+        assert {i.id for i in interaction_repo.iter_all(store)} == ids
+        assert gw.gateway.capture.stats()["lost"] == 0
+    finally:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.close()
+        store.dispose()
