@@ -242,6 +242,8 @@ class EvalSettings(Section):
 
 
 class CanarySettings(Section):
+    # A candidate that passed its gate serves a canary slice and is observed before a person is asked.
+    before_approval: bool = True
     share: float = Field(0.1, gt=0, lt=1)
     min_requests: int = Field(50, ge=1)
     harm_margin: float = Field(0.05, ge=0)  # canary problem rate above champion's by this rolls back

@@ -144,7 +144,8 @@ def test_kill_in_every_kind_of_node_then_resume_finishes_once(project: Path, bas
             launches = conn.execute(select(effects.c.key).where(effects.c.key.like(f"tool:{final.id}:%launch_training"))).all()
         assert job.id == job_id and job.status == "succeeded" and job.attempts == 1  # one job, never relaunched
         assert sorted(versions) == ["v1", "v2"]  # registered once
-        assert [tuple(s) for s in switches] == [("champion", "v1"), ("champion", "v2"), ("previous", "v1")]  # one promotion
+        # one canary start, one promotion (which ends the canary), nothing twice
+        assert [tuple(s) for s in switches] == [("champion", "v1"), ("canary", "v2"), ("champion", "v2"), ("previous", "v1"), ("canary", None)]
         assert _count(ctx, approvals) == 1 and len(launches) == 1
         assert registry.resolve(ctx.store, "v2").status == "champion"
     finally:
@@ -173,7 +174,7 @@ def test_on_postgresql_a_kill_after_launch_and_after_the_switch_changes_nothing_
             job = conn.execute(select(jobs)).one()
             switches = conn.execute(select(alias_events.c.alias, alias_events.c.to_version).order_by(alias_events.c.id)).all()
         assert job.attempts == 1 and job.status == "succeeded"
-        assert [tuple(s) for s in switches] == [("champion", "v1"), ("champion", "v2"), ("previous", "v1")]
+        assert [tuple(s) for s in switches] == [("champion", "v1"), ("canary", "v2"), ("champion", "v2"), ("previous", "v1"), ("canary", None)]
         assert _the_run(ctx).state == "done" and _count(ctx, approvals) == 1
     finally:
         ctx.close()

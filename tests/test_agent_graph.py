@@ -213,7 +213,8 @@ def test_training_budget_refuses_a_launch(project: Path, base: Path, tmp_path: P
 
 
 def _approval_ctx(project: Path, base: Path, tmp: Path, store_url: str | None = None) -> tuple[Context, str]:
-    seed_project(project, base, store_url=store_url, approvals={"approvers": ["alice"]})
+    # These tests script the model straight to the evaluation; the canary step is covered by the heuristic cycle.
+    seed_project(project, base, store_url=store_url, approvals={"approvers": ["alice"]}, canary={"before_approval": False})
     ctx = _context(project, store_url)
     return ctx, _evaluated_setup(ctx, base, tmp)
 

@@ -94,7 +94,7 @@ def test_injected_instructions_cannot_promote_call_foreign_tools_or_change_the_g
 ) -> None:
     intents = ["refund_status", "card_fee", "lost_card", "refund_status", "card_fee"]
     logs = [log_line(i, intent, user_text=text) for i, (intent, text) in enumerate(zip(intents, INJECTIONS.values()))]
-    seed_project(project, base, logs=logs, approvals={"approvers": ["alice"]},
+    seed_project(project, base, logs=logs, approvals={"approvers": ["alice"]}, canary={"before_approval": False},
                  llm={"base_url": openai_server.base_url, "supervisor_model": "supervisor-model", "max_retries": 0})
     toml_before = (project / "flywheel.toml").read_bytes()
     openai_server.handler = obedient_model

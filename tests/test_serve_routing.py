@@ -164,3 +164,17 @@ def test_a_tampered_adapter_is_never_served(gw: Running, store: Store, upstream:
         response = chat(http, model="v3")
         assert response.status_code == 503 and "sha256" in response.json()["error"]["message"]
     assert not any(name.startswith("v3-") for name in upstream.loras)
+
+
+def test_a_champion_that_cannot_load_is_a_503_not_a_404(store: Store, upstream: OpenAIServer, tmp_path: Path) -> None:
+    registry.register_base(store, "tiny-base")
+    v2 = candidate(store, tmp_path, seed=2)
+    approvals.record_approval(store, "v2", "approved", "alice", "terminal")
+    approvals.promote(store, store.settings, "v2", actor="ops")
+    weights = Path(v2.adapter_path or "") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    with running_gateway(store, ProxyBackend(upstream.base_url)) as gw:  # started with nothing servable
+        response = chat(gw.http())
+        assert response.status_code == 503
+        assert "champion is v2, which cannot be served now" in response.json()["error"]["message"]
+        assert gw.http().get("/health").json()["status"] == "degraded"

@@ -29,7 +29,7 @@ from flywheel.agent.runner import decide, pending_approvals, start_run
 from flywheel.agent.schedule import Daemon
 from flywheel.agent.slack import SlackApprovals, SlackTokens, approval_key, build_app, web_client
 from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
-from flywheel.agent.slack_blocks import ACTION_APPROVE, ACTION_REJECT, VIEW_REJECT, ApprovalRef
+from flywheel.agent.slack_blocks import ACTION_APPROVE, ACTION_REJECT, VIEW_REJECT, ApprovalRef, report_link
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, SettingsError
 from flywheel.records import utcnow
@@ -189,6 +189,8 @@ def test_posting_is_idempotent_and_survives_a_lost_answer(any_store: Any, slack:
         assert "50.0% → 75.0%" in fields and "over_promise" in fields and "v6" in fields
         assert "&lt;!channel&gt;" in json.dumps(blocks) and "<!channel>" not in json.dumps(blocks)  # store text never pings
         assert "`/srv/reports/v7/report.html`" in json.dumps(blocks)  # outside the artifacts folder: shown as a path
+        inside = _pending().model_copy(update={"report_html": str(ctx.settings.artifacts_path / "evals" / "v7" / "report.html")})
+        assert report_link(ctx.settings, inside) == "<https://reports.example.com/a/evals/v7/report.html|open the report>"
         [actions] = [b for b in blocks if b["type"] == "actions"]
         buttons = {e["action_id"]: ApprovalRef.parse(e["value"]) for e in actions["elements"]}
         assert buttons == {ACTION_APPROVE: ApprovalRef(run_id="run-test0001", version="v7", report_hash="ab" * 32),

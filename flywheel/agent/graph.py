@@ -16,8 +16,9 @@ and runs it with `durability="sync"`, so every step is on disk before the next o
   back to it as a ToolMessage. An InfrastructureError stops the run; the step is not saved, so resuming
   re-runs it. Calls that change things are recorded in table `effects` under their tool-call id, so a
   re-run returns the recorded result instead of acting twice. The training-run budget is enforced here.
-- approval: when a tool result says a candidate passed its gate, re-reads the registry and, if the
-  candidate still needs a decision, pauses with `interrupt(PendingApproval)` (flywheel.agent.approval).
+- approval: when a tool result says a candidate passed its gate (and, with canary.before_approval, its
+  canary was observed and not rolled back), re-reads the registry and, if the candidate still needs a
+  decision, pauses with `interrupt(PendingApproval)` (flywheel.agent.approval).
 - promotion: applies the decision (record, promote or reject) with every check in code.
 
 Test hook (inert unless set): FLYWHEEL_TEST_PAUSE_AT names a point, "supervisor", "approval",
@@ -133,6 +134,8 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
 
     def after_tools(state: AgentState) -> str:
         cycle = state.get("cycle") or {}
+        if settings.canary.before_approval and cycle.get("canary_state") not in ("healthy", "collecting"):
+            return "supervisor"  # a gate-passed candidate is watched on a canary slice before anyone is asked
         if cycle.get("gate_passed") is True and cycle.get("candidate"):
             if [cycle["candidate"], cycle.get("report_hash")] != cycle.get("approval_checked"):
                 return "approval"

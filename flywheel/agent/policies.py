@@ -30,6 +30,7 @@ from flywheel.errors import InfrastructureError
 from flywheel.prompts import load_prompt
 from flywheel.settings import Settings
 from flywheel.tools.failures import PipelineStatus, pipeline_status
+from flywheel.tools.labels import labelling_budget_left
 
 if TYPE_CHECKING:
     from flywheel.agent.state import AgentState
@@ -149,6 +150,9 @@ class HeuristicPolicy:
         status = pipeline_status(tools.ctx)
         if "triage_new_logs" not in done:
             return AIMessage(content="", tool_calls=[_call("triage_new_logs", step)])
+        if status.waiting_for_judge and "request_labels" not in done and "request_labels" in tools and labelling_budget_left(tools.ctx) > 0:
+            # labels first: a labelled failure is judged against the right intent, not only by the rules
+            return AIMessage(content="", tool_calls=[_call("request_labels", step)])
         if status.waiting_for_judge and "judge_failures" not in done:
             return AIMessage(content="", tool_calls=[_call("judge_failures", step)])
         if status.waiting_for_correction and "generate_corrections" not in done:
@@ -177,6 +181,13 @@ class HeuristicPolicy:
             return AIMessage(content=_finish(cycle, f"This data trained {cycle['candidate']} before, which is {cycle['candidate_status']}"))
         if cycle.get("gate_passed") is None:
             return AIMessage(content="", tool_calls=[_call("run_evaluation", step, version=cycle["candidate"])])
+        if cycle.get("gate_passed") and self.settings.canary.before_approval:
+            if cycle.get("canary_state") == "rolled_back":
+                return AIMessage(content=_finish(cycle, f"The canary of {cycle['candidate']} was rolled back: {cycle.get('canary_reason', '')}"))
+            if cycle.get("canary") != cycle["candidate"]:
+                return AIMessage(content="", tool_calls=[_call("start_canary", step, version=cycle["candidate"])])
+            if not cycle.get("canary_state"):
+                return AIMessage(content="", tool_calls=[_call("canary_status", step)])
         return AIMessage(content=_finish(cycle, ""))
 
 

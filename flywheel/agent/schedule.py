@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from flywheel.context import Context
@@ -248,7 +249,7 @@ class Daemon:
         job_ids = sync_jobs(self.scheduler, self.settings)
         if self.slack is not None:
             self.scheduler.add_job(self._sync_slack, "interval", seconds=self.settings.slack.sync_interval_s, id=SYNC_JOB,
-                                   jobstore="volatile", replace_existing=True, next_run_time=_now(self.scheduler))
+                                   jobstore="volatile", replace_existing=True, next_run_time=datetime.now(self.scheduler.timezone))
         self.scheduler.resume()
         for job in self.scheduler.get_jobs(jobstore="default"):
             log.info("job %s: next run %s", job.id, job.next_run_time)
@@ -307,7 +308,11 @@ class Daemon:
         """start(), wait for SIGTERM or SIGINT, stop(). Must run in the main thread (signal handlers)."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.stop(grace_s=0)  # whatever did start (the Slack endpoint, the scheduler) stops again
+                raise
             while not self._stop.wait(0.5):
                 pass
             log.info("stopping")
@@ -332,9 +337,3 @@ class Daemon:
             return
         if done["posted"] or done["closed"]:
             log.info("slack sync: %d request(s) posted, %d closed", done["posted"], done["closed"])
-
-
-def _now(scheduler: Any) -> Any:
-    from datetime import datetime
-
-    return datetime.now(scheduler.timezone)

@@ -27,9 +27,15 @@ def demo(
     """Run the whole loop on real data with no network and no LLM endpoint, and leave the HTML report."""
     from flywheel.demo.run import DemoOptions, run_demo
 
-    console = Console(stderr=as_json)
-    options = DemoOptions(data=data, workdir=workdir, quick=quick, yes=yes, interactive=sys.stdin.isatty(), seed=seed, strategy=strategy)
-    result = run_demo(options, say=lambda line: console.print(line, highlight=False, markup=False))
+    from flywheel.agent.chat import TerminalView
+    from flywheel.settings import load_settings
+
+    console = Console(stderr=as_json, highlight=False, soft_wrap=True)
+    interactive = sys.stdin.isatty()
+    options = DemoOptions(data=data, workdir=workdir, quick=quick, yes=yes, interactive=interactive, seed=seed, strategy=strategy)
+    # the view prints each step of the supervisor's run and, at a terminal, asks for the approval inline
+    view = TerminalView(console, load_settings(), read=input if interactive and not yes else None)
+    result = run_demo(options, say=lambda line: console.print(line, markup=False), on_event=view.on_event, ask=view.ask)
     _print_table(console, result)
     if as_json:
         typer.echo(json.dumps({

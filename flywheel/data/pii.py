@@ -57,10 +57,6 @@ class Span:
 # starts with a lookbehind or an alternation of classes is tried at every character and costs ten times more.
 # Boundary checks that would come first are written as lookbehinds after the first character instead.
 
-# --- the gates -------------------------------------------------------------------------------------------------
-# Six digits with at most two separator characters between neighbours: every number kind has this (phones,
-# cards, IBANs, SSN, NINO, DNI/NIE, NIR); or two digits after six capitals: the codice fiscale.
-_NUMBER_GATE = re.compile(r"[0-9](?:(?:[ ().+/-]{0,2}[0-9]){5}|(?<=[A-Z]{6}[0-9])[0-9])")
 
 # --- secrets ---------------------------------------------------------------------------------------------------
 _TOKEN = re.compile(
@@ -107,17 +103,34 @@ def _looks_random(value: str) -> bool:
     return classes >= 3  # short values (passwords): need three character classes, e.g. "Hunter2!"
 
 
+def _may_hold_token(text: str) -> bool:
+    """Substring tests (memchr-fast) for the prefixes of the token kinds: most text has none of them."""
+    if "-" in text and ("sk-" in text or "xox" in text):
+        return True
+    if "_" in text and ("sk_" in text or "rk_" in text or "gh" in text or "github" in text):
+        return True
+    return "AKIA" in text or "ASIA" in text or "AIza" in text or "eyJ" in text or "earer" in text or "EARER" in text
+
+
+def _may_hold_key_value(text: str) -> bool:
+    if ":" not in text and "=" not in text:
+        return False
+    lower = text.lower()
+    return "key" in lower or "token" in lower or "secret" in lower or "passw" in lower or "pwd" in lower or "auth" in lower or "credential" in lower
+
+
 def _secrets(text: str, spans: list[Span]) -> None:
-    for m in _TOKEN.finditer(text):
-        group = "b1" if m.group("b1") else "b2" if m.group("b2") else "b3" if m.group("b3") else None
-        if group is not None:
-            spans.append(Span(m.start(group), m.end(group), "SECRET"))
-            continue
-        start, end = m.span()
-        if (start and (text[start - 1] in _WORDISH)) or (end < len(text) and text[end] in _WORDISH):
-            continue  # part of a longer word: not one of the known token shapes
-        spans.append(Span(start, end, "SECRET"))
-    if ":" in text or "=" in text:
+    if _may_hold_token(text):
+        for m in _TOKEN.finditer(text):
+            group = "b1" if m.group("b1") else "b2" if m.group("b2") else "b3" if m.group("b3") else None
+            if group is not None:
+                spans.append(Span(m.start(group), m.end(group), "SECRET"))
+                continue
+            start, end = m.span()
+            if (start and (text[start - 1] in _WORDISH)) or (end < len(text) and text[end] in _WORDISH):
+                continue  # part of a longer word: not one of the known token shapes
+            spans.append(Span(start, end, "SECRET"))
+    if _may_hold_key_value(text):
         for m in _KEY_VALUE.finditer(text):
             before = text[max(0, m.start() - 24) : m.start()].rstrip(" \t\"'").lower()
             if before.endswith(_KEY_SUFFIXES) and _looks_random(m.group("value")):
@@ -148,25 +161,21 @@ def _emails(text: str, spans: list[Span]) -> None:
 
 
 # --- numbers: IBAN, payment card, national ids, phone numbers -----------------------------------------------------
-# One scan finds them all: the pattern consumes one first character ('+', '(', a digit or a capital; a class,
-# so the engine skips ahead to those in C), then each kind's alternative starts by checking that character.
+# One scan finds them all. The pattern consumes one first character (a digit, '+' or '('; a class, so the
+# engine skips ahead to those in C) and rejects a digit right after a digit at once; then each kind's
+# alternative checks what precedes: most kinds start a token (nothing word-like before them), the IBAN, the
+# NINO, the NIE and the codice fiscale have letters before their first digit, and their span starts there.
 # Leftmost candidate first; when a candidate fails its check, the kinds after it are tried at the same place
 # (a bare 15-digit French NIR fails the card check first), then the scan goes on after the candidate.
 #
-# (kind group, first character, the rest). Every kind but the IBAN starts a token; the boundary check for
-# that is shared (see _NUMBERS). The rest may look back at the first character with a lookbehind.
-_NUMBER_KINDS: list[tuple[str, str, str]] = [
+# Kinds that start a token: (kind, first character, the rest after it).
+_TOKEN_KINDS: list[tuple[str, str, str]] = [
     # payment cards: grouped by four (Visa/MC/Discover), 4-6-5 (Amex), or one run of 13-19 digits
     ("card", "[0-9]", r"(?:[0-9]{3}[ -](?:[0-9]{4}[ -]){2}[0-9]{1,7}|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{12,18})(?![\w-])"),
     # US SSN 123-45-6789 / 123 45 6789, Spanish DNI 12345678Z, French NIR 2 95 10 99 126 111 93
     ("ssn", "[0-9]", r"[0-9]{2}(?P<sep>[- ])[0-9]{2}(?P=sep)[0-9]{4}(?![\w-])"),
     ("es_dni", "[0-9]", r"[0-9]{7}-?[A-Z](?![\w-])"),
     ("fr_nir", "[12]", r" ?[0-9]{2} ?[0-9]{2} ?(?:[0-9]{2}|2[AB]) ?[0-9]{3} ?[0-9]{3} ?[0-9]{2}(?![\w-])"),
-    # UK NINO: prefix letters (D, F, I, Q, U, V never; O never second; BG GB NK KN TN NT ZZ never, checked
-    # below), six digits, suffix A-D; Spanish NIE X1234567L; Italian codice fiscale RSSMRA85T10A562S
-    ("nino", "[A-CEGHJ-PR-TW-Z]", r"[A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])"),
-    ("es_nie", "[XYZ]", r"-?[0-9]{7}-?[A-Z](?![\w])"),
-    ("it_cf", "[A-Z]", r"[A-Z]{5}[0-9]{2}[A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z](?![\w])"),
     # phones: international +CC groups; in parentheses (555) 123-4567 / (020) 7946 0958; North American
     # 555-123-4567, 1-800-555-0199; UK/EU domestic after the trunk 0: 020 7946 0958, 07700 900123
     ("intl", r"\+", r"[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,5}\)?){1,6}(?![\w-]|\.[0-9])"),
@@ -176,17 +185,37 @@ _NUMBER_KINDS: list[tuple[str, str, str]] = [
     # bare 9-11 digits: a phone or an SSN only right after a word that says so (checked below)
     ("bare", "[0-9]", r"[0-9]{8,10}(?![\w-])"),
 ]
-# One shared lookbehind right after the first character rejects positions inside a word or a longer number
-# before any alternative is tried.
-_BOUNDARY = r"(?<![\w+.-][+(0-9A-Z])"
-_NUMBERS = re.compile("[+(0-9A-Z]" + _BOUNDARY + "(?:" + "|".join(f"(?<={first})(?P<{kind}>{rest})" for kind, first, rest in _NUMBER_KINDS) + ")")
-_NUMBER_ONE = {kind: re.compile(f"{first}{_BOUNDARY}(?P<{kind}>{rest})") for kind, first, rest in _NUMBER_KINDS}
-_NUMBER_ORDER = [kind for kind, _, _ in _NUMBER_KINDS]
-# IBAN: found from its check digits (two letters before them are the country): DE89 3704 0044 0532 0130 00.
-# People type them in lower case too; the mod-97 check keeps that safe. Its own scan, run first.
-_IBAN = re.compile(r"[0-9](?<=[A-Za-z]{2}[0-9])(?<![\w][A-Za-z]{2}[0-9])[0-9](?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?(?![\w])")
-_PLACEHOLDER_KIND = {"iban": "IBAN", "card": "CARD", "ssn": "NATIONAL_ID", "es_dni": "NATIONAL_ID", "fr_nir": "NATIONAL_ID", "nino": "NATIONAL_ID",
-                     "es_nie": "NATIONAL_ID", "it_cf": "NATIONAL_ID", "intl": "PHONE", "paren": "PHONE", "nanp": "PHONE", "domestic": "PHONE"}
+# Kinds with letters before the first digit: (kind, what precedes the first digit, the rest, letters before).
+_LETTERED_KINDS: list[tuple[str, str, str, int]] = [
+    # IBAN DE89 3704 0044 0532 0130 00: the country letters, then the check digits. People type them in lower
+    # case too; the mod-97 check keeps that safe.
+    ("iban", r"(?<=[A-Za-z]{2}[0-9])(?<![\w][A-Za-z]{2}[0-9])", r"[0-9](?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?(?![\w])", 2),
+    # UK NINO AB123456C / AB 12 34 56 C: prefix letters (D, F, I, Q, U, V never; O never second; BG GB NK KN
+    # TN NT ZZ never, checked below), six digits, suffix A-D
+    ("nino", r"(?<=[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9])(?<![\w][A-Z]{2}[0-9])", r"[0-9] ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])", 2),
+    ("nino_spaced", r"(?<=[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] [0-9])(?<![\w][A-Z]{2} [0-9])", r"[0-9] ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])", 3),
+    # Spanish NIE X1234567L, Italian codice fiscale RSSMRA85T10A562S
+    ("es_nie", r"(?<=[XYZ][0-9])(?<![\w][XYZ][0-9])", r"[0-9]{6}-?[A-Z](?![\w])", 1),
+    ("it_cf", r"(?<=[A-Z]{6}[0-9])(?<![\w][A-Z]{6}[0-9])", r"[0-9][A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z](?![\w])", 6),
+]
+_FIRST = r"[0-9+(](?<![0-9][0-9])"
+_NOT_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
+_TOKEN_START = r"(?<![\w+.-].)"
+_NUMBERS = re.compile(
+    _FIRST
+    + "(?:"
+    + _TOKEN_START
+    + "(?:"
+    + "|".join(f"(?<={first})(?P<{kind}>{rest})" for kind, first, rest in _TOKEN_KINDS)
+    + ")|"
+    + "|".join(f"{before}(?P<{kind}>{rest})" for kind, before, rest, _ in _LETTERED_KINDS)
+    + ")"
+)
+# Each kind alone, to try the kinds after a failed candidate at the same place.
+_NUMBER_ONE = {kind: re.compile(f"{_FIRST}{_TOKEN_START}(?<={first})(?P<{kind}>{rest})") for kind, first, rest in _TOKEN_KINDS}
+_NUMBER_ONE.update({kind: re.compile(f"{_FIRST}{before}(?P<{kind}>{rest})") for kind, before, rest, _ in _LETTERED_KINDS})
+_NUMBER_ORDER = [kind for kind, _, _ in _TOKEN_KINDS] + [kind for kind, _, _, _ in _LETTERED_KINDS]
+_LETTERS_BEFORE = {kind: n for kind, _, _, n in _LETTERED_KINDS}
 _NINO_NEVER = frozenset(("BG", "GB", "NK", "KN", "TN", "NT", "ZZ"))
 _STDNUM_CHECKS: dict[str, Callable[[str], bool]] = {
     "ssn": lambda value: _us_ssn.is_valid(value.replace(" ", "-")),
@@ -224,17 +253,18 @@ def _valid_card(candidate: str) -> bool:
 def _check_number(kind: str, m: re.Match[str], text: str) -> Span | None:
     """The span of a number candidate of `kind` if it passes that kind's check."""
     start, end = m.start(), m.end()
-    value = m.group()
+    if kind in _LETTERS_BEFORE:
+        start -= _LETTERS_BEFORE[kind]
+    value = text[start:end]
     if kind == "iban":
-        start -= 2
-        length = _valid_iban(text[start:end])
+        length = _valid_iban(value)
         return Span(start, start + length, "IBAN") if length else None
     if kind == "card":
         return Span(start, end, "CARD") if _valid_card(value) else None
     if kind in _PHONE_DIGITS:
         low, high = _PHONE_DIGITS[kind]
         return Span(start, end, "PHONE") if low <= sum(c.isdigit() for c in value) <= high else None
-    if kind == "nino":
+    if kind == "nino" or kind == "nino_spaced":
         return Span(start, end, "NATIONAL_ID") if value[:2] not in _NINO_NEVER else None
     if kind == "bare":
         before = text[max(0, start - 30) : start].lower()
@@ -247,10 +277,6 @@ def _check_number(kind: str, m: re.Match[str], text: str) -> Span | None:
 
 
 def _numbers(text: str, spans: list[Span]) -> None:
-    for m in _IBAN.finditer(text):
-        span = _check_number("iban", m, text)
-        if span is not None and not _overlaps(spans, span.start, span.end):
-            spans.append(span)
     pos = 0
     search = _NUMBERS.search
     while True:
@@ -294,7 +320,8 @@ def find_pii(text: str) -> list[Span]:
     _secrets(text, spans)
     if "@" in text:
         _emails(text, spans)
-    if _NUMBER_GATE.search(text):
+    # Every number kind has at least six digits; counting them in bytes costs far less than a scan.
+    if len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGITS)) >= 6:
         _numbers(text, spans)
     if len(spans) > 1:
         spans.sort(key=lambda s: s.start)
@@ -304,46 +331,45 @@ def find_pii(text: str) -> list[Span]:
 def may_contain_pii(text: str) -> bool:
     """A cheap test: False means `find_pii` finds nothing."""
     return bool(text) and (
-        "@" in text or ":" in text or "=" in text or _TOKEN.search(text) is not None or _NUMBER_GATE.search(text) is not None
+        "@" in text or _may_hold_token(text) or _may_hold_key_value(text) or _NUMBERS.search(text) is not None
     )
 
 
 class Scrubber:
     """Replaces PII with placeholders and counts what it replaced, per kind."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "_clean")
+
+    # Long texts seen clean before (system prompts, canned answers, tool schemas repeat in every logged
+    # conversation) are not scanned again. Bounded: the cache is dropped when it fills.
+    CACHE_MIN_CHARS = 100
+    CACHE_ENTRIES = 4096
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self._clean: dict[str, None] = {}
 
     def text(self, text: str) -> str:
-        spans = find_pii(text)
-        if not spans:
-            return text
-        parts: list[str] = []
-        last = 0
-        for span in spans:
-            parts.append(text[last : span.start])
-            parts.append(PLACEHOLDER[span.kind])
-            self.counts[span.kind] += 1
-            last = span.end
-        parts.append(text[last:])
-        return "".join(parts)
+        return self.texts([text])[0] if text else text
 
     def texts(self, texts: list[str]) -> list[str]:
         """Scrub several texts (the messages of one conversation) with one scan: they are joined with NUL,
         which no pattern matches, and the spans are handed back to the text each lies in. One scan of the
-        whole conversation costs far less than one per message. The texts must not contain NUL."""
-        if len(texts) == 1:
-            return [self.text(texts[0])]
-        joined = "\x00".join(texts)
+        whole conversation costs far less than one per message. The texts must not contain NUL.
+        Returns `texts` itself when nothing was found."""
+        clean = self._clean
+        todo = [t for t in texts if len(t) < self.CACHE_MIN_CHARS or t not in clean]
+        if not todo:
+            return texts
+        joined = todo[0] if len(todo) == 1 else "\x00".join(todo)
         spans = find_pii(joined)
         if not spans:
+            self._remember(todo)
             return texts
-        out: list[str] = []
+        replaced: dict[int, str] = {}  # index in todo -> scrubbed text
         start = 0
         index = 0
-        for text in texts:
+        for n, text in enumerate(todo):
             end = start + len(text)
             if index < len(spans) and spans[index].start < end:
                 parts: list[str] = []
@@ -356,11 +382,28 @@ class Scrubber:
                     last = min(span.end, end)
                     index += 1
                 parts.append(joined[last:end])
-                out.append("".join(parts))
+                replaced[n] = "".join(parts)
+            start = end + 1
+        self._remember([t for n, t in enumerate(todo) if n not in replaced])
+        if len(todo) == len(texts):
+            return [replaced.get(n, t) for n, t in enumerate(todo)]
+        # some texts were skipped as known clean: map the scrubbed ones back by position in `todo`
+        out = []
+        n = 0
+        for text in texts:
+            if n < len(todo) and todo[n] is text:
+                out.append(replaced.get(n, text))
+                n += 1
             else:
                 out.append(text)
-            start = end + 1
         return out
+
+    def _remember(self, clean_texts: list[str]) -> None:
+        for text in clean_texts:
+            if len(text) >= self.CACHE_MIN_CHARS:
+                if len(self._clean) >= self.CACHE_ENTRIES:
+                    self._clean.clear()
+                self._clean[text] = None
 
     def json_text(self, text: str) -> str:
         """Scrub JSON text (tool-call arguments) value by value, so that escapes such as '\\n' before a

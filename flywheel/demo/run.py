@@ -135,33 +135,61 @@ def side(report: dict[str, Any] | None, role: str, version: str | None) -> Side:
     )
 
 
-def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
-    from flywheel.demo.loop import run_cycle
+def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], None] | None = None, ask: Any = None) -> DemoResult:
+    """Prepare the world, then run one cycle through the supervisor graph with the heuristic policy.
+
+    The simulated labeller and canary users reach the graph's tools through `ctx.extras`; everything
+    else is the same run `flywheel run` starts. `ask` answers the approval at the terminal; with
+    `options.yes` the person running the demo approves."""
+    from flywheel.agent.runner import start_run
+    from flywheel.tools.canary import TRAFFIC_KEY
+    from flywheel.tools.labels import LABELLER_KEY
 
     ctx, pack, size, truth, canary_rows, timings = prepare(options, say)
     try:
-        hooks = {
-            "labeller": TruthLabeller(ctx, truth),
-            "canary_traffic": CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth),
-        }
-        outcome = run_cycle(ctx, hooks, options, say)
-        champion_before = outcome.get("champion_before")
-        report = json.loads(Path(outcome["report_json"]).read_text()) if outcome.get("report_json") else None
-        promoted = outcome.get("promoted")
-        after_role = "candidate" if promoted or outcome["state"] == "waiting_approval" else "champion"
-        result = DemoResult(
+        champion_before = champion_version(ctx)
+        ctx.extras[LABELLER_KEY] = TruthLabeller(ctx, truth)
+        ctx.extras[TRAFFIC_KEY] = CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth)
+        if options.strategy:
+            ctx.settings.selection.strategy = options.strategy  # type: ignore[assignment]
+        started = time.monotonic()
+        outcome = start_run(ctx, "demo", policy="heuristic", yes=options.yes, ask=None if options.yes else ask, on_event=on_event)
+        timings["cycle"] = time.monotonic() - started
+        candidate = outcome.cycle.get("candidate")
+        version = resolve(ctx.store, candidate) if candidate else None
+        report_path = Path(version.eval_report_path) if version is not None and version.eval_report_path else None
+        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path else None
+        promoted = candidate if (outcome.outcome or {}).get("promoted") else None
+        state = _state(outcome, promoted)
+        after_role = "candidate" if state in ("promoted", "waiting_approval") else "champion"
+        pending = outcome.pending
+        return DemoResult(
             before=side(report, "champion", champion_before),
-            after=side(report, after_role, outcome.get("candidate") if after_role == "candidate" else champion_before),
+            after=side(report, after_role, candidate if after_role == "candidate" else champion_before),
             promoted=promoted,
-            report=outcome.get("report_html"),
-            state=outcome["state"],
-            how_to_approve=outcome.get("how_to_approve"),
-            timings={**timings, **outcome.get("timings", {})},
-            steps=outcome.get("steps", {}),
+            report=str(report_path.with_name("report.html")) if report_path else None,
+            state=state,
+            how_to_approve=(f"flywheel -C {ctx.settings.project_dir} approve {pending.version}" if pending is not None else None),
+            timings={k: round(v, 1) for k, v in timings.items()},
+            steps={"run": outcome.run_id, "message": outcome.message, "cycle": outcome.cycle},
         )
-        return result
     finally:
         ctx.close()
+
+
+def _state(outcome: Any, promoted: str | None) -> str:
+    if promoted:
+        return "promoted"
+    if outcome.state == "waiting_approval":
+        return "waiting_approval"
+    cycle = outcome.cycle or {}
+    if cycle.get("canary_state") == "rolled_back":
+        return "canary_rolled_back"
+    if cycle.get("gate_passed") is False:
+        return "gate_failed"
+    if (outcome.outcome or {}).get("decision") == "rejected":
+        return "rejected"
+    return outcome.state
 
 
 def champion_version(ctx: Context) -> str:

@@ -34,7 +34,6 @@ from typing import Any
 
 import anyio
 import orjson
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -68,7 +67,7 @@ from flywheel.serve.protocol import (
 from flywheel.serve.routing import Router
 from flywheel.settings import Settings
 from flywheel.store.db import Store
-from flywheel.store.schema import interactions
+from flywheel.store import interactions as interaction_repo
 
 log = logging.getLogger("flywheel.serve")
 
@@ -102,8 +101,7 @@ class Gateway:
     def interaction_exists(self, interaction_id: str) -> bool | None:
         """Whether the store holds the interaction; None when the store cannot be asked."""
         try:
-            with self.store.engine.connect() as conn:
-                return conn.execute(select(interactions.c.id).where(interactions.c.id == interaction_id)).first() is not None
+            return interaction_repo.get(self.store, interaction_id) is not None
         except SQLAlchemyError:
             return None
 

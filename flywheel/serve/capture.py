@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -47,20 +46,15 @@ from flywheel.records import utcnow
 from flywheel.serve import feedback
 from flywheel.serve.feedback import FeedbackItem
 from flywheel.serve.protocol import message_text
+from flywheel.serve.spill import SpillFiles, decode, encode, lock_nonblocking
 from flywheel.settings import Settings
 from flywheel.store.db import Store
 from flywheel.store.interactions import insert_ignore
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux/macOS: no cross-process spill locking
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("flywheel.serve")
 
 MAX_USER_ID = 200  # interactions.user_id width; longer ids are stored as a stable pseudonym
 LINGER_S = 0.05  # the writer's pause after a partial batch
-ROW_TIMES = ("timestamp", "ingested_at")
 
 
 @dataclass(slots=True)
@@ -82,68 +76,6 @@ class Served:
 
 def spill_folder(settings: Settings) -> Path:
     return Path(settings.serve.spill_dir) if settings.serve.spill_dir else settings.state_path / "gateway"
-
-
-# --- the spill files ---------------------------------------------------------------------------------------
-
-
-class SpillFiles:
-    """Append-only JSON Lines files of scrubbed entries: {"t": "i", "row": {...}} or {"t": "f", "item": {...}}."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._lock = threading.Lock()
-        self._active: IO[bytes] | None = None
-        self._active_path: Path | None = None
-
-    def append(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        with self._lock:
-            if self._active is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self._active_path = self.folder / f"spill-{time.time_ns()}-{os.getpid()}.jsonl"
-                self._active = open(self._active_path, "ab")  # noqa: SIM115 - closed in rotate()
-                if fcntl is not None:
-                    fcntl.flock(self._active.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._active.write(b"".join(lines))
-            self._active.flush()  # in the OS's hands: survives a crash of this process
-
-    def rotate(self) -> None:
-        """Close the file being appended to, so that it can be replayed; the next spill opens a new one."""
-        with self._lock:
-            if self._active is not None:
-                self._active.close()
-                self._active = None
-                self._active_path = None
-
-    def files(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(self.folder.glob("spill-*.jsonl"), key=lambda p: p.name)
-
-    def pending(self) -> bool:
-        return bool(self.files())
-
-    def close(self) -> None:
-        self.rotate()
-
-
-def _encode(kind: str, payload: dict[str, Any]) -> bytes:
-    return orjson.dumps({"t": kind, ("row" if kind == "i" else "item"): payload}) + b"\n"
-
-
-def _decode(line: bytes) -> tuple[str, Any]:
-    entry = orjson.loads(line)
-    if entry["t"] == "i":
-        row = entry["row"]
-        for key in ROW_TIMES:
-            if row.get(key):
-                row[key] = datetime.fromisoformat(row[key])
-        return "i", row
-    item = entry["item"]
-    item["created_at"] = datetime.fromisoformat(item["created_at"])
-    return "f", FeedbackItem(**item)
 
 
 # --- the writer ---------------------------------------------------------------------------------------------
@@ -273,17 +205,24 @@ class Capture:
             items = self._take()
             if items:
                 self._inflight = items
-                if deadline is not None and time.monotonic() > deadline:
+                try:
+                    if deadline is not None and time.monotonic() > deadline:
+                        self._spill_items(items)
+                    else:
+                        self._handle(items)
+                except Exception:  # a bug must not end the writer: keep the batch on disk and go on
+                    log.exception("capture: unexpected error; spilling the batch")
                     self._spill_items(items)
-                else:
-                    self._handle(items)
                 self._inflight = []
                 for _ in items:
                     self._queue.task_done()
             elif self._stopping.is_set():
                 return
             if not self._stopping.is_set():
-                self._maybe_replay()
+                try:
+                    self._maybe_replay()
+                except Exception:  # e.g. a spill file that cannot be read: logged, retried next time
+                    log.exception("capture: replaying spill files failed")
             if len(items) < self.batch_size:
                 # Not a full batch: let more gather instead of waking (and taking the GIL from the event
                 # loop) for every request. The store sees a transaction per LINGER_S at most, not per request.
@@ -358,6 +297,8 @@ class Capture:
                 rows.append(self._row(item, scrubber))
             except BadLine as exc:
                 rejected.append((item, exc))
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape build_row did not expect
+                rejected.append((item, BadLine("unbuildable", f"{type(exc).__name__}: {exc}"[:300])))
         return rows, feedbacks, rejected
 
     def _entries(self, items: list[Served | FeedbackItem], scrubber: Scrubber) -> tuple[list[bytes], list[tuple[Served, BadLine]]]:
@@ -366,8 +307,8 @@ class Capture:
 
     @staticmethod
     def _lines(rows: list[dict[str, Any]], feedbacks: list[FeedbackItem]) -> list[bytes]:
-        lines = [_encode("i", row) for row in rows]
-        lines += [_encode("f", {"interaction_id": f.interaction_id, "kind": f.kind, "value": f.value, "client": f.client,
+        lines = [encode("i", row) for row in rows]
+        lines += [encode("f", {"interaction_id": f.interaction_id, "kind": f.kind, "value": f.value, "client": f.client,
                                 "created_at": f.created_at.isoformat()}) for f in feedbacks]
         return lines
 
@@ -455,11 +396,8 @@ class Capture:
         except FileNotFoundError:
             return True  # another process replayed it meanwhile
         with handle:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return True  # a live process is still appending to it, or replaying it
+            if not lock_nonblocking(handle):
+                return True  # a live process is still appending to it, or replaying it
             offset = int(offset_path.read_text()) if offset_path.exists() else 0
             handle.seek(offset)
             self._replaying = True
@@ -484,7 +422,7 @@ class Capture:
         feedbacks: list[FeedbackItem] = []
         for line in iter(handle.readline, b""):
             try:
-                kind, value = _decode(line)
+                kind, value = decode(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash mid-write
                 self._append_rejected({"kind": "corrupt_spill_line", "reason": f"unreadable line in {path.name}", "raw": line[:2000].decode("utf-8", "replace")})
                 continue

@@ -83,8 +83,8 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
     elif kind == "complaint":
         if value is None:
             value = "complaint"  # a bare flag: the capture rule needs a non-empty text
-        if not isinstance(value, str) or not value.strip():
-            raise ApiError(400, "'complaint' value must be a non-empty text", param="value", code="invalid_value")
+        if not isinstance(value, str) or not value.strip() or "\x00" in value:
+            raise ApiError(400, "'complaint' value must be a non-empty text without NUL characters", param="value", code="invalid_value")
         if len(value) > max_chars:
             raise ApiError(400, f"'complaint' value is {len(value)} characters, over policies.max_message_chars ({max_chars})", param="value", code="invalid_value")
         value = Scrubber().text(value)  # the complaint is stored: scrubbed like everything ingest stores

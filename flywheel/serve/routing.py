@@ -68,6 +68,7 @@ class Router:
         self._broken: dict[tuple[str, str | None], tuple[float, str]] = {}  # (id, sha) -> (retry at, why)
         self._unknown: dict[str, float] = {}  # version id -> until when it is known not to exist
         self._explicit: list[str] = []  # ids requested directly, oldest first
+        self._unservable: dict[str, tuple[str, str]] = {}  # alias -> (version, why) the registry names but cannot be served
         self.store_ok = False
         self.refreshed_at = 0.0
 
@@ -109,12 +110,16 @@ class Router:
         with self._write_lock:
             old = self._snapshot
             aliases: dict[str, ModelVersion] = {}
+            unservable: dict[str, tuple[str, str]] = {}
             for alias, version in wanted.items():
                 ready = self._ready(version, old)
                 if ready is not None:
                     aliases[alias] = ready
-                elif alias == CHAMPION and CHAMPION in old.aliases:
+                    continue
+                unservable[alias] = (version.id, self._broken.get((version.id, version.adapter_sha256), (0.0, "it failed to load"))[1])
+                if alias == CHAMPION and CHAMPION in old.aliases:
                     aliases[alias] = old.aliases[CHAMPION]  # keep serving the old champion until the new one loads
+            self._unservable = unservable
             versions = {v.id: v for v in aliases.values()}
             for vid, version in explicit.items():
                 if version.status not in CLOSED and (ready := self._ready(version, old)) is not None:
@@ -159,6 +164,7 @@ class Router:
         if model == CHAMPION:
             champion = snap.aliases.get(CHAMPION)
             if champion is None:
+                self._raise_unservable(model)
                 raise not_found_model(model, "no version is champion yet (register a base model: flywheel train / flywheel demo)")
             canary = snap.aliases.get(CANARY)
             if canary is not None and snap.canary_share > 0:
@@ -169,6 +175,7 @@ class Router:
         if model in (CANARY, PREVIOUS):
             version = snap.aliases.get(model)
             if version is None:
+                self._raise_unservable(model)
                 raise not_found_model(model, f"no version is {model} now")
             return version
         version = snap.versions.get(model)
@@ -179,6 +186,12 @@ class Router:
         if time.monotonic() < self._unknown.get(model, 0.0):
             raise not_found_model(model)
         return None
+
+    def _raise_unservable(self, alias: str) -> None:
+        """A 503 when the registry names a version for `alias` that cannot be served (its adapter failed)."""
+        if alias in self._unservable:
+            version_id, why = self._unservable[alias]
+            raise ApiError(503, f"{alias} is {version_id}, which cannot be served now: {why}", type="server_error", param="model", code="model_unavailable")
 
     def load_version(self, version_id: str) -> ModelVersion:
         """Look a version up by id and prepare it (blocking: run it in a worker thread). A 404 when the

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from flywheel import canary, registry
 from flywheel.records import Record
-from flywheel.tools.registry import ToolContext, ToolSpec
+from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
 
 
 class CanaryStarted(Record):
@@ -34,12 +34,22 @@ def start_canary(ctx: ToolContext, version: str, share: Annotated[float, Field(g
     return CanaryStarted(version=switch.to_version or version, share=registry.current_routing(ctx.store).share, already_running=switch.replayed)
 
 
+TRAFFIC_KEY = "canary_traffic"  # ctx.extras: a callable (version, share, say) that serves users now (the demo's)
+
+
 def canary_status(ctx: ToolContext) -> canary.CanaryStatus:
     """Compare the running canary with the champion now: requests, failure and problem rates on each side. A canary that harms is rolled back automatically."""
+    traffic = ctx.extras.get(TRAFFIC_KEY)
+    routing = registry.current_routing(ctx.store)
+    if traffic is not None and routing.canary and ctx.extras.get("canary_served") != routing.canary:
+        # In a deployment the gateway serves the canary's users as they come; a simulated world (the demo)
+        # serves them here, once per canary, before the observation.
+        traffic(routing.canary, routing.share, lambda line: report_progress(ctx, line))
+        ctx.extras["canary_served"] = routing.canary
     return canary.observe_canary(ctx.store, ctx.settings, actor="agent")
 
 
 SPECS = [
-    ToolSpec(start_canary, mutates=True),
-    ToolSpec(canary_status, mutates=True),
+    ToolSpec(start_canary, mutates=True, facts=lambda started: {"canary": started.version}),
+    ToolSpec(canary_status, mutates=True, facts=lambda status: {"canary_state": str(status.state), "canary_reason": status.reason}),
 ]

@@ -139,7 +139,7 @@ def render_result(result: Any, limit: int = MAX_RESULT_CHARS) -> str:
 
 def build_tools(ctx: Context, extra: Sequence[ToolSpec] = ()) -> ToolRegistry:
     """Every flywheel tool, bound to `ctx`. `extra` adds tools (tests; a deployment's own read-only ones)."""
-    from flywheel.tools import canary, corrections, datasets, evals, failures, jobs, retrieval
+    from flywheel.tools import canary, corrections, datasets, evals, failures, jobs, labels, retrieval
 
-    specs = [*failures.SPECS, *corrections.SPECS, *retrieval.SPECS, *datasets.SPECS, *jobs.SPECS, *evals.SPECS, *canary.SPECS]
+    specs = [*failures.SPECS, *labels.SPECS, *corrections.SPECS, *retrieval.SPECS, *datasets.SPECS, *jobs.SPECS, *evals.SPECS, *canary.SPECS]
     return ToolRegistry(ctx, [*specs, *extra])

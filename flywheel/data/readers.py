@@ -1,0 +1,98 @@
+"""Reading input files as a stream of raw records: JSON Lines (plain or .gz) or one JSON array.
+
+Each reader yields (line or item number, raw bytes); memory stays flat in the file size. A line longer than
+the limit is yielded as None (and skipped without being held in memory); a JSON array that cannot be
+delimited raises BadLine for the item where it broke.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from flywheel.data.rows import BadLine
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115 - closed by caller
+
+
+def read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes) for each line; None for a line over `max_bytes`, which is skipped without
+    being held in memory."""
+    number = 0
+    while True:
+        raw = handle.readline(max_bytes)
+        if not raw:
+            return
+        number += 1
+        if len(raw) >= max_bytes and not raw.endswith(b"\n"):
+            while True:  # drain the rest of the oversized line
+                rest = handle.readline(max_bytes)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield number, None
+            continue
+        yield number, raw
+
+
+def read_json_array(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(item number, raw JSON text of the item) for a file holding one JSON array, read in chunks so that
+    memory stays flat. An item that cannot be delimited ends the file (a BadLine for that item)."""
+    decoder = json.JSONDecoder()
+    text_decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    buffer = ""
+    eof = False
+    number = 0
+    pos = 0
+
+    def fill() -> bool:
+        nonlocal buffer, pos, eof
+        chunk = handle.read(1 << 20)
+        if not chunk:
+            eof = True
+            buffer = buffer[pos:] + text_decoder.decode(b"", final=True)
+        else:
+            try:
+                buffer = buffer[pos:] + text_decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise BadLine("invalid_utf8", f"invalid UTF-8 in JSON array after item {number}: {exc.reason}") from None
+        pos = 0
+        return not eof
+
+    fill()
+    while pos < len(buffer) and buffer[pos].isspace():
+        pos += 1
+    if not buffer[pos:pos + 1] == "[":
+        raise BadLine("malformed_json", "the file starts with neither a JSON object per line nor a JSON array")
+    pos += 1
+    while True:
+        while True:  # skip whitespace and commas between items
+            while pos < len(buffer) and (buffer[pos].isspace() or buffer[pos] == ","):
+                pos += 1
+            if pos < len(buffer) or eof or not fill():
+                break
+        if pos >= len(buffer) or buffer[pos] == "]":
+            return
+        number += 1
+        while True:
+            try:
+                item, end = decoder.raw_decode(buffer, pos)
+            except json.JSONDecodeError as exc:
+                if not eof and len(buffer) - pos < max_bytes:
+                    fill()
+                    continue
+                raise BadLine("malformed_json", f"item {number}: {exc.msg} (the rest of the array cannot be read)") from None
+            break
+        yield number, buffer[pos:end].encode("utf-8")
+        pos = end
+
+
+def looks_like_array(path: Path) -> bool:
+    with open_binary(path) as handle:
+        head = handle.read(64).lstrip()
+    return head.startswith(b"[")
