@@ -3,6 +3,7 @@ fresh store through the same function the CLI calls (flywheel.data.ingest.ingest
 
     python bench/ingest.py                         # 200,000 interactions, SQLite, plus a 50,000 run for RSS
     python bench/ingest.py --interactions 50000 --no-flatness
+    python bench/ingest.py --serial                # one process: no helper that parses and scrubs
     python bench/ingest.py --store-url postgresql://postgres@127.0.0.1:5432/flywheel_bench
 
 Each measured run is its own child process, so its peak RSS belongs to that run alone; the file is written
@@ -124,7 +125,7 @@ def write_file(path: Path, n: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def run_child(path: Path, store_url: str) -> dict:
+def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
     """Runs in a fresh process: ingest `path` into a fresh store and measure."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from flywheel.data.ingest import ingest_files
@@ -137,9 +138,12 @@ def run_child(path: Path, store_url: str) -> dict:
     settings = load_settings(project, **overrides)
     store = open_store(settings)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu_start = time.process_time()
     start = time.perf_counter()
-    summary = ingest_files(store, settings, [path])
+    summary = ingest_files(store, settings, [path], parallel=parallel)
     seconds = time.perf_counter() - start
+    cpu_main = time.process_time() - cpu_start
+    helper = resource.getrusage(resource.RUSAGE_CHILDREN)
     stored = repo.count(store)
     store.dispose()
     f = summary.files[0]
@@ -151,16 +155,19 @@ def run_child(path: Path, store_url: str) -> dict:
         "seconds": round(seconds, 3),
         "interactions_per_second": round(f.read / seconds),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "helper_peak_rss_mb": round(helper.ru_maxrss / 1024, 1),  # the process that parses and scrubs (0: none)
         "rss_before_ingest_mb": round(rss_before, 1),
+        "cpu_seconds_main": round(cpu_main, 2),
+        "cpu_seconds_helper": round(helper.ru_utime + helper.ru_stime, 2),
         "pii_replaced": f.pii,
         "store": "postgresql" if store_url else "sqlite",
     }
 
 
-def measure(n: int, store_url: str, workdir: Path) -> dict:
+def measure(n: int, store_url: str, workdir: Path, serial: bool) -> dict:
     path = workdir / f"interactions-{n}.jsonl"
     size = write_file(path, n)
-    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else [])
+    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else []) + (["--serial"] if serial else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["file_mb"] = round(size / 1e6, 1)
@@ -173,16 +180,19 @@ def main() -> None:
     parser.add_argument("--interactions", type=int, default=200_000)
     parser.add_argument("--store-url", default="", help="empty: a fresh SQLite file")
     parser.add_argument("--no-flatness", action="store_true", help="skip the 50,000 run that shows memory does not grow with size")
+    parser.add_argument("--serial", action="store_true", help="no helper process: parse, scrub and store in one process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(Path(args.child), args.store_url)))
+        print(json.dumps(run_child(Path(args.child), args.store_url, False if args.serial else None)))
         return
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        result = measure(args.interactions, args.store_url, Path(tmp))
+        result = measure(args.interactions, args.store_url, Path(tmp), args.serial)
         if not args.no_flatness and args.interactions > 50_000:
-            small = measure(50_000, args.store_url, Path(tmp))
+            small = measure(50_000, args.store_url, Path(tmp), args.serial)
             result["peak_rss_mb_by_size"] = {"50000": small["peak_rss_mb"], str(args.interactions): result["peak_rss_mb"]}
+            result["helper_peak_rss_mb_by_size"] = {"50000": small["helper_peak_rss_mb"], str(args.interactions): result["helper_peak_rss_mb"]}
+            result["interactions_per_second_50000"] = small["interactions_per_second"]
         result["cpu_count"] = os.cpu_count()
         result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))

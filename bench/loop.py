@@ -1,14 +1,15 @@
 """The demo's loop once per selection strategy, at the same labelling budget, measured on the test set.
 
 Same seed, same production model (built once and reused), same traffic; only the strategy that
-chooses which failures a person labels differs. Each run stops after the evaluation (no canary or
-promotion), since the candidate's test-set numbers are what is compared.
+chooses which failures a person labels differs. Each cycle runs through the supervisor graph as in
+`flywheel demo` and stops at the approval (nobody approves here), so the candidate's test-set numbers
+are compared as they stand.
 
     python bench/loop.py --quick                      # the demo's quick slice, every strategy
     python bench/loop.py --strategies random,hybrid   # the full demo sizes, two strategies
 
-Prints one line per strategy as it finishes and, last, one JSON object:
-{"budget": N, "strategies": {NAME: {"task_success": ..., "problem_rates": {...}}, ...}}
+Prints one line per strategy (stderr) as it finishes and, last, one JSON object:
+{"budget": N, "champion": {...}, "strategies": {NAME: {"task_success": ..., "problem_rates": {...}}, ...}}
 """
 
 from __future__ import annotations
@@ -35,38 +36,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from flywheel.demo.loop import run_cycle
-    from flywheel.demo.cycle import CanaryTraffic, TruthLabeller
-    from flywheel.demo.run import DemoOptions, prepare, side
+    from flywheel.demo.run import DemoOptions, run_demo
+    from flywheel.settings import load_settings
 
     results: dict[str, dict] = {}
-    budget = None
-    quiet = lambda _line: None  # noqa: E731 - the per-step log of each run is not the point here
+    champion = None
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         started = time.monotonic()
-        options = DemoOptions(data=args.data, workdir=args.workdir, quick=args.quick, yes=True, seed=args.seed, strategy=strategy)
-        ctx, pack, size, truth, canary_rows, _ = prepare(options, quiet)
-        try:
-            budget = ctx.settings.selection.labelling_budget
-            hooks = {"labeller": TruthLabeller(ctx, truth), "canary_traffic": CanaryTraffic(ctx, pack, canary_rows, args.workdir, args.seed, truth)}
-            outcome = run_cycle(ctx, hooks, options, quiet, stop_after_eval=True)
-            report = json.loads(Path(outcome["report_json"]).read_text())
-            after = side(report, "candidate", outcome["candidate"])
-            before = side(report, "champion", outcome["champion_before"])
-            labelling = outcome["steps"]["labelling"]
-            results[strategy] = {
-                "task_success": after.task_success,
-                "problem_rates": after.problem_rates,
-                "labelled": labelling["labelled"],
-                "labels_exposing_a_mistake": sum(r["gain"] * r["picked"] for r in labelling["rounds"]),
-                "gate_passed": report["gate"]["passed"],
-                "seconds": round(time.monotonic() - started, 1),
-            }
-            results.setdefault("_champion", {"task_success": before.task_success, "problem_rates": before.problem_rates})
-            print(f"{strategy}: task success {after.task_success:.3f} (champion {before.task_success:.3f})", file=sys.stderr, flush=True)
-        finally:
-            ctx.close()
-    champion = results.pop("_champion", None)
+        options = DemoOptions(data=args.data, workdir=args.workdir, quick=args.quick, yes=False, interactive=False, seed=args.seed, strategy=strategy)
+        result = run_demo(options, say=lambda _line: None)
+        cycle = result.steps.get("cycle", {})
+        results[strategy] = {
+            "task_success": result.candidate.task_success,
+            "problem_rates": result.candidate.problem_rates,
+            "gate_passed": cycle.get("gate_passed"),
+            "labelled": cycle.get("labelled"),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        champion = {"task_success": result.before.task_success, "problem_rates": result.before.problem_rates}
+        print(f"{strategy}: task success {result.candidate.task_success} (champion {result.before.task_success})", file=sys.stderr, flush=True)
+    budget = load_settings(args.workdir).selection.labelling_budget
     print(json.dumps({"budget": budget, "champion": champion, "strategies": results}))
 
 

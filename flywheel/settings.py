@@ -181,6 +181,8 @@ class DatasetSettings(Section):
     replay_max_share: float = Field(0.20, ge=0, le=1)
     tier_weights: dict[str, float] = {"core_baseline": 3.0, "secondary_baseline": 2.0, "candidate_baseline": 1.0}
     heldout_ratio: float = Field(0.1, ge=0, lt=1)
+    # stable production answers offered as candidate_baseline replay (SFT); 0 turns it off
+    production_replay_rows: int = Field(2000, ge=0)
     format: Literal["jsonl", "parquet"] = "jsonl"
     seed: int = 0
     # A high-risk problem type holding less than this share of the problem rows is "rare": its rows of an
@@ -228,6 +230,7 @@ class TrainSettings(Section):
 
 class GateSettings(Section):
     targeted_min_relative_drop: float = Field(0.3, ge=0, le=1)  # targeted problem rates must fall by >= 30%
+    targeted_min_count: int = Field(5, ge=1)  # rarer on the champion: only "must not get worse" is checked
     max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
     min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
     block_new_severities: list[Severity] = ["high", "critical"]

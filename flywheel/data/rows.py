@@ -162,7 +162,7 @@ def _tool_calls(value: Any, where: str, scrubber: Scrubber, max_chars: int) -> l
 
 def _messages(value: Any, scrubber: Scrubber, max_chars: int) -> list[dict[str, Any]]:
     """Validated messages, each shaped exactly as `Message.model_dump(exclude_none=True)`. Content is not
-    scrubbed here: `build_row` scrubs the whole conversation in one scan."""
+    scrubbed here: `build_row` scrubs all texts of the conversation together."""
     if type(value) is not list:
         raise BadLine("wrong_type", f"messages must be a list, got {type(value).__name__}")
     if not value:
@@ -186,6 +186,8 @@ def _messages(value: Any, scrubber: Scrubber, max_chars: int) -> list[dict[str, 
                 content = "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             if len(content) > max_chars:
                 raise BadLine("oversized", f"messages[{i}].content is {len(content)} characters, over policies.max_message_chars ({max_chars})")
+            if "\x00" in content:
+                raise BadLine("nul_character", f"messages[{i}].content contains a NUL character, which PostgreSQL cannot store")
             row["content"] = content
         if len(msg) > 2 or content is None:  # anything besides role and content
             calls = msg.get("tool_calls")
@@ -226,7 +228,7 @@ def build_row(flat: dict[str, Any], scrubber: Scrubber, max_chars: int, source: 
     Raises BadLine naming the field when something is missing, of the wrong type or too large."""
     messages = _messages(flat.get("messages"), scrubber, max_chars)
     complaint = _complaint(flat.get("complaint"))
-    # PII: the whole conversation and the complaint in one scan, before the hash and before storage.
+    # PII: every message and the complaint, before the hash and before storage.
     texts = [m["content"] for m in messages if m.get("content")]
     if complaint:
         texts.append(complaint)

@@ -51,8 +51,9 @@ class Side(BaseModel):
 
 
 class DemoResult(BaseModel):
-    before: Side
-    after: Side
+    before: Side  # the champion before the cycle
+    after: Side  # the champion after it (the candidate when promoted or waiting for approval)
+    candidate: Side  # the cycle's candidate, whatever became of it
     promoted: str | None
     report: str | None
     state: str  # promoted | waiting_approval | rejected | gate_failed | canary_rolled_back
@@ -166,6 +167,7 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
         return DemoResult(
             before=side(report, "champion", champion_before),
             after=side(report, after_role, candidate if after_role == "candidate" else champion_before),
+            candidate=side(report, "candidate", candidate),
             promoted=promoted,
             report=str(report_path.with_name("report.html")) if report_path else None,
             state=state,

@@ -125,6 +125,11 @@ def _targeted(problem_type: str, set_name: str, pair: tuple[SetMetrics, SetMetri
         verdict = "stays absent" if ok else "appears although the champion had none"
         return Check(**common, passed=ok, limit=0.0,
                      reason=f"targeted {problem_type} on the {label}: {_fmt(b)} -> {_fmt(a)}, {verdict}")
+    if b.count < gs.targeted_min_count:
+        # A relative drop of two occurrences is noise: a rare targeted type only must not get worse.
+        regression = _type_regression(problem_type, set_name, pair, gs)
+        return regression.model_copy(update={"kind": "targeted", "reason": regression.reason + (
+            f" (targeted, but the champion had only {b.count}: fewer than targeted_min_count {gs.targeted_min_count} to demand a drop)")})
     limit = b.rate * (1 - gs.targeted_min_relative_drop)
     drop = (b.rate - a.rate) / b.rate
     ok = a.rate <= limit + EPS

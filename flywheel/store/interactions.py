@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Connection, func, select
+from sqlalchemy import JSON, Connection, DateTime, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
@@ -91,9 +94,13 @@ def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> i
     """
     dialect = conn.dialect
     name_defaults, processors, sql = _sqlite_plan(dialect)
+    every_column = itemgetter(*(name for name, _ in name_defaults))
     params = []
     for row in rows:
-        values = [row.get(name, default) for name, default in name_defaults]
+        try:
+            values = list(every_column(row))
+        except KeyError:  # a row without some columns: their defaults
+            values = [row.get(name, default) for name, default in name_defaults]
         for index, process in processors:
             if values[index] is not None:
                 values[index] = process(values[index])
@@ -121,13 +128,25 @@ def _sqlite_plan(dialect: Any) -> tuple[list[tuple[str, Any]], list[tuple[int, A
         name_defaults, processors = [], []
         for index, column in enumerate(interactions.columns):
             name_defaults.append((column.name, column.default.arg if column.default is not None and column.default.is_scalar else None))
-            process = _json_text if isinstance(column.type, JSON) else column.type.dialect_impl(dialect).bind_processor(dialect)
+            process = column.type.dialect_impl(dialect).bind_processor(dialect)
+            if isinstance(column.type, JSON):
+                process = _json_text
+            elif isinstance(column.type, DateTime) and process is not None:
+                process = functools.partial(_sqlite_datetime, process)
             if process is not None:
                 processors.append((index, process))
         names = ", ".join(name for name, _ in name_defaults)
         sql = f"INSERT INTO {interactions.name} ({names}) VALUES ({', '.join('?' * len(name_defaults))}) ON CONFLICT DO NOTHING"
         plan = _SQLITE_PLANS[id(dialect)] = (name_defaults, processors, sql)
     return plan
+
+
+def _sqlite_datetime(fallback: Any, value: Any) -> Any:
+    """SQLAlchemy's SQLite DATETIME text ("2026-01-05 10:00:00.000000", the wall-clock fields, no zone),
+    written by isoformat in C; anything that is not a datetime goes to SQLAlchemy's own processor."""
+    if type(value) is datetime:
+        return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    return fallback(value)
 
 
 def _json_text(value: Any) -> str:

@@ -323,7 +323,15 @@ def build_snapshot(
     if ds.replay_max_share <= 0:
         raise SettingsError("dataset.replay_max_share", "must be above 0, or no problem row could ever be trained on")
     ledger = Ledger()
-    replay_rows, errors = parse_replay_rows(list(extra_rows or []))
+    offered = list(extra_rows or [])
+    if ds.production_replay_rows and kind == "sft":
+        # Stable production answers (no negative signal, pass the rule judge) as the lowest replay tier, so a
+        # young deployment with thin baseline tiers still mixes in what already works. The tier weights
+        # draw core and secondary baseline rows first.
+        from flywheel.trainer.replay import stable_production_rows
+
+        offered += stable_production_rows(ctx, ds.production_replay_rows)
+    replay_rows, errors = parse_replay_rows(offered)
     errors = [*extra_errors, *errors]
     ledger.warnings.extend(f"extra row left out: {e}" for e in errors)
     from_store = store_samples(ctx.store, settings)

@@ -1,0 +1,129 @@
+"""One input file -> batches of validated, PII-scrubbed store rows and the bad lines between them.
+
+Everything ingest does before the store: read (flywheel.data.readers), parse, detect the shape and map it
+(flywheel.data.formats), validate and scrub (flywheel.data.rows). No database here, so the same code runs
+in the ingest process or in a helper process (flywheel.data.ingest decides), and a batch pickles small.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flywheel.data.formats import MappingError, detect, to_flat
+from flywheel.data.pii import Scrubber
+from flywheel.data.readers import looks_like_array, open_binary, read_json_array, read_lines
+from flywheel.data.rows import BadLine, build_row
+from flywheel.records import utcnow
+
+RAW_PREFIX_CHARS = 2000  # how much of a bad line the quarantine keeps
+
+
+@dataclass
+class BadRecord:
+    line: int  # 0: the file as a whole (a JSON array that cannot be read on)
+    kind: str  # groups reasons in the summary: malformed_json, unknown_role, oversized, ...
+    reason: str
+    raw: str  # a PII-scrubbed prefix of the line
+
+
+@dataclass
+class Batch:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # the line of each row
+    bad: list[BadRecord] = field(default_factory=list)
+    read: int = 0  # non-blank lines covered by this batch
+    formats: dict[str, int] = field(default_factory=dict)  # lines per shape so far in the file
+    pii: dict[str, int] = field(default_factory=dict)  # placeholders written so far in the file
+
+
+class BatchReader:
+    """Iterate a file as batches of at most `batch_rows` rows (or as many bad lines)."""
+
+    def __init__(self, path: Path, fmt: str, max_chars: int, batch_rows: int):
+        self.path = path
+        self.fmt = fmt
+        self.max_chars = max_chars
+        self.batch_rows = batch_rows
+        # A line holds a few messages; anything far beyond that is refused before it is parsed.
+        self.max_line_bytes = max(1 << 20, 64 * max_chars)
+        self.source_name = path.name[-300:]
+        self.scrubber = Scrubber()
+        self.formats: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[Batch]:
+        batch = Batch()
+        now = utcnow()
+        with open_binary(self.path) as handle:
+            reader = read_json_array(handle, self.max_line_bytes) if looks_like_array(self.path) else read_lines(handle, self.max_line_bytes)
+            try:
+                for line_no, raw in reader:
+                    row = self._row(batch, line_no, raw, now)
+                    if row is not None:
+                        batch.rows.append(row)
+                        batch.lines.append(line_no)
+                    if len(batch.rows) >= self.batch_rows or len(batch.bad) >= self.batch_rows:
+                        yield self._close(batch)
+                        batch = Batch()
+                        now = utcnow()
+            except BadLine as exc:  # a JSON array that cannot be read on
+                batch.bad.append(BadRecord(0, exc.kind, str(exc), ""))
+        yield self._close(batch)
+
+    def _close(self, batch: Batch) -> Batch:
+        batch.formats = dict(self.formats)
+        batch.pii = dict(self.scrubber.counts)
+        return batch
+
+    def _bad(self, batch: Batch, line: int, kind: str, reason: str, raw: bytes | None) -> None:
+        text = "" if raw is None else raw[: RAW_PREFIX_CHARS * 4].decode("utf-8", errors="backslashreplace")[:RAW_PREFIX_CHARS]
+        # The quarantine is storage too: its copy of the line is scrubbed like everything else.
+        batch.bad.append(BadRecord(line, kind, reason, self.scrubber.text(text.replace("\x00", "\\u0000"))))
+
+    def _row(self, batch: Batch, line_no: int, raw: bytes | None, now: Any) -> dict[str, Any] | None:
+        """The store row for one raw line, or None (blank, or bad and recorded in the batch)."""
+        if raw is None:
+            batch.read += 1
+            self._bad(batch, line_no, "oversized", f"line is over {self.max_line_bytes} bytes", None)
+            return None
+        if not raw.strip():
+            return None
+        batch.read += 1
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as uexc:
+                self._bad(batch, line_no, "invalid_utf8", f"invalid UTF-8 at byte {uexc.start}", raw)
+            else:
+                self._bad(batch, line_no, "malformed_json", f"not valid JSON: {exc}"[:200], raw)
+            return None
+        if b"\\u0000" in raw:  # JSON's escape for NUL: PostgreSQL cannot store NUL in text
+            self._bad(batch, line_no, "nul_character", "the line contains a NUL character (\\u0000)", raw)
+            return None
+        if type(obj) is not dict:
+            self._bad(batch, line_no, "wrong_type", f"expected a JSON object, got a JSON {type(obj).__name__}", raw)
+            return None
+        try:
+            kind = detect(obj) if self.fmt == "auto" else self.fmt
+            source = f"{self.source_name}:{line_no}" if kind == "openai" else f"{kind}:{self.source_name}:{line_no}"
+            row = build_row(to_flat(obj, kind), self.scrubber, self.max_chars, source, now)
+        except BadLine as exc:
+            self._bad(batch, line_no, exc.kind, str(exc), raw)
+            return None
+        except MappingError as exc:
+            self._bad(batch, line_no, "unmappable", str(exc), raw)
+            return None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            # an export record of an unexpected shape: quarantined with what went wrong, not a crash
+            shape = self.fmt if self.fmt != "auto" else "record"
+            self._bad(batch, line_no, "unmappable", f"cannot read this {shape}: {type(exc).__name__}: {exc}"[:200], raw)
+            return None
+        self.formats[kind] += 1
+        return row

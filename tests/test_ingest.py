@@ -1,0 +1,428 @@
+"""Ingest: mapping, PII scrubbing, idempotency, quarantine, interruption, export shapes and the CLI.
+
+Store tests run on real SQLite and real PostgreSQL (`any_store`)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flywheel.cli import main
+from flywheel.data import readers
+from flywheel.data.formats import from_langfuse, from_langsmith
+from flywheel.data.ingest import BATCH_ROWS, _store_batch, ingest_files
+from flywheel.data.pii import Scrubber
+from flywheel.data.rows import build_row, content_hash
+from flywheel.records import Interaction, interaction_hash, utcnow
+from flywheel.settings import PolicySettings, Settings
+from flywheel.store import interactions as repo
+from flywheel.store.db import Store
+
+FULL_LINE = {
+    "id": "conv-001",
+    "timestamp": "2026-01-05T10:00:00Z",
+    "model_version": "support-v3",
+    "task": "refund_request",  # `task` is an alias of `intent`
+    "user_id": "u-42",
+    "messages": [
+        {"role": "system", "content": "You are ACME's support assistant."},
+        {"role": "user", "content": "Refund order 12345 to card 4111 1111 1111 1111 please, mail jane.doe@example.com"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "refund", "arguments": "{\"order_id\": \"12345\", \"email\": \"jane.doe@example.com\"}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "refund", "content": "{\"ok\": true, \"amount\": \"$45.10\"}"},
+        {"role": "assistant", "content": "Done: $45.10 goes back to your card within 5 days."},
+    ],
+    "feedback": "down",
+    "escalated_to_human": True,
+    "followups": 2,
+    "qa_verdict": "Reject",
+    "complaint": "Nobody called me back on +44 20 7946 0958",
+    "user_tier": "enterprise",
+}
+
+
+def _write(path: Path, lines: list) -> Path:
+    """Write JSON Lines; a str or bytes item is written as it is (to make bad lines)."""
+    with open(path, "wb") as out:
+        for item in lines:
+            if isinstance(item, bytes):
+                out.write(item + b"\n")
+            elif isinstance(item, str):
+                out.write(item.encode() + b"\n")
+            else:
+                out.write(json.dumps(item).encode() + b"\n")
+    return path
+
+
+def _line(i: int, **extra) -> dict:
+    return {"id": f"c{i}", "timestamp": f"2026-02-01T00:00:{i % 60:02d}Z", "model_version": "v1",
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}], **extra}
+
+
+def _quarantine(settings: Settings) -> list[dict]:
+    path = settings.quarantine_path
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def _with_max_chars(settings: Settings, chars: int) -> Settings:
+    return settings.model_copy(update={"policies": PolicySettings(max_message_chars=chars)})
+
+
+# --- one line, end to end ----------------------------------------------------------------------------------------
+
+
+def test_a_full_line_is_scrubbed_stored_and_reads_back_as_a_record(any_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "logs.jsonl", [FULL_LINE])
+    summary = ingest_files(any_store, any_store.settings, [path])
+    assert summary.clean and summary.files[0].stored == 1
+    got = repo.get(any_store, "conv-001")
+    assert isinstance(got, Interaction)
+    assert got.intent == "refund_request" and got.user_id == "u-42" and got.model_version == "support-v3"
+    assert got.signals.feedback == "down" and got.signals.escalated_to_human and got.signals.followups == 2
+    assert got.signals.qa_verdict == "Reject" and got.signals.user_tier == "enterprise"
+    assert got.messages[1].content == "Refund order 12345 to card [CARD] please, mail [EMAIL]"
+    assert json.loads(got.messages[2].tool_calls[0].function.arguments) == {"order_id": "12345", "email": "[EMAIL]"}
+    assert got.messages[3].tool_call_id == "call_1" and got.messages[3].name == "refund"
+    assert got.signals.complaint == "Nobody called me back on [PHONE]"
+    # the hash is the shared one, over the scrubbed content: what the gateway computes for the same turn
+    assert got.content_hash == interaction_hash(got.messages, "u-42", "2026-01-05T10:00:00+00:00")
+    assert got.source == "logs.jsonl:1"
+    assert summary.files[0].pii == {"CARD": 1, "EMAIL": 2, "PHONE": 1}
+    stored_text = json.dumps([m.model_dump() for m in got.messages])
+    assert "jane.doe" not in stored_text and "4111" not in stored_text
+
+
+def test_metadata_and_signals_may_be_nested_and_ids_and_times_may_be_missing(store: Store, tmp_path: Path) -> None:
+    nested = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+              "metadata": {"intent": "greeting", "user_id": "jane@example.com", "timestamp": 1767225600},
+              "signals": {"feedback": "up", "followups": 1}}
+    no_time = {"messages": [{"role": "user", "content": "no time"}]}
+    path = _write(tmp_path / "a.jsonl", [nested, no_time, no_time])
+    summary = ingest_files(store, store.settings, [path])
+    assert (summary.files[0].stored, summary.files[0].duplicates) == (2, 1)  # the same untimed turn counts once
+    rows = {i.intent: i for i in repo.iter_all(store)}
+    got = rows["greeting"]
+    assert got.id == got.content_hash  # no id: the content hash is the id
+    assert got.timestamp.isoformat() == "2026-01-01T00:00:00+00:00" and got.signals.feedback == "up"
+    assert got.user_id.startswith("user-") and "@" not in got.user_id  # an e-mail as user id: a stable pseudonym
+
+
+def test_content_hash_is_exactly_the_shared_interaction_hash() -> None:
+    texts = [chr(c) for c in range(128)] + ["é ✓ \u2028 😀", "quote \" back \\ slash", "\x7f"]
+    for text in texts:
+        messages = [{"role": "user", "content": f"a{text}b"}, {"role": "assistant", "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "f", "arguments": json.dumps({"k": text})}}]}]
+        for user in (None, "u1"):
+            assert content_hash(messages, user, "2026-01-01T00:00:00+00:00") == interaction_hash(messages, user, "2026-01-01T00:00:00+00:00")
+
+
+# --- idempotency and duplicates ------------------------------------------------------------------------------------
+
+
+def test_reingesting_the_same_file_adds_nothing(any_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "logs.jsonl", [_line(i) for i in range(50)] + [_line(3)])  # one repeated line
+    first = ingest_files(any_store, any_store.settings, [path], batch_rows=20)
+    assert (first.files[0].read, first.files[0].stored, first.files[0].duplicates) == (51, 50, 1)
+    again = ingest_files(any_store, any_store.settings, [path], batch_rows=20)
+    assert (again.files[0].stored, again.files[0].duplicates) == (0, 51)
+    assert repo.count(any_store) == 50
+    # every stored row reads back through the pydantic records
+    assert all(isinstance(i, Interaction) for i in repo.iter_all(any_store))
+
+
+def test_same_content_under_another_id_is_a_duplicate(store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", [_line(1), {**_line(1), "id": "other-id"}])
+    summary = ingest_files(store, store.settings, [path])
+    assert (summary.files[0].stored, summary.files[0].duplicates) == (1, 1)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_each_kind_of_bad_line_is_quarantined_with_its_line_and_the_rest_is_stored(any_store: Store, tmp_path: Path) -> None:
+    settings = _with_max_chars(any_store.settings, 200)
+    path = _write(tmp_path / "mixed.jsonl", [
+        _line(1),                                                                     # 1 good
+        '{"messages": [{"role": "user", "content": "hi"}',                            # 2 malformed JSON
+        _line(3, followups="three"),                                                  # 3 wrong type
+        {"messages": [{"role": "robot", "content": "beep"}]},                         # 4 unknown role
+        {"messages": [{"role": "user", "content": "x" * 201}]},                       # 5 oversized message
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',                    # 6 invalid UTF-8
+        "",                                                                           # 7 blank: skipped, not counted
+        "[1, 2, 3]",                                                                  # 8 not an object
+        '{"messages": [{"role": "user", "content": "a\\u0000b"}]}',                   # 9 NUL
+        {"messages": [{"role": "user", "content": "mail me: bob@example.com"}], "feedback": "meh"},  # 10 wrong value
+        {"foo": 1},                                                                   # 11 no known shape
+        _line(12),                                                                    # 12 good
+    ])
+    summary = ingest_files(any_store, settings, [path])
+    f = summary.files[0]
+    assert (f.read, f.stored, f.quarantined) == (11, 2, 9)
+    got = {(q["line"], q["kind"]) for q in _quarantine(settings)}
+    assert got == {(2, "malformed_json"), (3, "wrong_type"), (4, "unknown_role"), (5, "oversized"), (6, "invalid_utf8"),
+                   (8, "wrong_type"), (9, "nul_character"), (10, "wrong_value"), (11, "unmappable")}
+    by_line = {q["line"]: q for q in _quarantine(settings)}
+    assert by_line[3]["reason"] == "followups must be a whole number >= 0, got 'three'"
+    assert by_line[4]["reason"].startswith("messages[0].role 'robot'")
+    assert "max_message_chars (200)" in by_line[5]["reason"]
+    assert by_line[6]["raw"].endswith('caf\\xe9"}]}')  # the bytes shown, not guessed
+    assert "bob@example.com" not in by_line[10]["raw"] and "[EMAIL]" in by_line[10]["raw"]  # quarantine is scrubbed too
+    assert all(q["file"] == str(path) for q in _quarantine(settings))
+    assert repo.count(any_store) == 2
+
+
+def test_an_oversized_line_is_skipped_without_reading_it_whole(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 4096)  # the giant line spans many chunks
+    settings = _with_max_chars(store.settings, 100)  # lines over 1 MB are refused before parsing
+    giant = json.dumps({"messages": [{"role": "user", "content": "y" * (3 << 20)}]})
+    path = _write(tmp_path / "big.jsonl", [_line(1), giant, _line(3)])
+    summary = ingest_files(store, settings, [path])
+    assert (summary.files[0].stored, summary.files[0].quarantined) == (2, 1)
+    assert [(q["line"], q["kind"]) for q in _quarantine(settings)] == [(2, "oversized")]
+
+
+def test_the_store_refusing_a_row_quarantines_that_row_only(any_store: Store) -> None:
+    rows = [build_row(_line(i), Scrubber(), 1000, f"t:{i}", utcnow()) for i in range(3)]
+    rows[1]["model_version"] = None  # NOT NULL: the database refuses it
+    stored, refused = _store_batch_on(any_store, rows)
+    assert stored == 2 and [(r.line, r.kind) for r in refused] == [(1, "store_refused")]
+    assert repo.count(any_store) == 2
+
+
+def _store_batch_on(store: Store, rows: list[dict]):
+    with store.engine.connect() as conn:
+        return _store_batch(conn, rows, list(range(len(rows))))
+
+
+# --- file shapes -------------------------------------------------------------------------------------------------
+
+
+def test_gzip_files_json_arrays_and_chunk_boundaries_read_the_same(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 97)  # lines split across many chunk boundaries
+    lines = [_line(i) for i in range(40)]
+    plain = _write(tmp_path / "a.jsonl", lines[:20])
+    zipped = tmp_path / "b.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b"".join(json.dumps(x).encode() + b"\n" for x in lines[20:30])))
+    array = tmp_path / "c.json"
+    array.write_text(json.dumps(lines[30:]), encoding="utf-8")
+    summary = ingest_files(store, store.settings, [plain, zipped, array])
+    assert [f.stored for f in summary.files] == [20, 10, 10] and summary.clean
+    assert repo.count(store) == 40
+
+
+def test_a_broken_json_array_keeps_what_came_before_the_break(store: Store, tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text("[" + json.dumps(_line(1)) + ", " + json.dumps(_line(2)) + ', {"messages": [oops', encoding="utf-8")
+    summary = ingest_files(store, store.settings, [path])
+    assert summary.files[0].stored == 2 and summary.files[0].quarantined == 1
+    assert _quarantine(store.settings)[0]["reason"].startswith("item 3:")
+
+
+# --- exports: LangSmith runs and Langfuse traces -------------------------------------------------------------------
+
+LANGSMITH_RUN = {
+    "id": "497f6eca-6276-4993-bfeb-53cbbbba6f08",
+    "name": "ChatOpenAI",
+    "run_type": "llm",
+    "start_time": "2026-01-05T10:00:00.090000",
+    "end_time": "2026-01-05T10:00:01.459000",
+    "inputs": {"messages": [[
+        {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "SystemMessage"], "kwargs": {"content": "Be brief.", "type": "system"}},
+        {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "HumanMessage"],
+         "kwargs": {"content": "Where is order 555? Reach me at ann@example.org", "type": "human"}},
+    ]]},
+    "outputs": {"generations": [[{
+        "text": "",
+        "type": "ChatGeneration",
+        "message": {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "AIMessage"],
+                    "kwargs": {"content": "", "type": "ai", "tool_calls": [{"name": "lookup_order", "args": {"order_id": "555"}, "id": "call_9", "type": "tool_call"}]}},
+    }]], "llm_output": {"model_name": "gpt-4o-mini"}},
+    "extra": {"metadata": {"ls_model_name": "gpt-4o-mini", "intent": "order_status", "user_id": "u-7", "user_tier": "pro"},
+              "invocation_params": {"model": "gpt-4o-mini"}},
+    "feedback_stats": {"user_score": {"n": 1, "avg": 0.0}, "qa_verdict": {"n": 2, "avg": None, "values": {"Reject": 2}}},
+    "tags": ["prod"],
+    "prompt_tokens": 31,
+    "completion_tokens": 12,
+}
+
+LANGFUSE_TRACE = {
+    "id": "trace-abc",
+    "timestamp": "2026-01-05T10:00:00.000Z",
+    "name": "support-chat",
+    "input": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Cancel my plan, card 5555 5555 5555 4444"}],
+    "output": {"role": "assistant", "content": "Your plan is cancelled."},
+    "userId": "user-99",
+    "sessionId": "s-1",
+    "release": "2026.01",
+    "version": "support-v4",
+    "metadata": {"intent": "cancel_subscription", "user_tier": "enterprise"},
+    "tags": ["prod"],
+    "latency": 1.25,
+    "scores": [
+        {"id": "s1", "traceId": "trace-abc", "name": "user-feedback", "value": 0, "dataType": "NUMERIC", "source": "API"},
+        {"id": "s2", "traceId": "trace-abc", "name": "qa_verdict", "stringValue": "Risk", "dataType": "CATEGORICAL", "source": "ANNOTATION"},
+        {"id": "s3", "traceId": "trace-abc", "name": "escalated", "value": 1, "dataType": "BOOLEAN", "source": "API"},
+        {"id": "s4", "traceId": "trace-abc", "name": "complaint", "value": 1, "comment": "Charged after cancelling", "dataType": "BOOLEAN"},
+    ],
+}
+
+
+def test_a_langsmith_run_maps_onto_the_interaction(any_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "runs.jsonl", [LANGSMITH_RUN])
+    summary = ingest_files(any_store, any_store.settings, [path], fmt="langsmith")
+    assert summary.clean and summary.files[0].formats == {"langsmith": 1}
+    got = repo.get(any_store, LANGSMITH_RUN["id"])
+    assert [m.role for m in got.messages] == ["system", "user", "assistant"]
+    assert got.messages[1].content == "Where is order 555? Reach me at [EMAIL]"
+    call = got.messages[2].tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("call_9", "lookup_order", {"order_id": "555"})
+    assert got.messages[2].content is None
+    assert (got.model_version, got.intent, got.user_id, got.signals.user_tier) == ("gpt-4o-mini", "order_status", "u-7", "pro")
+    assert got.signals.feedback == "down" and got.signals.qa_verdict == "Reject"
+    assert (got.prompt_tokens, got.completion_tokens) == (31, 12)
+    assert got.timestamp.isoformat() == "2026-01-05T10:00:00.090000+00:00"
+    assert got.source == "langsmith:runs.jsonl:1"
+
+
+def test_a_langsmith_run_of_the_openai_wrapper_maps_too() -> None:
+    run = {"id": "r2", "run_type": "llm", "start_time": "2026-01-05T10:00:00",
+           "inputs": {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"},
+           "outputs": {"choices": [{"message": {"role": "assistant", "content": "hello"}}]},
+           "feedback_stats": {"thumbs": {"n": 3, "avg": 1.0}, "escalated_to_human": {"n": 1, "avg": 1.0}}}
+    flat = from_langsmith(run)
+    assert flat["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert flat["feedback"] == "up" and flat["escalated_to_human"] is True
+
+
+def test_a_langfuse_trace_maps_onto_the_interaction(any_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "traces.jsonl", [LANGFUSE_TRACE])
+    summary = ingest_files(any_store, any_store.settings, [path])  # auto-detected
+    assert summary.clean and summary.files[0].formats == {"langfuse": 1}
+    got = repo.get(any_store, "trace-abc")
+    assert [m.role for m in got.messages] == ["system", "user", "assistant"]
+    assert got.messages[1].content == "Cancel my plan, card [CARD]"
+    assert (got.model_version, got.intent, got.user_id, got.signals.user_tier) == ("support-v4", "cancel_subscription", "user-99", "enterprise")
+    assert got.signals.feedback == "down" and got.signals.qa_verdict == "Risk" and got.signals.escalated_to_human
+    assert got.signals.complaint == "Charged after cancelling"
+    assert got.latency_ms == 1250.0
+
+
+def test_a_langfuse_blob_export_row_maps_too() -> None:
+    row = {"id": "t2", "timestamp": "2024-05-29 13:46:19.963000", "user_id": "u1", "input": "What is the warranty?",
+           "output": "Two years.", "metadata": "{\"intent\": \"product_info\"}", "scores": {"user-feedback": 1}}
+    flat = from_langfuse(row)
+    assert flat["messages"] == [{"role": "user", "content": "What is the warranty?"}, {"role": "assistant", "content": "Two years."}]
+    assert (flat["user_id"], flat["intent"], flat["feedback"]) == ("u1", "product_info", "up")
+
+
+def test_auto_detects_each_line_of_a_mixed_file(store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [FULL_LINE, LANGSMITH_RUN, LANGFUSE_TRACE])
+    summary = ingest_files(store, store.settings, [path])
+    assert summary.files[0].formats == {"openai": 1, "langsmith": 1, "langfuse": 1} and summary.files[0].stored == 3
+
+
+def test_a_forced_format_quarantines_lines_of_another_shape(store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [LANGFUSE_TRACE, {"foo": 1}])
+    summary = ingest_files(store, store.settings, [path], fmt="langsmith")
+    assert summary.files[0].quarantined == 2 and summary.files[0].stored == 0
+    assert {q["kind"] for q in _quarantine(store.settings)} == {"unmappable"}
+
+
+# --- interruption --------------------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from flywheel.data.ingest import ingest_files
+    from flywheel.settings import load_settings
+    from flywheel.store.db import open_store
+
+    project, url, path = sys.argv[1:4]
+    settings = load_settings(project, **({"store": {"url": url}} if url else {}))
+    store = open_store(settings)
+    ingest_files(store, settings, [Path(path)], batch_rows=500, parallel=False,
+                 on_progress=lambda f: print(f.stored, flush=True))
+    print("done", flush=True)
+""")
+
+
+def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_store: Store, tmp_path: Path) -> None:
+    total = 12_000
+    path = _write(tmp_path / "many.jsonl", [_line(i) for i in range(total)])
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD, encoding="utf-8")
+    url = any_store.settings.store.url
+    child = subprocess.Popen([sys.executable, str(script), str(any_store.settings.project_dir), url, str(path)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    reported = 0
+    for out in child.stdout:
+        if out.strip() == "done":
+            break
+        reported = int(out)
+        if reported >= 1000:
+            child.send_signal(signal.SIGKILL)  # mid-file, between or during commits: no chance to clean up
+            break
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "the child finished before it could be killed"
+    after_kill = repo.count(any_store)
+    assert reported <= after_kill < total  # everything reported is there; the file was not finished
+    rerun = ingest_files(any_store, any_store.settings, [path])
+    assert repo.count(any_store) == total  # exactly: nothing lost, nothing twice
+    assert (rerun.files[0].stored, rerun.files[0].duplicates) == (total - after_kill, after_kill)
+
+
+# --- the helper process and the serial path agree -------------------------------------------------------------------
+
+
+def test_the_helper_process_path_stores_what_the_serial_path_stores(tmp_path: Path, settings: Settings) -> None:
+    from flywheel.settings import load_settings
+    from flywheel.store.db import open_store
+
+    lines = [_line(i) for i in range(300)] + ["not json", FULL_LINE]
+    path = _write(tmp_path / "x.jsonl", lines)
+    results = []
+    for parallel in (False, True):
+        project = tmp_path / f"p{parallel}"
+        project.mkdir()
+        s = load_settings(project)
+        store = open_store(s)
+        summary = ingest_files(store, s, [path], batch_rows=64, parallel=parallel)
+        rows = sorted((i.id, i.content_hash, i.model_dump_json(exclude={"source"})) for i in repo.iter_all(store))
+        results.append((summary.files[0].model_dump(exclude={"path"}), [r[:2] for r in rows], _quarantine(s)[0]["line"]))
+        store.dispose()
+    assert results[0] == results[1]
+    assert results[0][0]["stored"] == 301 and results[0][2] == 301
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def test_cli_exit_codes_and_json_summary(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _write(tmp_path / "good.jsonl", [_line(i) for i in range(5)])
+    assert main(["-C", str(project), "ingest", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "stored 5, duplicates 0, quarantined 0" in out
+
+    assert main(["-C", str(project), "ingest", str(good), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == {"read": 5, "stored": 0, "duplicates": 5, "quarantined": 0, "failed_files": 0}
+
+    bad = _write(tmp_path / "bad.jsonl", [_line(10), "{oops"])
+    assert main(["-C", str(project), "ingest", str(bad), str(tmp_path / "missing.jsonl"), str(good)]) == 2
+    captured = capsys.readouterr()
+    assert "bad.jsonl: read 2, stored 1, duplicates 0, quarantined 1 (malformed_json 1)" in captured.out
+    assert "missing.jsonl: file not found" in captured.err
+    assert "good.jsonl: read 5, stored 0, duplicates 5" in captured.out  # files after a missing one still run
+
+    assert main(["-C", str(project), "ingest", str(good), "--format", "csv"]) == 2
+    assert "--format 'csv'" in capsys.readouterr().err
+    assert BATCH_ROWS == 2000
