@@ -14,7 +14,7 @@ from rich.console import Console
 
 from flywheel.context import Context
 from flywheel.errors import FlywheelError
-from flywheel.settings import CONFIG_FILE, load_settings
+from flywheel.settings import load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="flywheel: an autonomous training manager for LLM agents in production.")
 err_console = Console(stderr=True)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flywheel.jsonl import json_objects
 from flywheel.cli import app, context, err_console
 from flywheel.errors import NotFoundError, UserInputError
 
@@ -36,21 +37,12 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]
     if not path.is_file():
         raise UserInputError(f"{path}: no such file")
     items, places, errors = [], [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(item, dict):
-                errors.append(f"{where}: expected a JSON object")
-                continue
-            items.append(item)
-            places.append(where)
+    for line in json_objects(path):
+        if line.error:
+            errors.append(f"{line.where}: {line.error}")
+            continue
+        items.append(line.value)
+        places.append(line.where)
     return items, places, errors
 
 

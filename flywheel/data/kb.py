@@ -30,7 +30,6 @@ Metadata keys written (the KB corrector filters on them): `kind`, `intent` (abse
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from flywheel.jsonl import json_objects
 from flywheel.records import stable_hash
 from flywheel.store.vectors import KB, Hit, VectorIndex
 
@@ -106,26 +106,16 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def read_jsonl(path: Path, errors: list[str]) -> Iterator[KbEntry]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+    for line in json_objects(path):
+        if line.error:
+            errors.append(f"{line.where}: {line.error}")
+        elif "source" in line.value:
+            errors.append(f"{line.where}: 'source' is set by flywheel, not by the file")
+        else:
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(data, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(data).__name__}")
-                continue
-            if "source" in data:
-                errors.append(f"{where}: 'source' is set by flywheel, not by the file")
-                continue
-            try:
-                yield KbEntry.model_validate({**data, "source": where})
+                yield KbEntry.model_validate({**line.value, "source": line.where})
             except ValidationError as exc:
-                errors.append(f"{where}: {_first_error(exc)}")
+                errors.append(f"{line.where}: {_first_error(exc)}")
 
 
 def _parse_attrs(raw: str) -> dict[str, str]:

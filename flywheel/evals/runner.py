@@ -14,7 +14,6 @@ candidate and the champion on all three sets, applies the gate and writes the re
 from __future__ import annotations
 
 import gc
-import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 
 from flywheel.context import Context
+from flywheel.jsonl import json_objects
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.evals.gate import BASELINE, PROBLEM, TEST, evaluate_gate
 from flywheel.evals.judge import judge_answer
@@ -81,29 +81,26 @@ def load_test_set(path: Path | str) -> list[EvalItem]:
         raise UserInputError(f"test set {path}: no such file")
     items: list[EvalItem] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = _TestRow.model_validate(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{where}: not valid JSON ({exc.msg})") from None
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                key = ".".join(str(p) for p in err["loc"]) or "(row)"
-                raise UserInputError(f"{where}: {key}: {err['msg']}") from None
-            if not any(m.role == "user" for m in row.messages):
-                raise UserInputError(f"{where}: messages hold no user message to answer")
-            if row.messages[-1].role == "assistant":
-                raise UserInputError(f"{where}: messages end with an assistant turn; put the expected answer in reference.answer")
-            item_id = row.id or f"{path.name}:{line_no}"
-            if item_id in seen:
-                raise UserInputError(f"{where}: id {item_id!r} appears twice")
-            seen.add(item_id)
-            reference = row.reference if row.reference.source else row.reference.model_copy(update={"source": "test_set"})
-            items.append(EvalItem(id=item_id, messages=row.messages, reference=reference, intent=reference.intent))
+    for line in json_objects(path):
+        where = line.where
+        if line.error:
+            raise UserInputError(f"{where}: {line.error}")
+        try:
+            row = _TestRow.model_validate(line.value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "(row)"
+            raise UserInputError(f"{where}: {key}: {err['msg']}") from None
+        if not any(m.role == "user" for m in row.messages):
+            raise UserInputError(f"{where}: messages hold no user message to answer")
+        if row.messages[-1].role == "assistant":
+            raise UserInputError(f"{where}: messages end with an assistant turn; put the expected answer in reference.answer")
+        item_id = row.id or f"{path.name}:{line.number}"
+        if item_id in seen:
+            raise UserInputError(f"{where}: id {item_id!r} appears twice")
+        seen.add(item_id)
+        reference = row.reference if row.reference.source else row.reference.model_copy(update={"source": "test_set"})
+        items.append(EvalItem(id=item_id, messages=row.messages, reference=reference, intent=reference.intent))
     return items
 
 
