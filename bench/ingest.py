@@ -4,6 +4,7 @@ fresh store through the same function the CLI calls (flywheel.data.ingest.ingest
     python bench/ingest.py                         # 200,000 interactions, SQLite, plus a 50,000 run for RSS
     python bench/ingest.py --interactions 50000 --no-flatness
     python bench/ingest.py --serial                # one process: no helper that parses and scrubs
+    python bench/ingest.py --helper                # always the helper process (default: when a core is free)
     python bench/ingest.py --store-url postgresql://postgres@127.0.0.1:5432/flywheel_bench
 
 Each measured run is its own child process, so its peak RSS belongs to that run alone; the file is written
@@ -138,6 +139,7 @@ def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
     settings = load_settings(project, **overrides)
     store = open_store(settings)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_at_start = os.getloadavg()[0]
     cpu_start = time.process_time()
     start = time.perf_counter()
     summary = ingest_files(store, settings, [path], parallel=parallel)
@@ -159,15 +161,17 @@ def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
         "rss_before_ingest_mb": round(rss_before, 1),
         "cpu_seconds_main": round(cpu_main, 2),
         "cpu_seconds_helper": round(helper.ru_utime + helper.ru_stime, 2),
+        "helper_process": helper.ru_utime + helper.ru_stime > 0,
+        "load_average_1m_at_start": round(load_at_start, 2),
         "pii_replaced": f.pii,
         "store": "postgresql" if store_url else "sqlite",
     }
 
 
-def measure(n: int, store_url: str, workdir: Path, serial: bool) -> dict:
+def measure(n: int, store_url: str, workdir: Path, mode: list[str]) -> dict:
     path = workdir / f"interactions-{n}.jsonl"
     size = write_file(path, n)
-    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else []) + (["--serial"] if serial else [])
+    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else []) + mode
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["file_mb"] = round(size / 1e6, 1)
@@ -181,15 +185,17 @@ def main() -> None:
     parser.add_argument("--store-url", default="", help="empty: a fresh SQLite file")
     parser.add_argument("--no-flatness", action="store_true", help="skip the 50,000 run that shows memory does not grow with size")
     parser.add_argument("--serial", action="store_true", help="no helper process: parse, scrub and store in one process")
+    parser.add_argument("--helper", action="store_true", help="always parse and scrub in a helper process (default: when a core is free)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(Path(args.child), args.store_url, False if args.serial else None)))
+        print(json.dumps(run_child(Path(args.child), args.store_url, False if args.serial else True if args.helper else None)))
         return
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        result = measure(args.interactions, args.store_url, Path(tmp), args.serial)
+        mode = ["--serial"] if args.serial else ["--helper"] if args.helper else []
+        result = measure(args.interactions, args.store_url, Path(tmp), mode)
         if not args.no_flatness and args.interactions > 50_000:
-            small = measure(50_000, args.store_url, Path(tmp), args.serial)
+            small = measure(50_000, args.store_url, Path(tmp), mode)
             result["peak_rss_mb_by_size"] = {"50000": small["peak_rss_mb"], str(args.interactions): result["peak_rss_mb"]}
             result["helper_peak_rss_mb_by_size"] = {"50000": small["helper_peak_rss_mb"], str(args.interactions): result["helper_peak_rss_mb"]}
             result["interactions_per_second_50000"] = small["interactions_per_second"]

@@ -231,6 +231,9 @@ class TrainSettings(Section):
 class GateSettings(Section):
     targeted_min_relative_drop: float = Field(0.3, ge=0, le=1)  # targeted problem rates must fall by >= 30%
     targeted_min_count: int = Field(5, ge=1)  # rarer on the champion: only "must not get worse" is checked
+    # The problem types a cycle must reduce; empty: every type in the cycle's problem set. The others
+    # are held to max_regression like any other type.
+    targeted: list[str] = []
     max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
     min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
     block_new_severities: list[Severity] = ["high", "critical"]

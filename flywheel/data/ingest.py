@@ -15,9 +15,9 @@ What it promises:
   the content hash is computed and before anything is stored, the quarantine file included.
 
 How: flywheel.data.batches turns a file into batches (reading, mapping the shape, validating, scrubbing);
-this module stores them. For a large file the batches are built in a helper process while this one writes,
-so parsing and SQLite's work use both cores (a writer thread was tried first: the two threads convoyed on
-the GIL and it ran slower than one).
+this module stores them. For a large file on a machine with a free core the batches are built in a helper
+process while this one writes (a writer thread was tried first: the two threads convoyed on the GIL and it
+ran slower than one).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from flywheel.store.db import Store
 from flywheel.store.interactions import insert_ignore
 
 BATCH_ROWS = 2000
-# Files at least this large are parsed in a helper process: below it the process start (~0.5 s of imports)
-# costs more than it saves.
+# Files at least this large are parsed in a helper process when a core is free: below it the process start
+# (~0.3 s of imports) costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
 
 
@@ -100,7 +100,7 @@ def ingest_files(
 ) -> IngestSummary:
     """Ingest each file; return what happened to every line. `on_progress` is called after each committed
     batch with the file's counts so far (everything it reports is durable). `parallel`: build batches in a
-    helper process; None decides by file size and core count."""
+    helper process; None decides by file size and how busy the machine is (_helper_pays)."""
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     summary = IngestSummary(quarantine_path=str(settings.quarantine_path))
@@ -122,7 +122,7 @@ def ingest_files(
                 except OSError as exc:
                     counts.error = f"cannot read: {exc.strerror or exc}"
                     continue
-                use_helper = parallel if parallel is not None else size >= PARALLEL_MIN_BYTES and (os.cpu_count() or 1) > 1
+                use_helper = parallel if parallel is not None else _helper_pays(size)
                 reader = BatchReader(path, fmt, settings.policies.max_message_chars, batch_rows)
                 batches = _from_helper(reader) if use_helper else iter(reader)
                 try:
@@ -132,6 +132,21 @@ def ingest_files(
     finally:
         quarantine.close()
     return summary
+
+
+def _helper_pays(size: int) -> bool:
+    """A helper process pays when the file is large and a whole core is idle. On a busy machine it only
+    adds the pickling (about a third more CPU in all) and the two processes slow each other down: on this
+    project's shared 2-core machine bench/ingest.py measured 22k rows/s with it at load 1.8 and 12k at
+    load 2.5, where one process did 17k."""
+    cores = os.cpu_count() or 1
+    if size < PARALLEL_MIN_BYTES or cores < 2:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return True
+    return load <= cores - 1
 
 
 def _store_file(store: Store, batches: Iterator[Batch], counts: FileSummary, quarantine: _Quarantine, on_progress: Progress | None) -> None:

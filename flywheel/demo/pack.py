@@ -2,7 +2,7 @@
 
 The folder holds `train.csv` and `test.csv` (columns `text,category`) and `categories.json` (the intent
 names). Optional: `kb.jsonl` (approved replies per intent, policies; see flywheel.data.kb) and `demo.toml`
-(policies, the production model's simulated weaknesses, the simulated users' behaviour). Without them
+(policies, gate settings, the production model's simulated weaknesses, the simulated users' behaviour). Without them
 the demo writes a generic approved reply per intent from its name and uses the defaults below, so any
 intent dataset in this shape runs with `flywheel demo --data DIR`. Nothing here knows Banking77.
 """
@@ -53,6 +53,7 @@ class DemoPack(BaseModel):
     test: list[Row]
     kb_file: Path | None
     policies: dict[str, Any]
+    gate: dict[str, Any]
     production: ProductionConfig
     signals: SignalConfig
 
@@ -83,6 +84,7 @@ def load_pack(folder: Path | None = None) -> DemoPack:
         test=_read_rows(folder / "test.csv", known),
         kb_file=(folder / "kb.jsonl") if (folder / "kb.jsonl").is_file() else None,
         policies=config.get("policies", {}),
+        gate=config.get("gate", {}),
         production=production,
         signals=SignalConfig.model_validate(config.get("signals", {})),
     )

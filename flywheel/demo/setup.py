@@ -35,8 +35,8 @@ class DemoSize(BaseModel):
     train_epochs: float
 
 
-FULL = DemoSize(traffic=5000, canary_traffic=800, test=0, production_epochs=8, labelling_budget=800, triage_budget=3000, train_epochs=8)
-QUICK = DemoSize(traffic=1500, canary_traffic=400, test=600, production_epochs=8, labelling_budget=300, triage_budget=1200, train_epochs=8)
+FULL = DemoSize(traffic=5000, canary_traffic=800, test=0, production_epochs=8, labelling_budget=800, triage_budget=3000, train_epochs=4)
+QUICK = DemoSize(traffic=1500, canary_traffic=400, test=600, production_epochs=8, labelling_budget=300, triage_budget=1200, train_epochs=4)
 
 TOKENIZER_VOCAB = 2000
 MODEL_SHAPE = {"hidden": 128, "layers": 2, "heads": 4}
@@ -67,14 +67,14 @@ def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int) -> S
             "lora_alpha": 32,
             "lora_dropout": 0.0,
             "epochs": size.train_epochs,
-            "learning_rate": 3e-3,
+            "learning_rate": 2e-3,
             "batch_size": 16,
             "max_length": 160,
             "early_stopping_patience": 1,
             "seed": seed,
         },
         "eval": {"test_set": str(workdir / "test_set.jsonl"), "max_new_tokens": 72, "batch_size": 64},
-        "gate": {"targeted_min_relative_drop": 0.1, "targeted_min_count": 10, "max_regression": 0.05, "min_intent_samples": 20},
+        "gate": {"targeted_min_relative_drop": 0.3, "targeted_min_count": 10, "max_regression": 0.05, "min_intent_samples": 20, **pack.gate},
         "canary": {"share": 0.25, "min_requests": 50, "harm_margin": 0.05},
     }
     (workdir / CONFIG_FILE).write_text(_toml(config), encoding="utf-8")

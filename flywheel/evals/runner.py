@@ -350,7 +350,7 @@ def run_eval(
     settings = ctx.settings
     say = progress or (lambda _message: None)
     sets = load_sets(ctx)
-    targeted = check_targeted(list(targeted) or default_targeted(sets), settings)
+    targeted = check_targeted(list(targeted) or list(settings.gate.targeted) or default_targeted(sets), settings)
     curve, notes = _curve(candidate, curve_path)
     judge = judge or build_judge(settings)
     sizes = ", ".join(f"{name} {len(items)}" for name, items in sets.items())

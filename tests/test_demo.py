@@ -1,0 +1,94 @@
+"""`flywheel demo --quick`: the whole loop, as CI runs it, through the real CLI in a child process.
+
+Also a second intent dataset in the same shape (`--data DIR`), to show nothing is Banking77-specific, and
+the no-terminal path that leaves the approval pending.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flywheel.demo.pack import default_pack_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
+    return subprocess.run([sys.executable, "-m", "flywheel", "demo", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=1800)
+
+
+def _test_texts(folder: Path) -> set[str]:
+    with (folder / "test.csv").open(encoding="utf-8") as handle:
+        return {row["text"].strip() for row in csv.DictReader(handle)}
+
+
+def test_quick_demo_improves_the_targeted_problem_and_promotes(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    done = _demo("--quick", "--yes", "--json", "--workdir", str(work), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    before, after = result["before"], result["after"]
+    assert set(result) >= {"before", "after", "promoted", "report"}
+    assert before["version"] == "v1" and before["task_success"] is not None
+    # the cycle targets the policy-breaking promise (the pack's demo.toml): it must fall clearly ...
+    assert before["problem_rates"]["over_promise"] > 0.05
+    if result["promoted"]:
+        assert after["version"] == result["promoted"] == "v2"
+        assert after["problem_rates"]["over_promise"] <= 0.7 * before["problem_rates"]["over_promise"]
+        # ... and nothing else may get worse by more than the gate's margin (5 points in the demo)
+        for name, rate in after["problem_rates"].items():
+            assert rate <= before["problem_rates"][name] + 0.05 + 1e-9, name
+        assert after["task_success"] >= before["task_success"] - 0.05
+    else:  # the gate or the canary refused it: then nothing changed, and the report says why
+        assert after == before
+    report = Path(result["report"])
+    assert report.is_file() and "<svg" in report.read_text(encoding="utf-8")
+    # nothing the loop trained on comes from test.csv
+    test_texts = _test_texts(default_pack_dir())
+    for rows in (work / ".flywheel" / "artifacts" / "datasets").glob("*/train.jsonl"):
+        for line in rows.read_text(encoding="utf-8").splitlines():
+            users = [m["content"].strip() for m in json.loads(line)["messages"] if m["role"] == "user"]
+            assert not test_texts.intersection(users)
+
+
+def _tiny_pack(folder: Path) -> Path:
+    """Another intent dataset in the same shape: 4 intents, no kb.jsonl, no demo.toml."""
+    folder.mkdir(parents=True)
+    phrasing = {
+        "book_flight": ["I want to fly to {}", "book me a flight to {}", "get a plane ticket for {}", "flights to {} please"],
+        "cancel_booking": ["cancel my trip to {}", "I need to cancel the {} booking", "drop my reservation in {}", "undo the {} order"],
+        "baggage_allowance": ["how many bags can I take to {}", "luggage limit for {}", "what is the baggage rule to {}", "can I bring two suitcases to {}"],
+        "seat_upgrade": ["upgrade my seat to {}", "can I get business class to {}", "better seat on the {} flight", "move me to first class for {}"],
+    }
+    places = ["Paris", "Oslo", "Rome", "Lima", "Cairo", "Tokyo", "Quito", "Accra", "Dubai", "Hanoi", "Perth", "Sofia", "Riga", "Bern", "Kyiv"]
+    (folder / "categories.json").write_text(json.dumps(list(phrasing)), encoding="utf-8")
+    for name, cities in (("train.csv", places[:12]), ("test.csv", places[12:])):
+        with (folder / name).open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "category"])
+            for intent, templates in phrasing.items():
+                for city in cities:
+                    for template in templates:
+                        writer.writerow([template.format(city), intent])
+    return folder
+
+
+def test_another_dataset_runs_with_the_same_command_and_waits_for_approval_without_a_terminal(tmp_path: Path) -> None:
+    data = _tiny_pack(tmp_path / "airline")
+    work = tmp_path / "demo"
+    done = _demo("--quick", "--json", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["before"]["version"] == "v1" and result["promoted"] is None
+    assert result["state"] in ("waiting_approval", "gate_failed", "canary_rolled_back")
+    if result["state"] == "waiting_approval":
+        assert "approve v2" in done.stderr
