@@ -18,6 +18,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,7 +135,7 @@ def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
     from flywheel.store import interactions as repo
     from flywheel.store.db import open_store
 
-    project = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    project = Path(tempfile.mkdtemp(prefix="flywheel-bench-ingest-"))
     overrides = {"store": {"url": store_url}} if store_url else {}
     settings = load_settings(project, **overrides)
     store = open_store(settings)
@@ -148,6 +149,7 @@ def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
     helper = resource.getrusage(resource.RUSAGE_CHILDREN)
     stored = repo.count(store)
     store.dispose()
+    shutil.rmtree(project, ignore_errors=True)  # the store holds a few hundred MB
     f = summary.files[0]
     return {
         "interactions": f.read,

@@ -163,15 +163,18 @@ def test_each_kind_of_bad_line_is_quarantined_with_its_line_and_the_rest_is_stor
         {"messages": [{"role": "user", "content": "mail me: bob@example.com"}], "feedback": "meh"},  # 10 wrong value
         {"foo": 1},                                                                   # 11 no known shape
         _line(12),                                                                    # 12 good
+        _line(13, timestamp=10**30),                                                  # 13 epoch out of range
+        _line(14, prompt_tokens=2**70),                                               # 14 too big for the column
     ])
     summary = ingest_files(any_store, settings, [path])
     f = summary.files[0]
-    assert (f.read, f.stored, f.quarantined) == (11, 2, 9)
+    assert (f.read, f.stored, f.quarantined) == (13, 2, 11)
     got = {(q["line"], q["kind"]) for q in _quarantine(settings)}
     assert got == {(2, "malformed_json"), (3, "wrong_type"), (4, "unknown_role"), (5, "oversized"), (6, "invalid_utf8"),
-                   (8, "wrong_type"), (9, "nul_character"), (10, "wrong_value"), (11, "unmappable")}
+                   (8, "wrong_type"), (9, "nul_character"), (10, "wrong_value"), (11, "unmappable"), (13, "bad_timestamp"),
+                   (14, "wrong_type")}
     by_line = {q["line"]: q for q in _quarantine(settings)}
-    assert by_line[3]["reason"] == "followups must be a whole number >= 0, got 'three'"
+    assert by_line[3]["reason"] == "followups must be a whole number from 0 to 2147483647, got 'three'"
     assert by_line[4]["reason"].startswith("messages[0].role 'robot'")
     assert "max_message_chars (200)" in by_line[5]["reason"]
     assert by_line[6]["raw"].endswith('caf\\xe9"}]}')  # the bytes shown, not guessed

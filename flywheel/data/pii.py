@@ -14,7 +14,7 @@ Kinds and placeholders:
 
 Why regular expressions plus checksum validation rather than a library: Microsoft Presidio's pattern
 recognizers do run offline (with its NoOpNlpEngine, no spaCy model), but bench/pii.py measured them about
-150x slower per text on the same logs (ingest would top out near 1,000 conversations a second), with lower
+150x slower per text on the same logs (ingest would top out near 700 conversations a second), with lower
 recall on phones and national ids and no recognizer for API keys; numbers in docs/ingest.md.
 
 Speed: most logged text holds no PII. Substring tests (memchr-fast) decide whether the secret patterns run

@@ -64,7 +64,10 @@ def _timestamp(value: Any) -> datetime | None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = value / 1000.0 if value > 1e11 else value  # epoch milliseconds are common in logs
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise BadLine("bad_timestamp", f"timestamp {value!r} is out of range") from None
     if not isinstance(value, str):
         raise BadLine("wrong_type", f"timestamp must be an ISO 8601 string or epoch seconds, got {type(value).__name__}")
     try:
@@ -106,18 +109,23 @@ def _flag(value: Any, where: str) -> bool:
     raise BadLine("wrong_type", f"{where} must be true or false, got {value!r}"[:120])
 
 
-def _count(value: Any, where: str) -> int:
+MAX_COUNT = 2**31 - 1  # an INTEGER column on PostgreSQL
+
+
+def _count(value: Any, where: str, default: int | None = 0) -> int | None:
     if value is None:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
         return value
-    raise BadLine("wrong_type", f"{where} must be a whole number >= 0, got {value!r}"[:120])
+    raise BadLine("wrong_type", f"{where} must be a whole number from 0 to {MAX_COUNT}, got {value!r}"[:120])
 
 
-def _number(value: Any, where: str) -> Any:
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise BadLine("wrong_type", f"{where} must be a number, got {type(value).__name__}")
+def _number(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300:
+        return float(value)
+    raise BadLine("wrong_type", f"{where} must be a number, got {value!r}"[:120])
 
 
 def _complaint(value: Any) -> str | None:
@@ -264,7 +272,7 @@ def build_row(flat: dict[str, Any], scrubber: Scrubber, max_chars: int, source: 
         "complaint": complaint,
         "source": source,
         "latency_ms": _number(flat.get("latency_ms"), "latency_ms"),
-        "prompt_tokens": _number(flat.get("prompt_tokens"), "prompt_tokens"),
-        "completion_tokens": _number(flat.get("completion_tokens"), "completion_tokens"),
+        "prompt_tokens": _count(flat.get("prompt_tokens"), "prompt_tokens", None),
+        "completion_tokens": _count(flat.get("completion_tokens"), "completion_tokens", None),
         "ingested_at": now,
     }
