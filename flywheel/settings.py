@@ -236,6 +236,9 @@ class GateSettings(Section):
     targeted: list[str] = []
     max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
     min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
+    # "point": an intent fails when its success drops by more than max_regression; "significant": only
+    # when, in addition, the drop's 95% interval excludes zero (per-intent samples are small)
+    intent_rule: Literal["point", "significant"] = "significant"
     block_new_severities: list[Severity] = ["high", "critical"]
 
 

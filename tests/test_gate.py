@@ -13,7 +13,7 @@ from flywheel.settings import GateSettings, TaxonomySettings
 
 TYPES = list(TaxonomySettings().problem_types)
 SEVERITY = dict(TaxonomySettings().default_severity)
-GATE = GateSettings(targeted_min_relative_drop=0.3, max_regression=0.02, min_intent_samples=5, block_new_severities=["high", "critical"])
+GATE = GateSettings(targeted_min_relative_drop=0.3, max_regression=0.02, min_intent_samples=5, block_new_severities=["high", "critical"], intent_rule="point")
 
 # A block of items: (how many, intent, problem types found in each; a type may be "type@severity")
 Block = tuple[int, str, Sequence[str]]
@@ -135,6 +135,20 @@ def test_an_intent_regressing_fails_and_small_intents_are_not_gated() -> None:
     assert all("intent tiny " not in r for r in intent_failures)
     small = [c for c in result.checks if c.kind == "intent" and c.skipped]
     assert small and "fewer than 5 items and are not gated: tiny" in small[0].reason and small[0].passed
+
+
+def test_the_significant_intent_rule_gates_only_drops_whose_interval_excludes_no_change() -> None:
+    significant = GATE.model_copy(update={"intent_rule": "significant"})
+    # cards 35/45 -> 33/45: beyond the 2-point margin, but well within noise: reported, passes
+    slight = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (33, "cards", []),
+              (2, "cards", ["format_error@low"])]
+    result = evaluate_gate(champion(), candidate(test=slight), ["over_promise"], significant)
+    check = next(c for c in result.checks if c.kind == "intent" and c.subject == "cards")
+    assert check.passed and "beyond the allowed drop of 2.0, but its 95% interval" in check.reason
+    # cards 35/45 -> 10/45: a drop no interval explains away: fails
+    collapse = [(10, "billing", ["over_promise"]), (35, "cards", ["format_error@low"]), (45, "billing", []), (10, "cards", [])]
+    result = evaluate_gate(champion(), candidate(test=collapse), ["over_promise"], significant)
+    assert any(r.startswith("intent cards on the fixed test set: success 77.8% (35/45) -> 22.2% (10/45)") for r in failed(result, "intent"))
 
 
 def test_a_new_high_severity_type_fails() -> None:

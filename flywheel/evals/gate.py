@@ -160,13 +160,19 @@ def _intent_checks(set_name: str, pair: tuple[SetMetrics, SetMetrics], gs: GateS
             small.append(intent)
             continue
         drop = b.rate - a.rate
+        interval = difference_interval(b, a)
         ok = drop <= gs.max_regression + EPS
+        note = ""
+        if not ok and gs.intent_rule == "significant" and interval[1] >= 0:
+            # With ~40 items an intent moves by 2.5 points per answer: a drop whose 95% interval still
+            # includes no change is reported, not gated on.
+            ok, note = True, f", but its 95% interval ({points(interval[0])} to {points(interval[1])}) includes no change"
         checks.append(Check(
             kind="intent", subject=intent, set=set_name, passed=ok, before=b.rate, after=a.rate,
-            limit=b.rate - gs.max_regression, ci_change=difference_interval(b, a),
+            limit=b.rate - gs.max_regression, ci_change=interval,
             reason=(f"intent {intent} on the {SET_LABELS[set_name]}: success {_fmt(b)} -> {_fmt(a)}, "
-                    f"{points(-drop)} points, {'within' if ok else 'beyond'} the allowed drop of "
-                    f"{gs.max_regression * 100:.1f}"),
+                    f"{points(-drop)} points, {'within' if drop <= gs.max_regression + EPS else 'beyond'} the allowed drop of "
+                    f"{gs.max_regression * 100:.1f}{note}"),
         ))
     if small:
         shown = ", ".join(small[:8]) + (f" and {len(small) - 8} more" if len(small) > 8 else "")
