@@ -79,7 +79,7 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
 @app.command()
 def train(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Option("--dataset", help="a dataset snapshot folder or a dataset id")],
+    dataset: Annotated[str, typer.Option("--dataset", help="a dataset snapshot folder, a dataset id, or latest")],
     method: Annotated[Optional[str], typer.Option(help="sft | dpo (default: the snapshot's kind, then train.method)")] = None,
     base: Annotated[Optional[Path], typer.Option(help="base model folder (default: train.base_model)")] = None,
     wait: WaitFlag = True,

@@ -167,12 +167,19 @@ def job_dir(ctx: Context, job_id: str) -> Path:
 
 
 def resolve_dataset(ctx: Context, ref: str | Path) -> Path:
-    """A snapshot folder from a path or a dataset id in the store."""
+    """A snapshot folder from a path, a dataset id in the store, or "latest" (the newest snapshot)."""
     from flywheel.trainer.dataset import get_snapshot
 
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
+    if str(ref) == "latest":
+        from flywheel.trainer.dataset import list_snapshots
+
+        newest = list_snapshots(ctx.store)
+        if not newest:
+            raise NotFoundError("no dataset snapshot yet: run `flywheel dataset build` first")
+        ref = newest[0].id
     try:
         folder = Path(get_snapshot(ctx.store, str(ref)).path)
     except NotFoundError:
