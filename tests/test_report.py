@@ -155,3 +155,12 @@ def test_nice_ticks_cover_the_range() -> None:
     assert nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     ticks = nice_ticks(1.3, 6.0, 5)
     assert ticks[0] <= 1.3 and ticks[-1] >= 6.0
+
+
+def test_flywheel_training_curve_files_load_with_one_series_per_split(tmp_path: Path) -> None:
+    # the layout flywheel.trainer.recipes writes next to an adapter
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({"train": [{"step": 1, "epoch": 0.1, "loss": 2.0}, {"step": 5, "epoch": 0.5, "loss": 1.0}],
+                                "eval": [{"step": 5, "epoch": 0.5, "loss": 1.5}]}), encoding="utf-8")
+    curve = load_curve(path)
+    assert curve == {"train_loss": [(1.0, 2.0), (5.0, 1.0)], "eval_loss": [(5.0, 1.5)]}

@@ -95,6 +95,10 @@ def load_curve(path: Path | str) -> Curve:
             if isinstance(data.get(key), list):
                 data = data[key]
                 break
+    if isinstance(data, dict) and data and all(isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in data.values()):
+        # flywheel's own curve.json: {"train": [log records], "eval": [log records]}; name each series by its split
+        data = [{"step": r.get("step"), **{f"{split}_{k}": v for k, v in r.items() if k != "step"}}
+                for split, records in data.items() for r in records]
     series: Curve = {}
     if isinstance(data, list):
         for record in data:
