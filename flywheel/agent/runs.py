@@ -19,13 +19,13 @@ import os
 import socket
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel.errors import NotFoundError
+from flywheel.proc import pid_alive
 from flywheel.records import Record, utcnow
 from flywheel.store.db import Store
 from flywheel.store.schema import effects, runs
@@ -127,20 +127,7 @@ def process_alive(pid: int | None, host: str | None) -> bool | None:
     """True/False for a process on this host; None when it cannot be told (another host, no pid)."""
     if pid is None or (host and host != socket.gethostname()):
         return None
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self").exists():
-        try:
-            state = stat.read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            return False
-        return state not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _reconcile(store: Store, run: RunRow) -> RunRow:
@@ -169,6 +156,8 @@ def record_effect(store: Store, key: str, kind: str, result: dict[str, Any] | No
     """Record that the effect `key` happened. False when it was recorded already (by anyone): then the
     caller must not act again. (The tool node keys tool calls; the Slack app can key its messages.)"""
     dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(effects).values(key=key[:200], kind=kind, result=result, created_at=utcnow()).on_conflict_do_nothing(index_elements=["key"])
+    stmt = (dialect.insert(effects).values(key=key[:200], kind=kind, result=result, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["key"]).returning(effects.c.key))
     with store.begin() as conn:
-        return conn.execute(stmt).rowcount == 1
+        # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
+        return conn.execute(stmt).first() is not None

@@ -34,8 +34,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from flywheel.agent import runs
 from flywheel.agent.approval import DecisionOutcome, PendingApproval
 from flywheel.agent.slack_blocks import (
     ACTION_APPROVE, ACTION_REJECT, EVENT_TYPE, VIEW_REJECT, ApprovalRef, MessageRef, approval_blocks,
@@ -43,7 +43,7 @@ from flywheel.agent.slack_blocks import (
 )
 from flywheel.context import Context
 from flywheel.errors import FlywheelError, InfrastructureError, NotFoundError, PolicyViolation, SettingsError, UserInputError
-from flywheel.records import stable_hash, utcnow
+from flywheel.records import stable_hash
 from flywheel.settings import Settings
 from flywheel.store.schema import effects
 
@@ -101,12 +101,7 @@ def _api_error(what: str, exc: Exception) -> InfrastructureError:
 
 def claim(ctx: Context, key: str, kind: str, result: dict[str, Any]) -> bool:
     """Insert `key` unless it is there. True: this caller holds it now; False: someone did it before."""
-    store = ctx.store
-    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    with store.begin() as conn:
-        inserted = conn.execute(dialect.insert(effects).values(key=key, kind=kind, result=result, created_at=utcnow())
-                                .on_conflict_do_nothing(index_elements=["key"]).returning(effects.c.key)).first()
-    return inserted is not None  # (rowcount is not reliable here on psycopg)
+    return runs.record_effect(ctx.store, key, kind, result)
 
 
 def _effect(ctx: Context, key: str) -> tuple[dict[str, Any], datetime] | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from flywheel.context import Context
+from flywheel.proc import pid_alive
 from flywheel.errors import InfrastructureError, JobFailed, NotFoundError, UserInputError
 from flywheel.records import utcnow
 from flywheel.trainer.jobs import (
@@ -131,24 +132,7 @@ def _signal_group(pid: int, sig: int) -> None:
 def _worker_alive(pid: int, work_dir: str) -> bool:
     """Is `pid` a live (not zombie) worker for this job folder? /proc tells on Linux; elsewhere, whether the
     pid exists at all (pid reuse can then fool us, the heartbeat check stays as a backstop)."""
-    proc = Path(f"/proc/{pid}")
-    if Path("/proc/self").exists():
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        state = stat.rsplit(")", 1)[-1].split()[0]
-        if state in ("Z", "X"):
-            return False
-        return b"flywheel.trainer.worker" in cmdline and work_dir.encode() in cmdline
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid, argv_has=("flywheel.trainer.worker", work_dir))
 
 
 # --- the job API ---------------------------------------------------------------------------------------------
