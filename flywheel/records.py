@@ -209,6 +209,7 @@ class Reference(Record):
 
     intent: str | None = None
     answer: str | None = None
+    fine: bool = False  # a person said the logged answer was right as it stands
     source: str = ""  # "label:<labeller>", "test_set", "correction"
 
 

@@ -168,6 +168,9 @@ class CorrectSettings(Section):
     context_docs: int = Field(4, ge=0, le=50)
     similar_failures: int = Field(3, ge=0, le=50)
     llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or empty answer or preference
+    # Without a knowledge-base answer, the offline corrector takes an intent's usual stable production
+    # reply (flywheel.data.replies) only when at least this many stable answers give exactly that reply.
+    reply_min_support: int = Field(3, ge=1)
 
 
 class DatasetSettings(Section):
@@ -191,6 +194,15 @@ class DatasetSettings(Section):
     # The share of problem rows a snapshot aims at when there is enough replay; empty: the middle of
     # [replay_min_share, replay_max_share].
     replay_target_share: float | None = Field(None, gt=0, le=1)
+    # A snapshot that turns fewer than this share of the failures people labelled into rows is refused
+    # (the error lists why each was left out), once at least label_yield_min_labels were labelled:
+    # many labels and almost no rows means the labels were wasted, which must not pass as a success.
+    min_label_yield: float = Field(0.25, ge=0, le=1)
+    # Which replay rows a snapshot draws (flywheel.trainer.balance.mix_replay): "weighted" by tier weight
+    # alone, or "counter": per intent, most to the intents the problem rows correct away from, so the
+    # fix does not teach the model to avoid an intent everywhere.
+    replay_strategy: Literal["weighted", "counter"] = "counter"
+    label_yield_min_labels: int = Field(20, ge=1)
 
     @model_validator(mode="after")
     def _shares(self) -> "DatasetSettings":

@@ -118,7 +118,9 @@ def test_uncorrectable_without_an_approved_response(kb_ctx: Context, project: Pa
     view = repo.show(ctx.store, fid)
     assert view.failure.status == FailureStatus.UNCORRECTABLE
     assert view.correction is not None and view.correction.answer == "" and not view.correction.verified
-    assert view.correction.verification.reasons == ["no approved response for intent 'crypto_exchange' in the knowledge base"]
+    reason = view.correction.verification.reasons[0]
+    assert reason.startswith("no approved response for intent 'crypto_exchange' in the knowledge base, and no verified reply")
+    assert "no stable production answer" in reason and "give the answer in the label" in reason
     assert "no label names one" in repo.show(ctx.store, nointent).correction.verification.reasons[0]
     assert ctx.index.count(CORRECTIONS) == 0
     capsys.readouterr()

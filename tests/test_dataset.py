@@ -242,6 +242,9 @@ def test_heldout_never_overlaps_the_test_set_and_keeps_prompts_on_one_side(make_
 def test_defaults_hold_every_rule_together(project: Path) -> None:
     """Default settings on a skewed store: every rule has something to do, and all hold at the end."""
     ctx = Context(settings=load_settings(project))
+    # tier weights alone decide the replay draw here (counter replay shares it per intent first:
+    # test_counter_replay_protects_the_intents_problem_rows_correct_away_from)
+    ctx.settings.dataset.replay_strategy = "weighted"
     try:
         intents = ["billing"] * 60 + ["cards"] * 30 + ["refunds"] * 30 + ["login"] * 10 + ["travel"] * 20
         types = ["format_error"] * 90 + ["wrong_intent"] * 40 + ["over_promise"] * 14 + ["policy_boundary_risk"] * 6
@@ -402,3 +405,29 @@ def test_dataset_commands(make_ctx, project: Path, capsys: pytest.CaptureFixture
     assert f"{replay}:2: not valid JSON" in captured.err and f"{replay}:3: tier" in captured.err
     snap = json.loads(captured.out)
     assert snap["manifest"]["sources"]["extra"] == {"core_baseline": 1}
+
+
+def test_counter_replay_protects_the_intents_problem_rows_correct_away_from(project: Path) -> None:
+    """Problem rows that correct answers of intent "billing" to other intents: counter replay gives
+    billing the most replay rows, every other served intent still gets some, and the draw is the
+    same for the same store."""
+    ctx = Context(settings=load_settings(project))
+    try:
+        ds = ctx.settings.dataset
+        ds.intent_min_samples, ds.intent_max_ratio, ds.heldout_ratio = 0, 1.0, 0.0
+        ds.replay_min_share = ds.replay_max_share = 0.5  # as many replay rows as problem rows
+        said = lambda intent: json.dumps({"intent": intent, "reply": "..."})  # noqa: E731 - a tiny table of answers
+        specs = [{"intent": i, "original": said("billing")} for i in ["cards"] * 20 + ["refunds"] * 10]  # 30 rows away from billing
+        replay_intents = ["billing"] * 40 + ["cards"] * 40 + ["refunds"] * 40 + ["login"] * 40
+        specs += [{"intent": i, "tier": SampleTier.CANDIDATE} for i in replay_intents]
+        seed_store(ctx.store, specs)
+        snap = build_snapshot(ctx, "sft")
+        replay = Counter(r["intent"] for r in read_rows(snap) if r["tier"] != "problem")
+        assert sum(replay.values()) == 30
+        # weights: billing 1 + 30, the others 1 each -> billing takes 27 of 30, each other intent one
+        assert replay["billing"] == 27 and replay["cards"] == replay["refunds"] == replay["login"] == 1
+        mix = next(s for s in snap.manifest["steps"] if s["step"] == "replay_mix")
+        assert mix["strategy"] == "counter" and mix["replay_drawn_by_intent"] == dict(sorted(replay.items()))
+        assert build_snapshot(ctx, "sft").id == snap.id
+    finally:
+        ctx.close()

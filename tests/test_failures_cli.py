@@ -204,7 +204,7 @@ def test_label_one_and_show_it(seeded: Path, any_store: Store, capsys: pytest.Ca
         ref = latest_label(conn, fid("i0"))
     assert ref is not None and ref.intent == "lost_card" and ref.answer == "Freeze the card in the app." and ref.source == "label:ann"
     code, out, _ = run(capsys, seeded, "failures", "show", fid("i0"), "--json")
-    assert json.loads(out)["reference"] == {"intent": "lost_card", "answer": "Freeze the card in the app.", "source": "label:ann"}
+    assert json.loads(out)["reference"] == {"intent": "lost_card", "answer": "Freeze the card in the app.", "fine": False, "source": "label:ann"}
     # the newest label wins; every label counts against the budget
     add_label(any_store, fid("i0"), {"intent": "card_arrival"}, "bob")
     with any_store.engine.connect() as conn:

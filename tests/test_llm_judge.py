@@ -290,7 +290,8 @@ def test_reference_for_overrides_the_label(any_store: Store) -> None:
     judge_failures(make_ctx(any_store), reference_for=refs.get)
     assert stored(any_store, ids["a"])[1].problem_type == "wrong_intent"
     judge_failures(make_ctx(any_store), failure_ids=[ids["a"]])  # the label alone: the intent matches
-    assert stored(any_store, ids["a"])[0] == "unjudged"
+    status, verdict = stored(any_store, ids["a"])
+    assert status == "not_failure" and "label:ana" in verdict.rationale and "'card_arrival'" in verdict.rationale
 
 
 # --- prompt injection --------------------------------------------------------------------------------------------

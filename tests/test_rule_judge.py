@@ -142,7 +142,7 @@ def test_wrong_intent_against_the_reference(settings: Settings) -> None:
 def test_a_check_whose_type_is_not_in_the_taxonomy_is_switched_off(project: Path) -> None:
     taxonomy = {"problem_types": {"over_promise": "promises"}, "categories": {}, "default_severity": {}}
     judge = judge_with(project, taxonomy=taxonomy)
-    assert judge.disabled == ["empty", "intent", "output_schema", "tool_call"]
+    assert judge.disabled == ["empty", "intent", "label_answer", "output_schema", "tool_call"]
     assert judge.check(conv(said(""))) == []
     assert kinds(judge.check(conv(said("we promise a refund")))) == [("over_promise", "high", "policy:guaranteed_refund")]
 

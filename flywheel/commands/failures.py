@@ -281,19 +281,21 @@ def label(
     failure_id: Annotated[Optional[str], typer.Argument(help="the failure to label")] = None,
     intent: Annotated[Optional[str], typer.Option(help="the right intent of the user's request")] = None,
     answer: Annotated[Optional[str], typer.Option(help="the right answer, when you know it")] = None,
+    fine: Annotated[bool, typer.Option("--fine", help="the logged answer was right as it stands")] = False,
     by: Annotated[Optional[str], typer.Option(help="who labels (default: your user name)")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help='JSONL: {"failure_id", "intent", "answer"?, "by"?} per line')] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Record a human label (the right intent, optionally the right answer) for a failure."""
+    """Record a human label for a failure: the right intent (optionally the right answer), or --fine."""
     from flywheel.data.labels import add_label, add_labels_from_file, count_labels
 
-    store = context(ctx).store
+    c = context(ctx)
+    store = c.store
     labeller = by or _user_name()
     if file is not None:
-        if failure_id or intent or answer:
+        if failure_id or intent or answer or fine:
             raise UserInputError("give either --file or FAILURE_ID --intent, not both")
-        result = add_labels_from_file(store, file, labeller)
+        result = add_labels_from_file(store, file, labeller, settings=c.settings)
         for problem in result.errors:
             err_console.print(problem, highlight=False, markup=False, soft_wrap=True)
         total = count_labels(store)
@@ -304,14 +306,16 @@ def label(
         if result.errors:
             raise UserInputError(f"{len(result.errors)} line(s) of {file} were rejected; the other {result.added} are stored")
         return
-    if not failure_id or not intent:
-        raise UserInputError("give FAILURE_ID and --intent (or --file labels.jsonl)")
-    label_id = add_label(store, failure_id, {"intent": intent, "answer": answer}, labeller)
+    if not failure_id or not (intent or fine):
+        raise UserInputError("give FAILURE_ID and --intent or --fine (or --file labels.jsonl)")
+    given = {"intent": intent, "answer": answer, "fine": fine}
+    label_id = add_label(store, failure_id, {k: v for k, v in given.items() if v}, labeller, settings=c.settings)
     total = count_labels(store)
     if as_json:
         _echo_json({"label_id": label_id, "failure_id": failure_id, "labels_total": total})
     else:
-        typer.echo(f"labelled {failure_id} as {intent} (label {label_id}); {total} label(s) in all")
+        said = "fine as answered" if fine else intent
+        typer.echo(f"labelled {failure_id} as {said} (label {label_id}); {total} label(s) in all; `flywheel judge` takes it into account")
 
 
 def _user_name() -> str:

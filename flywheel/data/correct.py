@@ -3,8 +3,11 @@
 Two correctors, chosen by whether an LLM endpoint is configured:
 
 * offline, the knowledge-base corrector: the approved response for the failure's intent (a human
-  label's intent wins over the logged one), with the policies for that intent cited. It never invents:
-  no approved response for the intent makes the failure `uncorrectable`, with the reason stored.
+  label's intent wins over the logged one), with the policies for that intent cited. Where the KB has
+  none (or there is no KB), the best verified reply the project knows for that intent: answers people
+  wrote in labels, the usual stable production reply, earlier verified corrections
+  (flywheel.data.replies; generator "reply:<source>"). It never invents: nothing verified for the
+  intent makes the failure `uncorrectable`, with the reason stored.
 * with an endpoint, the LLM corrector (prompts/corrector.md): the conversation (as untrusted data), the
   verdict, knowledge-base sections and similar failures already corrected and verified, retrieved from
   the index. Calls run through the shared bounded runner (llm.max_in_flight at once).
@@ -28,6 +31,7 @@ from sqlalchemy import Connection
 
 from flywheel.context import Context
 from flywheel.data.labels import latest_labels
+from flywheel.data.replies import ReplyBook, adapt, build_reply_book
 from flywheel.data.verify import Verifier
 from flywheel.errors import NotFoundError
 from flywheel.records import Correction, Failure, FailureStatus, Interaction, Message, Record, Reference, Verdict, Verification
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from flywheel.store.vectors import Hit, VectorIndex
 
 KB_GENERATOR = "kb"
+REPLY_GENERATOR = "reply"  # "reply:<source>": the best verified reply for the intent (flywheel.data.replies)
 # With explicit ids, failures that already have a correction attempt may be tried again.
 RETRYABLE = (FailureStatus.JUDGED, FailureStatus.CORRECTED, FailureStatus.UNCORRECTABLE)
 
@@ -194,10 +199,12 @@ def _compose(approved: "Hit", policies: Sequence["Hit"], settings: Settings) -> 
     return Attempt(answer=text, generator=KB_GENERATOR, context_ids=context)
 
 
-def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case], policies_per_answer: int = 2) -> list[Attempt]:
+def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case], policies_per_answer: int = 2, store: Store | None = None) -> list[Attempt]:
     """The KB corrector for many cases: for each, the approved response for its intent with the policies
     written for that intent cited; for a safety problem (over-promise, policy boundary) with none, the
-    nearest general policy (one with no intent). Never invents: no approved response, no answer."""
+    nearest general policy (one with no intent). Where the KB has no approved response for the intent,
+    and `store` is given, the best verified reply the project knows for it (flywheel.data.replies).
+    Never invents: nothing verified for the intent, no answer."""
     attempts: list[Attempt | None] = [label_attempt(case) for case in cases]
     for row, case in enumerate(cases):
         if attempts[row] is None and not case.intent:
@@ -212,12 +219,23 @@ def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case],
         if safety:
             for n, hits in zip(safety, index.query_embeddings(KB, vectors[safety], k=5, where={"kind": "policy"})):
                 policies[n] = [h for h in hits if not h.metadata.get("intent")][:1]
+        unanswered = sorted({intents[n] for n in range(len(todo)) if not approved[n]})
+        book = build_reply_book(store, settings, unanswered) if store is not None and unanswered else None
         for n, row in enumerate(todo):
             if approved[n]:
                 attempts[row] = _compose(approved[n][0], policies[n], settings)
+            elif book is not None:
+                attempts[row] = _from_reply_book(book, intents[n])
             else:
                 attempts[row] = Attempt(reason=f"no approved response for intent {intents[n]!r} in the knowledge base", generator=KB_GENERATOR)
     return [a for a in attempts if a is not None]
+
+
+def _from_reply_book(book: ReplyBook, intent: str) -> Attempt:
+    reply = book.for_intent(intent)
+    if reply is None:
+        return Attempt(reason=book.why_missing(intent), generator=KB_GENERATOR)
+    return Attempt(answer=adapt(reply.text, intent), generator=f"{REPLY_GENERATOR}:{reply.source}", context_ids=reply.context_ids)
 
 
 def kb_attempt(index: "VectorIndex", settings: Settings, case: Case) -> Attempt:
@@ -299,7 +317,7 @@ def correct_failures(ctx: Context, failure_ids: list[str] | None = None) -> Corr
         verifier = Verifier(settings)
         verified: list[tuple[Case, str]] = []
         # ctx.index opens Chroma on first use: not at all when there is nothing to correct
-        for case, attempt in zip(cases, kb_attempts(ctx.index, settings, cases) if cases else []):
+        for case, attempt in zip(cases, kb_attempts(ctx.index, settings, cases, store=ctx.store) if cases else []):
             verification = verifier.verify_rules(case, attempt.answer) if attempt.answer is not None else None
             outcome = save_attempt(ctx.store, case, attempt, verification)
             summary.outcomes.append(outcome)

@@ -18,14 +18,19 @@ from typing import Any, Protocol
 
 from flywheel.context import Context
 from flywheel.data.labels import add_label, count_labels
+from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record
 from flywheel.trainer.selection import candidates_from_store, needs_model, run_rounds
 
 
 class LabelRequest(Record):
+    """What a person is shown. Answered in place (see flywheel.data.labels): keep `intent` or change it,
+    add an "answer", or write "fine": true; `text` and `logged_answer` are ignored when read back."""
+
     failure_id: str
     intent: str | None  # what production logged
     text: str  # the user's request, for the person
+    logged_answer: str = ""  # what the model answered
 
 
 class Labeller(Protocol):
@@ -60,6 +65,7 @@ class LabellingLog(Record):
     labelled: int
     rounds: list[dict[str, Any]]
     stop_reason: str
+    rejected: list[str] = []  # labels the labeller gave that were refused, with the reason
 
 
 def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = None, budget: int | None = None, model: Any = None) -> LabellingLog:
@@ -76,18 +82,27 @@ def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = N
     uses_model = needs_model(strategy) or strategy == "hybrid"
     candidates, labelled, info = candidates_from_store(ctx, model=model if uses_model else None, embedder=ctx.index.embedder)
     stored: dict[str, dict[str, Any]] = {}
+    rejected: list[str] = []
 
     def ask(round_ids: list[str]) -> None:
-        requests = [LabelRequest(failure_id=i, intent=info[i]["intent"], text=info[i]["text"]) for i in round_ids]
+        requests = [LabelRequest(failure_id=i, intent=info[i]["intent"], text=info[i]["text"], logged_answer=info[i].get("answer", "")) for i in round_ids]
         for failure_id, label in labeller.label(requests).items():
-            add_label(ctx.store, failure_id, label, labeller.name)
+            try:
+                add_label(ctx.store, failure_id, label, labeller.name, settings=ctx.settings)
+            except (UserInputError, NotFoundError) as exc:  # one bad answer loses only itself
+                rejected.append(str(exc))
+                continue
             stored[failure_id] = label
+
+    def exposed_mistake(failure_id: str) -> bool:
+        label = stored[failure_id]
+        return not label.get("fine") and (label.get("intent") != info[failure_id]["intent"] or bool(label.get("answer")))
 
     def gain(round_ids: list[str], _so_far: list[str]) -> float:
         answered = [i for i in round_ids if i in stored]
         if not answered:
             return 0.0
-        return sum(stored[i].get("intent") != info[i]["intent"] for i in answered) / len(answered)
+        return sum(exposed_mistake(i) for i in answered) / len(answered)
 
     log = run_rounds(
         candidates,
@@ -109,4 +124,5 @@ def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = N
         labelled=len(stored),
         rounds=[{"round": r.index, "picked": len(r.ids), "gain": round(r.gain, 4), "uncertainty_share": r.uncertainty_share} for r in log.rounds],
         stop_reason=log.stop_reason,
+        rejected=rejected[:20],
     )

@@ -1,36 +1,85 @@
-"""Human labels: what a person says the right intent (and, optionally, the right answer) of a failure is.
+"""Human labels: a person's correction of a failure.
 
-A label becomes the failure's `Reference`: the corrector answers for the labelled intent and the
-verifier checks against it. Every label row counts against the labelling budget that active learning
-spends (`count_labels`), so relabelling a failure costs another label.
+A label says the right intent and, optionally, the right answer; or it says the answer was fine
+(`"fine": true`). It becomes the failure's `Reference`:
+
+- the judge compares the answer with it (an intent that differs is `wrong_intent`, with the label as
+  provenance; a "fine" label makes the failure `not_failure`);
+- the corrector uses the person's answer when there is one, and otherwise builds the target for the
+  labelled intent from what the project knows (flywheel.data.replies);
+- a "fine" answer becomes a positive training sample (flywheel.trainer.dataset).
+
+Every label row counts against the labelling budget that active learning spends (`count_labels`), so
+relabelling a failure costs another label.
 
 Label files are JSONL, one object per line:
     {"failure_id": "f-...", "intent": "card_arrival", "answer": "optional text", "by": "optional name"}
-A "text" key (the user's request, as the label queue of flywheel.data.labelling writes it) is read and
-ignored, so a person can answer the queue file in place. A bad line is reported with its line number
-and the good lines are still stored.
+    {"failure_id": "f-...", "fine": true}
+A "text" or "logged_answer" key (what the label queue of flywheel.data.labelling writes) is read and
+ignored, so a person can answer the queue file in place. A bad line (broken JSON, an unknown intent, a
+failure that does not exist) is reported with its file and line number and the good lines are still
+stored.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from sqlalchemy import Connection, func, select
 
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record, Reference, utcnow
+from flywheel.settings import Settings
 from flywheel.store.db import Store
-from flywheel.store.schema import failures, labels
+from flywheel.store.schema import failures, interactions, labels
+
+QUEUE_KEYS = ("text", "logged_answer")  # what the label queue shows the person; not part of a label
 
 
 class Label(Record):
     """What one label says. Unknown keys are refused so that a typo ("intnet") is not silently lost."""
 
-    intent: str = Field(min_length=1, max_length=200)
+    intent: str | None = Field(None, min_length=1, max_length=200)
     answer: str | None = Field(None, min_length=1)
+    fine: bool = False  # the person says the logged answer was right as it stands
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "Label":
+        if not self.fine and self.intent is None:
+            raise ValueError('a label names the right "intent" (optionally an "answer"), or says "fine": true')
+        if self.fine and self.answer is not None:
+            raise ValueError('a "fine" label keeps the logged answer; give an "answer" only to correct it')
+        return self
+
+    def reference(self, labeller: str) -> Reference:
+        return Reference(intent=self.intent, answer=self.answer, fine=self.fine, source=f"label:{labeller}")
+
+
+def known_intents(settings: Settings, conn: Connection) -> set[str] | None:
+    """The intents a label may name: the output schema's enum for "intent" when it has one, else every
+    intent seen in the logs or in earlier labels. None: nothing is known yet, so nothing is checked."""
+    schema = settings.policies.output_schema or {}
+    enum = ((schema.get("properties") or {}).get("intent") or {}).get("enum")
+    if isinstance(enum, list) and enum:
+        return {str(v) for v in enum}
+    seen = set(conn.execute(select(interactions.c.intent).where(interactions.c.intent.is_not(None)).distinct()).scalars())
+    for row in conn.execute(select(labels.c.label)):
+        if isinstance(row.label, dict) and row.label.get("intent"):
+            seen.add(row.label["intent"])
+    return seen or None
+
+
+def _check_intent(label: Label, known: set[str] | None) -> str | None:
+    """Why the label's intent is refused, or None."""
+    if label.intent is None or known is None or label.intent in known:
+        return None
+    close = difflib.get_close_matches(label.intent, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" ({len(known)} known intents; `flywheel failures counts` lists them)"
+    return f"unknown intent {label.intent!r}{hint}"
 
 
 class LabelFileResult(Record):
@@ -69,18 +118,22 @@ def _insert(conn: Connection, failure_id: str, label: Label, labeller: str) -> i
     return int(row.id)
 
 
-def add_label(store: Store, failure_id: str, label: dict[str, Any] | Label, labeller: str) -> int:
-    """Store one label for a failure; returns the label's id. Unknown failure: NotFoundError."""
+def add_label(store: Store, failure_id: str, label: dict[str, Any] | Label, labeller: str, *, settings: Settings | None = None) -> int:
+    """Store one label for a failure; returns the label's id. Unknown failure: NotFoundError. With
+    `settings`, an intent the project does not know (`known_intents`) is refused (UserInputError)."""
     checked = _check_label(label, f"label for {failure_id}")
     if not labeller.strip():
         raise UserInputError(f"label for {failure_id}: the labeller's name is empty")
     with store.begin() as conn:
         if not _existing_ids(conn, [failure_id]):
             raise NotFoundError(f"no failure with id {failure_id!r}")
+        problem = _check_intent(checked, known_intents(settings, conn)) if settings is not None else None
+        if problem:
+            raise UserInputError(f"label for {failure_id}: {problem}")
         return _insert(conn, failure_id, checked, labeller)
 
 
-def add_labels_from_file(store: Store, path: Path, labeller: str) -> LabelFileResult:
+def add_labels_from_file(store: Store, path: Path, labeller: str, *, settings: Settings | None = None) -> LabelFileResult:
     """Store every good line of a JSONL label file; bad lines come back in `errors`, one per line.
 
     A line may name its own labeller with "by"; otherwise `labeller` is used.
@@ -105,7 +158,8 @@ def add_labels_from_file(store: Store, path: Path, labeller: str) -> LabelFileRe
         if not isinstance(obj, dict):
             errors.append((number, f"expected a JSON object, got {type(obj).__name__}"))
             continue
-        obj.pop("text", None)  # the request as the label queue showed it (data.labelling.QueueLabeller)
+        for key in QUEUE_KEYS:  # what the label queue showed (data.labelling.QueueLabeller)
+            obj.pop(key, None)
         failure_id = obj.pop("failure_id", None)
         by = obj.pop("by", None) or labeller
         if not isinstance(failure_id, str) or not failure_id:
@@ -120,10 +174,15 @@ def add_labels_from_file(store: Store, path: Path, labeller: str) -> LabelFileRe
             errors.append((number, str(exc)))
     with store.begin() as conn:
         known = _existing_ids(conn, sorted({p[1] for p in parsed}))
+        intents = known_intents(settings, conn) if settings is not None else None
         added = 0
         for number, failure_id, label, by in parsed:
             if failure_id not in known:
                 errors.append((number, f"no failure with id {failure_id!r}"))
+                continue
+            problem = _check_intent(label, intents)
+            if problem:
+                errors.append((number, problem))
                 continue
             _insert(conn, failure_id, label, by)
             added += 1
@@ -135,8 +194,7 @@ def latest_label(conn: Connection, failure_id: str) -> Reference | None:
     row = conn.execute(select(labels).where(labels.c.failure_id == failure_id).order_by(labels.c.id.desc()).limit(1)).first()
     if row is None:
         return None
-    label = Label.model_validate(row.label)
-    return Reference(intent=label.intent, answer=label.answer, source=f"label:{row.labeller}")
+    return Label.model_validate(row.label).reference(row.labeller)
 
 
 def latest_labels(conn: Connection, failure_ids: list[str]) -> dict[str, Reference]:
@@ -148,8 +206,7 @@ def latest_labels(conn: Connection, failure_ids: list[str]) -> dict[str, Referen
             select(func.max(labels.c.id).label("lid")).where(labels.c.failure_id.in_(chunk)).group_by(labels.c.failure_id).subquery()
         )
         for row in conn.execute(select(labels).join(newest, labels.c.id == newest.c.lid)):
-            label = Label.model_validate(row.label)
-            out[row.failure_id] = Reference(intent=label.intent, answer=label.answer, source=f"label:{row.labeller}")
+            out[row.failure_id] = Label.model_validate(row.label).reference(row.labeller)
     return out
 
 

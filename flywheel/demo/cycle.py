@@ -19,6 +19,7 @@ from flywheel.data.labelling import LabelRequest
 from flywheel.data.triage import triage
 from flywheel.demo.pack import DemoPack, Row
 from flywheel.demo.production import user_of
+from flywheel.evals.rule_judge import RuleJudge
 from flywheel.demo.setup import serve_traffic
 from flywheel.registry import resolve
 from flywheel.store.failures import get_failures
@@ -28,13 +29,15 @@ Say = Callable[[str], None]
 
 
 class TruthLabeller:
-    """Answers label requests from the dataset's own labels, as a careful person would."""
+    """Answers label requests from the dataset's own labels, as a careful person would: the right intent,
+    or "fine" when the model's answer already had it (the demo's replies follow from the intent)."""
 
     name = "demo-labeller"
 
     def __init__(self, ctx: Context, truth: dict[str, str]):
         self.ctx = ctx
         self.truth = truth  # interaction id -> intent
+        self.rules = RuleJudge(ctx.settings)
         self.asked = 0
 
     def label(self, requests: Sequence[LabelRequest]) -> dict[str, dict[str, Any]]:
@@ -42,7 +45,17 @@ class TruthLabeller:
         with self.ctx.store.engine.connect() as conn:
             by_failure = {f.id: f.interaction_id for f in get_failures(conn, ids=ids)}
         self.asked += len(requests)
-        return {fid: {"intent": self.truth[iid]} for fid, iid in by_failure.items() if iid in self.truth}
+        shown = {r.failure_id: r for r in requests}
+        out: dict[str, dict[str, Any]] = {}
+        for fid, iid in by_failure.items():
+            if iid not in self.truth:
+                continue
+            # The right intent; a person who sees the model already gave it, in an answer that breaks no
+            # policy, says the answer was fine.
+            request = shown[fid]
+            fine = request.intent == self.truth[iid] and not self.rules.check_answer(request.logged_answer)
+            out[fid] = {"fine": True} if fine else {"intent": self.truth[iid]}
+        return out
 
 
 class CanaryTraffic:

@@ -96,20 +96,14 @@ def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize
     timings["traffic"] = time.monotonic() - t
     say(f"ingest: {ingested.files[0].stored} interactions stored, {ingested.files[0].quarantined} quarantined")
 
-    kb_file = pack.kb_file or _generated_kb(workdir, pack)
-    kb = add_files(ctx.index, [kb_file])
-    say(f"knowledge base: {kb.added + kb.updated + kb.unchanged} entries from {kb_file.name}")
+    if pack.kb_file is not None:
+        kb = add_files(ctx.index, [pack.kb_file])
+        say(f"knowledge base: {kb.added + kb.updated + kb.unchanged} entries from {pack.kb_file.name}")
+    else:
+        # No made-up knowledge base: corrections come from what people label and what production
+        # already answers well (flywheel.data.replies), as on a team's own data.
+        say("knowledge base: none in this pack; corrections come from the labels and stable production replies")
     return ctx, pack, size, truth, canary_rows, timings
-
-
-def _generated_kb(workdir: Path, pack: DemoPack) -> Path:
-    from flywheel.demo.pack import approved_replies
-
-    path = workdir / "kb.jsonl"
-    with path.open("w", encoding="utf-8") as out:
-        for intent, answer in approved_replies(pack).items():
-            out.write(json.dumps({"id": f"approved-{intent}", "kind": "approved_response", "intent": intent, "text": answer}) + "\n")
-    return path
 
 
 def _clear_state(workdir: Path) -> None:

@@ -346,9 +346,14 @@ def judge_failures(
     with store.engine.connect() as conn:
         if failure_ids is None:
             items = failure_repo.get_failures(conn, status=FailureStatus.TRIAGED)
-            if settings.llm.enabled:  # what the rules alone left open now goes to the LLM judge
-                unjudged = failure_repo.get_failures(conn, status=FailureStatus.UNJUDGED)
-                items += [f for f in unjudged if (v := failure_repo.latest_verdict(conn, f.id)) is not None and v.judge == "rule"]
+            unjudged = failure_repo.get_failures(conn, status=FailureStatus.UNJUDGED)
+            # A label given after the failure was left unjudged settles it now (people answer the label
+            # queue after the cycle that asked); with an LLM, what the rules alone left open goes to it.
+            relabelled = set(latest_labels(conn, [f.id for f in unjudged]))
+            items += [
+                f for f in unjudged
+                if f.id in relabelled or (settings.llm.enabled and (v := failure_repo.latest_verdict(conn, f.id)) is not None and v.judge == "rule")
+            ]
         else:
             items = failure_repo.get_failures(conn, ids=list(dict.fromkeys(failure_ids)))
             missing = sorted(set(failure_ids) - {f.id for f in items})
@@ -372,7 +377,7 @@ def judge_failures(
         if settings.llm.enabled and not settled:
             ask.append(case)
         else:
-            confirmed = case.reference if rules.confirms(case.answer, case.reference) else None
+            confirmed = case.reference if rules.confirms(case.answer, case.reference) or rules.intent_agrees(case.answer, case.reference) else None
             keep(verdict_from_findings(case.failure_id, case.findings, settings, confirmed_by=confirmed))
     try:
         if ask:
@@ -424,7 +429,8 @@ class _VerdictWriter:
 
 def _case(failure: Failure, interaction: Interaction, rules: RuleJudge, label: Reference | None, reference_for: Callable[[str], Reference | None] | None) -> JudgeCase:
     reference = (reference_for(failure.id) if reference_for is not None else None) or label
-    return JudgeCase(failure_id=failure.id, interaction=interaction, findings=rules.check(interaction, reference=reference), reference=reference)
+    findings = rules.label_findings(interaction.last_assistant(), reference, rules.check(interaction, reference=reference))
+    return JudgeCase(failure_id=failure.id, interaction=interaction, findings=findings, reference=reference)
 
 
 async def _ask_llm(settings: Settings, cases: list[JudgeCase], summary: JudgeSummary, keep: Callable[[Verdict], None]) -> None:

@@ -14,6 +14,9 @@ Checks, each giving `Finding`s:
                JSON object                                         -> wrong_tool_call
   intent       the reference names an intent and the answer's JSON
                "intent" field names another                        -> wrong_intent
+  label_answer (captured failures only, `label_findings`) a person's
+               label gives an answer that differs from the logged
+               one, and the intent check found nothing             -> missing_knowledge
 
 A built-in check whose problem type is not in the configured taxonomy is switched off (listed in
 `RuleJudge.disabled`); a policy pattern naming an unknown problem type is a SettingsError.
@@ -39,7 +42,13 @@ NO_FINDING_REASON = "no rule finding; needs the LLM judge or a label"
 _DETAIL_CHARS = 200
 
 # Problem types the built-in checks report, by check.
-_BUILTIN = {"empty": "format_error", "output_schema": "format_error", "tool_call": "wrong_tool_call", "intent": "wrong_intent"}
+_BUILTIN = {
+    "empty": "format_error",
+    "output_schema": "format_error",
+    "tool_call": "wrong_tool_call",
+    "intent": "wrong_intent",
+    "label_answer": "missing_knowledge",
+}
 
 
 class RuleJudge:
@@ -104,6 +113,18 @@ class RuleJudge:
         self._check_intent(findings, parsed, reference)
         return findings
 
+    def label_findings(self, answer: Message | None, reference: Reference | None, findings: list[Finding]) -> list[Finding]:
+        """What a human label adds to a captured failure's `findings`: a label whose answer differs from
+        the logged one says the content was wrong, even when the intent was right. Evaluation does not
+        use this: a test set's reference answer is one right answer, not proof that others are wrong."""
+        if reference is None or not reference.answer or not reference.source.startswith("label:"):
+            return findings
+        if any(f.check == "intent" for f in findings) or self.confirms(answer, reference):
+            return findings
+        extra: list[Finding] = []
+        self._add(extra, "label_answer", f"{reference.source} rewrote the answer")
+        return findings + extra
+
     def _check_schema(self, findings: list[Finding], text: str, parsed: Any) -> None:
         if self._validator is None:
             return
@@ -129,7 +150,8 @@ class RuleJudge:
             return
         said = parsed.get("intent")
         if isinstance(said, str) and _norm(said) != _norm(reference.intent):
-            self._add(findings, "intent", f"answered intent {_clip(said, 80)!r}, the reference says {reference.intent!r}")
+            by = f" ({reference.source})" if reference.source else ""
+            self._add(findings, "intent", f"answered intent {_clip(said, 80)!r}, the reference{by} says {reference.intent!r}")
 
     def _add(self, findings: list[Finding], check: str, detail: str) -> None:
         if check in self.disabled:
@@ -142,14 +164,27 @@ class RuleJudge:
 
     def confirms(self, answer: Message | None, reference: Reference | None) -> bool:
         """True when the reference shows this exact answer is right: its answer equals the reference
-        answer (as JSON when both are JSON, else as text ignoring case and spacing). A matching intent
-        alone proves nothing about the rest of the answer."""
+        answer (as JSON when both are JSON, else as text ignoring case and spacing), or a person said it
+        was fine. A matching intent alone proves nothing about the rest of the answer (but see
+        `intent_agrees`)."""
+        if reference is not None and reference.fine and answer is not None:
+            return True  # a person looked at this answer and said it was right
         if reference is None or not reference.answer or answer is None or not answer.content:
             return False
         mine, theirs = _parse_json(answer.content.strip()), _parse_json(reference.answer.strip())
         if mine is not _NOT_JSON and theirs is not _NOT_JSON:
             return mine == theirs
         return _norm(answer.content) == _norm(reference.answer)
+
+    def intent_agrees(self, answer: Message | None, reference: Reference | None) -> bool:
+        """True when the reference names an intent and the answer's JSON "intent" field is that one.
+        The offline judge settles a labelled failure with no rule finding this way: the person who
+        labelled it saw the answer and named the intent it gave, and nothing else can be checked."""
+        if reference is None or not reference.intent or answer is None or not answer.content:
+            return False
+        parsed = _parse_json(answer.content.strip())
+        said = parsed.get("intent") if isinstance(parsed, dict) else None
+        return isinstance(said, str) and _norm(said) == _norm(reference.intent)
 
 
 # --- from findings to a verdict -----------------------------------------------------------------------------
@@ -199,13 +234,21 @@ def verdict_from_findings(
             failure_id=failure_id,
             is_failure=False,
             acceptance="Accept",
-            rationale=f"no rule finding and the answer matches the reference ({confirmed_by.source or 'reference'})",
+            rationale=f"no rule finding and {_how_confirmed(confirmed_by)} ({confirmed_by.source or 'reference'})",
             judge=judge,
         )
     return Verdict(failure_id=failure_id, is_failure=False, judge=judge, status="unjudged", reason=NO_FINDING_REASON)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _how_confirmed(reference: Reference) -> str:
+    if reference.fine:
+        return "a person said the answer was fine"
+    if reference.answer:
+        return "the answer matches the reference"
+    return f"the answer gives the intent the reference names, {reference.intent!r}"
 
 
 class _NotJson:

@@ -9,7 +9,8 @@ before and after each:
                          `oversample_target_ratio` of the problem rows, each row at most `max_repeats` times.
 3. `mix_replay`          baseline rows are drawn so that problem rows are the target share of the set,
                          inside [replay_min_share, replay_max_share]; tiers are drawn by `tier_weights`
-                         (weighted sampling without replacement). Too little baseline: every problem row is
+                         (weighted sampling without replacement); with replay_strategy "counter", first
+                         shared out per intent, most to the intents the problem rows correct away from. Too little baseline: every problem row is
                          kept and the manifest warns (see `mix_replay`).
 4. `split_heldout`       held-out rows, stratified by (intent, problem-or-replay), whole prompt groups at a
                          time, before any intent re-balancing so no repeated copy crosses the split.
@@ -29,6 +30,7 @@ copies is counting keys.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter, defaultdict
@@ -56,6 +58,9 @@ class Sample:
     group: str  # normalised text of all user turns: rows with the same prompt stay on one side of the split
     last_user: str  # normalised text of the last user turn
     source: str = "store"  # store | extra
+    # what the row was built from (the manifest's per-source accounting): label, label_fine, kb_correction,
+    # reply_correction, llm_correction, correction, baseline, production_replay, extra
+    origin: str = "extra"
 
     @property
     def pool(self) -> str:
@@ -192,10 +197,61 @@ def oversample_rare_high_risk(
 # --- 3. replay mix ------------------------------------------------------------------------------------------
 
 
+def rejected_intent(sample: Sample) -> str | None:
+    """The intent the original, failing answer gave (its JSON "intent" field), if it says one."""
+    content = (sample.rejected or {}).get("content") or ""
+    if not content.lstrip().startswith("{"):
+        return None
+    try:
+        said = json.loads(content).get("intent")
+    except (ValueError, AttributeError):
+        return None
+    return said if isinstance(said, str) and said else None
+
+
+def replay_quotas(problems: Sequence[Sample], available: Mapping[str, int], want: int) -> dict[str, int]:
+    """How many replay rows to draw per intent ("counter" replay).
+
+    Every problem row that corrects an answer of intent H teaches "not H here"; left alone, the model
+    learns to avoid H everywhere and forgets the requests that really are H. So each intent's weight is
+    1 (every served intent keeps some replay) plus the number of problem rows pushing away from it, and
+    `want` rows are shared out by weight (largest remainders), never more than an intent has; what an
+    intent cannot take goes to the others by the same weights."""
+    pushed = Counter(i for i in (rejected_intent(p) for p in problems) if i)
+    weights = {intent: 1.0 + pushed.get(intent, 0) for intent, n in available.items() if n > 0}
+    quota = {intent: 0 for intent in weights}
+    left = min(want, sum(available.values()))
+    while left > 0 and weights:
+        total = sum(weights.values())
+        shares = {i: left * w / total for i, w in weights.items()}
+        grant = {i: min(math.floor(x), available[i] - quota[i]) for i, x in shares.items()}
+        given = sum(grant.values())
+        # the rows floor() left over go to the largest remainders among intents with room
+        order = sorted(weights, key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
+        for intent in order:
+            if given >= left:
+                break
+            if quota[intent] + grant[intent] < available[intent]:
+                grant[intent] += 1
+                given += 1
+        if given == 0:
+            break
+        for intent, n in grant.items():
+            quota[intent] += n
+        left -= given
+        weights = {i: w for i, w in weights.items() if quota[i] < available[i]}
+    return quota
+
+
 def mix_replay(
-    rows: list[Sample], min_share: float, max_share: float, target_share: float | None, tier_weights: Mapping[str, float], seed: int, ledger: Ledger
+    rows: list[Sample], min_share: float, max_share: float, target_share: float | None, tier_weights: Mapping[str, float], seed: int, ledger: Ledger,
+    strategy: str = "counter",
 ) -> list[Sample]:
     """Keep every problem row and draw replay rows so problems are `target_share` of the set.
+
+    `strategy` says which replay rows: "weighted" draws by tier weight alone; "counter" first shares
+    the rows out per intent (`replay_quotas`), then draws by tier weight inside each intent, with rows
+    a person confirmed (label_fine) ahead of unconfirmed production rows.
 
     When there are too few replay rows to bring problems down to `max_share`, every replay row is used
     and every problem row is still kept: the snapshot exists to teach the new fixes, and dropping most
@@ -216,8 +272,16 @@ def mix_replay(
     rng = step_rng(seed, "replay_mix")
     # Efraimidis-Spirakis: key u^(1/w), the largest keys win; a tier of weight 3 is drawn ahead of one of
     # weight 1 without ever being drawn twice.
-    keyed = sorted(((rng.random() ** (1.0 / tier_weights.get(r.tier, 1.0)), i) for i, r in enumerate(eligible)), reverse=True)
-    drawn = [eligible[i] for _, i in keyed[:want]]
+    keyed = sorted(((r.origin == "label_fine" and strategy == "counter", rng.random() ** (1.0 / tier_weights.get(r.tier, 1.0)), i) for i, r in enumerate(eligible)), reverse=True)
+    if strategy == "counter":
+        quota = replay_quotas(problems, counts(eligible, "intent"), want)
+        drawn = []
+        for _, _, i in keyed:
+            if quota.get(eligible[i].intent, 0) > 0:
+                quota[eligible[i].intent] -= 1
+                drawn.append(eligible[i])
+    else:
+        drawn = [eligible[i] for _, _, i in keyed[:want]]
     if len(eligible) < need:
         actual = n_prob / (n_prob + len(drawn)) if n_prob else 0.0
         ledger.warnings.append(
@@ -236,6 +300,8 @@ def mix_replay(
         replay_drawn_by_tier=counts(drawn, "tier"),
         target_share=share,
         problem_share=round(n_prob / len(final), 6) if final else 0.0,
+        strategy=strategy,
+        replay_drawn_by_intent=counts(drawn, "intent") if strategy == "counter" else None,
     )
     return final
 
@@ -331,6 +397,7 @@ def composition(rows: Sequence[Sample]) -> dict[str, Any]:
         "by_tier": counts(rows, "tier"),
         "by_category": counts(rows, "category"),
         "by_source": counts(rows, "source"),
+        "by_origin": counts(rows, "origin"),
         "problem_share": round(sum(r.pool == PROBLEM for r in rows) / n, 6) if n else 0.0,
     }
 

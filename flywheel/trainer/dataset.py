@@ -53,6 +53,7 @@ Kind = Literal["sft", "dpo"]
 KINDS: tuple[str, ...] = ("sft", "dpo")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 NO_PROBLEM = "none"  # problem type of a replay row that never was a failure (a stable production sample)
+PRODUCTION_REPLAY_PREFIX = "replay-"  # ids of the rows flywheel.trainer.replay offers
 UNCATEGORISED = "uncategorised"
 
 
@@ -148,20 +149,37 @@ def _dump(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in messages]
 
 
+def origin_of(tier: str, labelled: bool, generator: str) -> str:
+    """What a store row was built from, for the manifest's per-source accounting."""
+    if tier != str(SampleTier.PROBLEM):
+        return "baseline"
+    if labelled:
+        return "label"
+    for prefix, name in (("kb", "kb_correction"), ("reply:", "reply_correction"), ("llm:", "llm_correction")):
+        if generator.startswith(prefix):
+            return name
+    return "correction"
+
+
 def store_samples(store: Store, settings: Settings) -> list[Sample]:
     """One sample per failure with a verified correction: tier problem and status verified (new fixes),
     or a baseline tier (graduated samples, whatever their status). Intents come from a human label when
-    one exists, else the failure, else the interaction."""
+    one exists, else the failure, else the interaction.
+
+    Also one positive sample per failure a person's label confirmed (status not_failure with a label:
+    "fine", or the intent the answer gave): the logged answer itself, as the lowest replay tier (origin
+    label_fine). A person checked it, so it protects what already works as well as any baseline row."""
     from flywheel.data.labels import latest_labels
     from flywheel.store import failures as failure_repo
     from flywheel.store import interactions as interaction_repo
-    from flywheel.store.schema import corrections, failures, verdicts
+    from flywheel.store.schema import corrections, failures, labels, verdicts
 
     tax = settings.taxonomy
     query = select(failures).where(
         or_(
             and_(failures.c.tier == str(SampleTier.PROBLEM), failures.c.status == str(FailureStatus.VERIFIED)),
             failures.c.tier.in_([str(t) for t in SampleTier if t != SampleTier.PROBLEM]),
+            and_(failures.c.status == str(FailureStatus.NOT_FAILURE), failures.c.id.in_(select(labels.c.failure_id))),
         )
     )
     out: list[Sample] = []
@@ -175,16 +193,25 @@ def store_samples(store: Store, settings: Settings) -> list[Sample]:
         corrected = _newest(conn, corrections, ids, corrections.c.verified.is_(True))
         judged = _newest(conn, verdicts, ids)
         for failure in found:
+            interaction = interactions[failure.interaction_id]
+            label = labelled.get(failure.id)
+            prompt = interaction.prompt_messages()
+            original = interaction.last_assistant()
+            group, last = prompt_keys(prompt)
+            if failure.status == FailureStatus.NOT_FAILURE and failure.tier == SampleTier.PROBLEM:
+                if label is None or original is None or not (original.content or "").strip():
+                    continue
+                out.append(Sample(
+                    key=failure.id, tier=str(SampleTier.CANDIDATE), intent=label.intent or failure.intent or interaction.intent or "unknown",
+                    problem_type=NO_PROBLEM, severity=None, category=UNCATEGORISED, base_weight=failure.weight, prompt=_dump(prompt),
+                    answer=original.content or "", rejected=None, group=group, last_user=last, origin="label_fine",
+                ))
+                continue
             correction = failure_repo.correction_from_row(corrected[failure.id]) if failure.id in corrected else None
             if correction is None or not correction.answer.strip():
                 continue  # graduated without a verified answer: nothing to train on
             verdict = failure_repo.verdict_from_row(judged[failure.id]) if failure.id in judged else None
-            interaction = interactions[failure.interaction_id]
-            label = labelled.get(failure.id)
             problem_type = (verdict.problem_type if verdict else None) or "unknown"
-            prompt = interaction.prompt_messages()
-            original = interaction.last_assistant()
-            group, last = prompt_keys(prompt)
             out.append(Sample(
                 key=failure.id,
                 tier=str(failure.tier),
@@ -198,6 +225,7 @@ def store_samples(store: Store, settings: Settings) -> list[Sample]:
                 rejected=original.model_dump(exclude_none=True) if original is not None else None,
                 group=group,
                 last_user=last,
+                origin=origin_of(str(failure.tier), label is not None and not label.fine, correction.generator),
             ))
     return out
 
@@ -238,6 +266,7 @@ def replay_samples(rows: Sequence[ReplayRow], settings: Settings) -> list[Sample
         problem_type = row.problem_type or NO_PROBLEM
         group, last = prompt_keys(prompt)
         key = "x-" + (row.id or stable_hash(row.model_dump(mode="json", exclude_none=True), 16))
+        origin = "production_replay" if (row.id or "").startswith(PRODUCTION_REPLAY_PREFIX) else "extra"
         out.append(Sample(
             key=key,
             tier=str(row.tier),
@@ -252,6 +281,7 @@ def replay_samples(rows: Sequence[ReplayRow], settings: Settings) -> list[Sample
             group=group,
             last_user=last,
             source="extra",
+            origin=origin,
         ))
     return out
 
@@ -270,6 +300,7 @@ def _row(sample: Sample, kind: str, weight: float) -> dict[str, Any]:
         "failure_id": sample.key if sample.source == "store" else None,
         "sample_id": sample.key,
         "source": sample.source,
+        "origin": sample.origin,
     }
     answer = {"role": "assistant", "content": sample.answer}
     if kind == "sft":
@@ -339,7 +370,9 @@ def build_snapshot(
     test_groups, test_lasts, test_info = test_set_keys(settings)
     if test_info is None:
         ledger.warnings.append("no fixed test set configured (eval.test_set): overlap with it was not checked")
+    sources = SourceTracker(samples)
     rows = _filter(samples, kind, test_groups, test_lasts, ledger)
+    sources.step("test_set_or_pairing", rows)
     n_problems = sum(s.pool == bal.PROBLEM for s in rows)
     if n_problems == 0:
         raise UserInputError(
@@ -349,12 +382,17 @@ def build_snapshot(
 
     seed = ds.seed
     rows = bal.cap_problem_types(rows, ds.problem_type_max_ratio, seed, ledger)
+    sources.step("problem_type_cap", rows)
     rows = bal.oversample_rare_high_risk(rows, ds.oversample_severities, ds.oversample_target_ratio, ds.problem_type_max_ratio, ds.max_repeats, ledger)
-    rows = bal.mix_replay(rows, ds.replay_min_share, ds.replay_max_share, ds.replay_target_share, ds.tier_weights, seed, ledger)
+    rows = bal.mix_replay(rows, ds.replay_min_share, ds.replay_max_share, ds.replay_target_share, ds.tier_weights, seed, ledger, ds.replay_strategy)
+    sources.step("replay_mix", rows)
     train, heldout = bal.split_heldout(rows, ds.heldout_ratio, seed, ledger)
     train = bal.intent_floor(train, ds.intent_min_samples, ds.max_repeats, ledger)
     train = bal.intent_cap(train, ds.intent_max_ratio, seed, ledger)
+    sources.step("intent_cap", [*train, *heldout])
     bal.step_rng(seed, "order").shuffle(train)  # a fixed order; trainers shuffle again per epoch
+    labels_used = label_yield(ctx.store, sources, {s.key for s in train} | {s.key for s in heldout})
+    _refuse_low_label_yield(labels_used, ds)
 
     weights = [bal.row_weight(s, ds.loss_weights, ds.tier_weights) for s in train]
     train_rows = [_row(s, kind, w) for s, w in zip(train, weights)]
@@ -383,6 +421,8 @@ def build_snapshot(
             "extra_rejected": errors,
         },
         "test_set": test_info,
+        "by_source": sources.report(train, heldout),
+        "labels": labels_used,
         "steps": ledger.steps,
         "composition": {"train": bal.composition(train), "heldout": bal.composition(heldout)},
         "weights": _weight_summary(train, weights, ds),
@@ -390,6 +430,93 @@ def build_snapshot(
         "warnings": ledger.warnings,
     }
     return _persist(ctx, snapshot_id, kind, content_hash, manifest, train_rows, heldout_rows)
+
+
+class SourceTracker:
+    """Which rows of each origin (label, kb_correction, production_replay, ...) each step left out, so
+    the manifest can say, per source, how many rows it offered, how many the snapshot took and why the
+    rest were dropped."""
+
+    def __init__(self, offered: Sequence[Sample]):
+        self.origin = {s.key: s.origin for s in offered}
+        self.kept = set(self.origin)
+        self.dropped_at: dict[str, str] = {}  # key -> the step that dropped it
+
+    def step(self, name: str, rows: Sequence[Sample]) -> None:
+        now = {s.key for s in rows}
+        for key in self.kept - now:
+            self.dropped_at[key] = name
+        self.kept &= now
+
+    def report(self, train: Sequence[Sample], heldout: Sequence[Sample]) -> dict[str, Any]:
+        in_train, in_heldout = {s.key for s in train}, {s.key for s in heldout}
+        out: dict[str, Any] = {}
+        for key, origin in sorted(self.origin.items()):
+            entry = out.setdefault(origin, {"offered": 0, "train": 0, "heldout": 0, "dropped": {}})
+            entry["offered"] += 1
+            if key in in_train:
+                entry["train"] += 1
+            elif key in in_heldout:
+                entry["heldout"] += 1
+            elif key in self.dropped_at:
+                step = self.dropped_at[key]
+                entry["dropped"][step] = entry["dropped"].get(step, 0) + 1
+        return out
+
+
+def label_yield(store: Store, sources: SourceTracker, used: set[str]) -> dict[str, Any]:
+    """What became of the failures people labelled: how many ended in the snapshot's rows and, for the
+    rest, why not (the failure's status and the corrector's reason, or the snapshot step that dropped
+    the row). Labels that confirmed an answer ("fine") are counted apart: they are positives, not fixes."""
+    from flywheel.data.labels import latest_labels
+    from flywheel.store.schema import corrections, failures, labels
+
+    with store.engine.connect() as conn:
+        rows = list(conn.execute(select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id)))))
+        references = latest_labels(conn, [r.id for r in rows])
+        stuck = [r.id for r in rows if r.status in (str(FailureStatus.UNCORRECTABLE), str(FailureStatus.CORRECTED))]
+        reasons: dict[str, str] = {}
+        for start in range(0, len(stuck), 500):
+            query = select(corrections.c.failure_id, corrections.c.verification).where(corrections.c.failure_id.in_(stuck[start : start + 500]))
+            for c in conn.execute(query.order_by(corrections.c.id)):
+                reasons[c.failure_id] = "; ".join((c.verification or {}).get("reasons", [])[:1])
+    report: dict[str, Any] = {"labelled": 0, "used": 0, "confirmed_fine": 0, "fine_used": 0, "left_out": {}}
+    for row in rows:
+        reference = references.get(row.id)
+        fine = row.status == str(FailureStatus.NOT_FAILURE)
+        report["confirmed_fine" if fine else "labelled"] += 1
+        if row.id in used:
+            report["fine_used" if fine else "used"] += 1
+            continue
+        if fine:
+            continue
+        if row.id in sources.dropped_at:
+            why = f"dropped by the snapshot step {sources.dropped_at[row.id]}"
+        elif row.id in reasons:
+            why = f"{row.status}: {_generic(reasons[row.id])}"
+        else:
+            why = f"status {row.status}" + (" (a label with no intent)" if reference is not None and not reference.intent else "")
+        report["left_out"][why] = report["left_out"].get(why, 0) + 1
+    report["yield"] = round(report["used"] / report["labelled"], 4) if report["labelled"] else None
+    report["left_out"] = dict(sorted(report["left_out"].items(), key=lambda kv: -kv[1]))
+    return report
+
+
+def _generic(reason: str) -> str:
+    """A corrector's reason with the intent name taken out, so equal reasons count together."""
+    return re.sub(r"'[^']*'", "'…'", reason)[:200]
+
+
+def _refuse_low_label_yield(report: dict[str, Any], ds: Any) -> None:
+    labelled, used = report["labelled"], report["used"]
+    if labelled < ds.label_yield_min_labels or used >= ds.min_label_yield * labelled:
+        return
+    why = "; ".join(f"{n} {reason}" for reason, n in list(report["left_out"].items())[:4])
+    raise UserInputError(
+        f"only {used} of the {labelled} failures people labelled became training rows (dataset.min_label_yield is "
+        f"{ds.min_label_yield:.0%}): {why}. Correct them first (`flywheel judge && flywheel correct`), give answers in the "
+        "labels, or add the missing replies to the knowledge base"
+    )
 
 
 def _weight_summary(train: Sequence[Sample], weights: Sequence[float], ds: Any) -> dict[str, Any]:

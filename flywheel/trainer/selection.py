@@ -462,7 +462,7 @@ def candidates_from_store(
     risk first, at most `limit`. Embeddings are of the prompt's user text; token features come from
     `model` (a LocalModel) when given, for the unlabelled ones (labelled ones are never picked again).
 
-    Returns (candidates, ids that already have a label, {id: {"intent", "text", "status"}}).
+    Returns (candidates, ids that already have a label, {id: {"intent", "text", "answer", "status"}}).
     """
     from sqlalchemy import select as sql_select
 
@@ -493,5 +493,17 @@ def candidates_from_store(
             full = np.full(len(rows), neutral[name], dtype=np.float64)
             full[open_rows] = values
             features[name] = full
-    info = {r.id: {"intent": r.intent or interactions[r.interaction_id].intent, "status": r.status, "text": t[:200]} for r, t in zip(rows, texts)}
+    info = {
+        r.id: {"intent": r.intent or interactions[r.interaction_id].intent, "status": r.status, "text": t[:200], "answer": _answer_text(interactions[r.interaction_id])}
+        for r, t in zip(rows, texts)
+    }
     return Candidates(ids=ids, embeddings=embeddings, **features), sorted(labelled), info
+
+
+def _answer_text(interaction: Any) -> str:
+    """The logged answer as the person labelling it sees it (tool calls named, long text cut)."""
+    answer = interaction.last_assistant()
+    if answer is None:
+        return ""
+    calls = " ".join(f"[tool call {c.function.name}]" for c in answer.tool_calls or [])
+    return ((answer.content or "") + (" " + calls if calls else "")).strip()[:500]
