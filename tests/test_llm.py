@@ -7,6 +7,7 @@ import random
 import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from flywheel.errors import SettingsError
@@ -176,7 +177,13 @@ def test_retry_after_forms_and_classification() -> None:
     assert retry_after_seconds({}) is None
     assert classify(TimeoutError()) == (True, None)
     assert classify(ValueError("x")) == (False, None)
-    assert classify(openai.APIConnectionError(request=None)) == (True, None)  # type: ignore[arg-type]
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    assert classify(openai.APIConnectionError(request=request)) == (True, None)
+    assert classify(openai.APITimeoutError(request=request)) == (True, None)
+    limited = httpx.Response(429, headers={"retry-after": "3"}, request=request)
+    assert classify(openai.RateLimitError("slow down", response=limited, body=None)) == (True, 3.0)
+    refused = httpx.Response(400, request=request)
+    assert classify(openai.BadRequestError("bad", response=refused, body=None))[0] is False
 
 
 def test_limits_from_settings(project: Path) -> None:
