@@ -199,9 +199,11 @@ class DatasetSettings(Section):
     # many labels and almost no rows means the labels were wasted, which must not pass as a success.
     min_label_yield: float = Field(0.25, ge=0, le=1)
     # Which replay rows a snapshot draws (flywheel.trainer.balance.mix_replay): "weighted" by tier weight
-    # alone, or "counter": per intent, most to the intents the problem rows correct away from, so the
-    # fix does not teach the model to avoid an intent everywhere.
-    replay_strategy: Literal["weighted", "counter"] = "counter"
+    # alone; "counter": per intent, most to the intents the problem rows correct away from, so the
+    # fix does not teach the model to avoid an intent everywhere; "boundary": "counter", and first the
+    # boundary_neighbours replay rows of other intents nearest each problem row (by embedding).
+    replay_strategy: Literal["weighted", "counter", "boundary"] = "counter"
+    boundary_neighbours: int = Field(3, ge=1, le=50)
     label_yield_min_labels: int = Field(20, ge=1)
 
     @model_validator(mode="after")
@@ -227,7 +229,16 @@ class TrainSettings(Section):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Modules trained in full and saved with the adapter (PEFT modules_to_save), e.g. ["lm_head"]; empty:
+    # none. "auto": the input embedding and the output layer, when together they hold at most
+    # full_train_max_params parameters (flywheel.trainer.sizing says why and where that line falls).
+    modules_to_save: list[str] | Literal["auto"] = "auto"
+    full_train_max_params: int = Field(20_000_000, ge=0)
     epochs: float = Field(2.0, gt=0)
+    # A small snapshot trains for more epochs, until it makes at least min_steps optimizer steps, never
+    # beyond max_epochs; early stopping on the held-out split ends it sooner. 0: epochs as set.
+    min_steps: int = Field(300, ge=0)
+    max_epochs: float = Field(12.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)

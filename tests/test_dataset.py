@@ -431,3 +431,40 @@ def test_counter_replay_protects_the_intents_problem_rows_correct_away_from(proj
         assert build_snapshot(ctx, "sft").id == snap.id
     finally:
         ctx.close()
+
+
+def _sample(key: str, intent: str, text: str, tier: str) -> Any:
+    from flywheel.trainer.balance import Sample
+
+    return Sample(key=key, tier=tier, intent=intent, problem_type="wrong_intent" if tier == "problem" else "none", severity=None,
+                  category="reasoning", base_weight=1.0, prompt=[{"role": "user", "content": text}], answer="{}", rejected=None,
+                  group=normalise_text(text), last_user=normalise_text(text))
+
+
+def test_boundary_replay_draws_the_neighbours_of_each_correction_first() -> None:
+    """Corrections to "request_refund" sit next to requests that really are "refund_not_showing_up":
+    boundary replay draws those neighbours (by the real embedding model), where per-intent replay
+    shares the same budget out evenly."""
+    from flywheel.store.vectors import Embedder
+    from flywheel.trainer.balance import Ledger, boundary_neighbours, mix_replay
+
+    problems = [_sample(f"p{i}", "request_refund", text, "problem") for i, text in enumerate([
+        "I want my money back for this order", "Please refund the item I returned", "Can I get a refund for the purchase?"])]
+    near = ["My refund still hasn't shown up in my account", "The refund for my order is not showing", "Where is the refund you sent me?"]
+    far = ["When will my new card arrive?", "How do I change my PIN?", "My card was delivered to the wrong address", "Is there a fee for top ups?"]
+    replay = [_sample(f"n{i}", "refund_not_showing_up", t, "candidate_baseline") for i, t in enumerate(near)]
+    replay += [_sample(f"f{i}", "card_questions", t, "candidate_baseline") for i, t in enumerate(far * 2)]
+    embedder = Embedder()
+    named = boundary_neighbours(problems, replay, embedder.embed, k=2)
+    assert named and all(replay[i].intent == "refund_not_showing_up" for i in named)
+    assert sum(named.values()) == 2 * len(problems)
+
+    rows = [*problems, *replay]
+    boundary = mix_replay(rows, 0.5, 0.5, None, {"candidate_baseline": 1.0}, 0, Ledger(), "boundary", embedder.embed, 2)
+    counter = mix_replay(rows, 0.5, 0.5, None, {"candidate_baseline": 1.0}, 0, Ledger(), "counter")
+    drawn = lambda mixed: Counter(s.intent for s in mixed if s.tier != "problem")  # noqa: E731
+    assert sum(drawn(boundary).values()) == sum(drawn(counter).values()) == 3
+    assert drawn(boundary)["refund_not_showing_up"] > drawn(counter)["refund_not_showing_up"]
+    assert {s.key for s in boundary if s.tier != "problem"} >= {replay[i].key for i in named}
+    with pytest.raises(ValueError, match="embedding function"):
+        mix_replay(rows, 0.5, 0.5, None, {"candidate_baseline": 1.0}, 0, Ledger(), "boundary")

@@ -50,7 +50,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hyper(**overrides) -> TrainSettings:
-    values = dict(epochs=6.0, batch_size=4, learning_rate=2e-2, lora_r=8, lora_dropout=0.0, early_stopping_patience=0, warmup_ratio=0.0)
+    # min_steps 0: these runs count their steps and epochs exactly (the small-snapshot rule has its own test)
+    values = dict(epochs=6.0, batch_size=4, learning_rate=2e-2, lora_r=8, lora_dropout=0.0, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0)
     return TrainSettings(**{**values, **overrides})
 
 
@@ -81,6 +82,12 @@ def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Pa
     assert lineage["dataset"]["content_hash"] == spec.dataset_hash and lineage["dataset"]["id"] == "ds-sft"
     assert [r["where"] for r in lineage["dataset"]["skipped_rows"]] == ["train.jsonl:17", "train.jsonl:18"]
     assert lineage["spec"]["hyper"]["learning_rate"] == 2e-2 and lineage["adapter_sha256"] == digest
+    # the sizing rule's choice is recorded: a tiny model trains its embedding and output layer in full
+    assert lineage["spec"]["hyper"]["modules_to_save"] == ["embed_tokens", "lm_head"] and lineage["spec"]["notes"]
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as saved:
+        assert any("embed_tokens" in key for key in saved.keys()) and any("lm_head" in key for key in saved.keys())
     assert result.skipped_rows == 2
 
     # the adapter makes the trained answers likelier than the base model does
@@ -189,3 +196,28 @@ def test_spec_identity_follows_content_and_hyper_parameters(base: Path, tmp_path
         recipes.build_spec(hyper(), one)
     with pytest.raises(UserInputError, match="does not exist"):
         recipes.build_spec(hyper(), tmp_path / "missing", base_model=base)
+
+
+def test_sizing_rules_train_small_models_in_full_at_the_edges_and_small_snapshots_longer(base: Path, tmp_path: Path) -> None:
+    from flywheel.trainer import sizing
+
+    names, params = sizing.embedding_layers(base)
+    assert names == ["embed_tokens", "lm_head"] and params == 2 * 400 * 64  # tied, but the adapter saves both copies
+    rows = 590
+    settings = TrainSettings(batch_size=16, epochs=4.0, min_steps=300, max_epochs=12.0)
+    resolved, notes = sizing.resolve(settings, base, rows)
+    assert resolved.modules_to_save == ["embed_tokens", "lm_head"]
+    assert resolved.epochs == 9.0  # 37 steps per epoch: 9 epochs make 333 >= 300 steps
+    assert any("epochs" in n for n in notes) and any("embed_tokens+lm_head" in n for n in notes)
+    # a model whose edges are large (a pretrained LLM) keeps them frozen; a big snapshot keeps its epochs
+    resolved, notes = sizing.resolve(settings.model_copy(update={"full_train_max_params": params - 1}), base, 100_000)
+    assert resolved.modules_to_save == [] and resolved.epochs == 4.0 and "over train.full_train_max_params" in notes[0]
+    # never beyond max_epochs; an explicit list is kept as it is; min_steps 0 turns the epoch rule off
+    assert sizing.resolve(settings, base, 10)[0].epochs == 12.0
+    explicit = settings.model_copy(update={"modules_to_save": ["lm_head"], "min_steps": 0})
+    assert sizing.resolve(explicit, base, 10) == (explicit.model_copy(update={"modules_to_save": ["lm_head"]}), [])
+    # build_spec resolves before the job id is derived, so the id follows what is trained
+    data = write_snapshot(tmp_path / "sft", "sft", n_train=rows)
+    spec = recipes.build_spec(settings, data, base_model=base)
+    assert spec.hyper.epochs == 9.0 and spec.hyper.modules_to_save == ["embed_tokens", "lm_head"]
+    assert spec.job_id() != recipes.build_spec(settings.model_copy(update={"modules_to_save": []}), data, base_model=base).job_id()

@@ -146,9 +146,22 @@ def _print_snapshot(manifest: dict[str, Any], path: str) -> None:
         table = Table(title=f"{split}: {part.get('rows', 0)} rows ({part.get('unique', 0)} unique), problem share {part.get('problem_share', 0):.0%}", title_justify="left")
         table.add_column("by")
         table.add_column("counts")
-        for key in ("by_intent", "by_problem_type", "by_tier", "by_category"):
+        for key in ("by_intent", "by_problem_type", "by_tier", "by_category", "by_origin"):
             table.add_row(key[3:], ", ".join(f"{k} {v}" for k, v in part.get(key, {}).items()))
         out.print(table)
+    sources = Table(title="rows by source", title_justify="left")
+    for name in ("source", "offered", "train", "heldout", "dropped"):
+        sources.add_column(name)
+    for origin, entry in manifest.get("by_source", {}).items():
+        dropped = ", ".join(f"{step} {n}" for step, n in entry.get("dropped", {}).items()) or "-"
+        sources.add_row(origin, str(entry["offered"]), str(entry["train"]), str(entry["heldout"]), dropped)
+    out.print(sources)
+    labels = manifest.get("labels")
+    if labels and (labels.get("labelled") or labels.get("confirmed_fine")):
+        out.print(f"labels: {labels['used']} of {labels['labelled']} labelled failures became rows; "
+                  f"{labels['fine_used']} of {labels['confirmed_fine']} answers people confirmed are positive rows", highlight=False)
+        for reason, n in labels.get("left_out", {}).items():
+            out.print(f"  left out: {n} {reason}", highlight=False, markup=False)
     checks = manifest.get("checks", {})
     for name, check in checks.items():
         out.print(f"{'ok ' if check.get('held') else '[red]NOT[/]'} {name}: {json.dumps({k: v for k, v in check.items() if k != 'held'})}")

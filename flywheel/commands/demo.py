@@ -41,9 +41,13 @@ def demo(
         typer.echo(json.dumps({
             "before": result.before.model_dump(),
             "after": result.after.model_dump(),
+            "candidate": result.candidate.model_dump(),
+            "paired": {name: {**test.model_dump(), "change": round(test.change, 6)} for name, test in result.paired.items()},
             "promoted": result.promoted,
             "report": result.report,
             "state": result.state,
+            "snapshot": result.steps.get("snapshot"),
+            "timings": result.timings,
         }))
 
 
@@ -62,6 +66,11 @@ def _print_table(console: Console, result) -> None:  # noqa: ANN001 - DemoResult
     for name in sorted(set(result.before.problem_rates) | set(result.after.problem_rates)):
         row(f"rate: {name}", result.before.problem_rates.get(name), result.after.problem_rates.get(name))
     console.print(table)
+    for name in ("task_success", "wrong_intent"):
+        test = result.paired.get(name)
+        if test is not None and test.n:
+            console.print(f"candidate {result.candidate.version} vs {result.before.version}, {name.replace('_', ' ')} on the same {test.n} test items: "
+                          f"{test.fixed} fixed, {test.broken} broken, McNemar p = {test.p_value:.2g}", highlight=False)
     console.print(f"state: {result.state}; promoted: {result.promoted}; report: {result.report}", highlight=False)
     if result.how_to_approve:
         console.print(f"approve with: {result.how_to_approve}", highlight=False)

@@ -16,6 +16,7 @@ from typing import Any
 from flywheel.context import Context
 from flywheel.data.ingest import ingest_files
 from flywheel.data.labelling import LabelRequest
+from flywheel.data.replies import build_reply_book
 from flywheel.data.triage import triage
 from flywheel.demo.pack import DemoPack, Row
 from flywheel.demo.production import user_of
@@ -29,16 +30,23 @@ Say = Callable[[str], None]
 
 
 class TruthLabeller:
-    """Answers label requests from the dataset's own labels, as a careful person would: the right intent,
-    or "fine" when the model's answer already had it (the demo's replies follow from the intent)."""
+    """Answers label requests from the dataset's own labels, as a careful person would.
+
+    - The model already gave the right intent, in an answer that breaks no policy: "fine".
+    - Otherwise the right intent. With `answers` (the pack's replies per intent, given when the pack has
+      no knowledge base), the person also writes the answer for an intent flywheel knows no verified
+      reply for yet (flywheel.data.replies), as support staff do when the tool has nothing to offer.
+    """
 
     name = "demo-labeller"
 
-    def __init__(self, ctx: Context, truth: dict[str, str]):
+    def __init__(self, ctx: Context, truth: dict[str, str], answers: dict[str, str] | None = None):
         self.ctx = ctx
         self.truth = truth  # interaction id -> intent
+        self.answers = answers
         self.rules = RuleJudge(ctx.settings)
         self.asked = 0
+        self.written = 0
 
     def label(self, requests: Sequence[LabelRequest]) -> dict[str, dict[str, Any]]:
         ids = [r.failure_id for r in requests]
@@ -46,15 +54,20 @@ class TruthLabeller:
             by_failure = {f.id: f.interaction_id for f in get_failures(conn, ids=ids)}
         self.asked += len(requests)
         shown = {r.failure_id: r for r in requests}
+        intents = {self.truth[iid] for iid in by_failure.values() if iid in self.truth}
+        book = build_reply_book(self.ctx.store, self.ctx.settings, intents) if self.answers is not None else None
         out: dict[str, dict[str, Any]] = {}
         for fid, iid in by_failure.items():
             if iid not in self.truth:
                 continue
-            # The right intent; a person who sees the model already gave it, in an answer that breaks no
-            # policy, says the answer was fine.
-            request = shown[fid]
-            fine = request.intent == self.truth[iid] and not self.rules.check_answer(request.logged_answer)
-            out[fid] = {"fine": True} if fine else {"intent": self.truth[iid]}
+            right, request = self.truth[iid], shown[fid]
+            if request.intent == right and not self.rules.check_answer(request.logged_answer):
+                out[fid] = {"fine": True}
+            elif book is not None and self.answers is not None and book.for_intent(right) is None and right in self.answers:
+                out[fid] = {"intent": right, "answer": self.answers[right]}
+                self.written += 1
+            else:
+                out[fid] = {"intent": right}
         return out
 
 

@@ -3,8 +3,13 @@
 The folder holds `train.csv` and `test.csv` (columns `text,category`) and `categories.json` (the intent
 names). Optional: `kb.jsonl` (approved replies per intent, policies; see flywheel.data.kb) and `demo.toml`
 (policies, gate settings, the production model's simulated weaknesses, the simulated users' behaviour). Without them
-the demo writes a generic approved reply per intent from its name and uses the defaults below, so any
-intent dataset in this shape runs with `flywheel demo --data DIR`. Nothing here knows Banking77.
+the demo has no knowledge base (corrections come from the labels and stable production replies) and uses the
+defaults below, so any intent dataset in this shape runs with `flywheel demo --data DIR`. Nothing here knows
+Banking77.
+
+Train rows whose text repeats a test row (after the same normalisation the test-set filter uses) are dropped
+on load: public intent sets carry such repeats (Banking77 has one), and the promise is that nothing the loop
+or the simulated production trains on comes from test.csv.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import UserInputError
+from flywheel.trainer.dataset import normalise_text
 
 
 class ProductionConfig(BaseModel):
@@ -51,6 +57,7 @@ class DemoPack(BaseModel):
     intents: list[str]
     train: list[Row]
     test: list[Row]
+    train_repeats_dropped: int = 0
     kb_file: Path | None
     policies: dict[str, Any]
     gate: dict[str, Any]
@@ -77,11 +84,15 @@ def load_pack(folder: Path | None = None) -> DemoPack:
     unknown = [i for i in production.promise_intents if i not in known]
     if unknown:
         raise UserInputError(f"{folder / 'demo.toml'}: production.promise_intents names unknown intents {unknown}")
+    train, test = _read_rows(folder / "train.csv", known), _read_rows(folder / "test.csv", known)
+    test_texts = {normalise_text(r.text) for r in test}
+    kept = [r for r in train if normalise_text(r.text) not in test_texts]
     return DemoPack(
         folder=folder,
         intents=intents,
-        train=_read_rows(folder / "train.csv", known),
-        test=_read_rows(folder / "test.csv", known),
+        train=kept,
+        test=test,
+        train_repeats_dropped=len(train) - len(kept),
         kb_file=(folder / "kb.jsonl") if (folder / "kb.jsonl").is_file() else None,
         policies=config.get("policies", {}),
         gate=config.get("gate", {}),

@@ -24,9 +24,10 @@ from flywheel.context import Context
 from flywheel.data.ingest import ingest_files
 from flywheel.data.kb import add_files
 from flywheel.demo.cycle import CanaryTraffic, TruthLabeller
-from flywheel.demo.pack import DemoPack, load_pack
+from flywheel.demo.pack import DemoPack, approved_replies, load_pack
 from flywheel.demo.setup import FULL, QUICK, DemoSize, build_production_model, serve_traffic, write_project, write_test_set
 from flywheel.errors import UserInputError
+from flywheel.evals.metrics import Paired, mcnemar
 from flywheel.registry import register_base, resolve
 from flywheel.trainer.models import LocalModel
 
@@ -54,6 +55,9 @@ class DemoResult(BaseModel):
     before: Side  # the champion before the cycle
     after: Side  # the champion after it (the candidate when promoted or waiting for approval)
     candidate: Side  # the cycle's candidate, whatever became of it
+    # champion vs candidate on the same fixed test items (McNemar's exact test): task success and, per
+    # problem type, "free of that problem"
+    paired: dict[str, Paired] = {}
     promoted: str | None
     report: str | None
     state: str  # promoted | waiting_approval | rejected | gate_failed | canary_rolled_back
@@ -143,7 +147,10 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
     ctx, pack, size, truth, canary_rows, timings = prepare(options, say)
     try:
         champion_before = champion_version(ctx)
-        ctx.extras[LABELLER_KEY] = TruthLabeller(ctx, truth)
+        # Without a knowledge base, the simulated person writes the answers flywheel cannot find itself
+        # (the pack's reply per intent, what the production model was taught).
+        written = approved_replies(pack) if pack.kb_file is None else None
+        ctx.extras[LABELLER_KEY] = TruthLabeller(ctx, truth, written)
         ctx.extras[TRAFFIC_KEY] = CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth)
         if options.strategy:
             ctx.settings.selection.strategy = options.strategy  # type: ignore[assignment]
@@ -162,6 +169,7 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
             before=side(report, "champion", champion_before),
             after=side(report, after_role, candidate if after_role == "candidate" else champion_before),
             candidate=side(report, "candidate", candidate),
+            paired=paired_tests(report) if report is not None else {},
             promoted=promoted,
             report=str(report_path.with_name("report.html")) if report_path else None,
             state=state,
@@ -171,6 +179,26 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
         )
     finally:
         ctx.close()
+
+
+def paired_tests(report: dict[str, Any], set_name: str = "test") -> dict[str, Paired]:
+    """McNemar's test between champion and candidate on one set of the eval report, item by item:
+    "task_success" (no finding at all) and each problem type (no finding of that type)."""
+    champion = {o["id"]: o for o in report["champion_metrics"][set_name]["outcomes"]}
+    candidate = {o["id"]: o for o in report["candidate_metrics"][set_name]["outcomes"]}
+    ids = sorted(set(champion) & set(candidate))
+    types = sorted(report["champion_metrics"][set_name]["problem_rates"])
+
+    def ok(outcome: dict[str, Any], problem_type: str | None) -> bool:
+        findings = outcome.get("findings") or []
+        if outcome.get("error"):
+            return False
+        return not findings if problem_type is None else all(f["problem_type"] != problem_type for f in findings)
+
+    out = {"task_success": mcnemar([ok(champion[i], None) for i in ids], [ok(candidate[i], None) for i in ids])}
+    for name in types:
+        out[name] = mcnemar([ok(champion[i], name) for i in ids], [ok(candidate[i], name) for i in ids])
+    return out
 
 
 def _state(outcome: Any, promoted: str | None) -> str:

@@ -49,6 +49,39 @@ def difference_interval(before: "Rate", after: "Rate") -> tuple[float, float]:
     return max(-1.0, low), min(1.0, high)
 
 
+class Paired(BaseModel):
+    """McNemar's exact test of two models answering the same items: `fixed` items went from failing to
+    passing, `broken` the other way; `p_value` is the two-sided exact binomial probability of a split
+    at least this uneven among the discordant items if neither model were better."""
+
+    model_config = ConfigDict(extra="forbid")
+    n: int  # items both answered
+    before: int  # items passing before
+    after: int  # items passing after
+    fixed: int
+    broken: int
+    p_value: float
+
+    @property
+    def change(self) -> float:
+        return (self.after - self.before) / self.n if self.n else 0.0
+
+
+def mcnemar(before_ok: Sequence[bool], after_ok: Sequence[bool]) -> Paired:
+    """McNemar's exact test over paired outcomes (True: the item passed)."""
+    if len(before_ok) != len(after_ok):
+        raise ValueError("paired outcomes must have the same length")
+    fixed = sum(1 for b, a in zip(before_ok, after_ok) if not b and a)
+    broken = sum(1 for b, a in zip(before_ok, after_ok) if b and not a)
+    discordant = fixed + broken
+    if discordant == 0:
+        p_value = 1.0
+    else:
+        tail = sum(math.comb(discordant, k) for k in range(min(fixed, broken) + 1)) / 2**discordant
+        p_value = min(1.0, 2 * tail)
+    return Paired(n=len(before_ok), before=sum(before_ok), after=sum(after_ok), fixed=fixed, broken=broken, p_value=p_value)
+
+
 class Metric(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

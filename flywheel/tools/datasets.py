@@ -17,6 +17,8 @@ class DatasetInfo(Record):
     train_rows: int | None = None
     heldout_rows: int | None = None
     composition: dict[str, Any] = {}
+    by_source: dict[str, Any] = {}  # per origin: offered, train, heldout, dropped by step
+    labels: dict[str, Any] = {}  # what became of the failures people labelled
     warnings: list[str] = []
 
 
@@ -30,6 +32,8 @@ def _info(snapshot: Snapshot) -> DatasetInfo:
         train_rows=(files.get("train") or {}).get("rows"),
         heldout_rows=(files.get("heldout") or {}).get("rows"),
         composition={k: v for k, v in composition.items() if isinstance(v, (int, float, dict))},
+        by_source=manifest.get("by_source") or {},
+        labels=manifest.get("labels") or {},
         warnings=list(manifest.get("warnings") or [])[:5],
     )
 

@@ -384,7 +384,8 @@ def build_snapshot(
     rows = bal.cap_problem_types(rows, ds.problem_type_max_ratio, seed, ledger)
     sources.step("problem_type_cap", rows)
     rows = bal.oversample_rare_high_risk(rows, ds.oversample_severities, ds.oversample_target_ratio, ds.problem_type_max_ratio, ds.max_repeats, ledger)
-    rows = bal.mix_replay(rows, ds.replay_min_share, ds.replay_max_share, ds.replay_target_share, ds.tier_weights, seed, ledger, ds.replay_strategy)
+    embed = ctx.index.embedder.embed if ds.replay_strategy == "boundary" else None
+    rows = bal.mix_replay(rows, ds.replay_min_share, ds.replay_max_share, ds.replay_target_share, ds.tier_weights, seed, ledger, ds.replay_strategy, embed, ds.boundary_neighbours)
     sources.step("replay_mix", rows)
     train, heldout = bal.split_heldout(rows, ds.heldout_ratio, seed, ledger)
     train = bal.intent_floor(train, ds.intent_min_samples, ds.max_repeats, ledger)

@@ -35,6 +35,7 @@ from flywheel.errors import UserInputError
 from flywheel.records import stable_hash, utcnow
 from flywheel.settings import TrainSettings
 from flywheel.store.vectors import sha256_file
+from flywheel.trainer import sizing
 from flywheel.trainer.models import ADAPTER_WEIGHTS, check_base_folder, model_config_hash
 
 log = logging.getLogger("flywheel.train")
@@ -61,7 +62,8 @@ class TrainSpec(BaseModel):
     dataset_dir: str  # absolute folder
     dataset_id: str = ""  # from manifest.json, when it has one
     dataset_hash: str  # sha256 over the split files' bytes
-    hyper: TrainSettings = Field(default_factory=TrainSettings)
+    hyper: TrainSettings = Field(default_factory=TrainSettings)  # resolved: no "auto" left (trainer.sizing)
+    notes: list[str] = []  # what the sizing rules decided, in words; not part of the identity
 
     @model_validator(mode="after")
     def _sync(self) -> "TrainSpec":
@@ -158,6 +160,11 @@ def build_spec(
     if not base:
         raise UserInputError("no base model: pass --base PATH or set train.base_model in flywheel.toml")
     base_path = check_base_folder(Path(base).expanduser().resolve())
+    train_path = split_file(folder, "train")
+    assert train_path is not None  # checked above
+    hyper, notes = sizing.resolve(train, base_path, _count_rows(train_path))
+    for note in notes:
+        log.info("recipe: %s", note)
     return TrainSpec(
         method=chosen,
         base_model=str(base_path),
@@ -165,8 +172,18 @@ def build_spec(
         dataset_dir=str(folder),
         dataset_id=str(manifest.get("id") or manifest.get("snapshot_id") or ""),
         dataset_hash=dataset_content_hash(folder),
-        hyper=train,
+        hyper=hyper,
+        notes=notes,
     )
+
+
+def _count_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with path.open(encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 # --- reading rows ------------------------------------------------------------------------------------------
@@ -317,9 +334,18 @@ def _lora(spec: TrainSpec):  # noqa: ANN202 - peft type
         lora_alpha=hyper.lora_alpha,
         lora_dropout=hyper.lora_dropout,
         target_modules=hyper.target_modules,
+        modules_to_save=_modules_to_save(spec) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def _modules_to_save(spec: TrainSpec) -> list[str]:
+    """build_spec resolves "auto" (trainer.sizing); a spec written by hand may still carry it."""
+    modules = spec.hyper.modules_to_save
+    if modules == "auto":
+        return sizing.auto_modules(Path(spec.base_model), spec.hyper.full_train_max_params)[0]
+    return list(modules)
 
 
 def load_for_training(base_model: str):  # noqa: ANN201 - (model, tokenizer)
