@@ -66,7 +66,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def replay_dataset(source: Path, out: Path, replay: str, seed: int = 0) -> Path:
-    """A copy of the snapshot whose train split keeps all, half or none of the replay rows (source extra);
+    """A copy of the snapshot whose train split keeps all, half or none of the replay rows (tier other than "problem");
     the held-out split is kept as it is, so early stopping watches the same rows in every variant."""
     if replay == "all":
         return source

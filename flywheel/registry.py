@@ -274,6 +274,17 @@ def register_base(store: Store, base_model: str, *, actor: str = "flywheel", not
         return get_version(conn, version.id)
 
 
+def first_champion(store: Store, base_model: str, *, actor: str, notes: str = "") -> tuple[ModelVersion, bool]:
+    """The champion; when there is none yet, `base_model` registered as it (v1 in a new project), so that
+    the first trained adapter is a candidate with something to be compared against. The flag is True when
+    this call registered it. With a champion already, nothing is registered: the base would be a stray
+    candidate."""
+    try:
+        return resolve(store, CHAMPION), False
+    except NotFoundError:
+        return register_base(store, base_model, actor=actor, notes=notes), True
+
+
 def _to_row(version: ModelVersion) -> dict[str, Any]:
     row = version.model_dump()
     row["status"] = str(version.status)

@@ -5,7 +5,9 @@
 - logged conversations whose answers break a policy (the rule judge finds over_promise), with
   thumbs-down signals so triage captures them, ingested through the real ingest,
 - knowledge-base approved responses for their intents (the KB corrector writes verified corrections),
-- optionally conversations carrying injected instructions.
+- optionally conversations carrying injected instructions,
+- a small fixed test set (the promotion gate fails without one), worded apart from the logs so that
+  building a dataset drops none of them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ early_stopping_patience = 0
 warmup_ratio = 0.0
 
 [eval]
+test_set = "test_set.jsonl"
 max_new_tokens = 4
 batch_size = 32
 
@@ -68,6 +71,20 @@ def write_project(project: Path, extra_toml: str = "", **sections: dict[str, Any
     for name, values in sections.items():
         text += f"\n[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     (project / "flywheel.toml").write_text(text, encoding="utf-8")
+    write_test_set(project / "test_set.jsonl")
+
+
+def write_test_set(path: Path, per_intent: int = 2) -> Path:
+    """The fixed test set: each intent's question, asked as a new customer would, with its approved answer."""
+    rows = [
+        {"id": f"test-{intent}-{k}",
+         "messages": [{"role": "system", "content": "You are the bank's assistant."},
+                      {"role": "user", "content": f"Hello, {question.lower()} (customer {k})"}],
+         "reference": {"intent": intent, "answer": answer}}
+        for intent, (question, answer) in INTENTS.items() for k in range(per_intent)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def log_line(index: int, intent: str, answer: str | None = None, user_text: str | None = None, **signals: Any) -> dict[str, Any]:

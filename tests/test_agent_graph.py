@@ -240,7 +240,7 @@ def test_gate_pass_interrupts_and_an_allowed_approval_promotes_once(project: Pat
         assert isinstance(pending, PendingApproval) and pending.version == version and pending.gate_passed
         stored = registry.resolve(ctx.store, version)
         assert pending.report_hash == stored.eval_report_hash and Path(pending.report_json).is_file()
-        assert pending.primary_set == "problem" and pending.targeted == ["over_promise"]
+        assert pending.primary_set == "test" and pending.targeted == ["over_promise"]  # the fixed test set leads
         assert pending.problem_rates_after.get("over_promise", 0.0) == 0.0
         assert any("targeted over_promise" in r for r in pending.gate_reasons)
         assert [p.version for p in pending_approvals(ctx)] == [version]

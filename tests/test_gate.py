@@ -1,4 +1,5 @@
-"""The promotion gate over hand-built metrics: it passes, and it fails for each of its reasons."""
+"""The promotion gate over hand-built metrics: it passes, and it fails for each of its reasons (a missing
+fixed test set among them)."""
 
 from __future__ import annotations
 
@@ -185,10 +186,28 @@ def test_empty_sets_are_reported_not_failed() -> None:
     skipped = [c.reason for c in result.checks if c.skipped]
     assert "targeted over_promise not checked on the problem set: the set is empty" in skipped
     assert "the baseline-regression set is empty: no graduated samples to protect yet" in skipped
-    # intents are gated on the fixed test set only; with it empty, the gate says they were not checked
-    no_test = evaluate_gate({**champion(), "test": build("test", [])}, {**candidate(), "test": build("test", [])}, ["over_promise"], GATE)
-    assert "intents not checked: the fixed test set is empty" in no_test.reasons
-    assert {c.set for c in no_test.checks if c.kind == "intent"} == {"test"}
+
+
+@pytest.mark.parametrize("side", ["both", "champion", "candidate", "missing"])
+def test_no_fixed_test_set_fails_the_gate_and_says_how_to_fix_it(side: str) -> None:
+    # an otherwise good candidate: without the test set nothing stands for the traffic it will serve
+    before, after = champion(), candidate()
+    if side == "missing":
+        del before["test"], after["test"]
+    if side in ("both", "champion"):
+        before["test"] = build("test", [])
+    if side in ("both", "candidate"):
+        after["test"] = build("test", [])
+    result = evaluate_gate(before, after, ["over_promise"], GATE)
+    assert not result.passed
+    assert len(result.failed_checks) == 1
+    check = result.failed_checks[0]
+    assert (check.kind, check.set) == ("test_set", "test")
+    assert check.reason.startswith("no fixed test set: set eval.test_set in flywheel.toml to a JSONL file of")
+    assert '{"messages": [...], "reference": {"intent": ...}}' in check.reason and "never trains on" in check.reason
+    assert result.reasons[0] == check.reason
+    # intents are gated on the fixed test set only: none are checked without it
+    assert not [c for c in result.checks if c.kind == "intent"]
 
 
 def test_nothing_targeted_says_so() -> None:

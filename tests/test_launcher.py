@@ -47,7 +47,7 @@ def write_sft(folder: Path, n_train: int = 16) -> Path:
 
 
 def hyper(**overrides) -> TrainSettings:
-    values = dict(epochs=2.0, batch_size=4, learning_rate=1e-2, lora_r=4, early_stopping_patience=0, warmup_ratio=0.0)
+    values = dict(epochs=2.0, batch_size=4, learning_rate=1e-2, lora_r=4, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0)  # min_steps 0: exact step counts
     return TrainSettings(**{**values, **overrides})
 
 
@@ -74,7 +74,9 @@ def test_same_spec_launched_twice_starts_one_process_then_cancel_and_restart(
     project = str(ctx.settings.project_dir)
     data = write_sft(tmp_path / "data")
     spec = build_spec(configure(ctx.settings.project_dir), data, base_model=base)
-    assert spec.hyper.model_dump() == hyper().model_copy(update={"base_model": str(base), "method": "sft"}).model_dump()
+    # the spec carries the settings with "auto" resolved by the sizing rules (the tiny base's edges are small)
+    expected = hyper().model_copy(update={"base_model": str(base), "method": "sft", "modules_to_save": ["embed_tokens", "lm_head"]})
+    assert spec.hyper.model_dump() == expected.model_dump()
     first = launcher.launch(ctx, spec)
     second = launcher.launch(ctx, spec)
     other = Context(settings=ctx.settings)  # another CLI process: its own launcher, the same store
@@ -203,3 +205,70 @@ def test_dataset_ids_resolve_through_the_store(ctx: Context, tmp_path: Path) -> 
     assert launcher.resolve_dataset(ctx, str(folder)) == folder.resolve()
     with pytest.raises(NotFoundError, match="neither a folder nor a dataset id"):
         launcher.resolve_dataset(ctx, "ds-nope")
+
+
+def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    project = tmp_path / "proj"
+    # a bad base folder: one line, exit 2, nothing written
+    assert main(["-C", str(project), "init", "--base", str(tmp_path / "missing")]) == 2
+    assert f"--base {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+    assert main(["-C", str(project), "init", "--base", str(tmp_path)]) == 2
+    assert "not a model folder (no config.json)" in capsys.readouterr().err and not (project / "flywheel.toml").exists()
+
+    assert main(["-C", str(project), "init", "--base", str(base)]) == 0
+    assert f"registered {base} as v1, the champion" in capsys.readouterr().out
+    text = (project / "flywheel.toml").read_text()
+    assert "# Required by the promotion gate" in text and '# test_set = "eval/test_set.jsonl"' in text
+    assert load_settings(project).train.base_model == str(base)
+    # init again keeps the file and registers nothing new; another base would not match the kept file
+    assert main(["-C", str(project), "init", "--base", str(base)]) == 0
+    assert "the champion is already v1" in capsys.readouterr().out
+    assert main(["-C", str(project), "init", "--base", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    (project / "flywheel.toml").write_text(text.replace("[train]\n", "[train]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in hyper(min_steps=0).model_dump(exclude={"base_model", "target_modules"}).items()), 1))
+
+    # --no-wait returns before the job ends; the worker registers the candidate as it finishes
+    data = write_sft(tmp_path / "data")
+    assert main(["-C", str(project), "train", "--dataset", str(data), "--no-wait", "--json"]) == 0
+    started = json.loads(capsys.readouterr().out)
+    assert started["version"] is None and started["status"] in ("queued", "running")
+    ctx = Context(settings=load_settings(project))
+    try:
+        from flywheel import registry
+
+        _wait_for(lambda: len(registry.list_versions(ctx.store)) == 2, timeout=300, every=0.5)
+        v2 = registry.resolve(ctx.store, "v2")
+        assert (v2.parent, v2.job_id, v2.dataset_id, v2.status) == ("v1", started["id"], "ds-1", "candidate")
+    finally:
+        ctx.close()
+
+    # `flywheel train` again finds the succeeded job and its version: the same v2, nothing new
+    assert main(["-C", str(project), "train", "--dataset", str(data)]) == 0
+    assert "registered v2 (candidate); next: flywheel eval --candidate v2" in capsys.readouterr().out
+    assert main(["-C", str(project), "jobs", "show", started["id"]]) == 0
+    assert "next: flywheel eval --candidate v2" in capsys.readouterr().out
+    assert main(["-C", str(project), "models", "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"v1", "v2"} and rows["v1"]["aliases"] == ["champion"] and rows["v2"]["job_id"] == started["id"]
+    assert main(["-C", str(project), "models"]) == 0
+    assert "v2" in capsys.readouterr().out
+
+    # the README's next step finds v2; with no fixed test set the gate fails and says how to fix it
+    assert main(["-C", str(project), "eval", "--candidate", "v2"]) == 1
+    out = capsys.readouterr().out
+    assert "v2 (candidate) vs v1 (champion)" in out and "no fixed test set: set eval.test_set in flywheel.toml" in out
+
+
+def test_first_train_registers_the_base_as_v1_before_the_candidate(ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flywheel import registry
+
+    project = str(ctx.settings.project_dir)
+    (ctx.settings.project_dir / "flywheel.toml").write_text("[train]\nepochs = 1.0\nbatch_size = 4\nmin_steps = 0\nearly_stopping_patience = 0\n")
+    assert main(["-C", project, "train", "--dataset", str(write_sft(tmp_path / "data", n_train=8)), "--base", str(base), "--json"]) == 0
+    captured = capsys.readouterr()
+    done = json.loads(captured.out)  # stdout stays one JSON document
+    assert f"registered the base model {base} as v1, the champion" in captured.err
+    assert done["status"] == "succeeded" and done["version"] == "v2"
+    assert [(r.id, r.status) for r in registry.list_versions(ctx.store)] == [("v2", "candidate"), ("v1", "champion")]

@@ -83,6 +83,39 @@ def test_register_records_lineage_and_checks_the_adapter_hash(any_store: Store, 
     assert registry.register_version(any_store, base_model="/models/merged").id == "v3"
 
 
+def test_first_champion_registers_the_base_only_while_there_is_none(any_store: Store) -> None:
+    v1, registered = registry.first_champion(any_store, "tiny-base", actor="test")
+    assert registered and (v1.id, v1.status, v1.adapter_path) == ("v1", "champion", None)
+    again, registered = registry.first_champion(any_store, "tiny-base", actor="test")
+    assert not registered and again.id == "v1"
+    # with a champion, another base is not registered as a stray candidate
+    other, registered = registry.first_champion(any_store, "another-base", actor="test")
+    assert not registered and other.id == "v1" and [r.id for r in registry.list_versions(any_store)] == ["v1"]
+
+
+def test_a_succeeded_job_registers_one_candidate_however_often_asked(any_store: Store, project: Path, tmp_path: Path) -> None:
+    from flywheel.context import Context
+    from flywheel.errors import ToolInputError
+    from flywheel.records import utcnow
+    from flywheel.tools.jobs import register_candidate
+    from flywheel.trainer.jobs import JobRecord, JobStatus, insert_job
+
+    registry.register_base(any_store, "tiny-base")
+    adapter = make_adapter(tmp_path / "adapter", seed=3)
+    job = JobRecord(id="sft-1", kind="train_sft", status=JobStatus.SUCCEEDED, spec={"method": "sft", "base_model": "tiny-base", "dataset_id": "ds1"},
+                    work_dir=str(tmp_path), log_path=str(tmp_path / "train.log"), attempts=1, created_at=utcnow(),
+                    result={"adapter_path": str(adapter), "adapter_sha256": registry.adapter_weights_sha256(adapter)})
+    assert insert_job(any_store, job)
+    ctx = Context(settings=load_settings(project), _store=any_store)  # the worker, the CLI and the agent all ask
+    first, second = register_candidate(ctx, "sft-1"), register_candidate(ctx, "sft-1")
+    assert first == second and (first.version, first.parent, first.job_id, first.dataset_id) == ("v2", "v1", "sft-1", "ds1")
+    assert [r.id for r in registry.list_versions(any_store)] == ["v2", "v1"]
+    # a job that has not succeeded has no adapter to register
+    assert insert_job(any_store, job.model_copy(update={"id": "sft-2", "status": JobStatus.RUNNING, "result": None}))
+    with pytest.raises(ToolInputError, match="not succeeded"):
+        register_candidate(ctx, "sft-2")
+
+
 def test_resolve_by_id_and_alias(any_store: Store, tmp_path: Path) -> None:
     registry.register_base(any_store, "tiny-base")
     candidate(any_store, tmp_path, 1)

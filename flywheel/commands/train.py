@@ -46,6 +46,40 @@ def _summary(record: Any) -> str:
     return "  ".join(parts)
 
 
+def _candidate(c: Any, record: Any) -> str | None:
+    """The version registered for a succeeded job's adapter (None while the job has not succeeded).
+
+    The worker registers it as the job ends (flywheel.trainer.worker), so a job nobody waits on is
+    registered too. Asking again here goes through the agent's register_candidate, which is idempotent
+    (the same weights give the same version), and covers a worker stopped between its verdict and its
+    registration."""
+    from flywheel.tools.jobs import register_candidate
+    from flywheel.trainer.jobs import JobStatus
+
+    if record.status != JobStatus.SUCCEEDED:
+        return None
+    return register_candidate(c, record.id).version
+
+
+def _with_version(record: Any, version: str | None) -> dict[str, Any]:
+    return {**record.model_dump(mode="json"), "version": version}
+
+
+def _print_next(version: str) -> None:
+    _out().print(f"registered {version} (candidate); next: flywheel eval --candidate {version}")
+
+
+def _first_champion(c: Any, base_model: str, as_json: bool) -> None:
+    """With no champion yet, the base model becomes v1, the champion, before anything trains: the candidate
+    is then v2 and `flywheel eval --candidate v2` has a champion to compare it with."""
+    from flywheel import registry
+
+    version, registered = registry.first_champion(c.store, base_model, actor="flywheel train", notes="base model, registered by flywheel train")
+    if registered:
+        # stderr under --json, so that stdout stays one JSON document
+        (err_console if as_json else _out()).print(f"registered the base model {base_model} as {version.id}, the champion", soft_wrap=True, highlight=False)
+
+
 def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
     """Wait for the job with a progress bar on stderr (so --json output stays clean)."""
     from flywheel.trainer import launcher
@@ -68,11 +102,14 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
             bar.update(task, description=f"{job_id} {record.status}", total=progress.get("total") or None, completed=progress.get("step", 0), losses=losses)
 
         record = launcher.wait(c, job_id, on_progress=show)
+    version = _candidate(c, record)
     if as_json:
-        _echo_json(record.model_dump(mode="json"))
+        _echo_json(_with_version(record, version))
     else:
         result = record.result or {}
         _out().print(f"job {record.id} succeeded: adapter {result.get('adapter_path')} (sha256 {result.get('adapter_sha256')})")
+        if version:
+            _print_next(version)
     return record
 
 
@@ -95,18 +132,24 @@ def train(
     c = context(ctx)
     folder = launcher.resolve_dataset(c, dataset)
     spec = build_spec(c.settings.train, folder, method=method, base_model=base)
+    _first_champion(c, spec.base_model, as_json)
     record = launcher.launch(c, spec)
     if restart and record.status in ("failed", "killed"):
         record = launcher.resume(c, record.id, restart=True)
     elif record.status in ("failed", "killed"):
         raise launcher.failure(record)
     if not wait or record.ended:
+        version = _candidate(c, record)
         if as_json:
-            _echo_json(record.model_dump(mode="json"))
-        else:
-            _out().print(_summary(record))
-            if record.ended and record.result:
-                _out().print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
+            _echo_json(_with_version(record, version))
+            return
+        _out().print(_summary(record))
+        if record.ended and record.result:
+            _out().print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
+        if version:
+            _print_next(version)
+        elif not record.ended:
+            _out().print(f"the job registers its candidate version when it succeeds: see `flywheel jobs show {record.id}`")
         return
     _follow(ctx, record.id, as_json)
 
@@ -163,7 +206,8 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="th
     """Everything known about one job."""
     from flywheel.trainer import launcher
 
-    record = launcher.status(context(ctx), job_id)
+    c = context(ctx)
+    record = launcher.status(c, job_id)
     if as_json:
         _echo_json(record.model_dump(mode="json"))
         return
@@ -179,6 +223,9 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="th
     if record.result:
         out.print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
         out.print(f"steps {record.result.get('steps')}  train_loss {record.result.get('train_loss')}  best_eval_loss {record.result.get('best_eval_loss')}")
+    version = _candidate(c, record)
+    if version:
+        _print_next(version)
 
 
 @jobs_app.command("logs")

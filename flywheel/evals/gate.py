@@ -8,10 +8,13 @@ The candidate passes only if
      `max_regression` success (the test set is drawn to stand for the traffic; the problem set's
      intents are a handful of failures each, where one answer moves a rate by tens of points),
   4. success on the baseline-regression set drops by no more than `max_regression`,
-  5. no problem type shows up at a blocked severity that the champion never had at a blocked severity.
+  5. no problem type shows up at a blocked severity that the champion never had at a blocked severity,
+  6. there is a fixed test set at all: without one, nothing stands for the traffic the candidate will
+     serve, so the gate fails and says how to add one.
 
 Every check leaves a sentence with its numbers, passing ones too, so a person approving the candidate
-sees what was measured and what was not (an empty set is reported as not checked, never as a failure).
+sees what was measured and what was not (an empty problem or baseline set is reported as not checked,
+never as a failure; only the fixed test set is required).
 """
 
 from __future__ import annotations
@@ -30,12 +33,18 @@ SET_LABELS = {TEST: "fixed test set", BASELINE: "baseline-regression set", PROBL
 TYPE_SETS = (TEST, PROBLEM)
 INTENT_SETS = (TEST,)
 EPS = 1e-9  # float slack so that a drop of exactly the threshold passes
+# Why the gate fails without the fixed test set, and how to fix it: the problem set only holds this cycle's
+# failures and the baseline set only graduated ones, so neither says how the candidate does on the traffic.
+NO_TEST_SET = (
+    'no fixed test set: set eval.test_set in flywheel.toml to a JSONL file of {"messages": [...], '
+    '"reference": {"intent": ...}} rows the loop never trains on'
+)
 
 
 class Check(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str  # targeted | problem_type | intent | baseline | new_severity
+    kind: str  # targeted | problem_type | intent | baseline | new_severity | test_set
     subject: str  # the problem type, intent or set the check is about
     set: str = ""  # test | baseline | problem ("" for checks across sets)
     passed: bool
@@ -78,9 +87,8 @@ def evaluate_gate(
             checks.extend(_type_regression(t, set_name, pair, settings) for t in others)
             if set_name in INTENT_SETS:
                 checks.extend(_intent_checks(set_name, pair, settings))
-        elif set_name in INTENT_SETS:
-            checks.append(Check(kind="intent", subject="", set=set_name, passed=True, skipped=True,
-                                reason=f"intents not checked: the {SET_LABELS[set_name]} is empty"))
+        elif set_name == TEST:
+            checks.append(Check(kind="test_set", subject=TEST, set=TEST, passed=False, reason=NO_TEST_SET))
     checks.append(_baseline(_pair(before, after, BASELINE), settings))
     checks.extend(_new_severities(before, after, settings))
     if not targeted:

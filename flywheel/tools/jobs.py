@@ -3,9 +3,9 @@ its adapter as a candidate version.
 
 Launching goes through flywheel.trainer.launcher, as `flywheel train` does: the job id is derived from
 the spec (method, base model, dataset content, hyper-parameters), so launching the same thing twice
-starts one process. `register_candidate` is a thin adapter (nothing else turns a finished job into a
-registry version yet): it hands the job's recorded adapter to `registry.register_version`, which is
-idempotent by the adapter's weights hash.
+starts one process. `register_candidate` is the one place a finished job becomes a registry version (the
+training worker calls it as the job ends, `flywheel train` and the agent call it again): it hands the
+job's recorded adapter to `registry.register_version`, which is idempotent by the adapter's weights hash.
 """
 
 from __future__ import annotations

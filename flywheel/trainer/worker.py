@@ -3,7 +3,8 @@
 Started by a launcher in its own process group, with stdout and stderr going to the job's log. It reads
 `JOB_DIR/job.json` (the job id and the settings), opens its own store, marks the job running, trains with
 `flywheel.trainer.recipes.run` (resuming from the newest checkpoint in JOB_DIR), and records progress and a
-heartbeat while it goes; at the end it writes the result, or the error with the log's path.
+heartbeat while it goes; at the end it writes the result, or the error with the log's path. A succeeded
+job's adapter is then registered as a candidate model version.
 
 If the worker is killed outright it writes nothing more; the launcher sees the dead process (or the stale
 heartbeat) and marks the job killed, and `flywheel jobs resume` starts a new worker on the same folder.
@@ -30,6 +31,7 @@ from typing import Any  # noqa: E402
 
 from flywheel.errors import FlywheelError  # noqa: E402
 from flywheel.records import utcnow  # noqa: E402
+from flywheel.settings import Settings  # noqa: E402
 from flywheel.store.db import Store, open_store  # noqa: E402
 from flywheel.trainer.jobs import JobStatus, get_job, read_job_file, set_fields, transition  # noqa: E402
 
@@ -73,6 +75,25 @@ def _heartbeat(store: Store, job_id: str, pid: int, stop: threading.Event) -> No
             log.warning("heartbeat failed: %s", exc)
 
 
+def _register(settings: Settings, store: Store, job_id: str) -> None:
+    """Register the job's adapter as a candidate version.
+
+    Here, at the end of the worker, because every succeeded job passes through this one place, whoever
+    started it and whether or not anyone waits (`flywheel train --no-wait`, the agent, `flywheel jobs
+    resume`). It is the agent's register_candidate, idempotent by the adapter's weights, so `flywheel
+    train` and the agent asking again get this same version. A failure here does not undo the job: it is
+    logged, and the next register_candidate call (flywheel train, flywheel jobs show, the agent) retries."""
+    from flywheel.context import Context
+    from flywheel.tools.jobs import register_candidate
+
+    try:
+        version = register_candidate(Context(settings=settings, _store=store), job_id).version
+    except Exception as exc:  # the adapter is trained and recorded; registering can be retried
+        log.warning("job %s: could not register its adapter as a version: %s", job_id, exc)
+        return
+    log.info("job %s registered as %s; next: flywheel eval --candidate %s", job_id, version, version)
+
+
 def run_job(work_dir: Path) -> int:
     from flywheel.trainer import recipes
 
@@ -111,11 +132,13 @@ def run_job(work_dir: Path) -> int:
             return 1
         stop.set()
         progress.progress.update(step=result.steps)
-        transition(
+        succeeded = transition(
             store, job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED,
             result=result.model_dump(mode="json"), finished_at=utcnow(), progress=progress.progress,
         )
         log.info("job %s succeeded: adapter %s sha256 %s", job_id, result.adapter_path, result.adapter_sha256)
+        if succeeded:
+            _register(settings, store, job_id)
         return 0
     finally:
         store.dispose()
