@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+import flywheel
 from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.data.correct import correct_failures, reindex_verified
-from flywheel.data.kb import KbEntry, KbSummary, add_entries
+from flywheel.data.kb import KbEntry, KbSummary, add_entries, add_files
 from flywheel.data.labels import add_label
 from flywheel.errors import InfrastructureError, NotFoundError
 from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals, Verdict
 from flywheel.settings import load_settings
 from flywheel.store import failures as repo
 from flywheel.store import interactions as interaction_repo
-from flywheel.store.vectors import CORRECTIONS
+from flywheel.store.vectors import CORRECTIONS, KB
 from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 REFUND = "Refunds reach the original card within 5 business days of approval."
@@ -156,6 +157,30 @@ def test_a_correction_the_rule_judge_rejects_is_kept_not_verified(kb_ctx: Contex
     # kept, with reasons, for a person to read; never counted as usable
     listed = {r.id: r for r in repo.list_failures(ctx.store, repo.FailureFilter(status="corrected"))}
     assert set(listed) == {bad, same} and not any(r.verified for r in listed.values())
+
+
+PACK_KB = Path(flywheel.__file__).parent / "demo" / "packs" / "banking77" / "kb.jsonl"
+
+
+def test_a_kb_correction_quoting_the_kb_refund_policy_is_verified(ctx: Context, tmp_path: Path) -> None:
+    """The demo pack's own policy line, "Never promise or guarantee a refund...", cited in a correction
+    is the policy, not a promise: the verifier must not veto it for the policy's own words."""
+    answers = tmp_path / "answers.md"
+    answers.write_text(f"## Where is my refund? {{intent=refund_status kind=approved_response id=refund-approved}}\n{REFUND}\n", encoding="utf-8")
+    loaded = add_files(ctx.index, [PACK_KB, answers])  # the real loader, the pack's real kb.jsonl
+    assert loaded.errors == []
+    policy = next(h.text for h in ctx.index.get(KB, ids=["policy-refunds"]))
+    assert policy.startswith("Never promise or guarantee a refund")
+    fid = add_failure(ctx, "i1", "refund_status", "Where is my refund? The merchant said they sent it.", "We guarantee your refund arrives today!")
+
+    summary = correct_failures(ctx)
+    assert (summary.verified, summary.corrected) == (1, 0)
+    c = repo.show(ctx.store, fid).correction
+    assert c is not None and c.verified and c.verification.reasons == []
+    # no policy for the intent: the over-promise cites the nearest general policy, the refund one
+    assert c.answer.startswith(REFUND) and f"Please note our policy (Refunds): {policy}" in c.answer
+    assert c.context_ids == ["kb/refund-approved", "kb/policy-refunds"]
+    assert ctx.index.count(CORRECTIONS) == 1
 
 
 def test_json_approved_response_is_used_as_is_and_checked_against_the_label(project: Path) -> None:

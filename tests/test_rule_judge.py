@@ -81,6 +81,49 @@ def test_forbidden_phrases_default_and_custom(project: Path) -> None:
     assert judge.check(conv(said("We guarantee a refund."))) == []  # the custom list replaced the defaults
 
 
+NEGATED = [
+    "Never promise or guarantee a refund, a refund date or a fee waiver: refunds are decided by the merchant.",
+    "I'm sorry, we cannot guarantee a refund for this payment.",
+    "We do not promise refunds before the merchant answers.",
+    "There is no guarantee of a refund here.",
+    "We won't promise a refund date.",
+    "We can’t promise a refund today.",
+    "A refund isn't guaranteed: refunds are decided by the merchant.",
+    "We are not able to promise a refund.",
+    "We will never waive fees for this.",  # no match at all: the pattern wants "we will waive"
+]
+
+AFFIRMED = [
+    ("We guarantee a full refund within 24 hours.", "guarantee a full refund"),
+    # the negation ends at the clause boundary: the second clause is a promise
+    ("I can't promise a refund, but we guarantee a full refund within 24 hours", "guarantee a full refund"),
+    ("I can't promise a refund but we guarantee a full refund within 24 hours", "guarantee a full refund"),
+    ("Don't worry, we guarantee a refund.", "guarantee a refund"),
+    ("No problem we guarantee a refund.", "guarantee a refund"),  # "no" negates only the word right after it
+    ("We never charge fees for this and we guarantee a refund.", "guarantee a refund"),  # too far back
+    ('{"intent": "refund", "reply": "Not a problem. We promise your refund by Friday."}', "promise your refund"),
+]
+
+
+@pytest.mark.parametrize("text", NEGATED)
+def test_a_forbidden_phrase_in_a_negated_clause_is_not_a_finding(settings: Settings, text: str) -> None:
+    assert RuleJudge(settings).check_answer(text) == []
+
+
+@pytest.mark.parametrize("text, matched", AFFIRMED)
+def test_a_forbidden_phrase_outside_a_negated_clause_is_a_finding(settings: Settings, text: str, matched: str) -> None:
+    findings = RuleJudge(settings).check_answer(text)
+    assert kinds(findings) == [("over_promise", "high", "policy:guaranteed_refund")]
+    assert findings[0].detail == f"matched {matched!r}"
+
+
+def test_negation_applies_to_custom_patterns_too(project: Path) -> None:
+    custom = {"forbidden_phrases": [{"name": "legal_advice", "pattern": r"\byou should sue\b", "problem_type": "policy_boundary_risk"}]}
+    judge = judge_with(project, policies=custom)
+    assert judge.check_answer("I would never say you should sue them.") == []
+    assert kinds(judge.check_answer("Honestly, you should sue them.")) == [("policy_boundary_risk", "high", "policy:legal_advice")]
+
+
 @pytest.mark.parametrize(
     "policy, where, problem",
     [

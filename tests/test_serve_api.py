@@ -130,8 +130,11 @@ def test_missing_invalid_and_revoked_keys_get_401(gw: Running, store: Store) -> 
                 assert response.status_code == 401, (key, path)
                 error = response.json()["error"]
                 assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
-    with pytest.raises(openai.AuthenticationError):
+                # the body says how to get a key: the first 401 is often where people learn keys exist
+                assert "flywheel keys create NAME" in error["message"] and "Authorization: Bearer <key>" in error["message"], error
+    with pytest.raises(openai.AuthenticationError) as refused:
         gw.client("fw-wrong").models.list()
+    assert "flywheel keys create" in str(refused.value)
 
     fresh = keys.create_key(store, "fresh-client")  # works at once: an unknown key re-reads the table
     assert gw.client(fresh).models.list().data

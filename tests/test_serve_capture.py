@@ -207,6 +207,32 @@ def test_feedback_sets_the_signals_the_capture_rules_read(any_store: Store, upst
     assert all(e.client and e.client.startswith("test-") for e in stored_events)
 
 
+def test_feedback_takes_the_log_vocabulary_too_and_stores_one(store: Store, upstream: OpenAIServer) -> None:
+    """Logs say `feedback: down`; the API's kinds are thumbs_down/thumbs_up. Both are accepted, and
+    feedback_events and the signals hold one form whichever the client sent."""
+    registry.register_base(store, "tiny-base")
+    with running_gateway(store, ProxyBackend(upstream.base_url)) as gw:
+        http = gw.http()
+        ids = [chat(http, text=f"question {i}", user=f"user-{i}").headers["x-flywheel-interaction-id"] for i in range(4)]
+        sent = [(ids[0], "down"), (ids[1], "thumbs_down"), (ids[2], "up"), (ids[3], "thumbs_up")]
+        for interaction_id, kind in sent:
+            response = http.post("/v1/feedback", json={"interaction_id": interaction_id, "kind": kind})
+            assert response.status_code == 202, response.text
+            assert response.json()["kind"] == ("thumbs_down" if kind.endswith("down") else "thumbs_up")
+        for body, param in (({"interaction_id": ids[0], "kind": "sideways"}, "kind"), ({"interaction_id": ids[0], "kind": "down", "value": 1}, "value")):
+            response = http.post("/v1/feedback", json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        unknown = http.post("/v1/feedback", json={"interaction_id": ids[0], "kind": "sideways"}).json()["error"]["message"]
+        assert "'sideways' is not one of" in unknown and "thumbs_down" in unknown and ", up, down" in unknown  # both vocabularies named
+        gw.settle()
+    rows = [interaction_repo.get(store, i) for i in ids]
+    assert [r.signals.feedback for r in rows if r is not None] == ["down", "down", "up", "up"]
+    assert [matched_rules(r, store.settings.rules) for r in rows if r is not None] == [["thumbs_down"], ["thumbs_down"], [], []]
+    with store.engine.connect() as conn:
+        kinds = [e.kind for e in conn.execute(feedback_events.select().order_by(feedback_events.c.id))]
+    assert kinds == ["thumbs_down", "thumbs_down", "thumbs_up", "thumbs_up"]
+
+
 def test_postgres_going_away_slows_no_request_and_loses_nothing(pg_url: str, project: Path, upstream: OpenAIServer) -> None:
     settings = load_settings(project, store={"url": pg_url})
     from conftest import _truncate_all

@@ -8,7 +8,9 @@ Checks, each giving `Finding`s:
   empty        no text and no tool call                          -> format_error
   output_schema  policies.output_schema set: the answer text must
                parse as JSON and validate                          -> format_error
-  policy:<name>  a policies.forbidden_phrases regex matches        -> its own problem_type, severity
+  policy:<name>  a policies.forbidden_phrases regex matches outside
+               a negated clause ("never promise a refund" is the
+               policy, not a promise; see `_negated`)              -> its own problem_type, severity
   tool_call    a tool outside policies.allowed_tools (when that
                list is non-empty), or arguments that are not a
                JSON object                                         -> wrong_tool_call
@@ -104,7 +106,7 @@ class RuleJudge:
             parsed = _parse_json(text)
             self._check_schema(findings, text, parsed)
             for policy, pattern in self._patterns:
-                match = pattern.search(text)
+                match = _affirmed_match(pattern, text)
                 if match:
                     findings.append(Finding(problem_type=policy.problem_type, severity=policy.severity, check=f"policy:{policy.name}", detail=f"matched {_clip(match.group(0))!r}"))
         for message in tool_messages if tool_messages is not None else ([answer] if answer is not None else []):
@@ -238,6 +240,51 @@ def verdict_from_findings(
             judge=judge,
         )
     return Verdict(failure_id=failure_id, is_failure=False, judge=judge, status="unjudged", reason=NO_FINDING_REASON)
+
+
+# --- negation ----------------------------------------------------------------------------------------------
+#
+# A forbidden phrase said in a negated clause is the opposite of what the pattern looks for: "we never
+# promise a refund", "we cannot guarantee a refund", "there is no guarantee of a refund". Policies are
+# written this way (the knowledge base's "Never promise or guarantee a refund"), so without this rule
+# every answer that quotes or follows a policy would be flagged for the policy's own words. It is one
+# rule for every pattern, so no pattern has to spell out its negations.
+#
+# The rule reads only the clause before the match: back to the last sentence or clause boundary, and
+# at most NEGATION_WINDOW words. A boundary ends the negation's reach, so in "I can't promise a refund,
+# but we guarantee a full refund" the second clause is still a promise; the window keeps a negation far
+# back in a long clause ("we never let you down and we guarantee ...") from cancelling the promise.
+# When in doubt the phrase stays a finding: a missed promise costs more than a needless correction.
+
+NEGATION_WINDOW = 4  # words: "we are not able to promise" has its "not" three words back
+_LOOKBACK_CHARS = 200  # more than NEGATION_WINDOW words need; keeps the check cheap on long answers
+_CLAUSE_BOUNDARY = re.compile(r"[.!?;:,()\[\]\n]|\b(?:but|however|although|though|yet|whereas|while)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"(?:not|never|cannot|nor|neither|without|unable|\w+n['’]t)", re.IGNORECASE)
+
+
+def _negated(text: str, start: int) -> bool:
+    """True when the clause that ends at `start` negates what follows it."""
+    before = text[max(0, start - _LOOKBACK_CHARS) : start]
+    boundaries = list(_CLAUSE_BOUNDARY.finditer(before))
+    clause = before[boundaries[-1].end() :] if boundaries else before
+    words = [w.strip("\"'“”‘*_") for w in clause.split()][-NEGATION_WINDOW:]
+    # "no" negates only the phrase right after it ("no guarantee of a refund"); further back it is more
+    # often an interjection ("no problem we guarantee a refund") than a negation.
+    if words and words[-1].casefold() == "no":
+        return True
+    return any(_NEGATION.fullmatch(w) for w in words)
+
+
+def _affirmed_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The first match of `pattern` that is not negated. After a negated match the search goes on from
+    its next character, not its end: the pattern's gap (".{0,40}") can swallow a later, affirmed phrase
+    ("can't promise a refund, but we guarantee a full refund" matches from "promise")."""
+    pos = 0
+    while (match := pattern.search(text, pos)) is not None:
+        if not _negated(text, match.start()):
+            return match
+        pos = match.start() + 1
+    return None
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ RECENT_IDS = 100_000  # interaction ids feedback may name without a store lookup
 MAX_TIER = 100  # interactions.user_tier width
 MAX_INTENT = 200
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read to its end before the 413
+HOW_TO_GET_A_KEY = ("create one with `flywheel keys create NAME` in the gateway's project (it prints the key once) "
+                    "and send it as 'Authorization: Bearer <key>' (docs/serving.md)")
 
 
 @dataclass
@@ -151,8 +153,9 @@ class _ApiKeyAuth:
             await anyio.to_thread.run_sync(self.keys.refresh)
             client = self.keys.client_for(key)
         if client is None:
-            message = ("Incorrect API key provided" if key else
-                       "You didn't provide an API key: send it as 'Authorization: Bearer <key>' (create one with `flywheel keys create NAME`)")
+            # The body says how to get a key: a first request is often the first time anyone hears of keys.
+            message = (f"Incorrect API key provided (unknown or revoked): {HOW_TO_GET_A_KEY}" if key else
+                       f"You didn't provide an API key: {HOW_TO_GET_A_KEY}")
             error = ApiError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
             await error.response()(scope, receive, send)
             return

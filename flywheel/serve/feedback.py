@@ -1,13 +1,13 @@
 """Feedback on served answers: `POST /v1/feedback` -> the interaction's signals + a feedback_events row.
 
-    {"interaction_id": "chatcmpl-...", "kind": "thumbs_down"}
+    {"interaction_id": "chatcmpl-...", "kind": "thumbs_down"}      (or "down": the log format's word)
     {"interaction_id": "chatcmpl-...", "kind": "qa_verdict", "value": "Reject"}
     {"interaction_id": "chatcmpl-...", "kind": "complaint", "value": "it promised me a refund"}
 
 The interaction id is the completion id the gateway returned (also in the `x-flywheel-interaction-id`
 header). Each kind sets the signal the capture rules (flywheel.data.triage) read:
 
-    thumbs_up / thumbs_down   signals.feedback = "up" / "down"
+    thumbs_up / thumbs_down   signals.feedback = "up" / "down"; "up" / "down" are accepted as these kinds
     escalation                signals.escalated_to_human = value (default true)
     followup                  signals.followups += value (default 1)
     qa_verdict                signals.qa_verdict = value: Accept | Risk | Reject
@@ -34,6 +34,9 @@ from flywheel.serve.protocol import ApiError
 from flywheel.store.schema import feedback_events, interactions
 
 KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "complaint")
+# Logs say `"feedback": "up" | "down"` (docs/ingest.md), so clients built on that vocabulary send it here
+# too. Both are accepted and stored as the canonical kind: feedback_events holds one vocabulary.
+ALIASES = {"up": "thumbs_up", "down": "thumbs_down"}
 QA_VERDICTS = ("Accept", "Risk", "Reject")
 MAX_FOLLOWUPS_PER_EVENT = 100
 
@@ -59,12 +62,12 @@ class FeedbackItem:
 
 def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> FeedbackItem:
     """The event with its value checked and normalised, or a 400 naming what is wrong."""
-    kind, value = request.kind, request.value
+    kind, value = ALIASES.get(request.kind, request.kind), request.value
     if kind not in KINDS:
-        raise ApiError(400, f"Invalid value for 'kind': {kind!r} is not one of {', '.join(KINDS)}", param="kind", code="invalid_value")
+        raise ApiError(400, f"Invalid value for 'kind': {request.kind[:50]!r} is not one of {', '.join((*KINDS, *ALIASES))}", param="kind", code="invalid_value")
     if kind in ("thumbs_up", "thumbs_down"):
         if value is not None:
-            raise ApiError(400, f"'{kind}' takes no value", param="value", code="invalid_value")
+            raise ApiError(400, f"'{request.kind}' takes no value", param="value", code="invalid_value")
     elif kind == "escalation":
         if value is None:
             value = True
