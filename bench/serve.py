@@ -136,6 +136,9 @@ def prepare_project(folder: Path) -> str:
     from flywheel.settings import load_settings
     from flywheel.store.db import open_store
 
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "flywheel.toml").exists():
+        (folder / "flywheel.toml").write_text("# bench/serve.py's project: every setting at its default\n", encoding="utf-8")  # the CLI refuses a folder without one
     store = open_store(load_settings(folder))
     try:
         registry.register_base(store, "bench-base")

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 
 from flywheel.context import Context
-from flywheel.errors import FlywheelError
-from flywheel.settings import load_settings
+from flywheel.errors import FlywheelError, UserInputError
+from flywheel.settings import CONFIG_FILE, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="flywheel: an autonomous training manager for LLM agents in production.")
 err_console = Console(stderr=True)
@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "flywheel.commands.release",
     "flywheel.commands.agent",
     "flywheel.commands.daemon",
+    "flywheel.commands.slack",
     "flywheel.commands.serve",
     "flywheel.commands.demo",
 ]
@@ -62,12 +63,24 @@ class _LazyContext:
 
     def get(self) -> Context:
         if self._ctx is None:
-            self._ctx = Context(settings=load_settings(self.project))
+            folder = _require_project(self.project)
+            self._ctx = Context(settings=load_settings(folder))
         return self._ctx
 
     def close(self) -> None:
         if self._ctx is not None:
             self._ctx.close()
+
+
+def _require_project(project: Path | None) -> Path:
+    """The project folder, refused without a flywheel.toml: opening the store would create `.flywheel/`
+    in whatever folder the command ran in. Every command but `init` and `demo` (which make their own
+    folder) comes through here, after its arguments parsed, so `--help` works anywhere."""
+    folder = (project or Path(os.environ.get("FLYWHEEL_PROJECT_DIR") or ".")).resolve()
+    elsewhere = os.environ.get("FLYWHEEL_CONFIG")  # settings read from a file outside the folder
+    if not (folder / CONFIG_FILE).is_file() and not (elsewhere and Path(elsewhere).is_file()):
+        raise UserInputError(f"not a flywheel project: run flywheel init (no {CONFIG_FILE} in {folder})")
+    return folder
 
 
 def context(ctx: typer.Context) -> Context:

@@ -5,12 +5,16 @@ Nested keys use `__` in the environment: `FLYWHEEL_STORE__URL=postgresql://...`,
 `FLYWHEEL_LLM__BASE_URL=http://127.0.0.1:8000/v1`. The LLM API key is read from the environment only
 (`FLYWHEEL_LLM_API_KEY` or `OPENAI_API_KEY`); a key written in the TOML file is refused.
 
-A wrong setting becomes one `SettingsError` line naming the key and what was expected.
+A wrong setting becomes one `SettingsError` line naming the key and what was expected; a list or table
+given as plain text in the environment names the JSON form it needs, and a FLYWHEEL_ variable that
+matches no setting is warned about on stderr (flywheel.settings_env).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +27,7 @@ from pydantic_settings import (
 )
 
 from flywheel.errors import SettingsError
+from flywheel.settings_env import check_values, unknown_names
 
 CONFIG_FILE = "flywheel.toml"
 STATE_DIR = ".flywheel"
@@ -314,6 +319,8 @@ class DaemonSettings(Section):
 
 
 class SlackSettings(Section):
+    """Approvals in Slack; docs/slack.md has the app manifest and the steps."""
+
     mode: Literal["off", "socket", "http"] = "off"
     channel: str = ""
     api_url: str = ""  # empty: Slack's own; tests point it at a local server
@@ -469,6 +476,8 @@ def load_settings(project_dir: Path | str | None = None, **overrides: Any) -> Se
     toml_file = project / CONFIG_FILE
     if "api_key" in _read_toml_keys(toml_file):
         raise SettingsError("llm.api_key", "an API key may not be written in flywheel.toml; set FLYWHEEL_LLM_API_KEY")
+    check_values(Settings, os.environ)
+    _warn_unknown(os.environ)
     _toml_path_hint.set(str(toml_file) if toml_file.is_file() else None)
     try:
         return Settings(project_dir=project, **overrides)
@@ -480,6 +489,17 @@ def load_settings(project_dir: Path | str | None = None, **overrides: Any) -> Se
         raise SettingsError(CONFIG_FILE, str(exc).splitlines()[0]) from None
     finally:
         _toml_path_hint.set(None)
+
+
+_warned: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """One stderr line per ignored FLYWHEEL_ variable, once per process (settings load more than once)."""
+    for line in unknown_names(Settings, environ):
+        if line not in _warned:
+            _warned.add(line)
+            print(line, file=sys.stderr)
 
 
 def _read_toml_keys(path: Path) -> set[str]:

@@ -16,6 +16,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+# The PostgreSQL to test on, read before the rest of the FLYWHEEL_* environment is cleared below.
+PG_ADMIN_DSN = os.environ.get("FLYWHEEL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Tests never read a developer's own FLYWHEEL_* environment.
 for _key in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
     del os.environ[_key]
@@ -23,8 +25,6 @@ for _key in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
 from flywheel.context import Context  # noqa: E402
 from flywheel.settings import Settings, load_settings  # noqa: E402
 from flywheel.store.db import Store, open_store  # noqa: E402
-
-PG_ADMIN_DSN = os.environ.get("FLYWHEEL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +49,11 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
+    """A project folder as `flywheel init` leaves it: the CLI refuses a folder without flywheel.toml.
+    The file is empty (every setting at its default); tests write their own settings into it."""
     folder = tmp_path / "project"
     folder.mkdir()
+    (folder / "flywheel.toml").write_text("", encoding="utf-8")
     return folder
 
 

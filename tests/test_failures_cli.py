@@ -279,3 +279,21 @@ def test_newest_labels_and_uncorrectable_attempts_on_both_stores(any_store: Stor
     assert view.correction.answer == "" and not view.correction.verified and view.correction.verification.reasons == ["no approved response for intent 'b' in the knowledge base"]
     rows = {r.id: r for r in repo.list_failures(any_store, repo.FailureFilter(status="uncorrectable"))}
     assert set(rows) == {fid("i0")} and not rows[fid("i0")].verified
+
+
+def test_commands_outside_a_project_refuse_and_create_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    empty, absent = tmp_path / "empty", tmp_path / "nonexistent"
+    empty.mkdir()
+    for folder, args in ((empty, ["failures"]), (absent, ["models"]), (absent, ["kb", "add", "x.md"]), (empty, ["slack", "test"])):
+        code, _, err = run(capsys, folder, *args)
+        assert code == 2 and err == f"error: not a flywheel project: run flywheel init (no flywheel.toml in {folder})\n"
+    assert list(empty.iterdir()) == [] and not absent.exists()  # no .flywheel/, no folder
+    monkeypatch.chdir(empty)
+    assert main(["failures", "counts"]) == 2 and "not a flywheel project" in capsys.readouterr().err
+    assert list(empty.iterdir()) == []
+    # help works anywhere; init makes the project, after which the same command runs
+    assert run(capsys, absent, "ingest", "--help")[0] == 0 and not absent.exists()
+    assert run(capsys, empty, "init")[0] == 0
+    code, out, _ = run(capsys, empty, "failures", "--json")
+    assert code == 0 and json.loads(out) == []

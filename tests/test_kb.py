@@ -167,6 +167,17 @@ def test_cli_kb_add_and_search(project: Path, kb_files: tuple[Path, Path], tmp_p
     assert main(["-C", str(project), "kb", "add", "--json", str(good)]) == 0
     assert json.loads(capsys.readouterr().out)["added"] == 1
 
+    # a path that does not exist is named as such, not counted as a bad entry; the other files are added
+    missing = tmp_path / "missing.md"
+    assert main(["-C", str(project), "kb", "add", str(missing), str(good)]) == 2
+    out, err = capsys.readouterr()
+    assert "1 unchanged" in out and err == f"error: {missing} does not exist; the rest was added\n"
+    assert main(["-C", str(project), "kb", "add", "--json", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["missing"] == [str(missing)] and err == f"error: {missing} does not exist; nothing was added\n"
+    assert main(["-C", str(project), "kb", "add", str(tmp_path)]) == 2  # a folder
+    assert "not a file (a folder?)" in capsys.readouterr().err
+
     assert main(["-C", str(project), "kb", "search", "do gift cards expire", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert hits[0]["text"] == "Gift cards never expire." and 0 <= hits[0]["similarity"] <= 1

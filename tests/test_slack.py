@@ -7,7 +7,9 @@ evaluate) run once per module and copied for each test."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from flywheel.agent.schedule import Daemon
 from flywheel.agent.slack import SlackApprovals, SlackTokens, approval_key, build_app, web_client
 from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 from flywheel.agent.slack_blocks import ACTION_APPROVE, ACTION_REJECT, VIEW_REJECT, ApprovalRef, report_link
+from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, SettingsError
 from flywheel.records import utcnow
@@ -376,3 +379,108 @@ def test_daemon_posts_pending_approvals_and_closes_those_decided_in_a_terminal(w
         assert len(slack.calls_to("chat.update")) == 1 and len(slack.messages()) == 1
     finally:
         assert daemon.stop() == []
+
+
+# --- `flywheel slack test`, and Slack failures in one line ----------------------------------------------------------
+
+
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on: Slack out of reach."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api/"
+
+
+def _slack_toml(project: Path, api_url: str, channel: str = "#approvals") -> None:
+    (project / "flywheel.toml").write_text(f'[slack]\nchannel = "{channel}"\napi_url = "{api_url}"\n', encoding="utf-8")
+
+
+def test_slack_test_posts_one_message_and_prints_one_line(project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    _slack_toml(project, slack.api_url)
+    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKENS.bot_token)
+    assert main(["-C", str(project), "slack", "test"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("ok: posted to #approvals (channel C0APPROVALS, message ")
+    assert "as flywheel in flywheel test; slack.mode is off" in out
+    [message] = slack.messages()
+    assert message["text"].startswith("flywheel test message from project project")
+    assert [c.token for c in slack.calls_to("chat.postMessage")] == [TOKENS.bot_token]
+
+
+def test_slack_test_refusals_are_one_line_with_what_to_fix(project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _slack_toml(project, slack.api_url)
+    monkeypatch.delenv("SLACK_BOT_TOKEN", raising=False)
+    assert main(["-C", str(project), "slack", "test"]) == 2
+    assert "SLACK_BOT_TOKEN is not set" in capsys.readouterr().err and slack.calls == []
+
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-revoked")  # Slack answers invalid_auth
+    assert main(["-C", str(project), "slack", "test"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: Slack refused auth.test: invalid_auth: SLACK_BOT_TOKEN was refused")
+
+    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKENS.bot_token)
+    _slack_toml(project, slack.api_url, channel="#no-such-channel")
+    assert main(["-C", str(project), "slack", "test"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Slack refused chat.postMessage: channel_not_found" in err and "slack.channel" in err
+    assert slack.messages() == []
+
+
+def test_slack_test_with_slack_out_of_reach_is_one_line_exit_4(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    url = _closed_port_url()
+    _slack_toml(project, url)
+    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKENS.bot_token)
+    assert main(["-C", str(project), "slack", "test"]) == InfrastructureError.exit_code == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: Slack auth.test failed: cannot reach Slack at {url}: ") and "refused" in err.lower()
+
+
+def test_the_daemon_logs_a_refused_token_in_one_line_and_retries_until_slack_takes_it(
+    waiting: Context, slack: SlackApiServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="flywheel")
+    rotated = SlackTokens(bot_token="xoxb-rotated", app_token="", signing_secret=SECRET)
+    daemon = Daemon(waiting, slack_mode="http", port=0, tokens=rotated).start()  # Slack still knows the old token
+    try:
+        assert daemon.http is None and "not connected yet (retrying)" in daemon.describe_slack()
+        failures = slack.wait_for(lambda: [r for r in caplog.records if "retrying in" in r.getMessage()][1:], what="a retry")
+        assert all(r.levelname == "WARNING" and "\n" not in r.getMessage() and r.exc_info is None for r in failures)
+        assert "Slack refused the bot token (auth.test)" in failures[0].getMessage()
+        assert slack.messages() == []
+        with slack.state.lock:
+            slack.state.bot_token = rotated.bot_token  # the new token reaches Slack
+        [message] = slack.wait_for(slack.messages, what="the approval request after the retry")
+        assert message["blocks"][0]["text"]["text"] == "Approval needed: v2"
+        assert daemon.http is not None and any("slack: connected, http on" in r.getMessage() for r in caplog.records)
+    finally:
+        assert daemon.stop() == []
+
+
+def test_the_daemon_runs_on_with_slack_out_of_reach(project: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="flywheel")
+    url = _closed_port_url()
+    ctx = Context(settings=load_settings(project, slack={"channel": "#approvals", "api_url": url, "sync_interval_s": 0.2}))
+    daemon = Daemon(ctx, slack_mode="socket", tokens=TOKENS).start()
+    try:
+        lines = _wait_logged(caplog, "cannot reach Slack", 2)
+        assert lines[0] == f"slack: Slack auth.test failed: cannot reach Slack at {url}: Connection refused; retrying in 0.2 s"
+        assert daemon.scheduler.running and daemon.socket is None
+    finally:
+        assert daemon.stop() == []
+        ctx.close()
+
+
+def _wait_logged(caplog: pytest.LogCaptureFixture, text: str, count: int, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [r.getMessage() for r in caplog.records if text in r.getMessage()]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} log lines with {text!r}: {[r.getMessage() for r in caplog.records]}")

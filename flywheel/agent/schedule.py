@@ -11,6 +11,8 @@
 - A job calls `start_run(ctx, "schedule")` with the heuristic policy when no LLM endpoint is
   configured. A run that reaches an approval is posted to Slack at once; a sync job also posts every
   pending approval (whichever way in started the run) and closes requests answered elsewhere.
+- Slack unreachable or refusing never stops the daemon: one log line, a retry later (`_connect_slack`);
+  missing tokens or channel stop it at start, as they are the user's to fix.
 - SIGTERM/SIGINT stop it: no new firings, the Slack endpoint closes, and a running cycle gets
   daemon.shutdown_grace_s to finish; after that it is left to its checkpoint, resumable with
   `flywheel resume RUN`.
@@ -22,12 +24,13 @@ store URL while it runs, and the stored job carries only that key and the schedu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from flywheel.context import Context
@@ -40,6 +43,8 @@ log = logging.getLogger("flywheel.daemon")
 JOB_TABLE = "flywheel_scheduler_jobs"
 JOB_PREFIX = "schedule:"
 SYNC_JOB = "slack-sync"
+SLACK_CONNECT_JOB = "slack-connect"
+SLACK_RETRY_MAX_S = 300.0  # a failed Slack connection is retried after slack.sync_interval_s, doubling up to this
 FIRE_REF = "flywheel.agent.schedule:fire"
 DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
@@ -236,20 +241,23 @@ class Daemon:
         self._slack_workers: Any = None
         self._busy = threading.Lock()
         self._stop = threading.Event()
+        self._slack_tokens: Any = None
+        self._slack_lock = threading.Lock()
+        self._slack_retry_s = self.settings.slack.sync_interval_s
+        self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "Daemon":
         self.ctx.store  # noqa: B018 - open (and migrate) the store once, before threads share it
         if self.slack_mode != "off":
-            self._start_slack()
+            self._prepare_slack()
         with _targets_lock:
             _targets[target_key(self.settings)] = self._fire
         self.scheduler = build_scheduler(self.ctx, self.table)
         self.scheduler.start(paused=True)
         job_ids = sync_jobs(self.scheduler, self.settings)
         if self.slack is not None:
-            self.scheduler.add_job(self._sync_slack, "interval", seconds=self.settings.slack.sync_interval_s, id=SYNC_JOB,
-                                   jobstore="volatile", replace_existing=True, next_run_time=datetime.now(self.scheduler.timezone))
+            self._connect_slack(first=True)
         self.scheduler.resume()
         for job in self.scheduler.get_jobs(jobstore="default"):
             log.info("job %s: next run %s", job.id, job.next_run_time)
@@ -259,26 +267,63 @@ class Daemon:
     def describe_slack(self) -> str:
         if self.http is not None:
             return f"http on {self.http.url}"
-        return "socket mode" if self.socket is not None else "off"
+        if self.socket is not None:
+            return "socket mode"
+        return f"{self.slack_mode} mode, not connected yet (retrying)" if self.slack is not None else "off"
 
-    def _start_slack(self) -> None:
+    def _prepare_slack(self) -> None:
+        """What needs no network: tokens, channel, client. A mistake here stops the daemon at start."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from flywheel.agent.slack import SlackApprovals, SlackTokens, build_app, web_client
+        from flywheel.agent.slack import SlackApprovals, SlackTokens, web_client
+
+        self._slack_tokens = (self._tokens or SlackTokens.from_env()).require(self.slack_mode)
+        self.slack = SlackApprovals(self.ctx, web_client(self.settings, self._slack_tokens.bot_token))
+        self._slack_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker")
+
+    def _connect_slack(self, first: bool = False) -> None:
+        """Check the token with Slack and open the endpoint (HTTP) or the connection (Socket Mode); then
+        sync approvals on an interval. Slack unreachable or refusing the token (InfrastructureError) is
+        one log line and a retry later, backing off to SLACK_RETRY_MAX_S: scheduled cycles go on
+        meanwhile, and their approval requests are posted by the first sync after Slack answers. The
+        HTTP port taken at start (UserInputError) stops the daemon; after start, everything is retried."""
+        with self._slack_lock:
+            if self._stopping:
+                return
+            try:
+                self._open_slack()
+            except FlywheelError as exc:
+                if first and isinstance(exc, UserInputError):  # the HTTP port is taken: the user's to fix
+                    raise
+                delay = self._slack_retry_s
+                self._slack_retry_s = min(delay * 2, SLACK_RETRY_MAX_S)
+                log.warning("slack: %s; retrying in %g s", exc, delay)
+                self.scheduler.add_job(self._connect_slack, "date", run_date=datetime.now(self.scheduler.timezone) + timedelta(seconds=delay),
+                                       id=SLACK_CONNECT_JOB, jobstore="volatile", replace_existing=True)
+                return
+            if not first:
+                log.info("slack: connected, %s", self.describe_slack())
+            self.scheduler.add_job(self._sync_slack, "interval", seconds=self.settings.slack.sync_interval_s, id=SYNC_JOB,
+                                   jobstore="volatile", replace_existing=True, next_run_time=datetime.now(self.scheduler.timezone))
+
+    def _open_slack(self) -> None:
+        from flywheel.agent.slack import build_app
         from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 
-        tokens = (self._tokens or SlackTokens.from_env()).require(self.slack_mode)
-        self.slack = SlackApprovals(self.ctx, web_client(self.settings, tokens.bot_token))
-        self._slack_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker")
-        app = build_app(self.slack, tokens, self.slack_mode, executor=self._slack_workers)
+        tokens = self._slack_tokens
+        app = build_app(self.slack, tokens, self.slack_mode, executor=self._slack_workers)  # auth.test
         if self.slack_mode == "http":
             self.http = SlackHttpServer(app, tokens.signing_secret, self.settings.slack.http_host, self.port).start()
-        else:
-            self.socket = socket_mode_handler(app, tokens)
-            try:
-                self.socket.connect()
-            except Exception as exc:  # noqa: BLE001 - slack_sdk raises its own types; the user sees one line
-                raise InfrastructureError(f"cannot open the Slack Socket Mode connection: {str(exc).splitlines()[0]}") from exc
+            return
+        handler = socket_mode_handler(app, tokens)
+        try:
+            handler.connect()
+        except Exception as exc:  # noqa: BLE001 - slack_sdk raises its own types; the user sees one line
+            with contextlib.suppress(Exception):  # its threads go; the next attempt makes a new handler
+                handler.close()
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InfrastructureError(f"cannot open the Slack Socket Mode connection: {cause}") from exc
+        self.socket = handler
 
     def stop(self, grace_s: float | None = None) -> list[str]:
         """Stop firing, close Slack, give a running cycle `grace_s` (default daemon.shutdown_grace_s).
@@ -286,6 +331,8 @@ class Daemon:
         from flywheel.agent import runs
 
         grace = self.settings.daemon.shutdown_grace_s if grace_s is None else grace_s
+        with self._slack_lock:  # a connection attempt in flight finishes first; none starts after this
+            self._stopping = True
         with _targets_lock:
             if _targets.get(target_key(self.settings)) == self._fire:
                 del _targets[target_key(self.settings)]

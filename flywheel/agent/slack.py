@@ -6,6 +6,9 @@ Pieces, top to bottom:
 - `web_client(settings, token)`: slack_sdk's WebClient on `slack.api_url` (tests point it at a local
   stand-in). It does not retry a failed connection by itself: a chat.postMessage whose answer was lost
   may have been posted, and a blind retry would post twice. Rate limits are retried (nothing was posted).
+  Its failures become one line (`_api_error`): a refusal about the token, a scope or the channel is a
+  UserInputError saying what to fix; any other failure is an InfrastructureError.
+- `send_test_message`: `flywheel slack test`, one message to the channel.
 - `SlackApprovals`: the work, with no Bolt in it. `post` is idempotent (table `effects`, keyed by run id +
   version + report hash; a request whose post was cut off is found again by its message metadata in the
   channel's history, so a resume after a crash never posts twice). `decide` applies a click through
@@ -48,6 +51,9 @@ from flywheel.settings import Settings
 from flywheel.store.schema import effects
 
 log = logging.getLogger("flywheel.slack")
+# Bolt reads SLACK_BOT_TOKEN itself and warns, at every build_app, that the client passed to it wins:
+# the client holds that same token, so the warning only adds a misleading line to each daemon retry.
+log.addFilter(lambda record: "`token` will be unused" not in record.getMessage())
 
 POST_KIND, REQUEST_KIND = "slack_approval", "slack_request"
 POSTING, POSTED, CLOSED = "posting", "posted", "closed"
@@ -87,13 +93,65 @@ def web_client(settings: Settings, token: str) -> Any:
                      retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)])
 
 
-def _api_error(what: str, exc: Exception) -> InfrastructureError:
-    """One line: Slack's error code when it answered (`channel_not_found`), else what the client said."""
+_BAD_TOKEN = "SLACK_BOT_TOKEN was refused: use the app's Bot User OAuth Token (xoxb-...) of this workspace"
+# Slack answered, and the answer is about the token, its scopes or the channel: the user fixes a setting
+# (exit status 2). Any other failure is an InfrastructureError (exit status 4), retried by the daemon.
+_REFUSALS = {
+    "invalid_auth": _BAD_TOKEN,
+    "not_authed": _BAD_TOKEN,
+    "account_inactive": "the app's token belongs to a deactivated user or workspace; reinstall the app",
+    "token_revoked": "SLACK_BOT_TOKEN was revoked; reinstall the app and use its new token",
+    "token_expired": "SLACK_BOT_TOKEN expired; turn off token rotation or use a fresh token",
+    "not_allowed_token_type": "SLACK_BOT_TOKEN must be the bot token (xoxb-...), not an app-level or user token",
+    "missing_scope": "the bot token lacks a scope; add the scopes of docs/slack.md and reinstall the app",
+    "channel_not_found": "no such channel visible to the bot: check slack.channel and invite the bot to the channel",
+    "not_in_channel": "the bot is not a member of slack.channel: invite it there (/invite @flywheel)",
+    "is_archived": "slack.channel is archived: set a live channel",
+}
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong on the way to Slack, in a few words (`Connection refused`, `timed out`)."""
+    reason = getattr(exc, "reason", None)  # urllib's URLError wraps the socket's error
+    inner = reason if isinstance(reason, BaseException) else exc
+    text = getattr(inner, "strerror", None) or str(reason if isinstance(reason, str) else inner).strip()
+    return text.splitlines()[0] if text else type(inner).__name__
+
+
+def _api_error(what: str, exc: Exception, url: str = "") -> FlywheelError:
+    """One line: Slack's error code when it answered (`channel_not_found`, with what to do about a
+    refusal), else why it could not be reached."""
     response = getattr(exc, "response", None)
-    detail = response.get("error") if response is not None and hasattr(response, "get") else None
-    if not detail:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return InfrastructureError(f"Slack {what} failed: {detail}")
+    code = response.get("error") if response is not None and hasattr(response, "get") else None
+    if code in _REFUSALS:
+        needed = response.get("needed") if code == "missing_scope" else None
+        return UserInputError(f"Slack refused {what}: {code}{f' (needs {needed})' if needed else ''}: {_REFUSALS[code]}")
+    if code:
+        return InfrastructureError(f"Slack {what} failed: {code}")
+    where = f" at {url}" if url else ""
+    return InfrastructureError(f"Slack {what} failed: cannot reach Slack{where}: {_cause(exc)}")
+
+
+def send_test_message(settings: Settings, tokens: SlackTokens) -> str:
+    """Post one plain message to `slack.channel`: proves the token, the channel and the bot's place in
+    it before any approval depends on them. Returns the line `flywheel slack test` prints."""
+    if not tokens.bot_token:
+        raise UserInputError("SLACK_BOT_TOKEN is not set: export the app's Bot User OAuth Token (xoxb-...), see docs/slack.md")
+    channel = settings.slack.channel
+    if not channel:
+        raise SettingsError("slack.channel", "set the channel approval requests go to (a name like #approvals, or an id)")
+    client = web_client(settings, tokens.bot_token)
+    try:
+        who = client.auth_test()
+    except Exception as exc:  # noqa: BLE001 - slack_sdk and urllib raise their own types; the user sees one line
+        raise _api_error("auth.test", exc, client.base_url) from exc
+    text = f"flywheel test message from project {settings.project_dir.name}: approval requests will be posted here."
+    try:
+        answer = client.chat_postMessage(channel=channel, text=text, unfurl_links=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _api_error("chat.postMessage", exc, client.base_url) from exc
+    return (f"ok: posted to {channel} (channel {answer['channel']}, message {answer['ts']}) as {who.get('user')} "
+            f"in {who.get('team')}; slack.mode is {settings.slack.mode}")
 
 
 # --- table `effects`: claims and posted requests ----------------------------------------------------------------
@@ -385,6 +443,8 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
         )
     except BoltError as exc:
         raise InfrastructureError(f"Slack refused the bot token (auth.test): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - auth.test could not reach Slack (urllib's errors): one line
+        raise _api_error("auth.test", exc, getattr(approvals.client, "base_url", "")) from exc
 
     def ack_click(ack: Any, body: dict[str, Any], context: Any) -> None:
         ack()

@@ -66,8 +66,14 @@ def kb_add(
         )
         for line in summary.errors:
             err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+    problems = []
+    if summary.missing:
+        problems.append(f"{', '.join(summary.missing)} {'does' if len(summary.missing) == 1 else 'do'} not exist")
     if summary.errors:
-        raise UserInputError(f"{len(summary.errors)} bad entries skipped; the rest was added")
+        problems.append(f"{len(summary.errors)} bad {'entry' if len(summary.errors) == 1 else 'entries'} skipped")
+    if problems:
+        done = "the rest was added" if summary.sections else "nothing was added"
+        raise UserInputError(f"{'; '.join(problems)}; {done}")
 
 
 @kb_app.command("search")

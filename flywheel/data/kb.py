@@ -22,7 +22,8 @@ Two ways to set a section's intent and kind:
 Ids: an explicit JSONL "id" is used as given (re-adding it with new content updates that entry);
 otherwise the id is a hash of text, kind, intent and title, so re-adding a file adds nothing.
 A bad line or section is reported as `file:line: problem`, skipped, and the rest is still added;
-the command then exits non-zero.
+a path that does not exist is reported by name; the command then exits non-zero. docs/kb.md has the
+user's version of this.
 
 Metadata keys written (the KB corrector filters on them): `kind`, `intent` (absent when unknown),
 `title`, `source` (`file:line`).
@@ -94,6 +95,7 @@ class KbSummary(BaseModel):
     updated: int = 0
     unchanged: int = 0
     errors: list[str] = []  # "file:line: problem"
+    missing: list[str] = []  # paths given that do not exist: nothing was read from them
 
 
 # --- readers ----------------------------------------------------------------------------------------------
@@ -202,8 +204,11 @@ def read_markdown(path: Path, errors: list[str]) -> Iterator[KbEntry]:
 
 def read_file(path: Path, errors: list[str]) -> list[KbEntry]:
     """Every valid entry of one file; problems are appended to `errors` as `file:line: problem`."""
-    if not path.is_file():
+    if not path.exists():
         errors.append(f"{path}: no such file")
+        return []
+    if not path.is_file():
+        errors.append(f"{path}: not a file (a folder?); give the files in it")
         return []
     suffix = path.suffix.lower()
     try:
@@ -255,11 +260,15 @@ def add_entries(index: VectorIndex, entries: list[KbEntry], summary: KbSummary) 
 
 
 def add_files(index: VectorIndex, paths: list[Path | str]) -> KbSummary:
-    """Load Markdown and JSONL files into the "kb" collection. Bad entries land in `summary.errors`."""
+    """Load Markdown and JSONL files into the "kb" collection. Bad entries land in `summary.errors`,
+    paths that do not exist in `summary.missing` (the other files are still added)."""
     summary = KbSummary()
     entries: list[KbEntry] = []
     for raw in paths:
         path = Path(raw)
+        if not path.exists():  # a wrong path is not a bad entry: reported apart, by name
+            summary.missing.append(str(path))
+            continue
         summary.files += 1
         found = read_file(path, summary.errors)
         summary.sections += len(found)
