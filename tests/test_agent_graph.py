@@ -198,7 +198,8 @@ def test_training_budget_refuses_a_launch(project: Path, base: Path, tmp_path: P
     try:
         _evaluated_setup(ctx, base, tmp_path)
         model = scripted(calls(("build_dataset", {})), calls(("launch_training", {"dataset_id": "whatever"})), "no budget")
-        outcome = start_run(ctx, "chat", LLMPolicy(ctx.settings, model=model), message="train")
+        # a chat asks before building the dataset (tests/test_agent_chat.py); the person agrees
+        outcome = start_run(ctx, "chat", LLMPolicy(ctx.settings, model=model), message="train", confirm=lambda _plan: "yes")
         refusal = [m for m in model.seen[-1] if isinstance(m, ToolMessage)][-1]
         assert refusal.status == "error" and "training budget of this cycle is spent (0 run(s)" in refusal.content
         assert outcome.state == "done" and _count(ctx, jobs) == 0

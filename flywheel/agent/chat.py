@@ -3,8 +3,10 @@
 The chat is one agent run (trigger "chat"); each line the person types is a new request in it, so the
 conversation and the cycle's facts carry over between turns, and the whole chat can be listed and
 resumed like any run. Each step is printed as it happens (what the agent says, the tools it calls and
-what they return, progress of long steps). When the graph reaches an approval, the person is asked
-inline: approve, reject (with a reason) or leave it pending for `flywheel approve` or Slack.
+what they return, progress of long steps). Before the first costly step of a request (labels, a
+dataset, training) the manager says its plan and waits for a yes (flywheel.agent.plan). When the graph
+reaches an approval, the person is asked inline: approve, reject (with a reason) or leave it pending for
+`flywheel approve` or Slack.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.markup import escape
 from flywheel import approvals
 from flywheel.agent import runs
 from flywheel.agent.approval import Decision, PendingApproval
+from flywheel.agent.plan import ProposedPlan
 from flywheel.agent.policies import Policy, choose_policy
 from flywheel.agent.runner import AgentEvent, RunOutcome, new_run_id, send_message, start_run
 from flywheel.context import Context
@@ -66,6 +69,16 @@ class TerminalView:
             out.print(f"  [dim]{escape(reason)}[/]")
         out.print(f"  report: {escape(pending.report_html or pending.report_json)} (hash {pending.report_hash[:12]})")
 
+    def confirm(self, plan: ProposedPlan) -> str | None:
+        """The plan, said as the manager, and the person's answer (None when nobody can answer)."""
+        self.console.print(f"[bold cyan]flywheel[/] {escape(plan.text)}")
+        if self.read is None:
+            return None
+        try:
+            return self.read("yes/no> ")
+        except EOFError:
+            return None
+
     def ask(self, pending: PendingApproval) -> Decision | None:
         """The inline prompt: approve, reject with a reason, or leave it pending."""
         self.show_pending(pending)
@@ -107,9 +120,11 @@ class ChatSession:
     def send(self, text: str) -> RunOutcome:
         if self.run_id is None:
             self.run_id = new_run_id()
-            self.last = start_run(self.ctx, "chat", self.policy, message=text, ask=self.view.ask, on_event=self.view.on_event, run_id=self.run_id)
+            self.last = start_run(self.ctx, "chat", self.policy, message=text, ask=self.view.ask, on_event=self.view.on_event,
+                                  run_id=self.run_id, confirm=self.view.confirm)
         else:
-            self.last = send_message(self.ctx, self.run_id, text, self.policy, ask=self.view.ask, on_event=self.view.on_event)
+            self.last = send_message(self.ctx, self.run_id, text, self.policy, ask=self.view.ask, on_event=self.view.on_event,
+                                     confirm=self.view.confirm)
         if self.last.state == runs.FAILED:
             self.view.console.print(f"[red]{escape(self.last.error or 'failed')}[/]")
         return self.last

@@ -1,9 +1,11 @@
-"""The supervisor graph: supervisor -> tools -> (approval -> promotion) ... as a LangGraph StateGraph.
+"""The supervisor graph: supervisor -> (plan) -> tools -> (approval -> promotion) ... as a LangGraph StateGraph.
 
     START -> supervisor --(tool calls)--> tools --(a candidate passed its gate)--> approval --> promotion -> END
                  ^    \\--(text, or a limit)--> END       |                           |  ^
                  |                                      v                           v  | (answer refused)
                  +------------------------------------ supervisor <----(nothing to decide)
+
+    In a chat, a first costly call goes supervisor -> plan -> tools (yes) or plan -> END (anything else).
 
 `build_graph(settings, policy, tools)` returns the graph uncompiled; the caller compiles it with a
 checkpointer (flywheel.agent.runner.open_checkpointer: SQLite by default, PostgreSQL when the store is)
@@ -11,6 +13,9 @@ and runs it with `durability="sync"`, so every step is on disk before the next o
 
 - supervisor: the policy's next message (tool calls or text). Stops at the step limit and, for the LLM
   policy, at the LLM-call budget (settings.agent).
+- plan: in a chat only, before the first costly call of a request (labels, a dataset, training), pauses
+  with `interrupt(ProposedPlan)` until the person says yes; anything else ends the request with nothing
+  started (flywheel.agent.plan). Runs started to run a cycle (run, schedule, demo, api) never pass here.
 - tools: runs the requested calls through the registry. A call the model got wrong (unknown tool,
   unknown or invalid argument, an id that names nothing, a gate or policy refusal, a failed job) goes
   back to it as a ToolMessage. An InfrastructureError stops the run; the step is not saved, so resuming
@@ -43,6 +48,7 @@ from pydantic import ValidationError
 
 from flywheel import registry
 from flywheel.agent import approval as approval_rules
+from flywheel.agent import plan as plan_rules
 from flywheel.agent import runs
 from flywheel.agent.policies import Policy
 from flywheel.agent.state import AgentState
@@ -50,7 +56,7 @@ from flywheel.errors import InfrastructureError, JobFailed, PolicyViolation, Too
 from flywheel.settings import Settings
 from flywheel.tools.registry import PROGRESS_KEY, ToolRegistry, render_result
 
-NODES = ("supervisor", "tools", "approval", "promotion")
+NODES = ("supervisor", "plan", "tools", "approval", "promotion")
 PAUSE_ENV, PAUSE_FILE_ENV = "FLYWHEEL_TEST_PAUSE_AT", "FLYWHEEL_TEST_PAUSE_FILE"
 # Mistakes of the caller: they go back to the model as observations (ARCHITECTURE principle 6).
 MODEL_ERRORS = (ToolInputError, UserInputError, PolicyViolation, JobFailed, ValidationError)
@@ -127,7 +133,19 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
         last = _last_ai(state)
         if state.get("stop_reason") or last is None:
             return END
-        return "tools" if (last.tool_calls or last.invalid_tool_calls) else END
+        if not (last.tool_calls or last.invalid_tool_calls):
+            return END
+        return "plan" if plan_rules.needs_plan(state) else "tools"
+
+    def plan(state: AgentState) -> dict[str, Any]:
+        proposal = plan_rules.propose(ctx, run_id_of(state), state)
+        answer = interrupt(proposal.model_dump(mode="json"))
+        if plan_rules.accepted(answer):
+            return {"cycle": {"plan_accepted": True}}
+        return plan_rules.declined(state, answer)
+
+    def after_plan(state: AgentState) -> str:
+        return "tools" if (state.get("cycle") or {}).get("plan_accepted") else END
 
     def tool_node(state: AgentState) -> dict[str, Any]:
         return run_tool_calls(state, tools, settings)
@@ -182,11 +200,13 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
 
     graph = StateGraph(AgentState)
     graph.add_node("supervisor", supervisor)
+    graph.add_node("plan", plan)
     graph.add_node("tools", tool_node)
     graph.add_node("approval", approval)
     graph.add_node("promotion", promotion)
     graph.add_edge(START, "supervisor")
-    graph.add_conditional_edges("supervisor", after_supervisor, ["tools", END])
+    graph.add_conditional_edges("supervisor", after_supervisor, ["plan", "tools", END])
+    graph.add_conditional_edges("plan", after_plan, ["tools", END])
     graph.add_conditional_edges("tools", after_tools, ["approval", "supervisor"])
     graph.add_conditional_edges("approval", after_approval, ["promotion", "approval", "supervisor"])
     graph.add_edge("promotion", END)

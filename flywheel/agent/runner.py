@@ -36,6 +36,7 @@ from flywheel import approvals, registry
 from flywheel.agent import runs
 from flywheel.agent.approval import Decision, PendingApproval
 from flywheel.agent.graph import build_graph
+from flywheel.agent.plan import ProposedPlan, is_plan
 from flywheel.agent.policies import Policy, choose_policy
 from flywheel.agent.state import TRIGGERS, new_request
 from flywheel.context import Context
@@ -47,6 +48,7 @@ from flywheel.tools.registry import build_tools
 CHECKPOINT_FILE = "checkpoints.sqlite"
 MAX_ASKS = 3  # times one drive asks for a decision before leaving the approval pending
 Ask = Callable[[PendingApproval], Decision | None]
+Confirm = Callable[[ProposedPlan], str | None]  # the person's answer to a chat's plan; None: nobody to ask
 
 
 @dataclass
@@ -54,7 +56,7 @@ class AgentEvent:
     """One thing worth showing while a run goes: the agent said something, called a tool, got a result,
     a long step made progress, an approval is needed, a decision was applied."""
 
-    kind: str  # say | call | result | progress | approval | outcome | stopped
+    kind: str  # say | call | result | progress | plan | approval | outcome | stopped
     text: str
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +128,10 @@ def _events(mode: str, chunk: Any) -> Iterator[AgentEvent]:
         return
     for node, update in (chunk or {}).items():
         if node == "__interrupt__":
+            plans = [i.value for i in update if is_plan(getattr(i, "value", None))]
+            if plans:
+                yield AgentEvent("plan", str(plans[0]["text"]), plans[0])
+                continue
             yield AgentEvent("approval", "waiting for a decision", {"interrupts": [getattr(i, "value", i) for i in update]})
             continue
         if not isinstance(update, dict):
@@ -152,7 +158,8 @@ def _last_said(values: dict[str, Any]) -> str:
     return ""
 
 
-def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask | None, on_event: OnEvent | None) -> RunOutcome:
+def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask | None, on_event: OnEvent | None,
+           confirm: Confirm | None = None) -> RunOutcome:
     """Stream the graph until it ends or waits for a decision nobody here gives; keep `runs` in step."""
     settings, store = ctx.settings, ctx.store
     emit = on_event or (lambda _event: None)
@@ -178,6 +185,11 @@ def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask
                 raise
             snapshot = graph.get_state(config)
             values = snapshot.values or {}
+            if snapshot.interrupts and is_plan(snapshot.interrupts[0].value):
+                # A chat's plan is answered here and now: without anyone to ask, the answer is no.
+                plan = ProposedPlan.model_validate(snapshot.interrupts[0].value)
+                graph_input = Command(resume={"answer": confirm(plan) if confirm is not None else None})
+                continue
             if snapshot.interrupts:
                 pending = PendingApproval.model_validate(snapshot.interrupts[0].value)
                 runs.update_run(store, run_id, state=runs.WAITING, pending=pending.model_dump(mode="json"), summary=_summary(values))
@@ -236,12 +248,14 @@ def start_run(
     ask: Ask | None = None,
     on_event: OnEvent | None = None,
     run_id: str | None = None,
+    confirm: Confirm | None = None,
 ) -> RunOutcome:
     """Start one run: an autonomous improvement cycle (trigger run, schedule, demo) or a first request.
 
     `policy`: a name (auto, heuristic, llm) or a Policy; default settings.agent.policy. `yes` approves
     at the approval as the local user; otherwise `ask` may answer, and without either the run stops
-    there, pending. Refuses to start a second autonomous run while one is running."""
+    there, pending. `confirm` answers a chat's plan before its first costly step (no answer: nothing
+    starts); other triggers are never asked. Refuses to start a second autonomous run while one is running."""
     if trigger not in TRIGGERS:
         raise UserInputError(f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}")
     if trigger != "chat" and run_in_progress(ctx):
@@ -250,17 +264,18 @@ def start_run(
     chosen = policy if policy is not None and not isinstance(policy, str) else choose_policy(ctx.settings, policy)
     run_id = run_id or new_run_id()
     runs.create_run(ctx.store, run_id, trigger, chosen.name)
-    return _drive(ctx, run_id, new_request(run_id, trigger, message), chosen, auto_approve if yes else ask, on_event)
+    return _drive(ctx, run_id, new_request(run_id, trigger, message), chosen, auto_approve if yes else ask, on_event, confirm)
 
 
-def send_message(ctx: Context, run_id: str, text: str, policy: Policy, *, ask: Ask | None = None, on_event: OnEvent | None = None) -> RunOutcome:
+def send_message(ctx: Context, run_id: str, text: str, policy: Policy, *, ask: Ask | None = None, on_event: OnEvent | None = None,
+                 confirm: Confirm | None = None) -> RunOutcome:
     """A new request in an existing run (the next turn of a chat)."""
     run = runs.get_run(ctx.store, run_id)
     # A failed or interrupted step must finish first (resume_run): a new request would leave it behind.
     if not runs.claim_run(ctx.store, run_id, [runs.DONE, runs.STOPPED]):
         hint = "answer its approval first" if run.state == runs.WAITING else f"resume it first (flywheel resume {run_id})"
         raise UserInputError(f"run {run_id} is {run.state}; {hint}")
-    return _drive(ctx, run_id, new_request(run_id, run.trigger, text), policy, ask, on_event)
+    return _drive(ctx, run_id, new_request(run_id, run.trigger, text), policy, ask, on_event, confirm)
 
 
 def resume_run(
@@ -271,6 +286,7 @@ def resume_run(
     ask: Ask | None = None,
     on_event: OnEvent | None = None,
     policy: str | Policy | None = None,
+    confirm: Confirm | None = None,
 ) -> RunOutcome:
     """Continue a run that was stopped, failed or interrupted (re-running the step it was in), or show
     a pending approval again (`yes`/`ask` may answer it). A run stopped by a limit continues with fresh
@@ -287,7 +303,7 @@ def resume_run(
     graph_input: Any = None
     if run.state == runs.STOPPED:
         graph_input = {"steps": 0, "llm_calls": 0, "stop_reason": None}
-    return _drive(ctx, run_id, graph_input, chosen, auto_approve if yes else ask, on_event)
+    return _drive(ctx, run_id, graph_input, chosen, auto_approve if yes else ask, on_event, confirm)
 
 
 def waiting_run(ctx: Context, run_id_or_version: str) -> runs.RunRow | None:

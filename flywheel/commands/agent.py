@@ -88,7 +88,8 @@ def resume_command(
     c = context(ctx)
     may_ask = _interactive() and not as_json
     view = _view(c, as_json, may_ask)
-    outcome = resume_run(c, run_id, yes=yes, ask=view.ask if may_ask else None, on_event=None if as_json else view.on_event)
+    outcome = resume_run(c, run_id, yes=yes, ask=view.ask if may_ask else None, on_event=None if as_json else view.on_event,
+                         confirm=view.confirm if may_ask else None)  # a chat stopped at its plan asks again
     _finish(outcome, view, as_json)
 
 
