@@ -56,7 +56,6 @@ def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int) -> S
             "intent_max_ratio": 0.2,
             "replay_min_share": 0.3,
             "replay_max_share": 0.6,
-            "production_replay_rows": 1000,
             "heldout_ratio": 0.1,
             "seed": seed,
         },
