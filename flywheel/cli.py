@@ -19,6 +19,22 @@ from flywheel.settings import CONFIG_FILE, load_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="flywheel: an autonomous training manager for LLM agents in production.")
 err_console = Console(stderr=True)
 
+# Rich cuts output that is not a terminal to 80 columns, which truncates ids and intent names in tables
+# a person pipes to a file or grep. Piped output gets $COLUMNS when set, else this: tables still take only
+# the width their content needs.
+PIPED_WIDTH = 1000
+
+
+def out_console(*, stderr: bool = False, soft_wrap: bool = False) -> Console:
+    """A command's console, built per call so that a redirected stdout (tests, pipes) is the one written
+    to; full width when piped (PIPED_WIDTH)."""
+    import os
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS") or PIPED_WIDTH)
+    return Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, width=width)
+
 # typer 0.29 vendors click as typer._click; older typers use click itself. Catch both kinds.
 try:
     from typer._click.exceptions import ClickException as _TyperClickException

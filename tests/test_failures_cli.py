@@ -297,3 +297,21 @@ def test_commands_outside_a_project_refuse_and_create_nothing(tmp_path: Path, mo
     assert run(capsys, empty, "init")[0] == 0
     code, out, _ = run(capsys, empty, "failures", "--json")
     assert code == 0 and json.loads(out) == []
+
+
+def test_piped_tables_are_not_cut_to_80_columns(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output that is not a terminal (a pipe, a file, capsys) keeps whole ids and names in tables."""
+    from rich.table import Table
+
+    from flywheel.cli import PIPED_WIDTH, out_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long_intent = "card_payment_not_recognised_" + "x" * 120
+    table = Table("id", "intent")
+    table.add_row("f-0123456789ab", long_intent)
+    console = out_console()
+    assert console.width == PIPED_WIDTH
+    console.print(table)
+    assert long_intent in capsys.readouterr().out
+    monkeypatch.setenv("COLUMNS", "132")
+    assert out_console().width == 132

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flywheel.cli import app, context
+from flywheel.cli import app, context, out_console
 from flywheel.errors import InfrastructureError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
@@ -28,7 +28,7 @@ YesFlag = Annotated[bool, typer.Option("--yes", "-y", help="approve a candidate 
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return out_console(soft_wrap=True)
 
 
 def _echo_json(obj: Any) -> None:

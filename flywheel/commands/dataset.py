@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel.jsonl import json_objects
-from flywheel.cli import app, context, err_console
+from flywheel.cli import app, context, err_console, out_console
 from flywheel.errors import NotFoundError, UserInputError
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Build, list and show versioned dataset snapshots.")
@@ -25,7 +25,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of ta
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return out_console(soft_wrap=False)
 
 
 def _echo_json(obj: Any) -> None:

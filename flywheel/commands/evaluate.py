@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flywheel import registry
-from flywheel.cli import app, context, err_console
+from flywheel.cli import app, context, err_console, out_console
 from flywheel.context import Context
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.evals.gate import SET_LABELS, GateResult
@@ -27,7 +27,7 @@ GATE_FAILED_EXIT = 1
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return out_console(soft_wrap=False)
 
 
 # --- resolving what to evaluate -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.cli import app, context, err_console
+from flywheel.cli import app, context, err_console, out_console
 from flywheel.errors import UserInputError
 from flywheel.records import FailureStatus, FailureView, SampleTier
 from flywheel.settings import SEVERITIES
@@ -32,8 +32,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a 
 
 
 def _out() -> Console:
-    # Built per call so that a redirected stdout (tests, pipes) is the one written to.
-    return Console(highlight=False, soft_wrap=True)  # long logged text is not hard-wrapped: it copies whole
+    return out_console(soft_wrap=True)  # long logged text is not hard-wrapped: it copies whole
 
 
 def _echo_json(obj: Any) -> None:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel import approvals, canary, graduation, registry
-from flywheel.cli import app, context
+from flywheel.cli import app, context, out_console
 from flywheel.errors import PolicyViolation, UserInputError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
@@ -32,7 +32,7 @@ app.add_typer(baseline_app, name="baseline")
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return out_console(soft_wrap=False)
 
 
 def _echo_json(obj: Any) -> None:

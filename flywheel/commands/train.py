@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flywheel.cli import app, context, err_console
+from flywheel.cli import app, context, err_console, out_console
 from flywheel.errors import UserInputError
 
 jobs_app = typer.Typer(no_args_is_help=False, help="Training jobs: list, show, logs, resume, cancel.")
@@ -27,7 +27,7 @@ WaitFlag = Annotated[bool, typer.Option("--wait/--no-wait", help="stream progres
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return out_console(soft_wrap=True)
 
 
 def _echo_json(obj: Any) -> None:
