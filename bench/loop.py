@@ -74,7 +74,9 @@ def pack_label(name: str) -> str:
 def item_outcomes(report_json: Path, role: str = "candidate", set_name: str = "test") -> dict[str, bool]:
     """Item id -> passed (no finding, no error) for one model on one set of an eval report."""
     report = json.loads(report_json.read_text(encoding="utf-8"))
-    return {o["id"]: not (o.get("findings") or []) and not o.get("error") for o in report[f"{role}_metrics"][set_name]["outcomes"]}
+    from flywheel.evals.metrics import outcome_passed
+
+    return {o["id"]: outcome_passed(o) for o in report[f"{role}_metrics"][set_name]["outcomes"]}
 
 
 def run_one(pack: str, folder: Path | None, seed: int, strategy: str, quick: bool, workdir: Path) -> dict[str, Any]:
@@ -146,15 +148,6 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 6) + 0.0
 
 
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (ties dropped); with 3 seeds it cannot go below 0.25."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def paired_t(diffs: list[float]) -> dict[str, Any]:
     """Mean difference, its standard error, t and the two-sided p-value over the seeds (3 seeds: 2 df)."""
     n = len(diffs)
@@ -176,7 +169,7 @@ def paired_t(diffs: list[float]) -> dict[str, Any]:
 
 def against_random(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], strategy: str) -> dict[str, Any]:
     """`strategy` against random on one pack: per-seed paired differences and the pooled item-level test."""
-    from flywheel.evals.metrics import mcnemar
+    from flywheel.evals.metrics import mcnemar, sign_test_p
 
     diffs: dict[str, float] = {}
     random_ok: list[bool] = []
@@ -202,7 +195,7 @@ def against_random(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int]
         "beat_random": wins,
         "lost_to_random": losses,
         "tied": len(values) - wins - losses,
-        "sign_test_p": sign_test(wins, losses),
+        "sign_test_p": sign_test_p(wins, losses),  # ties dropped; with 3 seeds never below 0.25
         # random's candidate -> this strategy's candidate on the same test items, summed over seeds:
         # fixed = items random failed and this strategy passed, broken = the other way
         "pooled_mcnemar": ({**pooled.model_dump(), "change": _r(pooled.change)} if pooled is not None else None),

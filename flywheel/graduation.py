@@ -28,6 +28,7 @@ from sqlalchemy import Connection, select
 
 from flywheel import registry
 from flywheel.errors import NotFoundError, UserInputError
+from flywheel.evals.metrics import outcome_passed
 from flywheel.records import Failure, FailureStatus, Record, SampleTier
 from flywheel.settings import Settings
 from flywheel.store.db import Store
@@ -244,7 +245,7 @@ def outcomes_from_report(report: Mapping[str, Any]) -> dict[str, bool]:
         metrics = per_set.get(set_name)
         for outcome in metrics.get("outcomes", []) if isinstance(metrics, Mapping) else []:
             if isinstance(outcome, Mapping) and "id" in outcome:
-                found[str(outcome["id"])] = not outcome.get("findings") and not outcome.get("error")
+                found[str(outcome["id"])] = outcome_passed(outcome)
     if not found:
         raise UserInputError("the report holds no per-item outcomes for the problem or baseline set")
     return found

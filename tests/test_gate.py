@@ -223,3 +223,19 @@ def test_every_failure_reason_at_once() -> None:
     assert {c.kind for c in result.failed_checks} == {"targeted", "problem_type", "intent", "baseline", "new_severity"}
     n_failed = len(result.failed_checks)
     assert result.reasons[:n_failed] == [c.reason for c in result.checks if not c.passed]
+
+
+def test_mcnemar_is_the_exact_sign_test_on_the_items_that_changed() -> None:
+    from flywheel.evals.metrics import mcnemar, outcome_passed, sign_test_p
+
+    # 51 items fixed, 3 broken, 546 unchanged: only the 54 that changed count
+    result = mcnemar([False] * 51 + [True] * 3 + [True] * 546, [True] * 51 + [False] * 3 + [True] * 546)
+    assert (result.fixed, result.broken, result.n, result.after - result.before) == (51, 3, 600, 48)
+    assert result.p_value == sign_test_p(51, 3) == pytest.approx(2.9188e-12, rel=1e-3)
+    assert sign_test_p(0, 3) == 0.25 and sign_test_p(0, 0) == 1.0 and sign_test_p(2, 2) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
+    wrong = {"id": "a", "findings": [{"problem_type": "wrong_intent"}]}
+    assert outcome_passed({"id": "b", "findings": []}) and not outcome_passed(wrong)
+    assert outcome_passed(wrong, "over_promise") and not outcome_passed(wrong, "wrong_intent")
+    assert not outcome_passed({"id": "c", "findings": [], "error": "timeout"}, "over_promise")

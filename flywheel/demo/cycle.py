@@ -46,7 +46,6 @@ class TruthLabeller:
         self.answers = answers
         self.rules = RuleJudge(ctx.settings)
         self.asked = 0
-        self.written = 0
 
     def label(self, requests: Sequence[LabelRequest]) -> dict[str, dict[str, Any]]:
         ids = [r.failure_id for r in requests]
@@ -63,9 +62,8 @@ class TruthLabeller:
             right, request = self.truth[iid], shown[fid]
             if request.intent == right and not self.rules.check_answer(request.logged_answer):
                 out[fid] = {"fine": True}
-            elif book is not None and self.answers is not None and book.for_intent(right) is None and right in self.answers:
+            elif self.answers is not None and right in self.answers and book is not None and book.for_intent(right) is None:
                 out[fid] = {"intent": right, "answer": self.answers[right]}
-                self.written += 1
             else:
                 out[fid] = {"intent": right}
         return out

@@ -27,7 +27,7 @@ from flywheel.demo.cycle import CanaryTraffic, TruthLabeller
 from flywheel.demo.pack import DemoPack, approved_replies, load_pack
 from flywheel.demo.setup import FULL, QUICK, DemoSize, build_production_model, serve_traffic, write_project, write_test_set
 from flywheel.errors import UserInputError
-from flywheel.evals.metrics import Paired, mcnemar
+from flywheel.evals.metrics import Paired, mcnemar, outcome_passed
 from flywheel.registry import register_base, resolve
 from flywheel.trainer.models import LocalModel
 
@@ -80,7 +80,8 @@ def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize
     ctx = Context(settings=settings)
     test_rows = pack.test if not size.test else pack.test[:: max(1, len(pack.test) // size.test)][: size.test]
     write_test_set(Path(settings.eval.test_set), test_rows)
-    say(f"data: {pack.name}: {len(pack.intents)} intents, {len(pack.train)} train rows, fixed test set {len(test_rows)} rows from test.csv")
+    repeats = f" ({pack.train_repeats_dropped} repeating a test row left out)" if pack.train_repeats_dropped else ""
+    say(f"data: {pack.name}: {len(pack.intents)} intents, {len(pack.train)} train rows{repeats}, fixed test set {len(test_rows)} rows from test.csv")
 
     model_dir, traffic, _info = build_production_model(workdir, pack, size, options.seed, say)
     champion = register_base(ctx.store, str(model_dir), notes="production model before flywheel")
@@ -189,16 +190,10 @@ def paired_tests(report: dict[str, Any], set_name: str = "test") -> dict[str, Pa
     ids = sorted(set(champion) & set(candidate))
     types = sorted(report["champion_metrics"][set_name]["problem_rates"])
 
-    def ok(outcome: dict[str, Any], problem_type: str | None) -> bool:
-        findings = outcome.get("findings") or []
-        if outcome.get("error"):
-            return False
-        return not findings if problem_type is None else all(f["problem_type"] != problem_type for f in findings)
+    def paired(problem_type: str | None) -> Paired:
+        return mcnemar([outcome_passed(champion[i], problem_type) for i in ids], [outcome_passed(candidate[i], problem_type) for i in ids])
 
-    out = {"task_success": mcnemar([ok(champion[i], None) for i in ids], [ok(candidate[i], None) for i in ids])}
-    for name in types:
-        out[name] = mcnemar([ok(champion[i], name) for i in ids], [ok(candidate[i], name) for i in ids])
-    return out
+    return {"task_success": paired(None), **{name: paired(name) for name in types}}
 
 
 def _state(outcome: Any, promoted: str | None) -> str:

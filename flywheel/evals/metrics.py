@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -67,19 +68,32 @@ class Paired(BaseModel):
         return (self.after - self.before) / self.n if self.n else 0.0
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial (sign) test of `wins` against `losses` at even odds; 1.0 with none of either."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def outcome_passed(outcome: Mapping[str, Any], problem_type: str | None = None) -> bool:
+    """Whether one item of an eval report's `outcomes` passed: no error and no finding at all, or with
+    `problem_type`, no finding of that type."""
+    if outcome.get("error"):
+        return False
+    findings = outcome.get("findings") or []
+    return not findings if problem_type is None else all(f["problem_type"] != problem_type for f in findings)
+
+
 def mcnemar(before_ok: Sequence[bool], after_ok: Sequence[bool]) -> Paired:
-    """McNemar's exact test over paired outcomes (True: the item passed)."""
+    """McNemar's exact test over paired outcomes (True: the item passed): the sign test on the items
+    whose outcome changed."""
     if len(before_ok) != len(after_ok):
         raise ValueError("paired outcomes must have the same length")
     fixed = sum(1 for b, a in zip(before_ok, after_ok) if not b and a)
     broken = sum(1 for b, a in zip(before_ok, after_ok) if b and not a)
-    discordant = fixed + broken
-    if discordant == 0:
-        p_value = 1.0
-    else:
-        tail = sum(math.comb(discordant, k) for k in range(min(fixed, broken) + 1)) / 2**discordant
-        p_value = min(1.0, 2 * tail)
-    return Paired(n=len(before_ok), before=sum(before_ok), after=sum(after_ok), fixed=fixed, broken=broken, p_value=p_value)
+    return Paired(n=len(before_ok), before=sum(before_ok), after=sum(after_ok), fixed=fixed, broken=broken, p_value=sign_test_p(fixed, broken))
 
 
 class Metric(BaseModel):

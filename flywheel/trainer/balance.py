@@ -219,8 +219,8 @@ def boundary_neighbours(problems: Sequence[Sample], replay: Sequence[Sample], em
 
     A correction that teaches "this request is T" also moves every request that looks like it towards T,
     including those that really are a neighbouring intent N the model used to get right. Replaying those
-    N rows, the ones nearest the corrections, teaches the boundary from both sides; replay drawn by
-    intent alone rarely picks them (measured in bench/loop.py)."""
+    N rows, the ones nearest the corrections, is meant to teach the boundary from both sides. Measured
+    against per-intent replay on the 40-intent demo pack it made no difference (docs/learning.md)."""
     if not problems or not replay or k <= 0:
         return {}
     import numpy as np
@@ -317,7 +317,7 @@ def mix_replay(
         if embed is None:
             raise ValueError('replay_strategy "boundary" needs an embedding function')
         near = boundary_neighbours(problems, eligible, embed, boundary_k)
-    boundary = Counter({eligible[i].intent: 0 for i in near})
+    boundary: Counter[str] = Counter()
     for i, n in near.items():
         boundary[eligible[i].intent] += n
     # Draw order: rows nearest a new boundary, then rows a person confirmed, then by tier weight.
