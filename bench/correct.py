@@ -30,7 +30,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 from openai_server import ChatRequest, OpenAIServer  # noqa: E402
 
 from flywheel.context import Context  # noqa: E402
-from flywheel.data.correct import correct_failures  # noqa: E402
+from flywheel.correct.stage import correct_failures  # noqa: E402
 from flywheel.data.kb import KbEntry, KbSummary, add_entries  # noqa: E402
 from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals, Verdict  # noqa: E402
 from flywheel.settings import load_settings  # noqa: E402

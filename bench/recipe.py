@@ -37,9 +37,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from flywheel.evals.gate import TEST, evaluate_gate  # noqa: E402
 from flywheel.evals.metrics import SetMetrics  # noqa: E402
 from flywheel.evals.runner import build_judge, evaluate_model, load_test_set, test_set_path  # noqa: E402
-from flywheel.settings import Settings, TrainSettings, load_settings  # noqa: E402
+from flywheel.inference.local_model import LocalModel  # noqa: E402
+from flywheel.settings import Settings, load_settings  # noqa: E402
+from flywheel.settings_sections import TrainSettings  # noqa: E402
 from flywheel.trainer import recipes  # noqa: E402
-from flywheel.trainer.models import LocalModel  # noqa: E402
 
 EXTRA_KEYS = {"replay"}
 

@@ -131,7 +131,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def prepare_project(folder: Path) -> str:
-    from flywheel import registry
+    from flywheel.release import registry
     from flywheel.serve import keys
     from flywheel.settings import load_settings
     from flywheel.store.db import open_store

@@ -1,6 +1,6 @@
 """LLM plumbing shared by the judge, the corrector, the verifier and the supervisor's LLM policy.
 
-Two things live here:
+Three things live here:
 
 * `chat_model(settings, model_name)`: a langchain-openai `ChatOpenAI` for the configured
   OpenAI-compatible endpoint. Its own retries are off (`max_retries=0`) because `run_bounded` retries,
@@ -9,11 +9,15 @@ Two things live here:
   async client process-wide, which breaks on the second `asyncio.run`).
 
 * `run_bounded(items, fn, limits)`: calls `fn(item)` for every item with at most
-  `limits.max_in_flight` calls at once, retrying transient errors (429 honouring Retry-After, 408,
-  5xx, timeouts, connection errors) with exponential backoff and jitter. Other errors (a 400, a bug,
-  an unparsable answer the caller chose to raise) are not retried. Every item comes back, in input
-  order, as an `ItemResult`: its value, or its error in one line. Nothing is lost.
-  `run_bounded_sync` is the same for synchronous callers.
+  `limits.max_in_flight` calls at once (an asyncio.Semaphore), retrying transient errors (429 honouring
+  Retry-After, 408, 5xx, timeouts, connection errors) with tenacity: exponential backoff with jitter,
+  or the server's Retry-After. Other errors (a 400, a bug, an unparsable answer the caller chose to
+  raise) are not retried. Every item comes back, in input order, as an `ItemResult`: its value, or its
+  error in one line. Nothing is lost. `run_bounded_sync` is the same for synchronous callers.
+
+* `ask_until_valid(model, messages, retries, parse, describe, what)`: the one "re-ask until the reply
+  parses" loop the judge, the corrector and the verifier share. It re-asks for unusable replies only;
+  endpoint errors propagate to `run_bounded`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ import email.utils
 import inspect
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
 
 from flywheel.errors import SettingsError
 
@@ -212,24 +223,33 @@ async def _threaded(fn: Callable[[T], Any], item: T) -> Any:
 
 async def _run_one(index: int, item: T, fn: Callable[[T], Any], limits: Limits, sleep: Callable[[float], Awaitable[Any]], rng: random.Random) -> ItemResult:
     result: ItemResult = ItemResult(index=index, item=item)
-    for attempt in range(limits.retries + 1):
-        result.attempts = attempt + 1
-        try:
-            value = await _attempt(fn, item, limits.timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes this item's record
-            retryable, retry_after = classify(exc)
-            result.error, result.error_type, result.transient, result.exception = one_line(exc), type(exc).__name__, retryable, exc
-            if isinstance(exc, asyncio.TimeoutError) and not str(exc):
-                result.error = f"TimeoutError: no answer within {limits.timeout_s:g} s"
-            if not retryable or attempt == limits.retries:
-                return result
-            await sleep(limits.backoff(attempt + 1, retry_after, rng))
-            continue
-        result.value, result.error, result.error_type, result.transient, result.exception = value, None, None, False, None
-        return result
-    return result  # pragma: no cover - the loop always returns
+
+    async def attempt() -> Any:
+        result.attempts += 1
+        return await _attempt(fn, item, limits.timeout_s)
+
+    def wait(state: RetryCallState) -> float:
+        if state.attempt_number > limits.retries:  # the last attempt: stop_after_attempt ends it, no wait follows
+            return 0.0
+        exc = state.outcome.exception() if state.outcome is not None else None
+        return limits.backoff(state.attempt_number, classify(exc)[1] if exc is not None else None, rng)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: classify(exc)[0]),
+        stop=stop_after_attempt(limits.retries + 1),
+        wait=wait,
+        sleep=sleep,
+        reraise=True,  # the last error itself, not tenacity's RetryError
+    )
+    try:
+        result.value = await retrying(attempt)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error becomes this item's record
+        result.error, result.error_type, result.transient, result.exception = one_line(exc), type(exc).__name__, classify(exc)[0], exc
+        if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+            result.error = f"TimeoutError: no answer within {limits.timeout_s:g} s"
+    return result
 
 
 async def run_bounded(
@@ -243,27 +263,24 @@ async def run_bounded(
 ) -> list[ItemResult]:
     """Run `fn` over `items` with at most `limits.max_in_flight` at once; results in input order.
 
-    `fn` may be async (preferred) or blocking (run in threads). A worker waiting out a backoff keeps
+    `fn` may be async (preferred) or blocking (run in threads). An item waiting out a backoff keeps
     its slot: a rate-limited endpoint sees fewer requests, not a burst when the wait ends.
     `on_result` is called in the event loop as each item finishes (progress, incremental saving).
     """
     limits = limits or Limits()
     if limits.max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    work: Sequence[T] = items if isinstance(items, Sequence) else list(items)
-    results: list[ItemResult | None] = [None] * len(work)
-    queue = iter(enumerate(work))  # shared by the workers; next() never awaits, so no lock is needed
+    slots = asyncio.Semaphore(limits.max_in_flight)
     rng = random.Random(seed)
 
-    async def worker() -> None:
-        for index, item in queue:
+    async def one(index: int, item: T) -> ItemResult:
+        async with slots:
             result = await _run_one(index, item, fn, limits, sleep, rng)
-            results[index] = result
-            if on_result is not None:
-                on_result(result)
+        if on_result is not None:
+            on_result(result)
+        return result
 
-    await asyncio.gather(*(worker() for _ in range(min(limits.max_in_flight, len(work)))))
-    return [r for r in results if r is not None]
+    return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(items))))
 
 
 def run_bounded_sync(items: Iterable[T], fn: Callable[[T], Any], limits: Limits | None = None, **kwargs: Any) -> list[ItemResult]:
@@ -280,3 +297,44 @@ def run_sync(make_coro: Callable[[], Awaitable[R]]) -> R:
         return asyncio.run(make_coro())  # type: ignore[arg-type]
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(make_coro())).result()  # type: ignore[arg-type]
+
+
+# --- re-asking for a usable reply -----------------------------------------------------------------------
+
+
+class BadReply(ValueError):
+    """A reply that parsed but cannot be used. Its message says why in our words, never with the reply's
+    text, so it may go back to the model in the re-ask."""
+
+
+async def ask_until_valid(
+    model: Any,
+    messages: list[Any],
+    retries: int,
+    parse: Callable[[Any], R],
+    describe: Callable[[BaseException], tuple[str, str]],
+    what: str,
+) -> tuple[R | None, str, int]:
+    """Ask `model` (a runnable, e.g. a chat model with structured output) and `parse` its reply,
+    re-asking up to `retries` times while the reply is unusable. Returns (value, "", calls) or
+    (None, why the last reply was unusable, calls).
+
+    `parse(reply)` returns the value or raises: `BadReply` (its message is both the detail and what the
+    model is told), or another error, which `describe(exc)` turns into (detail, kind) when it means the
+    reply was unusable and re-raises otherwise: endpoint errors and bugs propagate (run_bounded retries
+    the transient ones). The re-ask keeps the system and first user message and says what was wrong by
+    kind only (`what` names the object wanted): the reply may carry injected text, which must not come
+    back to the model outside a fence.
+    """
+    from langchain_core.messages import HumanMessage
+
+    last = ""
+    for calls in range(1, retries + 2):
+        try:
+            return parse(await model.ainvoke(messages)), "", calls
+        except BadReply as exc:
+            last = kind = str(exc)
+        except Exception as exc:  # noqa: BLE001 - describe re-raises what is not a bad reply
+            last, kind = describe(exc)
+        messages = [*messages[:2], HumanMessage(f"Your reply was not a valid {what} ({kind}). Reply again with only the {what}.")]
+    return None, last, retries + 1

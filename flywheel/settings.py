@@ -8,6 +8,9 @@ Nested keys use `__` in the environment: `FLYWHEEL_STORE__URL=postgresql://...`,
 A wrong setting becomes one `SettingsError` line naming the key and what was expected; a list or table
 given as plain text in the environment names the JSON form it needs, and a FLYWHEEL_ variable that
 matches no setting is warned about on stderr (flywheel.settings_env).
+
+The sections (`[train]`, `[gate]`, ...) are flywheel.settings_sections; this module
+assembles and loads them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,332 +31,34 @@ from pydantic_settings import (
 
 from flywheel.errors import SettingsError
 from flywheel.settings_env import check_values, unknown_names
+from flywheel.settings_sections import (
+    AgentSettings,
+    ApprovalSettings,
+    CanarySettings,
+    ChromaSettings,
+    CorrectSettings,
+    DaemonSettings,
+    DatasetSettings,
+    EvalSettings,
+    GateSettings,
+    GraduationSettings,
+    JudgeSettings,
+    LLMSettings,
+    PolicySettings,
+    RuleSettings,
+    SelectionSettings,
+    ServeSettings,
+    SlackSettings,
+    StoreSettings,
+    TaxonomySettings,
+    TrainSettings,
+    TriageSettings,
+)
 
 CONFIG_FILE = "flywheel.toml"
 STATE_DIR = ".flywheel"
 
-Severity = Literal["low", "medium", "high", "critical"]
-SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
-
-
-class Section(BaseModel):
-    # A typo in a key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
-
-
-class StoreSettings(Section):
-    url: str = ""  # empty: sqlite:///<state_dir>/flywheel.db
-    echo: bool = False
-
-
-class ChromaSettings(Section):
-    path: str = ""  # empty: <state_dir>/chroma ; used when host is empty
-    host: str = ""  # a Chroma server (HttpClient) when set
-    port: int = 8000
-    ssl: bool = False
-
-
-class LLMSettings(Section):
-    base_url: str = ""  # empty: no endpoint, the offline heuristic/rule/KB parts run
-    judge_model: str = "gpt-4o-mini"
-    corrector_model: str = "gpt-4o-mini"
-    verifier_model: str = "gpt-4o-mini"
-    supervisor_model: str = "gpt-4o-mini"
-    temperature: float = 0.0
-    max_in_flight: int = Field(8, ge=1, le=512)
-    max_retries: int = Field(3, ge=0, le=20)
-    timeout_s: float = Field(60.0, gt=0)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(20.0, ge=0)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.base_url)
-
-
-class RuleSettings(Section):
-    """Which signals make a failure candidate, and how risky each rule is (weights for sampling)."""
-
-    thumbs_down: bool = True
-    escalation: bool = True
-    followups_min: int = Field(2, ge=1)  # repeated follow-ups >= this
-    qa_verdicts: list[Literal["Reject", "Risk"]] = ["Reject", "Risk"]
-    complaint: bool = True
-    high_value_tiers: list[str] = ["enterprise", "premium", "vip"]
-    # Risk weight per rule name; sampling takes the highest first.
-    weights: dict[str, float] = {
-        "qa_reject": 5.0,
-        "high_value_negative": 4.0,
-        "complaint": 3.5,
-        "escalation": 3.0,
-        "qa_risk": 2.5,
-        "repeated_followups": 2.0,
-        "thumbs_down": 1.0,
-    }
-    high_value_multiplier: float = Field(2.0, ge=1.0)
-
-
-class TriageSettings(Section):
-    budget: int = Field(2000, ge=1)  # failure clusters sent to the judge per triage
-    # candidates with risk >= this are always taken first (up to the budget), the rest are sampled
-    must_take_risk: float = 3.0
-    seed: int = 0
-    dedup_threshold: float = Field(0.92, gt=0, le=1)  # cosine similarity that makes two failures one cluster
-
-
-class TaxonomySettings(Section):
-    problem_types: dict[str, str] = {
-        "wrong_intent": "the answer addresses a different request than the user's",
-        "format_error": "the answer does not follow the required output format",
-        "over_promise": "the answer promises something policy does not allow (refunds, timelines, fees waived)",
-        "policy_boundary_risk": "the answer crosses or nears a policy boundary (advice, disclosure, safety)",
-        "missing_knowledge": "the answer lacks facts the knowledge base has",
-        "wrong_tool_call": "a tool call is malformed, unknown, or the wrong tool",
-    }
-    # Loss-weight category of each problem type (dataset building uses it).
-    categories: dict[str, str] = {
-        "policy_boundary_risk": "safety",
-        "over_promise": "safety",
-        "wrong_intent": "reasoning",
-        "missing_knowledge": "reasoning",
-        "wrong_tool_call": "reasoning",
-        "format_error": "format",
-    }
-    default_severity: dict[str, Severity] = {
-        "policy_boundary_risk": "high",
-        "over_promise": "high",
-        "wrong_intent": "medium",
-        "missing_knowledge": "medium",
-        "wrong_tool_call": "medium",
-        "format_error": "low",
-    }
-
-    @model_validator(mode="after")
-    def _known_types(self) -> "TaxonomySettings":
-        for table in ("categories", "default_severity"):
-            for name in getattr(self, table):
-                if name not in self.problem_types:
-                    raise ValueError(f"{table} names {name!r}, which is not in problem_types")
-        return self
-
-
-class PolicyPattern(Section):
-    name: str
-    pattern: str  # a regular expression, matched case-insensitively
-    problem_type: str = "policy_boundary_risk"
-    severity: Severity = "high"
-
-
-class PolicySettings(Section):
-    """What the rule judge checks in every assistant answer."""
-
-    # JSON schema the assistant's final answer must follow; empty: free text.
-    output_schema: dict[str, Any] = {}
-    forbidden_phrases: list[PolicyPattern] = [
-        PolicyPattern(name="guaranteed_refund", pattern=r"\b(guarantee|promise)\w*\b.{0,40}\brefund", problem_type="over_promise"),
-        PolicyPattern(name="fee_waiver_promise", pattern=r"\bwe will waive\b|\bfee(s)? will be waived\b", problem_type="over_promise"),
-    ]
-    # Tools the agent in production may call, by name; empty: tool calls are not checked.
-    allowed_tools: list[str] = []
-    max_message_chars: int = Field(32_000, ge=100)
-
-
-class JudgeSettings(Section):
-    llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or out-of-taxonomy verdict
-    prompt: str = "judge"
-    # How the LLM judge asks for its verdict object: response_format json_schema, or a forced tool call
-    # (for OpenAI-compatible servers without json_schema support).
-    structured_output: Literal["json_schema", "function_calling"] = "json_schema"
-    rationale_max_chars: int = Field(600, ge=50, le=10_000)
-
-
-class CorrectSettings(Section):
-    prompt: str = "corrector"
-    verifier_prompt: str = "verifier"
-    context_docs: int = Field(4, ge=0, le=50)
-    similar_failures: int = Field(3, ge=0, le=50)
-    llm_retries: int = Field(2, ge=0, le=10)  # re-asks after an unparsable or empty answer or preference
-    # Without a knowledge-base answer, the offline corrector takes an intent's usual stable production
-    # reply (flywheel.data.replies) only when at least this many stable answers give exactly that reply.
-    reply_min_support: int = Field(3, ge=1)
-
-
-class DatasetSettings(Section):
-    intent_max_ratio: float = Field(0.2, gt=0, le=1)
-    intent_min_samples: int = Field(50, ge=0)
-    problem_type_max_ratio: float = Field(0.5, gt=0, le=1)  # down-sample over-represented failure types
-    oversample_severities: list[Severity] = ["high", "critical"]
-    max_repeats: int = Field(3, ge=1)  # over-sampling limit per row
-    loss_weights: dict[str, float] = {"safety": 3.0, "reasoning": 1.5, "format": 0.5}
-    replay_min_share: float = Field(0.05, ge=0, le=1)  # share of new problem samples in a snapshot
-    replay_max_share: float = Field(0.20, ge=0, le=1)
-    tier_weights: dict[str, float] = {"core_baseline": 3.0, "secondary_baseline": 2.0, "candidate_baseline": 1.0}
-    heldout_ratio: float = Field(0.1, ge=0, lt=1)
-    # stable production answers offered as candidate_baseline replay (SFT); 0 turns it off
-    production_replay_rows: int = Field(2000, ge=0)
-    format: Literal["jsonl", "parquet"] = "jsonl"
-    seed: int = 0
-    # A high-risk problem type holding less than this share of the problem rows is "rare": its rows of an
-    # oversample severity are repeated (each at most max_repeats times) toward this share.
-    oversample_target_ratio: float = Field(0.1, gt=0, le=1)
-    # The share of problem rows a snapshot aims at when there is enough replay; empty: the middle of
-    # [replay_min_share, replay_max_share].
-    replay_target_share: float | None = Field(None, gt=0, le=1)
-    # A snapshot that turns fewer than this share of the failures people labelled into rows is refused
-    # (the error lists why each was left out), once at least label_yield_min_labels were labelled:
-    # many labels and almost no rows means the labels were wasted, which must not pass as a success.
-    min_label_yield: float = Field(0.25, ge=0, le=1)
-    # Which replay rows a snapshot draws (flywheel.trainer.balance.mix_replay): "weighted" by tier weight
-    # alone; "counter": per intent, most to the intents the problem rows correct away from, so the
-    # fix does not teach the model to avoid an intent everywhere; "boundary": "counter", and first the
-    # boundary_neighbours replay rows of other intents nearest each problem row (by embedding).
-    replay_strategy: Literal["weighted", "counter", "boundary"] = "counter"
-    boundary_neighbours: int = Field(3, ge=1, le=50)
-    label_yield_min_labels: int = Field(20, ge=1)
-
-    @model_validator(mode="after")
-    def _shares(self) -> "DatasetSettings":
-        if self.replay_min_share > self.replay_max_share:
-            raise ValueError("replay_min_share must not exceed replay_max_share")
-        return self
-
-
-class SelectionSettings(Section):
-    strategy: Literal["random", "least_confidence", "margin", "entropy", "kcenter", "kmeans", "expected_change", "hybrid"] = "hybrid"
-    labelling_budget: int = Field(500, ge=0)
-    round_size: int = Field(100, ge=1)
-    min_gain: float = Field(0.002, ge=0)  # stop when the last round gained less than this
-    seed: int = 0
-    hybrid_step: float = Field(0.25, ge=0, le=1)  # hybrid: the uncertainty share of picks grows by this per round
-
-
-class TrainSettings(Section):
-    base_model: str = ""  # a local folder transformers can load
-    method: Literal["sft", "dpo"] = "sft"
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # Modules trained in full and saved with the adapter (PEFT modules_to_save), e.g. ["lm_head"]; empty:
-    # none. "auto": the input embedding and the output layer, when together they hold at most
-    # full_train_max_params parameters (flywheel.trainer.sizing says why and where that line falls).
-    modules_to_save: list[str] | Literal["auto"] = "auto"
-    full_train_max_params: int = Field(20_000_000, ge=0)
-    epochs: float = Field(2.0, gt=0)
-    # A small snapshot trains for more epochs, until it makes at least min_steps optimizer steps, never
-    # beyond max_epochs; early stopping on the held-out split ends it sooner. 0: epochs as set.
-    min_steps: int = Field(300, ge=0)
-    max_epochs: float = Field(12.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(256, ge=8)
-    early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0: off
-    eval_steps: int = Field(0, ge=0)  # evaluate and checkpoint every N steps; 0: once per epoch
-    dpo_beta: float = Field(0.1, gt=0)
-    seed: int = 0
-
-
-class GateSettings(Section):
-    targeted_min_relative_drop: float = Field(0.3, ge=0, le=1)  # targeted problem rates must fall by >= 30%
-    targeted_min_count: int = Field(5, ge=1)  # rarer on the champion: only "must not get worse" is checked
-    # The problem types a cycle must reduce; empty: every type in the cycle's problem set. The others
-    # are held to max_regression like any other type.
-    targeted: list[str] = []
-    max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
-    min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
-    # "point": an intent fails when its success drops by more than max_regression; "significant": only
-    # when, in addition, the drop's 95% interval excludes zero (per-intent samples are small)
-    intent_rule: Literal["point", "significant"] = "significant"
-    block_new_severities: list[Severity] = ["high", "critical"]
-
-
-class EvalSettings(Section):
-    # The fixed test set: JSONL rows {"messages": [...], "reference": {"intent": ..., "answer": ...}}.
-    # Never trained on; dataset building refuses rows whose prompt appears in it.
-    test_set: str = ""
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(16, ge=1)
-
-
-class CanarySettings(Section):
-    # A candidate that passed its gate serves a canary slice and is observed before a person is asked.
-    before_approval: bool = True
-    share: float = Field(0.1, gt=0, lt=1)
-    min_requests: int = Field(50, ge=1)
-    harm_margin: float = Field(0.05, ge=0)  # canary problem rate above champion's by this rolls back
-
-
-class GraduationSettings(Section):
-    """What a promotion does to the samples the promoted version still fails (flywheel.graduation)."""
-
-    unresolved_weight_factor: float = Field(0.5, gt=0, le=1)  # their sample weight is multiplied by this
-    min_weight: float = Field(0.1, ge=0)  # and never falls below this
-
-
-class ApprovalSettings(Section):
-    approvers: list[str] = []  # empty: any local user at the terminal; Slack needs an explicit list
-    slack_approvers: list[str] = []  # Slack user ids
-
-
-class AgentSettings(Section):
-    policy: Literal["auto", "heuristic", "llm"] = "auto"  # auto: llm when an endpoint is configured
-    max_steps: int = Field(40, ge=1)
-    max_llm_calls: int = Field(60, ge=0)
-    max_training_runs: int = Field(2, ge=0)
-    prompt: str = "supervisor"
-
-
-class Schedule(Section):
-    id: str
-    cron: str  # crontab expression, e.g. "0 3 * * *"; six fields: the first is the second (tests, fast loops)
-
-
-class DaemonSettings(Section):
-    schedules: list[Schedule] = []
-    timezone: str = "UTC"  # the zone the cron expressions are read in
-    misfire_grace_s: int = Field(900, ge=1)  # a firing missed while the daemon was down still runs (once) this late
-    shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, time given to a running cycle before leaving it resumable
-
-
-class SlackSettings(Section):
-    """Approvals in Slack; docs/slack.md has the app manifest and the steps."""
-
-    mode: Literal["off", "socket", "http"] = "off"
-    channel: str = ""
-    api_url: str = ""  # empty: Slack's own; tests point it at a local server
-    # tokens come from the environment only: SLACK_BOT_TOKEN, SLACK_APP_TOKEN, SLACK_SIGNING_SECRET
-    http_host: str = "127.0.0.1"  # HTTP mode: where the app listens for Slack's requests (behind your TLS proxy)
-    http_port: int = Field(3000, ge=0, le=65535)  # 0: any free port
-    report_url: str = ""  # a URL serving <state>/artifacts; empty: the message shows the report's file path
-    sync_interval_s: float = Field(15.0, gt=0)  # the daemon posts new approval requests and closes decided ones this often
-
-
-class ServeSettings(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    backend: Literal["builtin", "proxy"] = "builtin"
-    upstream_url: str = ""
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    capture_queue: int = Field(10_000, ge=1)
-    # --- the gateway (flywheel.serve) ---
-    base_model: str = ""  # builtin backend: the base model folder; empty: train.base_model, then the champion's
-    upstream_model: str = ""  # proxy: the upstream's name for the base model; empty: the version's base_model
-    upstream_timeout_s: float = Field(120.0, gt=0)
-    upstream_max_connections: int = Field(256, ge=1)
-    # proxy: local adapter folder prefix -> the same folder as the upstream server sees it
-    adapter_path_map: dict[str, str] = {}
-    max_new_tokens: int = Field(256, ge=1)  # builtin: default and cap of max_tokens
-    batch_size: int = Field(8, ge=1)  # builtin: concurrent requests generated as one batch
-    routing_refresh_s: float = Field(0.25, gt=0, le=60)  # aliases re-read this often: promotions need no restart
-    keys_refresh_s: float = Field(1.0, gt=0, le=300)  # API keys re-read this often: revocations need no restart
-    capture: bool = True  # store every served interaction
-    capture_batch: int = Field(256, ge=1)  # interactions per store transaction
-    spill_dir: str = ""  # empty: <state_dir>/gateway; where capture spills while the store falls behind
-    store_retry_s: float = Field(2.0, gt=0)  # after a store error, capture retries (and replays spills) this often
-    shutdown_flush_s: float = Field(10.0, ge=0)  # on shutdown, time to write the queue to the store before spilling it
+SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")  # records.Severity, in rank order
 
 
 class Settings(BaseSettings):

@@ -56,7 +56,8 @@ def _arms(annotation: Any) -> tuple[Any, ...]:
 def _json_form(annotation: Any) -> tuple[str | None, tuple[str, ...]]:
     """('list' | 'object' | None, plain values also accepted). A list or table setting must come as JSON;
     a union with a Literal (train.target_modules: a list or "all-linear") also takes the Literal's values."""
-    form, plain = None, []
+    form: str | None = None
+    plain: list[str] = []
     for arm in _arms(annotation):
         origin = get_origin(arm) or arm
         if origin in (list, set, tuple):

@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flywheel import registry
 from flywheel.context import Context
 from flywheel.data.ingest import ingest_files
 from flywheel.data.kb import KbEntry, KbSummary, add_entries
+from flywheel.release import registry
 from flywheel.settings import load_settings
 
 INTENTS = {
@@ -61,7 +61,7 @@ def tiny_corpus() -> list[str]:
 
 
 def build_base(folder: Path) -> Path:
-    from flywheel.trainer.models import build_tiny_model
+    from flywheel.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(folder, tiny_corpus(), vocab_size=300, hidden=32, layers=1, heads=2, max_len=256)
 

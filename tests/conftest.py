@@ -47,6 +47,25 @@ def pg_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agent tests' tiny causal LM (agent_helpers.build_base), built once per session and shared
+    read-only: the champion v1 and the base every adapter trains on. Nothing writes into the folder;
+    a test that needs to change a model copies it first."""
+    from agent_helpers import build_base
+
+    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_h64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny LM, on flywheel's built-in corpus (demo.tiny_model.tiny_corpus) with hidden size 64 and
+    two layers: what test_models checks the builder against and test_serve_builtin serves. Shared read-only."""
+    from flywheel.demo.tiny_model import build_tiny_model, tiny_corpus
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-h64") / "base", tiny_corpus(), vocab_size=300, hidden=64)
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A project folder as `flywheel init` leaves it: the CLI refuses a folder without flywheel.toml.

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from flywheel import registry
 from flywheel.records import Failure, FailureStatus, Interaction, Message, SampleTier, Signals, Verdict, utcnow
+from flywheel.release import registry
+from flywheel.release.records import ModelVersion
 from flywheel.store.db import Store
 from flywheel.store.failures import insert_failures, save_verdict
 from flywheel.store.interactions import insert_ignore, to_row
@@ -34,7 +35,7 @@ def make_adapter(folder: Path, seed: int) -> Path:
     return folder
 
 
-def candidate(store: Store, root: Path, seed: int, *, gate: bool = True, report_hash: str | None = None, dataset_id: str | None = None) -> registry.ModelVersion:
+def candidate(store: Store, root: Path, seed: int, *, gate: bool = True, report_hash: str | None = None, dataset_id: str | None = None) -> ModelVersion:
     """A registered, evaluated candidate version."""
     version = registry.register_version(store, base_model="tiny-base", adapter_path=make_adapter(root / f"adapter-{seed}", seed), dataset_id=dataset_id)
     return registry.attach_eval(

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import build_base, seed_project
+from agent_helpers import seed_project
 from rich.console import Console
 from sqlalchemy import func, select
 
 from flywheel.agent.chat import ChatSession, TerminalView
 from flywheel.cli import main
 from flywheel.context import Context
-from flywheel.data.correct import correct_failures
+from flywheel.correct.stage import correct_failures
 from flywheel.data.triage import triage
 from flywheel.evals.judge import judge_failures
 from flywheel.settings import load_settings
@@ -32,8 +32,8 @@ NOTHING = "I have not started anything: no labels were requested, no dataset was
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
 
 
 def _count(ctx: Context, table: Any) -> int:

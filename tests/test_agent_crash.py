@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import build_base, seed_project
+from agent_helpers import seed_project
 from sqlalchemy import func, select
 
-from flywheel import registry
 from flywheel.agent import runs
 from flywheel.context import Context
+from flywheel.release import registry
 from flywheel.settings import load_settings
 from flywheel.store.schema import alias_events, approvals, effects, jobs, model_versions
 
@@ -90,8 +90,8 @@ def _the_run(ctx: Context) -> runs.RunRow:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
 
 
 @pytest.mark.slow

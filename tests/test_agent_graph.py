@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import build_base, fresh_adapter, seed_project
+from agent_helpers import fresh_adapter, seed_project
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.graph import StateGraph
@@ -21,19 +21,20 @@ from langgraph.types import Command
 from pydantic import Field
 from sqlalchemy import func, select
 
-from flywheel import registry
 from flywheel.agent import runs
-from flywheel.agent.approval import Decision, PendingApproval
 from flywheel.agent.graph import NODES, build_graph
 from flywheel.agent.policies import HeuristicPolicy, LLMPolicy
 from flywheel.agent.runner import decide, open_checkpointer, pending_approvals, resume_run, run_in_progress, start_run
 from flywheel.agent.state import new_request
 from flywheel.cli import main
 from flywheel.context import Context
-from flywheel.data.correct import correct_failures
+from flywheel.correct.stage import correct_failures
 from flywheel.data.triage import triage
 from flywheel.errors import NotFoundError, PolicyViolation, UserInputError
 from flywheel.evals.judge import judge_failures
+from flywheel.release import registry
+from flywheel.release.decisions import PendingApproval
+from flywheel.release.records import Decision
 from flywheel.settings import load_settings
 from flywheel.store.schema import alias_events, approvals, effects, jobs
 from flywheel.tools.registry import build_tools
@@ -63,8 +64,8 @@ def scripted(*replies: AIMessage | str) -> ScriptedChatModel:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
 
 
 def _context(project: Path, store_url: str | None = None, **overrides: Any) -> Context:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import build_base, seed_project
+from agent_helpers import seed_project
 
 from flywheel.agent import runs
 from flywheel.agent.policies import HeuristicPolicy, LLMPolicy, choose_policy
@@ -23,8 +23,8 @@ SUPERVISOR = "supervisor-model"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
 
 
 def llm_context(project: Path, server: OpenAIServer, **overrides: Any) -> Context:

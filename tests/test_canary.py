@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from release_helpers import add_traffic, candidate
 
-from flywheel import approvals, canary, registry
 from flywheel.cli import main
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.records import utcnow
+from flywheel.release import approvals, canary, registry
 from flywheel.settings import Settings, load_settings
 from flywheel.store.db import Store, open_store
 from flywheel.store.failures import set_cluster

@@ -13,7 +13,7 @@ import pytest
 import flywheel
 from flywheel.cli import main
 from flywheel.context import Context
-from flywheel.data.correct import correct_failures, reindex_verified
+from flywheel.correct.stage import correct_failures, reindex_verified
 from flywheel.data.kb import KbEntry, KbSummary, add_entries, add_files
 from flywheel.data.labels import add_label
 from flywheel.errors import InfrastructureError, NotFoundError

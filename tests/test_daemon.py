@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from sqlalchemy import create_engine, text
 
-from flywheel.agent import runs
+from flywheel.agent import runs, schedule
 from flywheel.agent.schedule import (
     JOB_PREFIX, JOB_TABLE, Daemon, build_scheduler, check_schedules, cron_trigger, run_scheduled, stop_scheduler, sync_jobs,
 )
@@ -136,7 +137,7 @@ def test_jobs_are_created_once_across_restarts(project: Path, store_url: str | N
     assert ids == ["schedule:hourly"] and list(changed) == ["schedule:hourly"] and "minute='15'" in trigger
 
 
-def test_a_firing_missed_while_the_daemon_was_down_runs_once_at_restart(project: Path) -> None:
+def test_a_firing_missed_while_the_daemon_was_down_runs_once_at_restart(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(project, daemon=_schedules(("nightly", "0 3 * * *")))
     ctx = Context(settings=settings)
     try:
@@ -147,10 +148,22 @@ def test_a_firing_missed_while_the_daemon_was_down_runs_once_at_restart(project:
         sync_jobs(scheduler, settings)
         scheduler.modify_job("schedule:nightly", next_run_time=datetime.now(timezone.utc) - timedelta(minutes=10))
         stop_scheduler(scheduler)
+        # APScheduler reports a job executed once its executor has run every firing it was handed for it (one
+        # per missed day, were coalescing off); the job's next run time was stored when it was handed over.
+        finished = threading.Event()
+
+        def listening(*args: Any, **kwargs: Any) -> Any:
+            built = build_scheduler(*args, **kwargs)
+            built.add_listener(lambda event: finished.set() if event.job_id == "schedule:nightly" else None,
+                               EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+            return built
+
+        monkeypatch.setattr(schedule, "build_scheduler", listening)
         daemon = Daemon(ctx, slack_mode="off").start()
         try:
             [fired] = _wait(lambda: [r for r in _schedule_runs(ctx) if r.state == "done"], what="the missed firing")
-            time.sleep(1.0)
+            assert finished.wait(60), "the scheduler never reported the missed firing's job as executed"
+            assert _stored_jobs(ctx)["schedule:nightly"] > time.time()  # no other firing is due: none can start
         finally:
             daemon.stop(grace_s=30)
         assert len(_schedule_runs(ctx)) == 1  # once, not once per missed day or per restart
@@ -227,7 +240,9 @@ def test_the_daemon_process_stops_on_sigterm_and_leaves_a_held_cycle_resumable(p
     try:
         _wait(lambda: marker.exists() or child.poll() is not None, what="the first cycle")
         assert child.poll() is None, log.read_text()
-        time.sleep(2.5)  # more firings come while the cycle is held: none may start another
+        # more firings come while the cycle is held: two are turned away (logged "skipped"); none may start another
+        _wait(lambda: log.read_text().count("skipped") >= 2 or child.poll() is not None, what="two firings skipped")
+        assert child.poll() is None, log.read_text()
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=60) == 0, log.read_text()
     finally:

@@ -19,7 +19,8 @@ from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
 from flywheel.store.failures import insert_failures, move_tier, save_correction, save_verdict
 from flywheel.trainer.balance import bucket_cap
-from flywheel.trainer.dataset import build_snapshot, get_snapshot, list_snapshots, normalise_text, read_rows
+from flywheel.trainer.dataset import build_snapshot, get_snapshot, list_snapshots, read_rows
+from flywheel.trainer.samples import normalise_text
 
 # Each rule tested alone: the others set so they do nothing.
 LOOSE = {

@@ -309,7 +309,9 @@ def test_llm_judge_adds_what_the_rules_miss(project: Path, tmp_path: Path, opena
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flywheel.trainer.models import build_tiny_model
+    # Not the session's tiny_model_dir: this one's vocabulary is built from this module's JSON answers and
+    # its own intents (vocab_size=400), and the test writes curve.json beside the model folder.
+    from flywheel.demo.tiny_model import build_tiny_model
 
     corpus = [json.dumps({"intent": i, "answer": "Here is what I found."}) for i in INTENTS]
     corpus += [f"question {n} about {i.replace('_', ' ')}" for n in range(20) for i in INTENTS]
@@ -383,7 +385,7 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
 
 
 def test_flywheel_eval_registered_versions(project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from flywheel import registry
+    from flywheel.release import registry
 
     make_project(project, rows=12)
     monkeypatch.setenv("COLUMNS", "200")

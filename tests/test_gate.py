@@ -10,7 +10,7 @@ import pytest
 from flywheel.evals.gate import GateResult, evaluate_gate
 from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
 from flywheel.records import Finding
-from flywheel.settings import GateSettings, TaxonomySettings
+from flywheel.settings_sections import GateSettings, TaxonomySettings
 
 TYPES = list(TaxonomySettings().problem_types)
 SEVERITY = dict(TaxonomySettings().default_severity)

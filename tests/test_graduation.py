@@ -10,14 +10,14 @@ import pytest
 from release_helpers import add_samples, candidate
 from sqlalchemy import select
 
-from flywheel import approvals, graduation, registry
 from flywheel.cli import main
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import SampleTier
+from flywheel.release import approvals, graduation, registry
 from flywheel.settings import load_settings
 from flywheel.store.db import Store, open_store
 from flywheel.store.failures import get_failures
-from flywheel.store.schema import tier_moves
+from flywheel.store.schema import model_versions, tier_moves
 
 
 def _promoted(store: Store, root: Path) -> str:
@@ -140,7 +140,7 @@ def test_cli_graduate_and_baseline_confirm(project: Path, tmp_path: Path, capsys
             {"id": "f-1", "findings": []}, {"id": "f-2", "findings": [{"problem_type": "over_promise"}]}]}}}))
         digest = hashlib.sha256(report_path.read_bytes()).hexdigest()
         with store.begin() as conn:
-            conn.execute(registry.model_versions.update().where(registry.model_versions.c.id == version)
+            conn.execute(model_versions.update().where(model_versions.c.id == version)
                          .values(eval_report_path=str(report_path), eval_report_hash=digest))
     finally:
         store.dispose()

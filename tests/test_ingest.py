@@ -22,7 +22,8 @@ from flywheel.data.ingest import BATCH_ROWS, _store_batch, ingest_files
 from flywheel.data.pii import Scrubber
 from flywheel.data.rows import build_row, content_hash
 from flywheel.records import Interaction, interaction_hash, utcnow
-from flywheel.settings import PolicySettings, Settings
+from flywheel.settings import Settings
+from flywheel.settings_sections import PolicySettings
 from flywheel.store import interactions as repo
 from flywheel.store.db import Store
 
@@ -145,6 +146,55 @@ def test_same_content_under_another_id_is_a_duplicate(store: Store, tmp_path: Pa
     assert (summary.files[0].stored, summary.files[0].duplicates) == (1, 1)
 
 
+def test_an_id_reused_with_other_content_is_a_conflict_naming_the_earlier_line(any_store: Store, tmp_path: Path) -> None:
+    other = {**_line(2), "id": "c1"}  # c1 again, with line 2's conversation
+    # batch_rows=3: line 3 conflicts with a row of its own batch, line 5 with one of the batch before
+    path = _write(tmp_path / "a.jsonl", [_line(1), _line(4), other, _line(1), other])
+    summary = ingest_files(any_store, any_store.settings, [path], batch_rows=3)
+    f = summary.files[0]
+    assert (f.read, f.stored, f.duplicates, f.conflicts, f.quarantined) == (5, 2, 1, 2, 2)
+    assert f.reasons == {"id_conflict": 2} and not summary.clean
+    quarantined = _quarantine(any_store.settings)
+    assert [(q["line"], q["kind"]) for q in quarantined] == [(3, "id_conflict"), (5, "id_conflict")]
+    assert {q["reason"] for q in quarantined} == {"id 'c1' was already used by line 1 of this file, with different content"}
+    assert "answer 2" in quarantined[0]["raw"]  # the conflicting copy, the one not stored
+    assert repo.get(any_store, "c1").messages[0].content == "question 1"  # the first copy keeps the id
+
+    # a later file reusing the id: the stored copy's file and line, from an earlier ingest
+    later = _write(tmp_path / "b.jsonl", [{**_line(3), "id": "c4"}])
+    f = ingest_files(any_store, any_store.settings, [later]).files[0]
+    assert (f.stored, f.duplicates, f.conflicts) == (0, 0, 1)
+    assert _quarantine(any_store.settings)[-1]["reason"] == "id 'c4' is already stored with different content (from a.jsonl:2, an earlier ingest)"
+
+
+def test_an_id_conflict_with_a_row_of_unknown_origin_says_already_stored(store: Store, tmp_path: Path) -> None:
+    row = build_row(_line(7), Scrubber(), 1000, "", utcnow())  # no source, as rows from before sources were kept
+    with store.begin() as conn:
+        assert repo.insert_ignore(conn, [row]) == 1
+    path = _write(tmp_path / "a.jsonl", [{**_line(8), "id": "c7"}])
+    f = ingest_files(store, store.settings, [path]).files[0]
+    assert f.conflicts == 1
+    assert _quarantine(store.settings)[0]["reason"] == "id 'c7' is already stored with different content"
+
+
+def test_reingesting_does_not_quarantine_the_same_bad_lines_again(any_store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.jsonl", [_line(1), "{oops", {"messages": [{"role": "robot", "content": "x"}]}, {**_line(2), "id": "c1"}])
+    first = ingest_files(any_store, any_store.settings, [path])
+    assert (first.files[0].quarantined, first.files[0].already_quarantined, first.clean) == (3, 0, False)
+    again = ingest_files(any_store, any_store.settings, [path, path])  # twice in one run, too
+    assert [(f.quarantined, f.already_quarantined, f.duplicates) for f in again.files] == [(0, 3, 1), (0, 3, 1)]
+    assert again.clean and len(_quarantine(any_store.settings)) == 3
+
+    # a new bad line in the grown file is quarantined; the line that changed at line 2 is new as well
+    with open(path, "a", encoding="utf-8") as out:
+        out.write("[1]\n")
+    grown = path.read_text(encoding="utf-8").replace("{oops", "{oops!", 1)
+    path.write_text(grown, encoding="utf-8")
+    third = ingest_files(any_store, any_store.settings, [path]).files[0]
+    assert (third.quarantined, third.already_quarantined) == (2, 2)
+    assert [(q["line"], q["kind"]) for q in _quarantine(any_store.settings)[3:]] == [(2, "malformed_json"), (5, "wrong_type")]
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -203,7 +253,7 @@ def test_the_store_refusing_a_row_quarantines_that_row_only(any_store: Store) ->
 
 def _store_batch_on(store: Store, rows: list[dict]):
     with store.engine.connect() as conn:
-        return _store_batch(conn, rows, list(range(len(rows))))
+        return _store_batch(conn, rows, list(range(len(rows))), since=utcnow())
 
 
 # --- file shapes -------------------------------------------------------------------------------------------------
@@ -417,7 +467,7 @@ def test_cli_exit_codes_and_json_summary(project: Path, tmp_path: Path, capsys: 
 
     assert main(["-C", str(project), "ingest", str(good), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["total"] == {"read": 5, "stored": 0, "duplicates": 5, "quarantined": 0, "failed_files": 0}
+    assert data["total"] == {"read": 5, "stored": 0, "duplicates": 5, "quarantined": 0, "conflicts": 0, "already_quarantined": 0, "failed_files": 0}
 
     bad = _write(tmp_path / "bad.jsonl", [_line(10), "{oops"])
     assert main(["-C", str(project), "ingest", str(bad), str(tmp_path / "missing.jsonl"), str(good)]) == 2
@@ -425,6 +475,18 @@ def test_cli_exit_codes_and_json_summary(project: Path, tmp_path: Path, capsys: 
     assert "bad.jsonl: read 2, stored 1, duplicates 0, quarantined 1 (malformed_json 1)" in captured.out
     assert "missing.jsonl: file not found" in captured.err
     assert "good.jsonl: read 5, stored 0, duplicates 5" in captured.out  # files after a missing one still run
+
+    # the same bad file again: nothing new is bad, so exit 0, and the summary says where the old ones are
+    assert main(["-C", str(project), "ingest", str(bad)]) == 0
+    captured = capsys.readouterr()
+    assert "bad.jsonl: read 2, stored 0, duplicates 1, quarantined 0, already quarantined 1" in captured.out
+    assert "1 bad line(s) already quarantined earlier (see " in captured.err
+
+    conflict = _write(tmp_path / "conflict.jsonl", [{**_line(11), "id": "c10"}])
+    assert main(["-C", str(project), "ingest", str(conflict)]) == 2
+    captured = capsys.readouterr()
+    assert "quarantined 1 (id_conflict 1)" in captured.out
+    assert "1 line(s) quarantined (1 reuse a stored id with different content); see " in captured.err
 
     assert main(["-C", str(project), "ingest", str(good), "--format", "csv"]) == 2
     assert "--format 'csv'" in capsys.readouterr().err

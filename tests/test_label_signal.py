@@ -13,7 +13,7 @@ import pytest
 
 from flywheel.cli import main
 from flywheel.context import Context
-from flywheel.data.correct import correct_failures
+from flywheel.correct.stage import correct_failures
 from flywheel.data.labels import add_label
 from flywheel.errors import UserInputError
 from flywheel.evals.judge import judge_failures

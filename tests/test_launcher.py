@@ -16,13 +16,15 @@ import pytest
 
 from flywheel.cli import main
 from flywheel.context import Context
+from flywheel.demo.tiny_model import build_tiny_model, tiny_corpus
 from flywheel.errors import JobFailed, NotFoundError
+from flywheel.inference.folders import ADAPTER_WEIGHTS
 from flywheel.records import utcnow
-from flywheel.settings import TrainSettings, load_settings
+from flywheel.settings import load_settings
+from flywheel.settings_sections import TrainSettings
 from flywheel.store.db import Store
 from flywheel.trainer import launcher
 from flywheel.trainer.jobs import JobRecord, JobStatus, find_job, get_job, insert_job, list_jobs, set_fields, transition
-from flywheel.trainer.models import ADAPTER_WEIGHTS, build_tiny_model, tiny_corpus
 from flywheel.trainer.recipes import build_spec
 
 QUESTIONS = ["I want a refund", "Where is my order", "Can you waive the fee", "Talk to a human"]
@@ -31,6 +33,8 @@ ANSWERS = ["Refunds take five business days.", "Your order ships on Tuesday.", "
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Not the session's tiny_model_dir: its vocabulary covers this module's QUESTIONS and ANSWERS (the SFT rows
+    # the jobs train on) on top of the built-in corpus, and the losses these tests train towards are this model's.
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus() + QUESTIONS + ANSWERS, vocab_size=300, hidden=32, layers=1)
 
 
@@ -68,6 +72,7 @@ def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):  # noqa: 
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_same_spec_launched_twice_starts_one_process_then_cancel_and_restart(
     ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -84,7 +89,7 @@ def test_same_spec_launched_twice_starts_one_process_then_cancel_and_restart(
     other.close()
     assert first.id == second.id == third.id == spec.job_id()
     assert first.pid is not None and second.pid == third.pid == first.pid
-    assert len(ctx.extras["launcher"]._children) == 1 and not other.extras["launcher"]._children
+    assert len(ctx.launcher._children) == 1 and not other.launcher._children
     assert Path(first.log_path).read_text().count("=== ") == 1  # one worker started
 
     # cancelled while it loads the training stack; `train` then points at resume, `--restart` starts over
@@ -122,6 +127,7 @@ def test_same_spec_launched_twice_starts_one_process_then_cancel_and_restart(
     assert main(["-C", project, "train", "--dataset", "no-such-id", "--base", str(base)]) == NotFoundError.exit_code
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_is_detected_and_resumed_to_success(ctx: Context, base: Path, tmp_path: Path) -> None:
     # checkpoints every 2 steps; enough steps that the kill lands mid-run
     spec = build_spec(hyper(epochs=10.0, eval_steps=2), write_sft(tmp_path / "data"), base_model=base)
@@ -149,6 +155,7 @@ def test_sigkilled_worker_is_detected_and_resumed_to_success(ctx: Context, base:
     assert launcher.resume(ctx, job.id).attempts == 2  # a succeeded job is not resumed again
 
 
+@pytest.mark.slow
 def test_failing_job_reports_the_log_tail(ctx: Context, base: Path, tmp_path: Path) -> None:
     data = write_sft(tmp_path / "data")
     spec = build_spec(hyper(), data, base_model=base)
@@ -207,6 +214,7 @@ def test_dataset_ids_resolve_through_the_store(ctx: Context, tmp_path: Path) -> 
         launcher.resolve_dataset(ctx, "ds-nope")
 
 
+@pytest.mark.slow
 def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     project = tmp_path / "proj"
@@ -236,7 +244,7 @@ def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path,
     assert started["version"] is None and started["status"] in ("queued", "running")
     ctx = Context(settings=load_settings(project))
     try:
-        from flywheel import registry
+        from flywheel.release import registry
 
         _wait_for(lambda: len(registry.list_versions(ctx.store)) == 2, timeout=300, every=0.5)
         v2 = registry.resolve(ctx.store, "v2")
@@ -261,8 +269,9 @@ def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path,
     assert "v2 (candidate) vs v1 (champion)" in out and "no fixed test set: set eval.test_set in flywheel.toml" in out
 
 
+@pytest.mark.slow
 def test_first_train_registers_the_base_as_v1_before_the_candidate(ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flywheel import registry
+    from flywheel.release import registry
 
     project = str(ctx.settings.project_dir)
     (ctx.settings.project_dir / "flywheel.toml").write_text("[train]\nepochs = 1.0\nbatch_size = 4\nmin_steps = 0\nearly_stopping_patience = 0\n")

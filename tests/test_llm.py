@@ -12,6 +12,7 @@ import pytest
 
 from flywheel.errors import SettingsError
 from flywheel.llm import Limits, TransientError, async_chat_model, chat_model, classify, retry_after_seconds, run_bounded, run_bounded_sync
+from flywheel.llm import BadReply, ask_until_valid
 from flywheel.settings import Settings, load_settings
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
@@ -193,3 +194,74 @@ def test_limits_from_settings(project: Path) -> None:
     assert Limits.from_settings(settings) == Limits(3, 5, 9.0, 0.1, 2.0)
     assert Limits.from_settings(settings, max_in_flight=16).max_in_flight == 16
 
+
+
+# --- the shared re-ask loop ------------------------------------------------------------------------------
+
+
+class Replies:
+    """A stand-in runnable: answers `ainvoke` from a list (an exception in it is raised), keeps what it got."""
+
+    def __init__(self, *replies: object) -> None:
+        self.replies = list(replies)
+        self.asked: list[list] = []
+
+    async def ainvoke(self, messages: list) -> object:
+        self.asked.append(list(messages))
+        reply = self.replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+
+def positive(reply: object) -> int:
+    number = int(str(reply))  # ValueError for words
+    if number <= 0:
+        raise BadReply("the number is not positive")
+    return number
+
+
+def describe_value_error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, ValueError):
+        return f"detail of {type(exc).__name__}", f"kind {type(exc).__name__}"
+    raise exc
+
+
+def test_ask_until_valid_re_asks_by_kind_and_counts_calls() -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    first = [SystemMessage("system"), HumanMessage("question")]
+    model = Replies("words", "-3", "7")
+    assert asyncio.run(ask_until_valid(model, first, 2, positive, describe_value_error, "number object")) == (7, "", 3)
+    assert model.asked[0] == first
+    assert model.asked[1][:2] == first and model.asked[1][2].content == "Your reply was not a valid number object (kind ValueError). Reply again with only the number object."
+    assert model.asked[2][:2] == first and len(model.asked[2]) == 3  # one re-ask message, never a pile of them
+    assert model.asked[2][2].content == "Your reply was not a valid number object (the number is not positive). Reply again with only the number object."
+
+
+def test_ask_until_valid_gives_up_with_the_last_detail_and_lets_other_errors_through() -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    first = [SystemMessage("system"), HumanMessage("question")]
+    assert asyncio.run(ask_until_valid(Replies("-1", "words"), first, 1, positive, describe_value_error, "number object")) == (None, "detail of ValueError", 2)
+    assert asyncio.run(ask_until_valid(Replies("0"), first, 0, positive, describe_value_error, "number object")) == (None, "the number is not positive", 1)
+    boom = Replies(TransientError("endpoint busy"), "5")
+    with pytest.raises(TransientError, match="endpoint busy"):  # endpoint errors are run_bounded's, not re-asked here
+        asyncio.run(ask_until_valid(boom, first, 3, positive, describe_value_error, "number object"))
+    assert len(boom.asked) == 1
+
+
+def test_retries_run_out_on_a_transient_error_raised_by_hand_and_every_wait_is_the_backoff() -> None:
+    calls = {"n": 0}
+
+    async def always_busy(item: int) -> int:
+        calls["n"] += 1
+        raise TransientError("busy", retry_after=None if calls["n"] % 2 else 0.3)
+
+    sleeps = Sleeps()
+    limits = Limits(max_in_flight=1, retries=3, timeout_s=None, backoff_base_s=1.0, backoff_max_s=2.0)
+    [result] = asyncio.run(run_bounded([1], always_busy, limits, sleep=sleeps, seed=5))
+    assert not result.ok and result.transient and result.attempts == 4 and calls["n"] == 4
+    assert result.error == "TransientError: busy" and isinstance(result.exception, TransientError)
+    assert len(sleeps.waits) == 3  # between the attempts only, none after the last
+    assert 0.5 <= sleeps.waits[0] <= 1.0 and sleeps.waits[1] == 0.3 and 1.0 <= sleeps.waits[2] <= 2.0

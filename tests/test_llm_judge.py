@@ -18,8 +18,9 @@ from sqlalchemy import select
 from flywheel.context import Context
 from flywheel.data.labels import add_label
 from flywheel.errors import InfrastructureError, NotFoundError
-from flywheel.evals.judge import judge_failures, untrusted_block, verdict_schema
+from flywheel.evals.judge import judge_failures, verdict_schema
 from flywheel.evals.rule_judge import NO_FINDING_REASON
+from flywheel.prompts.fence import untrusted_block
 from flywheel.records import Failure, FailureStatus, Interaction, Message, Reference, Signals, ToolCall, ToolCallFunction
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo

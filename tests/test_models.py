@@ -9,17 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flywheel.demo.tiny_model import CHAT_TEMPLATE, EOS, build_tiny_model, tiny_corpus
 from flywheel.errors import UserInputError
-from flywheel.trainer.models import (
-    ADAPTER_WEIGHTS,
-    CHAT_TEMPLATE,
-    EOS,
-    Generation,
-    LocalModel,
-    build_tiny_model,
-    check_adapter_folder,
-    tiny_corpus,
-)
+from flywheel.inference.folders import ADAPTER_WEIGHTS, check_adapter_folder
+from flywheel.inference.local_model import Generation, LocalModel
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I want a refund"}]
 CONV2 = [{"role": "user", "content": "Where is my order?"}]
@@ -27,8 +20,8 @@ CONV3 = [{"role": "user", "content": "Can you waive the fee for my account this 
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus(), vocab_size=300, hidden=64)
+def base(tiny_model_dir_h64: Path) -> Path:
+    return tiny_model_dir_h64  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,9 @@ def test_stop_releases_a_delayed_request_quickly() -> None:
 
     worker = threading.Thread(target=call)
     worker.start()
+    deadline = time.monotonic() + 20
     while not server.chat_requests:
+        assert time.monotonic() < deadline, "the delayed request never reached the server"
         time.sleep(0.01)
     server.stop()
     worker.join(timeout=10)

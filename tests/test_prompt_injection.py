@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import build_base, fresh_adapter, log_line, seed_project
+from agent_helpers import fresh_adapter, log_line, seed_project
 from rich.console import Console
 from sqlalchemy import func, select
 
-from flywheel import registry
 from flywheel.agent import runs
 from flywheel.agent.chat import ChatSession, TerminalView
 from flywheel.agent.runner import decide, pending_approvals
 from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.errors import PolicyViolation
-from flywheel.settings import GateSettings, load_settings
+from flywheel.release import registry
+from flywheel.settings import load_settings
+from flywheel.settings_sections import GateSettings
 from flywheel.store.schema import alias_events, approvals, effects
 from flywheel.tools.registry import build_tools
 from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
@@ -50,8 +51,8 @@ NOT_TOOLS = {"promote_model", "approve", "switch_alias", "update_settings"}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
 
 
 def obedient_model(request: ChatRequest) -> Reply:

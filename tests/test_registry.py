@@ -10,11 +10,12 @@ import pytest
 from release_helpers import add_dataset, add_samples, candidate, make_adapter
 from sqlalchemy import func, select
 
-from flywheel import approvals, registry
 from flywheel.cli import main
 from flywheel.errors import NotFoundError, PolicyViolation, UserInputError
 from flywheel.records import SampleTier
+from flywheel.release import approvals, registry
 from flywheel.settings import load_settings
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store, open_store
 from flywheel.store.schema import alias_events, approvals as approvals_table, tier_moves
 
@@ -44,7 +45,7 @@ def _aliases(store: Store) -> dict[str, str]:
     routing = registry.current_routing(store)
     out = {"champion": routing.champion}
     with store.engine.connect() as conn:
-        for name, (target, _share) in registry.alias_map(conn).items():
+        for name, (target, _share) in version_store.alias_map(conn).items():
             out[name] = target
     return out
 

@@ -164,3 +164,20 @@ def test_flywheel_training_curve_files_load_with_one_series_per_split(tmp_path: 
                                 "eval": [{"step": 5, "epoch": 0.5, "loss": 1.5}]}), encoding="utf-8")
     curve = load_curve(path)
     assert curve == {"train_loss": [(1.0, 2.0), (5.0, 1.0)], "eval_loss": [(5.0, 1.5)]}
+
+
+def test_every_logged_or_named_string_is_escaped_and_never_rendered_as_a_template(settings: Settings) -> None:
+    before, after = champion(), candidate()
+    hostile_detail = '"><script>alert(2)</script>'
+    before["test"] = compute_metrics("test", [*before["test"].outcomes, ItemOutcome(id="h1", intent="cards")], TYPES)
+    after["test"] = compute_metrics("test", [*after["test"].outcomes, ItemOutcome(id="h1", intent="cards", answer='{{ "pwn" ~ "ed" }}',
+                                    findings=[Finding(problem_type="format_error", severity="low", check="schema", detail=hostile_detail)])], TYPES)
+    gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
+    name = ModelRef(name=EVIL, base_model="{% raw %}<b>", adapter_path="/a/{{ x }}")
+    report = write_report(settings, name, CHAMPION, before, after, gate, set_sources={"test": EVIL}, notes=[EVIL, '{{ "pwn" ~ "ed" }}', "{# gone? #}"])
+    html = report.path_html.read_text()
+    assert "<script" not in html.lower() and "<b>" not in html
+    assert html.count("&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;") >= 4  # title, header, set source, note
+    assert 'title="schema: &quot;&gt;&lt;script&gt;alert(2)&lt;/script&gt;"' in html  # cannot leave the attribute
+    assert html.count("{{ &quot;pwn&quot; ~ &quot;ed&quot; }}") == 2 and "pwned" not in html  # the answer and the note, as text
+    assert "{# gone? #}" in html and "{% raw %}&lt;b&gt;" in html and "/a/{{ x }}" in html

@@ -257,7 +257,8 @@ def test_select_command_picks_diverse_unlabelled_failures_within_the_budget(proj
 
 
 def test_select_command_ranks_by_the_production_model(project: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
-    from flywheel.trainer.models import LocalModel, build_tiny_model, tiny_corpus
+    from flywheel.demo.tiny_model import build_tiny_model, tiny_corpus
+    from flywheel.inference.local_model import LocalModel
     from flywheel.trainer.selection import model_features
 
     base = build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus(), vocab_size=300, hidden=32, layers=1, heads=2)
@@ -271,3 +272,26 @@ def test_select_command_ranks_by_the_production_model(project: Path, tmp_path_fa
     features = model_features(LocalModel(base), [[{"role": "user", "content": t}] for t in TEXTS])
     expected = [f"f{i}" for i in np.argsort(features["top1"], kind="stable")[:3]]
     assert picked == expected
+
+
+def test_kmeans_keeps_a_pick_in_each_rare_cluster() -> None:
+    # one common intent and seven rare ones: no centre of a rare cluster may be moved into the common one
+    for seed in range(3):
+        points, labels, _ = clusters([3000] + [20] * 7, seed=seed)
+        c = Candidates(ids=[str(i) for i in range(len(points))], embeddings=points)
+        assert sorted({int(labels[int(i)]) for i in select(c, "kmeans", 8, seed=seed)}) == list(range(8))
+
+
+def test_kmeans_and_projected_kcenter_repeat_for_a_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flywheel.trainer.selection as selection
+
+    rng = np.random.default_rng(4)
+    c = Candidates(ids=[f"c{i}" for i in range(600)], embeddings=rng.standard_normal((600, 48)).astype(np.float32))
+    first = select(c, "kmeans", 30, seed=2)
+    assert first == select(c, "kmeans", 30, seed=2) and len(set(first)) == 30
+    assert first != select(c, "kmeans", 30, seed=3)
+    monkeypatch.setattr(selection, "PROJECT_ABOVE", 0)  # force the projection path
+    monkeypatch.setattr(selection, "PROJECT_DIMS", 16)
+    projected = select(c, "kcenter", 30, seed=2)
+    assert projected == select(c, "kcenter", 30, seed=2) and len(set(projected)) == 30
+    assert projected != select(c, "kcenter", 30, seed=3)

@@ -13,7 +13,7 @@ from openai_server import OpenAIServer, Reply
 from release_helpers import candidate
 from serve_helpers import Running, chat, running_gateway, wait_until
 
-from flywheel import registry
+from flywheel.release import registry
 from flywheel.serve import keys
 from flywheel.serve.backends import ProxyBackend, lora_name
 from flywheel.store import interactions as interaction_repo
@@ -230,7 +230,7 @@ def test_proxy_rejects_a_bad_upstream_url() -> None:
 
 
 def test_closed_versions_are_not_served(gw: Running, store: Store) -> None:
-    from flywheel import approvals
+    from flywheel.release import approvals
 
     approvals.reject(store, "v2", "alice", "worse on refunds")
     response = chat(gw.http(), model="v2")

@@ -11,19 +11,19 @@ import pytest
 from langchain_openai import ChatOpenAI
 from serve_helpers import Running, chat, running_gateway, wait_until
 
-from flywheel import registry
 from flywheel.errors import UserInputError
+from flywheel.inference.local_model import LocalModel
+from flywheel.release import registry
 from flywheel.serve.backends import BuiltinBackend
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
-from flywheel.trainer.models import LocalModel, build_tiny_model, tiny_corpus
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I would like a refund for my last order."}]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus(), vocab_size=300, hidden=64)
+def base(tiny_model_dir_h64: Path) -> Path:
+    return tiny_model_dir_h64  # built once per session (tests/conftest.py)
 
 
 def _adapter(base: Path, out: Path, seed: int) -> Path:

@@ -15,9 +15,9 @@ from conftest import PG_ADMIN_DSN
 from openai_server import OpenAIServer
 from serve_helpers import chat, running_gateway, serve_settings
 
-from flywheel import registry
 from flywheel.data.triage import TriageSummary, capture_new, matched_rules
 from flywheel.records import utcnow
+from flywheel.release import registry
 from flywheel.serve.backends import ProxyBackend
 from flywheel.serve.capture import Capture, Served
 from flywheel.serve.feedback import FeedbackItem

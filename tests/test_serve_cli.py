@@ -15,8 +15,8 @@ import httpx
 import pytest
 from openai_server import OpenAIServer
 
-from flywheel import registry
 from flywheel.cli import main
+from flywheel.release import registry
 from flywheel.serve.keys import hash_key
 from flywheel.settings import load_settings
 from flywheel.store import interactions as interaction_repo

@@ -14,7 +14,7 @@ from openai_server import OpenAIServer
 from release_helpers import candidate
 from serve_helpers import Running, chat, running_gateway, wait_until
 
-from flywheel import approvals, canary, registry
+from flywheel.release import approvals, canary, registry
 from flywheel.serve.backends import ProxyBackend
 from flywheel.serve.routing import bucket
 from flywheel.store import interactions as interaction_repo

@@ -12,30 +12,32 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
-from agent_helpers import build_base, seed_project
+from agent_helpers import seed_project
 from slack_api_server import SlackApiServer
 from slack_bolt.request import BoltRequest
 from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
-from flywheel import registry
 from flywheel.agent import runs
-from flywheel.agent.approval import PendingApproval
 from flywheel.agent.runner import decide, pending_approvals, start_run
 from flywheel.agent.schedule import Daemon
-from flywheel.agent.slack import SlackApprovals, SlackTokens, approval_key, build_app, web_client
-from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
+from flywheel.agent.slack import SlackApprovals, SlackTokens, approval_key, web_client
+from flywheel.agent.slack_app import build_app
 from flywheel.agent.slack_blocks import ACTION_APPROVE, ACTION_REJECT, VIEW_REJECT, ApprovalRef, report_link
+from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, SettingsError
 from flywheel.records import utcnow
+from flywheel.release import registry
+from flywheel.release.decisions import PendingApproval
 from flywheel.settings import load_settings
 from flywheel.store.schema import approvals, effects
 
@@ -65,13 +67,13 @@ def _settings(project: Path, server: SlackApiServer, store_url: str | None = Non
 
 
 @pytest.fixture(scope="module")
-def waiting_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project whose heuristic cycle trained and evaluated v2 and waits for its approval."""
+def waiting_project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A project whose heuristic cycle trained and evaluated v2 and waits for its approval. It trains a
+    model: the tests that use it are marked slow."""
     root = tmp_path_factory.mktemp("slack-template")
-    base = build_base(root / "base")
     project = root / "project"
     project.mkdir()
-    seed_project(project, base)
+    seed_project(project, tiny_model_dir)
     ctx = Context(settings=load_settings(project))
     try:
         outcome = start_run(ctx, "run", "heuristic")
@@ -147,9 +149,23 @@ def _count(ctx: Context, table: Any, *where: Any) -> int:
 
 
 @pytest.fixture
-def http_app(waiting: Context, slack: SlackApiServer) -> Iterator[tuple[SlackApprovals, SlackHttpServer]]:
+def lazy_work() -> Iterator[ThreadPoolExecutor]:
+    """Bolt's lazy listeners on one thread, in arrival order (build_app's `executor`). Bolt queues a request's
+    lazy function before it answers the request, so once `_settled` returns, the lazy work of every request
+    answered before has run to its end: what it did not do by then, it will not do."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slack-worker")
+    yield executor
+    executor.shutdown(wait=True)
+
+
+def _settled(lazy_work: ThreadPoolExecutor) -> None:
+    lazy_work.submit(lambda: None).result(timeout=120)
+
+
+@pytest.fixture
+def http_app(waiting: Context, slack: SlackApiServer, lazy_work: ThreadPoolExecutor) -> Iterator[tuple[SlackApprovals, SlackHttpServer]]:
     approvals_ = SlackApprovals(waiting, web_client(waiting.settings, TOKENS.bot_token))
-    server = SlackHttpServer(build_app(approvals_, TOKENS, "http"), SECRET, "127.0.0.1", 0).start()
+    server = SlackHttpServer(build_app(approvals_, TOKENS, "http", executor=lazy_work), SECRET, "127.0.0.1", 0).start()
     yield approvals_, server
     server.stop()
 
@@ -224,7 +240,9 @@ def test_posting_is_idempotent_and_survives_a_lost_answer(any_store: Any, slack:
 # --- HTTP mode: signatures, clicks, retries ---------------------------------------------------------------------------
 
 
-def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context) -> None:
+@pytest.mark.slow
+def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context,
+                                                              lazy_work: ThreadPoolExecutor) -> None:
     approvals_, server = http_app
     posted = approvals_.post(pending_approvals(waiting)[0])
     ref = ApprovalRef.of(pending_approvals(waiting)[0])
@@ -243,13 +261,15 @@ def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[S
         "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=stale, body=body) or ""}))
     assert bolt_answer.status == 401
     assert httpx.get(server.url.replace("/slack/events", "/healthz")).text == "ok"
-    time.sleep(0.3)
+    _settled(lazy_work)  # whatever these requests could have started has finished
     assert _count(waiting, approvals) == 0 and slack.calls_to("chat.update") == [] and slack.ephemeral == []
     assert runs.get_run(waiting.store, ref.run_id).state == "waiting_approval"
 
 
+@pytest.mark.slow
 def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
     http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    lazy_work: ThreadPoolExecutor,
 ) -> None:
     approvals_, server = http_app
     assert approvals_.sync() == {"posted": 1, "closed": 0}
@@ -290,7 +310,7 @@ def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
     calls_before, told_before = len(slack.calls), len(slack.ephemeral)
     retry = _post(server.url, click, headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
     assert retry.status_code == 200
-    time.sleep(0.5)
+    _settled(lazy_work)  # the retry's lazy work has run to its end
     assert len(slack.calls) == calls_before and len(slack.ephemeral) == told_before and _count(waiting, approvals) == 1
 
     # a second click on the decided request, by another approver: "already decided", to them only
@@ -301,6 +321,7 @@ def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
     assert len(slack.calls_to("chat.update")) == 1
 
 
+@pytest.mark.slow
 def test_reject_asks_why_in_a_dialog_then_rejects_with_that_reason(http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context) -> None:
     approvals_, server = http_app
     posted = approvals_.post(pending_approvals(waiting)[0])
@@ -326,12 +347,13 @@ def test_reject_asks_why_in_a_dialog_then_rejects_with_that_reason(http_app: tup
 # --- Socket Mode ------------------------------------------------------------------------------------------------------
 
 
-def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(project: Path, slack: SlackApiServer) -> None:
+def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(project: Path, slack: SlackApiServer,
+                                                                               lazy_work: ThreadPoolExecutor) -> None:
     ctx = Context(settings=_settings(project, slack, slack={"mode": "socket"}))
     handler = None
     try:
         approvals_ = SlackApprovals(ctx, web_client(ctx.settings, TOKENS.bot_token))
-        app = build_app(approvals_, SlackTokens(TOKENS.bot_token, TOKENS.app_token, ""), "socket")
+        app = build_app(approvals_, SlackTokens(TOKENS.bot_token, TOKENS.app_token, ""), "socket", executor=lazy_work)
         handler = socket_mode_handler(app, TOKENS)
         assert handler.app_token == "xapp-test-token" and handler.client.app_token == "xapp-test-token"
         handler.connect()
@@ -353,7 +375,7 @@ def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(p
         replies = slack.wait_for(lambda: [m for m in slack.messages() if m.get("thread_ts")], what="the thread reply")
         assert replies[0]["thread_ts"] == "1700000030.000100" and "No approvals pending" in replies[0]["text"]
         slack.socket.ack_for(slack.socket.push("events_api", mention, retry_attempt=1))  # Slack's retry of the event
-        time.sleep(0.5)
+        _settled(lazy_work)  # acked after Bolt queued its lazy work, which has now run to its end
         assert len([m for m in slack.messages() if m.get("thread_ts")]) == 1
     finally:
         if handler is not None:
@@ -364,6 +386,7 @@ def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(p
 # --- the daemon's side ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_daemon_posts_pending_approvals_and_closes_those_decided_in_a_terminal(waiting: Context, slack: SlackApiServer) -> None:
     daemon = Daemon(waiting, slack_mode="http", port=0, tokens=TOKENS).start()
     try:
@@ -375,7 +398,8 @@ def test_daemon_posts_pending_approvals_and_closes_those_decided_in_a_terminal(w
         slack.wait_for(lambda: slack.calls_to("chat.update"), what="the closing update")
         text = json.dumps(slack.messages()[0]["blocks"])
         assert "v2 promoted to champion, approved by carol (terminal)" in text
-        time.sleep(0.6)  # a few more sync rounds change nothing
+        rounds = daemon.slack_sync_rounds  # a few more sync rounds, all begun after the close was seen, change nothing
+        slack.wait_for(lambda: daemon.slack_sync_rounds >= rounds + 3, what="three more sync rounds")
         assert len(slack.calls_to("chat.update")) == 1 and len(slack.messages()) == 1
     finally:
         assert daemon.stop() == []
@@ -441,6 +465,7 @@ def test_slack_test_with_slack_out_of_reach_is_one_line_exit_4(project: Path, mo
     assert err.startswith(f"error: Slack auth.test failed: cannot reach Slack at {url}: ") and "refused" in err.lower()
 
 
+@pytest.mark.slow
 def test_the_daemon_logs_a_refused_token_in_one_line_and_retries_until_slack_takes_it(
     waiting: Context, slack: SlackApiServer, caplog: pytest.LogCaptureFixture,
 ) -> None:

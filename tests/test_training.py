@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from flywheel.demo.tiny_model import build_tiny_model, tiny_corpus
 from flywheel.errors import UserInputError
-from flywheel.settings import TrainSettings
+from flywheel.inference.folders import ADAPTER_WEIGHTS
+from flywheel.inference.local_model import LocalModel
+from flywheel.settings_sections import TrainSettings
 from flywheel.trainer import recipes
-from flywheel.trainer.models import ADAPTER_WEIGHTS, LocalModel, build_tiny_model, tiny_corpus
+from flywheel.trainer.examples import load_examples
 
 QUESTIONS = ["I want a refund", "Where is my order", "Can you waive the fee", "Talk to a human"]
 ANSWERS = [
@@ -55,6 +58,7 @@ def hyper(**overrides) -> TrainSettings:
     return TrainSettings(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Path) -> None:
     data = write_snapshot(tmp_path / "sft", "sft", extra_rows=["not json", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})])
     spec = recipes.build_spec(hyper(early_stopping_patience=2), data, base_model=base)  # best model kept at the end
@@ -99,6 +103,7 @@ def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Pa
     assert all(a > b + 1.0 for a, b in zip(after, before))
 
 
+@pytest.mark.slow
 def test_dpo_run_prefers_chosen(base: Path, tmp_path: Path) -> None:
     data = write_snapshot(tmp_path / "dpo", "dpo")
     spec = recipes.build_spec(hyper(epochs=3.0, learning_rate=1e-2), data, base_model=base)
@@ -132,7 +137,7 @@ def _loss(trainer, weights: list[float]) -> float:
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_weights_scale_each_samples_loss(base: Path, tmp_path: Path, method: str) -> None:
     data = write_snapshot(tmp_path / method, method, n_train=2, n_heldout=0)
-    rows, _ = recipes.load_examples(data, "train", method)
+    rows, _ = load_examples(data, "train", method)
     rows[0]["weight"], rows[1]["weight"] = 2.5, 0.5
     spec = recipes.build_spec(hyper(), data, base_model=base)
     trainer = recipes.make_trainer(spec, rows, [], tmp_path / "ckpt")
@@ -173,7 +178,7 @@ def test_bad_rows_are_skipped_and_an_empty_snapshot_refused(base: Path, tmp_path
             json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "weight": -1}),
         ]) + "\n"
     )
-    examples, skipped = recipes.load_examples(data, "train", "sft")
+    examples, skipped = load_examples(data, "train", "sft")
     assert examples == []
     assert [(s.where, s.why.split()[0]) for s in skipped] == [
         ("train.jsonl:1", "not"), ("train.jsonl:2", "messages"), ("train.jsonl:3", "a"), ("train.jsonl:4", "weight"),

@@ -17,7 +17,8 @@ from flywheel.context import Context
 from flywheel.data import triage as triage_module
 from flywheel.data.triage import capture, failure_text, select_within_budget, triage
 from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals, interaction_hash
-from flywheel.settings import RuleSettings, load_settings
+from flywheel.settings import load_settings
+from flywheel.settings_sections import RuleSettings
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
 from flywheel.store.failures import failure_from_row, failure_id_for
@@ -119,6 +120,59 @@ def test_rules_can_be_switched_off() -> None:
     assert capture(make(3, "q", "a", followups=3), rules) is None
     assert capture(make(4, "q", "a", feedback="down", user_tier="vip"), rules) is None
     assert capture(make(5, "q", "a", followups=4), rules).rule == "repeated_followups"
+
+
+SWITCHED_OFF = [
+    ({"thumbs_down": False}, {"feedback": "down"}),
+    ({"escalation": False}, {"escalated_to_human": True}),
+    ({"complaint": False}, {"complaint": "The bot was rude"}),
+    ({"qa_verdicts": ["Reject"]}, {"qa_verdict": "Risk"}),
+    ({"followups_min": 4}, {"followups": 3}),
+]
+
+
+@pytest.mark.parametrize(("switch", "signals"), SWITCHED_OFF)
+def test_a_rule_switched_off_no_longer_keeps_its_rows_out_of_replay(any_store: Store, switch: dict, signals: dict) -> None:
+    """The rules are defined once: what capture no longer takes, stable selection (replay, usual replies)
+    offers, on both databases; a rule still on (high_value_negative for a VIP's complaint) still keeps it out."""
+    from flywheel.data.rules import matched_rules
+    from flywheel.data.stable import stable_answers
+    from flywheel.trainer.replay import stable_production_rows
+
+    on = any_store.settings
+    off = on.model_copy(update={"rules": on.rules.model_copy(update=switch)})
+    answer = "Your new card arrives within a week."
+    only_that_rule = make(1, "When does my card arrive?", answer, **signals)
+    vip = make(2, "Where is my card?", answer, user_tier="VIP", **signals)
+    quiet = make(3, "Has my card shipped?", answer)
+    interaction_repo.insert(any_store, [only_that_rule, vip, quiet])
+    negative = not {"feedback", "escalated_to_human", "complaint"}.isdisjoint(signals)
+    assert matched_rules(only_that_rule, on.rules) and not matched_rules(only_that_rule, off.rules)
+    assert matched_rules(vip, off.rules) == (["high_value_negative"] if negative else [])
+
+    offered = {quiet.id, only_that_rule.id} | (set() if negative else {vip.id})
+    assert {i.id for i in stable_answers(any_store, off, 10)} == offered
+    replay = stable_production_rows(Context(settings=off, _store=any_store), 10)
+    assert {r.id for r in replay} == {f"replay-{i}" for i in offered}
+    # With every rule on, only the quiet one is stable.
+    assert {i.id for i in stable_answers(any_store, on, 10)} == {quiet.id}
+    assert {r.id for r in stable_production_rows(Context(settings=on, _store=any_store), 10)} == {f"replay-{quiet.id}"}
+
+    # Capture agrees: with the rule off, triage takes only what stable selection leaves out.
+    summary = triage_module.TriageSummary()
+    triage_module.capture_new(any_store, off.rules, summary)
+    assert set(all_failures(any_store)) == {only_that_rule.id, vip.id, quiet.id} - offered
+    assert {i.id for i in stable_answers(any_store, off, 10)} == offered
+
+
+def test_stable_answers_put_thumbs_up_first_on_both_databases(any_store: Store) -> None:
+    """NULL feedback must not sort ahead of thumbs-up: PostgreSQL puts NULL first under DESC."""
+    from flywheel.data.stable import stable_answers
+
+    answer = "Your new card arrives within a week."
+    rows = [make(1, "a?", answer), make(2, "b?", answer, feedback="up"), make(3, "c?", answer), make(4, "d?", answer, feedback="up")]
+    interaction_repo.insert(any_store, rows)
+    assert [i.id for i in stable_answers(any_store, any_store.settings, 2)] == [rows[1].id, rows[3].id]
 
 
 def test_failure_text_holds_the_last_question_and_the_answer() -> None:

@@ -191,3 +191,31 @@ def test_unreachable_server_is_an_infrastructure_error(project: Path) -> None:
     settings = load_settings(project, chroma={"host": "127.0.0.1", "port": _free_port()})
     with pytest.raises(InfrastructureError, match=r"cannot open the vector index at 127\.0\.0\.1:\d+"):
         open_index(settings)
+
+
+# The first 8 components of three vectors and two cosines, computed with the hand-written mean pooling that
+# came before sentence-transformers (issue 10): stored indexes were built with these, so they must not move.
+REFERENCE = {
+    "Where is my refund?": [-0.03488, -0.006559, 0.037453, 0.048023, 0.046198, -0.004889, 0.047654, 0.01388],
+    "How do I reset my password?": [0.006903, -0.063023, -0.072044, -0.032496, -0.042709, 0.070429, 0.009074, 0.015408],
+    "": [-0.118838, 0.048299, -0.002548, -0.011011, 0.051951, 0.010292, 0.115433, 0.000701],
+}
+
+
+def test_vectors_are_the_ones_stored_indexes_were_built_with(embedder: Embedder) -> None:
+    texts = [*REFERENCE, "When will I get my money back?"]
+    vectors = embedder.embed(texts)
+    for row, text in enumerate(REFERENCE):
+        np.testing.assert_allclose(vectors[row, :8], REFERENCE[text], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert float(vectors[0] @ vectors[3]) == pytest.approx(0.60564, abs=1e-5)  # refund, paraphrased
+    assert float(vectors[0] @ vectors[1]) == pytest.approx(0.248269, abs=1e-5)  # refund, password
+
+
+def test_long_texts_are_cut_at_256_tokens_and_repeats_are_embedded_once(embedder: Embedder) -> None:
+    cut, cut_too, whole = embedder.embed(["x " * 300, "x " * 400, "x " * 100])
+    np.testing.assert_array_equal(cut, cut_too)  # both past 256 tokens: the same first 256
+    assert float(cut @ whole) < 0.99
+    repeated = embedder.embed(["refund", "password", "refund"])
+    np.testing.assert_array_equal(repeated[0], repeated[2])
+    np.testing.assert_allclose(repeated[1], embedder.embed(["password"])[0], atol=1e-5)

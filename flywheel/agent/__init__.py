@@ -2,6 +2,6 @@
 
 Entry points for every way in (CLI, chat, daemon, Slack) are in flywheel.agent.runner: `start_run`,
 `resume_run`, `decide`, `pending_approvals`, `run_in_progress`. The graph is flywheel.agent.graph,
-its policies flywheel.agent.policies, the approval and promotion rules flywheel.agent.approval, the
-tools flywheel.tools.
+its policies flywheel.agent.policies, the tools flywheel.tools. The approval and promotion rules the
+graph applies are release code: flywheel.release.decisions.
 """

@@ -17,14 +17,15 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.markup import escape
 
-from flywheel import approvals
 from flywheel.agent import runs
-from flywheel.agent.approval import Decision, PendingApproval
 from flywheel.agent.plan import ProposedPlan
 from flywheel.agent.policies import Policy, choose_policy
 from flywheel.agent.runner import AgentEvent, RunOutcome, new_run_id, send_message, start_run
 from flywheel.context import Context
 from flywheel.errors import PolicyViolation
+from flywheel.release import approvals
+from flywheel.release.decisions import PendingApproval
+from flywheel.release.records import Decision
 from flywheel.settings import Settings
 
 Read = Callable[[str], str]

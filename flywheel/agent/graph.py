@@ -23,7 +23,7 @@ and runs it with `durability="sync"`, so every step is on disk before the next o
   re-run returns the recorded result instead of acting twice. The training-run budget is enforced here.
 - approval: when a tool result says a candidate passed its gate (and, with canary.before_approval, its
   canary was observed and not rolled back), re-reads the registry and, if the candidate still needs a
-  decision, pauses with `interrupt(PendingApproval)` (flywheel.agent.approval).
+  decision, pauses with `interrupt(PendingApproval)` (flywheel.release.decisions).
 - promotion: applies the decision (record, promote or reject) with every check in code.
 
 Test hook (inert unless set): FLYWHEEL_TEST_PAUSE_AT names a point, "supervisor", "approval",
@@ -46,15 +46,15 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 from pydantic import ValidationError
 
-from flywheel import registry
-from flywheel.agent import approval as approval_rules
 from flywheel.agent import plan as plan_rules
 from flywheel.agent import runs
 from flywheel.agent.policies import Policy
 from flywheel.agent.state import AgentState
 from flywheel.errors import InfrastructureError, JobFailed, PolicyViolation, ToolInputError, UserInputError
+from flywheel.release import decisions, registry
+from flywheel.release.records import Decision
 from flywheel.settings import Settings
-from flywheel.tools.registry import PROGRESS_KEY, ToolRegistry, render_result
+from flywheel.tools.registry import ToolRegistry, render_result
 
 NODES = ("supervisor", "plan", "tools", "approval", "promotion")
 PAUSE_ENV, PAUSE_FILE_ENV = "FLYWHEEL_TEST_PAUSE_AT", "FLYWHEEL_TEST_PAUSE_FILE"
@@ -163,25 +163,24 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
         cycle = state.get("cycle") or {}
         checked = {"approval_checked": [cycle.get("candidate"), cycle.get("report_hash")]}
         target = registry.resolve(ctx.store, cycle["candidate"])
-        with ctx.store.engine.connect() as conn:
-            champion = registry.alias_map(conn).get(registry.CHAMPION, (None, None))[0]
-        decision, decided_in = approval_rules.stored_decision(ctx, target)
+        champion = registry.alias_target(ctx.store, registry.CHAMPION)
+        decision, decided_in = decisions.stored_decision(ctx, target)
         # A decision recorded for this run (by `decide`, or before a crash) is applied whatever the
         # version's status became since: a rejection has already closed it.
         if decided_in != run_id_of(state):
-            skip = approval_rules.skip_reason(target, champion)
+            skip = decisions.skip_reason(target, champion)
             if skip:
                 return {"cycle": checked, "decision": None, "approval_error": None}
         if decision is None:
-            pending = approval_rules.build_pending(ctx, run_id_of(state), target, champion, refused=state.get("approval_error"))
+            pending = decisions.build_pending(ctx, run_id_of(state), target, champion, refused=state.get("approval_error"))
             runs.update_run(ctx.store, run_id_of(state), pending=pending.model_dump(mode="json"))
             pause_point("approval")
             answer = interrupt(pending.model_dump(mode="json"))
             try:
-                decision = approval_rules.Decision.parse(answer)
+                decision = Decision.parse(answer)
             except UserInputError as exc:
                 return {"approval_error": str(exc), "decision": None}
-            problem = approval_rules.refusal(ctx, target, decision)
+            problem = decisions.refusal(ctx, target, decision)
             if problem:
                 return {"approval_error": problem, "decision": None}
         return {"decision": decision.as_dict(), "approval_error": None, "cycle": checked}
@@ -192,9 +191,9 @@ def build_graph(settings: Settings, policy: Policy, tools: ToolRegistry) -> Stat
         return "approval" if state.get("approval_error") else "supervisor"
 
     def promotion(state: AgentState) -> dict[str, Any]:
-        decision = approval_rules.Decision.parse(state["decision"])
+        decision = Decision.parse(state["decision"])
         version = (state.get("cycle") or {})["candidate"]
-        outcome = approval_rules.apply_decision(ctx, run_id_of(state), version, decision)
+        outcome = decisions.apply_decision(ctx, run_id_of(state), version, decision)
         pause_point("promotion")
         return {"outcome": outcome.model_dump(mode="json"), "decision": None, "messages": [AIMessage(content=outcome.sentence())]}
 
@@ -281,7 +280,7 @@ def _execute(tools: ToolRegistry, name: str, args: dict[str, Any], writer: Any) 
     InfrastructureError (and bugs)."""
     ctx = tools.ctx
     writer({"tool": name, "message": f"running {name}"})
-    ctx.extras[PROGRESS_KEY] = lambda data: writer({"tool": name, **data})
+    ctx.progress = lambda data: writer({"tool": name, **data})
     try:
         result = tools.call(name, args)
     except InfrastructureError:
@@ -289,7 +288,7 @@ def _execute(tools: ToolRegistry, name: str, args: dict[str, Any], writer: Any) 
     except MODEL_ERRORS as exc:
         return {"ok": False, "content": f"error: {_one_line(exc)}", "facts": {}}
     finally:
-        ctx.extras.pop(PROGRESS_KEY, None)
+        ctx.progress = None
     spec = tools.spec(name)
     facts = spec.facts(result) if spec.facts else {}
     return {"ok": True, "content": render_result(result), "facts": facts}

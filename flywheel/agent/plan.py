@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
-from flywheel import registry
 from flywheel.errors import NotFoundError
 from flywheel.records import Record
+from flywheel.release import registry
 from flywheel.store import failures as failure_repo
 from flywheel.tools.labels import labelling_budget_left
 

@@ -13,8 +13,8 @@ asked to fix or improve something.
 
 `LLMPolicy` is a langchain-openai chat model with the registry's tools bound and the system prompt
 prompts/supervisor.md (the taxonomy, the read-only gate, the current PipelineStatus filled in).
-Transient endpoint errors are retried with the shared backoff rules; an endpoint that stays down
-raises InfrastructureError, which stops the run with a resumable checkpoint.
+Transient endpoint errors are retried (tenacity) with the shared backoff rules; an endpoint that stays
+down raises InfrastructureError, which stops the run with a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from flywheel.errors import InfrastructureError
 from flywheel.prompts import load_prompt
@@ -257,18 +258,28 @@ class LLMPolicy:
         from flywheel.llm import Limits, classify, one_line
 
         limits = Limits.from_settings(self.settings)
-        for attempt in range(limits.retries + 1):
-            try:
-                reply = bound.invoke(messages)
-                break
-            except Exception as exc:
-                if not _endpoint_error(exc):
-                    raise  # a bug, not the endpoint: keep its traceback
-                transient, retry_after = classify(exc)
-                if not transient or attempt == limits.retries:
-                    where = self.settings.llm.base_url or "the configured model"
-                    raise InfrastructureError(f"the supervisor's LLM at {where} failed: {one_line(exc)}") from exc
-                time.sleep(limits.backoff(attempt + 1, retry_after))
+
+        def wait(state: RetryCallState) -> float:
+            if state.attempt_number > limits.retries:  # the last attempt: no wait follows it
+                return 0.0
+            exc = state.outcome.exception() if state.outcome is not None else None
+            return limits.backoff(state.attempt_number, classify(exc)[1] if exc is not None else None)
+
+        # the shared rules (flywheel.llm's runner): transient endpoint errors only, with its backoff
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: _endpoint_error(exc) and classify(exc)[0]),
+            stop=stop_after_attempt(limits.retries + 1),
+            wait=wait,
+            sleep=lambda seconds: time.sleep(seconds),
+            reraise=True,  # the last error itself, not tenacity's RetryError
+        )
+        try:
+            reply = retrying(bound.invoke, messages)
+        except Exception as exc:
+            if not _endpoint_error(exc):
+                raise  # a bug, not the endpoint: keep its traceback
+            where = self.settings.llm.base_url or "the configured model"
+            raise InfrastructureError(f"the supervisor's LLM at {where} failed: {one_line(exc)}") from exc
         if not isinstance(reply, AIMessage):
             raise InfrastructureError(f"the supervisor's LLM returned {type(reply).__name__}, not a message")
         return AIMessage(content=reply.content, tool_calls=reply.tool_calls, invalid_tool_calls=reply.invalid_tool_calls,

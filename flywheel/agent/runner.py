@@ -32,9 +32,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.types import Command
 
-from flywheel import approvals, registry
 from flywheel.agent import runs
-from flywheel.agent.approval import Decision, PendingApproval
 from flywheel.agent.graph import build_graph
 from flywheel.agent.plan import ProposedPlan, is_plan
 from flywheel.agent.policies import Policy, choose_policy
@@ -42,6 +40,9 @@ from flywheel.agent.state import TRIGGERS, new_request
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError, PolicyViolation, UserInputError
 from flywheel.records import Record
+from flywheel.release import approvals, registry
+from flywheel.release.decisions import PendingApproval
+from flywheel.release.records import Decision
 from flywheel.settings import Settings
 from flywheel.tools.registry import build_tools
 
@@ -69,7 +70,7 @@ class RunOutcome(Record):
     state: str  # done | waiting_approval | stopped | failed
     message: str = ""  # the last thing the agent said
     pending: PendingApproval | None = None
-    outcome: dict[str, Any] | None = None  # what the promotion node did (flywheel.agent.approval.DecisionOutcome)
+    outcome: dict[str, Any] | None = None  # what the promotion node did (flywheel.release.decisions.DecisionOutcome)
     stop_reason: str | None = None
     error: str | None = None
     cycle: dict[str, Any] = {}
@@ -331,7 +332,7 @@ def decide(
 ) -> RunOutcome:
     """Answer a pending approval and resume the run to its promotion (or rejection).
 
-    The decision is recorded first, through flywheel.approvals: a wrong approver, a version someone
+    The decision is recorded first, through flywheel.release.approvals: a wrong approver, a version someone
     already decided differently, or a report that changed since the request is refused here
     (PolicyViolation) and nothing resumes. Raises NotFoundError when nothing waits on that id."""
     run = waiting_run(ctx, run_id_or_version)

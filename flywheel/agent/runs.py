@@ -1,4 +1,4 @@
-"""The `runs` table: one row per agent run (its id is also the LangGraph thread id), with its state.
+"""Agent runs (the `runs` table, flywheel.store.runs): one row per agent run (its id is also the LangGraph thread id), with its state.
 
 States:
   running           a process is driving the graph (its pid and host are recorded)
@@ -21,14 +21,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
-
 from flywheel.errors import NotFoundError
 from flywheel.proc import pid_alive
 from flywheel.records import Record, utcnow
+from flywheel.store import runs as run_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import effects, runs
 
 RUNNING, WAITING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "waiting_approval", "done", "stopped", "failed", "interrupted"
 RESUMABLE = (WAITING, DONE, STOPPED, FAILED, INTERRUPTED)
@@ -51,49 +48,34 @@ class RunRow(Record):
         return self.summary.get("host")
 
 
-def _row(row: Any) -> RunRow:
-    values = dict(row._mapping)
+def _row(values: dict[str, Any]) -> RunRow:
     values["summary"] = values.get("summary") or {}
     return RunRow.model_validate(values)
 
 
 def create_run(store: Store, run_id: str, trigger: str, policy: str) -> RunRow:
     now = utcnow()
-    with store.begin() as conn:
-        conn.execute(runs.insert().values(
-            id=run_id, trigger=trigger, state=RUNNING, policy=policy, summary={"host": socket.gethostname()},
-            pid=os.getpid(), created_at=now, updated_at=now,
-        ))
+    run_repo.insert_run(
+        store, id=run_id, trigger=trigger, state=RUNNING, policy=policy, summary={"host": socket.gethostname()},
+        pid=os.getpid(), created_at=now, updated_at=now,
+    )
     return get_run(store, run_id)
 
 
 def update_run(store: Store, run_id: str, **values: Any) -> None:
     """Set fields of a run. `summary` is merged into the stored one (the host stays)."""
-    with store.begin() as conn:
-        if "summary" in values:
-            current = conn.execute(select(runs.c.summary).where(runs.c.id == run_id)).scalar() or {}
-            values["summary"] = {**current, **(values["summary"] or {})}
-        conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=utcnow(), **values))
+    run_repo.update_run(store, run_id, **values)
 
 
 def claim_run(store: Store, run_id: str, from_states: Iterable[str] = RESUMABLE) -> bool:
     """Make this process the one driving the run, if it is in one of `from_states`. False: it is not
     (someone else is driving it, or it is in another state)."""
     get_run(store, run_id)  # turns a dead `running` row into `interrupted` first
-    with store.begin() as conn:
-        current = conn.execute(select(runs.c.summary).where(runs.c.id == run_id)).scalar() or {}
-        moved = conn.execute(
-            update(runs)
-            .where(runs.c.id == run_id, runs.c.state.in_(list(from_states)))
-            .values(state=RUNNING, pid=os.getpid(), error=None, updated_at=utcnow(),
-                    summary={**current, "host": socket.gethostname()})
-        ).rowcount
-    return moved == 1
+    return run_repo.claim_run(store, run_id, from_states, {"host": socket.gethostname()}, state=RUNNING, pid=os.getpid(), error=None)
 
 
 def find_run(store: Store, run_id: str) -> RunRow | None:
-    with store.engine.connect() as conn:
-        row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+    row = run_repo.find_run(store, run_id)
     return _reconcile(store, _row(row)) if row is not None else None
 
 
@@ -105,13 +87,7 @@ def get_run(store: Store, run_id: str) -> RunRow:
 
 
 def list_runs(store: Store, limit: int = 50, states: Iterable[str] | None = None) -> list[RunRow]:
-    query = select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
-    wanted = list(states or ())
-    if wanted:
-        query = query.where(runs.c.state.in_(wanted))
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).fetchall()
-    return [_reconcile(store, _row(r)) for r in rows]
+    return [_reconcile(store, _row(r)) for r in run_repo.list_runs(store, limit, list(states or ()))]
 
 
 def waiting_on(store: Store, version: str) -> list[RunRow]:
@@ -134,13 +110,7 @@ def _reconcile(store: Store, run: RunRow) -> RunRow:
     if run.state != RUNNING or process_alive(run.pid, run.host) is not False:
         return run
     note = f"the process driving it (pid {run.pid}) is gone; continue with `flywheel resume {run.id}`"
-    with store.begin() as conn:
-        conn.execute(
-            update(runs).where(runs.c.id == run.id, runs.c.state == RUNNING, runs.c.pid == run.pid)
-            .values(state=INTERRUPTED, error=note, updated_at=utcnow())
-        )
-        row = conn.execute(select(runs).where(runs.c.id == run.id)).one()
-    return _row(row)
+    return _row(run_repo.set_if(store, run.id, RUNNING, run.pid, state=INTERRUPTED, error=note))
 
 
 # --- effects: what was done once must not be done twice -----------------------------------------------------
@@ -148,16 +118,10 @@ def _reconcile(store: Store, run: RunRow) -> RunRow:
 
 def effect_result(store: Store, key: str) -> dict[str, Any] | None:
     """The result recorded under an effect key, or None when that effect has not happened."""
-    with store.engine.connect() as conn:
-        return conn.execute(select(effects.c.result).where(effects.c.key == key)).scalar()
+    return run_repo.effect_result(store, key)
 
 
 def record_effect(store: Store, key: str, kind: str, result: dict[str, Any] | None = None) -> bool:
     """Record that the effect `key` happened. False when it was recorded already (by anyone): then the
     caller must not act again. (The tool node keys tool calls; the Slack app can key its messages.)"""
-    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    stmt = (dialect.insert(effects).values(key=key[:200], kind=kind, result=result, created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["key"]).returning(effects.c.key))
-    with store.begin() as conn:
-        # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
-        return conn.execute(stmt).first() is not None
+    return run_repo.record_effect(store, key, kind, result)

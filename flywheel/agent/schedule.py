@@ -36,7 +36,8 @@ from typing import Any
 from flywheel.context import Context
 from flywheel.errors import FlywheelError, InfrastructureError, SettingsError, UserInputError
 from flywheel.records import stable_hash
-from flywheel.settings import Schedule, Settings
+from flywheel.settings import Settings
+from flywheel.settings_sections import Schedule
 
 log = logging.getLogger("flywheel.daemon")
 
@@ -245,6 +246,7 @@ class Daemon:
         self._slack_lock = threading.Lock()
         self._slack_retry_s = self.settings.slack.sync_interval_s
         self._stopping = False
+        self.slack_sync_rounds = 0  # Slack sync rounds completed: a test waits on it to know later rounds ran
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "Daemon":
@@ -307,7 +309,7 @@ class Daemon:
                                    jobstore="volatile", replace_existing=True, next_run_time=datetime.now(self.scheduler.timezone))
 
     def _open_slack(self) -> None:
-        from flywheel.agent.slack import build_app
+        from flywheel.agent.slack_app import build_app
         from flywheel.agent.slack_server import SlackHttpServer, socket_mode_handler
 
         tokens = self._slack_tokens
@@ -382,5 +384,6 @@ class Daemon:
         except FlywheelError as exc:
             log.warning("slack sync: %s", exc)
             return
+        self.slack_sync_rounds += 1
         if done["posted"] or done["closed"]:
             log.info("slack sync: %d request(s) posted, %d closed", done["posted"], done["closed"])

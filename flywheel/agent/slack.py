@@ -14,11 +14,11 @@ Pieces, top to bottom:
   channel's history, so a resume after a crash never posts twice). `decide` applies a click through
   flywheel.agent.runner.decide and updates the message; `sync` posts what waits and closes what was
   decided elsewhere (`flywheel approve` in a terminal).
-- `build_app`: the slack_bolt App. It runs with process_before_response=True and lazy listeners, in
-  both modes: the ack function answers Slack at once (within its 3 seconds) and claims the request,
-  then the lazy function does the slow part (the decision resumes the graph to its promotion) on
-  Bolt's worker threads, off the request thread. Refused: a bad or missing signature and a timestamp
-  older than five minutes (Bolt's RequestVerification, HTTP mode), a user not in
+- `build_app` (flywheel.agent.slack_app): the slack_bolt App. It runs with process_before_response=True
+  and lazy listeners, in both modes: the ack function answers Slack at once (within its 3 seconds) and
+  claims the request, then the lazy function does the slow part (the decision resumes the graph to its
+  promotion) on Bolt's worker threads, off the request thread. Refused: a bad or missing signature and a
+  timestamp older than five minutes (Bolt's RequestVerification, HTTP mode), a user not in
   approvals.slack_approvers, a click on a decided request ("already decided by X", to that user only),
   and Slack's retries (X-Slack-Retry-Num) or repeats of the same payload: every request is claimed in
   `effects` by what identifies it (event id, action timestamp, view id), and a second claim is a no-op.
@@ -31,24 +31,20 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select, update
-
 from flywheel.agent import runs
-from flywheel.agent.approval import DecisionOutcome, PendingApproval
 from flywheel.agent.slack_blocks import (
-    ACTION_APPROVE, ACTION_REJECT, EVENT_TYPE, VIEW_REJECT, ApprovalRef, MessageRef, approval_blocks,
-    escape, fallback_text, mention, parse_dialog, reject_dialog,
+    EVENT_TYPE, ApprovalRef, MessageRef, approval_blocks, escape, fallback_text, mention,
 )
 from flywheel.context import Context
 from flywheel.errors import FlywheelError, InfrastructureError, NotFoundError, PolicyViolation, SettingsError, UserInputError
 from flywheel.records import stable_hash
+from flywheel.release.decisions import DecisionOutcome, PendingApproval
 from flywheel.settings import Settings
-from flywheel.store.schema import effects
+from flywheel.store import runs as run_repo
 
 log = logging.getLogger("flywheel.slack")
 # Bolt reads SLACK_BOT_TOKEN itself and warns, at every build_app, that the client passed to it wins:
@@ -163,14 +159,12 @@ def claim(ctx: Context, key: str, kind: str, result: dict[str, Any]) -> bool:
 
 
 def _effect(ctx: Context, key: str) -> tuple[dict[str, Any], datetime] | None:
-    with ctx.store.engine.connect() as conn:
-        row = conn.execute(select(effects.c.result, effects.c.created_at).where(effects.c.key == key)).first()
-    return (dict(row.result or {}), row.created_at) if row else None
+    found = run_repo.get_effect(ctx.store, key)
+    return (found.result, found.created_at) if found else None
 
 
 def _set_effect(ctx: Context, key: str, result: dict[str, Any]) -> None:
-    with ctx.store.begin() as conn:
-        conn.execute(update(effects).where(effects.c.key == key).values(result=result))
+    run_repo.set_effect_result(ctx.store, key, result)
 
 
 def approval_key(pending: PendingApproval | ApprovalRef) -> str:
@@ -273,7 +267,7 @@ class SlackApprovals:
     # --- answering -------------------------------------------------------------------------------------------
     def decided(self, ref: ApprovalRef) -> str | None:
         """'approved by <@U1> (slack)' when someone decided this version's report already; else None."""
-        from flywheel.approvals import approvals_for
+        from flywheel.release.approvals import approvals_for
 
         for row in approvals_for(self.ctx.store, ref.version):
             if row.report_hash == ref.report_hash:
@@ -364,10 +358,8 @@ class SlackApprovals:
         with self._lock:
             for pending in pending_approvals(self.ctx):
                 posted += 0 if self.post(pending).replayed else 1
-            with self.ctx.store.engine.connect() as conn:
-                rows = conn.execute(select(effects.c.key, effects.c.result).where(effects.c.kind == POST_KIND)).fetchall()
-            for row in rows:
-                record = dict(row.result or {})
+            for row in run_repo.effects_of_kind(self.ctx.store, POST_KIND):
+                record = dict(row.result)
                 if record.get("state") != POSTED or not record.get("pending"):
                     continue
                 ref = ApprovalRef.of(PendingApproval.model_validate(record["pending"]))
@@ -413,111 +405,3 @@ def _outcome_text(outcome: dict[str, Any] | None, message: str, state: str, erro
     if state == "failed":
         text += f"\n:warning: the run stopped: {escape(error or '')} (`flywheel resume {escape(run_id)}`)"
     return text
-
-
-# --- the Bolt app -----------------------------------------------------------------------------------------------
-
-
-def _where(body: dict[str, Any]) -> MessageRef | None:
-    container = body.get("container") or {}
-    channel = container.get("channel_id") or (body.get("channel") or {}).get("id")
-    ts = container.get("message_ts") or (body.get("message") or {}).get("ts")
-    return MessageRef(channel=channel, ts=ts) if channel and ts else None
-
-
-def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executor: ThreadPoolExecutor | None = None) -> Any:
-    """The Bolt App for `mode` ("http": requests are signature-checked; "socket": the websocket is the
-    authentication). Raises InfrastructureError when Slack refuses the bot token (auth.test)."""
-    from slack_bolt import App
-    from slack_bolt.error import BoltError
-
-    try:
-        app = App(
-            name="flywheel",
-            client=approvals.client,
-            signing_secret=tokens.signing_secret if mode == "http" else "",
-            request_verification_enabled=(mode == "http"),
-            process_before_response=True,  # the ack function answers; lazy functions do the rest
-            listener_executor=executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="slack-worker"),
-            logger=log,
-        )
-    except BoltError as exc:
-        raise InfrastructureError(f"Slack refused the bot token (auth.test): {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - auth.test could not reach Slack (urllib's errors): one line
-        raise _api_error("auth.test", exc, getattr(approvals.client, "base_url", "")) from exc
-
-    def ack_click(ack: Any, body: dict[str, Any], context: Any) -> None:
-        ack()
-        action = (body.get("actions") or [{}])[0]
-        user = (body.get("user") or {}).get("id", "")
-        where = _where(body)
-        key = request_key("action", action.get("action_ts"), user, action.get("action_id"), where.ts if where else "")
-        if not claim(approvals.ctx, key, REQUEST_KIND, {"user": user, "action": action.get("action_id")}):
-            context["flywheel_repeat"] = True  # Slack's retry, or the same payload again: done already
-            return
-        if action.get("action_id") != ACTION_REJECT:
-            return
-        try:  # the dialog must open now: a trigger id expires three seconds after the click
-            ref = ApprovalRef.parse(action.get("value"))
-            if approvals.refusal(user, ref) is None:
-                approvals.client.views_open(trigger_id=body["trigger_id"], view=reject_dialog(ref, where))
-                context["flywheel_dialog"] = True
-        except Exception as exc:  # noqa: BLE001 - the lazy function tells the user what went wrong
-            log.warning("could not open the reject dialog: %s", exc)
-
-    def work_click(body: dict[str, Any], context: Any) -> None:
-        if context.get("flywheel_repeat") or context.get("flywheel_dialog"):
-            return
-        action = (body.get("actions") or [{}])[0]
-        user, where = (body.get("user") or {}).get("id", ""), _where(body)
-        try:
-            ref = ApprovalRef.parse(action.get("value"))
-        except UserInputError as exc:
-            approvals.tell(user, where, str(exc))
-            return
-        if action.get("action_id") == ACTION_APPROVE:
-            approvals.decide(user, "approved", ref, "approved in Slack", where)
-        else:
-            approvals.tell(user, where, approvals.refusal(user, ref) or "The reject dialog could not be opened; try again.")
-
-    def ack_reason(ack: Any, body: dict[str, Any], view: dict[str, Any], context: Any) -> None:
-        try:
-            _ref, _where_, reason = parse_dialog(view)
-        except UserInputError as exc:
-            ack(response_action="errors", errors={"reason": str(exc)})
-            context["flywheel_repeat"] = True
-            return
-        if not reason:
-            ack(response_action="errors", errors={"reason": "Say why it is rejected."})
-            context["flywheel_repeat"] = True
-            return
-        ack()
-        user = (body.get("user") or {}).get("id", "")
-        if not claim(approvals.ctx, request_key("view", view.get("id"), view.get("hash")), REQUEST_KIND, {"user": user, "view": VIEW_REJECT}):
-            context["flywheel_repeat"] = True
-
-    def work_reason(body: dict[str, Any], view: dict[str, Any], context: Any) -> None:
-        if context.get("flywheel_repeat"):
-            return
-        ref, where, reason = parse_dialog(view)
-        approvals.decide((body.get("user") or {}).get("id", ""), "rejected", ref, reason, where)
-
-    def ack_event(ack: Any, body: dict[str, Any], context: Any) -> None:
-        ack()
-        if not claim(approvals.ctx, request_key("event", body.get("event_id")), REQUEST_KIND, {"event": "app_mention"}):
-            context["flywheel_repeat"] = True
-
-    def work_mention(event: dict[str, Any], context: Any) -> None:
-        if context.get("flywheel_repeat"):
-            return
-        try:
-            approvals.client.chat_postMessage(channel=event["channel"], thread_ts=event.get("thread_ts") or event["ts"],
-                                              text=approvals.pending_summary())
-        except Exception as exc:  # noqa: BLE001
-            log.warning("%s", _api_error("chat.postMessage", exc))
-
-    app.action(ACTION_APPROVE)(ack=ack_click, lazy=[work_click])
-    app.action(ACTION_REJECT)(ack=ack_click, lazy=[work_click])
-    app.view(VIEW_REJECT)(ack=ack_reason, lazy=[work_reason])
-    app.event("app_mention")(ack=ack_event, lazy=[work_mention])
-    return app

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flywheel.agent.approval import PendingApproval
 from flywheel.errors import UserInputError
 from flywheel.records import Record
+from flywheel.release.decisions import PendingApproval
 from flywheel.settings import Settings
 
 ACTION_APPROVE = "flywheel_approve"

@@ -7,13 +7,10 @@ out with the app-level token (SLACK_APP_TOKEN).
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from typing import Any
 
 from flywheel.agent.slack import SlackTokens
-from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.errors import UserInputError
 
 EVENTS_PATH = "/slack/events"
 
@@ -37,7 +34,6 @@ class SlackHttpServer:
     free while an ack function claims its request."""
 
     def __init__(self, app: Any, signing_secret: str, host: str = "127.0.0.1", port: int = 3000):
-        import uvicorn
         from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
         from slack_sdk.signature import SignatureVerifier
         from starlette.applications import Starlette
@@ -45,6 +41,8 @@ class SlackHttpServer:
         from starlette.requests import Request
         from starlette.responses import PlainTextResponse
         from starlette.routing import Route
+
+        from flywheel.serve.server import ServerThread
 
         self.app = app
         verifier = SignatureVerifier(signing_secret)
@@ -63,35 +61,23 @@ class SlackHttpServer:
             return PlainTextResponse("ok")
 
         web = Starlette(routes=[Route(EVENTS_PATH, events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])])
-        # Bound here, not by uvicorn, so that port 0 gives a known port before the thread starts.
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Bound here, before the thread starts, so that port 0 gives a known port and a taken one a clear error.
         try:
-            self._sock.bind((host, port))
+            self._server = ServerThread(web, host, port, name="slack-http", what="the Slack HTTP endpoint", lifespan="off").bind()
         except OSError as exc:
-            self._sock.close()
             raise UserInputError(f"cannot listen for Slack on {host}:{port}: {exc.strerror} (use --port)") from exc
-        self.host, self.port = host, self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off", access_log=False))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="slack-http", daemon=True)
+        self.host, self.port = host, self._server.port
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{EVENTS_PATH}"
 
     def start(self, timeout: float = 10.0) -> "SlackHttpServer":
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise InfrastructureError(f"the Slack HTTP endpoint did not start on {self.host}:{self.port}")
-            time.sleep(0.02)
+        self._server.start(timeout)
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
+        self._server.stop(timeout=10)
 
 
 def socket_mode_handler(app: Any, tokens: SlackTokens) -> Any:

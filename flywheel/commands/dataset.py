@@ -36,9 +36,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]
     """(objects, their "file:line" places, errors for lines that are not JSON objects)."""
     if not path.is_file():
         raise UserInputError(f"{path}: no such file")
-    items, places, errors = [], [], []
+    items: list[dict[str, Any]] = []
+    places: list[str] = []
+    errors: list[str] = []
     for line in json_objects(path):
-        if line.error:
+        if line.value is None:  # not a JSON object: line.error says why
             errors.append(f"{line.where}: {line.error}")
             continue
         items.append(line.value)
@@ -60,7 +62,8 @@ def dataset_build(
     as_json: JsonFlag = False,
 ) -> None:
     """Build a balanced snapshot from verified corrections (the same state gives the same snapshot)."""
-    from flywheel.trainer.dataset import KINDS, build_snapshot, parse_replay_rows
+    from flywheel.trainer.dataset import KINDS, build_snapshot
+    from flywheel.trainer.replay import parse_replay_rows
 
     if kind not in KINDS:
         raise UserInputError(f"--kind {kind!r} is not one of: {', '.join(KINDS)}")
@@ -75,6 +78,7 @@ def dataset_build(
         _echo_json(snapshot.model_dump(mode="json"))
     else:
         _print_snapshot(snapshot.manifest, snapshot.path)
+        _out().print("next: flywheel train --dataset latest", highlight=False)
     for problem in errors:
         err_console.print(f"rejected {problem}", highlight=False, soft_wrap=True)
     if errors:
@@ -216,7 +220,7 @@ def select_command(
             raise UserInputError(f"--budget {budget} exceeds the labelling budget left ({remaining} of {sel.labelling_budget})")
         want = min(want, remaining)
     ids = select(pool, name, want, round_index=index, already_selected=labelled, seed=sel.seed + index, hybrid_step=sel.hybrid_step)
-    result = {
+    result: dict[str, Any] = {
         "strategy": name,
         "round_index": index,
         "picked": len(ids),
@@ -233,16 +237,17 @@ def select_command(
     for row in result["selected"]:
         table.add_row(row["id"], str(row.get("intent") or "-"), str(row.get("text", ""))[:80])
     _out().print(table)
+    _out().print("next: flywheel label FAILURE_ID --intent INTENT (or --fine, or --file labels.jsonl), then flywheel judge", highlight=False)
 
 
 def _production_model(c: Any, ref: str | None) -> Any:
     """The model whose token probabilities rank uncertainty: a folder, a registered version or alias,
     the champion, or the configured base model."""
-    from flywheel.trainer.models import LocalModel
+    from flywheel.inference.local_model import LocalModel
 
     if ref and Path(ref).is_dir():
         return LocalModel(ref)
-    from flywheel.registry import resolve
+    from flywheel.release.registry import resolve
 
     try:
         version = resolve(c.store, ref or "champion")

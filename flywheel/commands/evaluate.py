@@ -15,13 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flywheel import registry
 from flywheel.cli import app, context, err_console, out_console
 from flywheel.context import Context
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.evals.gate import SET_LABELS, GateResult
 from flywheel.evals.metrics import points
 from flywheel.evals.report import SET_ORDER, EvalReport, ModelRef
+from flywheel.release import registry
+from flywheel.release.evaluation import champion_ref, ref_from_version
 
 GATE_FAILED_EXIT = 1
 
@@ -31,18 +32,6 @@ def _out() -> Console:
 
 
 # --- resolving what to evaluate -----------------------------------------------------------------------------
-
-
-def ref_from_version(version: registry.ModelVersion) -> ModelRef:
-    """A registered version as a ModelRef, after checking its adapter weights still hash as recorded."""
-    registry.verify_adapter(version)
-    return ModelRef(
-        name=version.id,
-        base_model=version.base_model,
-        adapter_path=version.adapter_path,
-        adapter_sha256=version.adapter_sha256,
-        version=version.id,
-    )
 
 
 def _resolve_version(ctx: Context, name: str) -> ModelRef | None:
@@ -80,7 +69,8 @@ def resolve_candidate(ctx: Context, candidate: str | None, candidate_adapter: Pa
 
 
 def resolve_champion(ctx: Context, champion: str | None, candidate: ModelRef) -> ModelRef:
-    """--champion when given; else the registry's champion; else the candidate's own base model."""
+    """--champion when given; else the registry's champion; else the candidate's own base model
+    (release.evaluation.champion_ref, what the agent's run_evaluation compares against too)."""
     if champion is not None:
         found = _resolve_version(ctx, champion)
         if found is not None:
@@ -88,10 +78,7 @@ def resolve_champion(ctx: Context, champion: str | None, candidate: ModelRef) ->
         if Path(champion).is_dir():
             return _folder_ref(Path(champion), candidate.base_model, "--champion")
         raise NotFoundError(f"--champion {champion!r}: no such registered version and no such folder")
-    found = _resolve_version(ctx, "champion")
-    if found is not None and found.name != candidate.name:
-        return found
-    return ModelRef(name="base", base_model=candidate.base_model)
+    return champion_ref(ctx.store, candidate)
 
 
 # --- printing -----------------------------------------------------------------------------------------------
@@ -194,4 +181,8 @@ def eval_command(
         print_gate(console, report.gate)
         console.print(f"report {escape(str(report.path_html))}")
         console.print(f"report hash {report.report_hash}" + (f" (recorded on {attached})" if attached else ""))
+        if attached and report.gate.passed:
+            console.print(f"next: flywheel canary start {escape(attached)}, then flywheel approve {escape(attached)}", highlight=False)
+        elif attached:
+            console.print(f"next: flywheel reject {escape(attached)} --reason TEXT (an approval cannot override the gate)", highlight=False)
     return 0 if report.gate.passed else GATE_FAILED_EXIT

@@ -139,9 +139,9 @@ def failures_show(
     as_json: JsonFlag = False,
 ) -> None:
     """One failure: its conversation, verdict, correction and where each came from."""
-    from flywheel.store.failures import show
+    from flywheel.data.labels import failure_view
 
-    view = show(context(ctx).store, failure_id)
+    view = failure_view(context(ctx).store, failure_id)
     if as_json:
         _echo_json(view.model_dump(mode="json"))
         return
@@ -247,6 +247,8 @@ def judge(
     from flywheel.evals.judge import judge_failures
 
     _print_summary("judge", judge_failures(context(ctx), failure_ids or None), as_json)
+    if not as_json:
+        _out().print("next: flywheel correct", highlight=False)
 
 
 @app.command()
@@ -256,7 +258,7 @@ def correct(
     as_json: JsonFlag = False,
 ) -> None:
     """Write and verify a corrected answer for every judged failure."""
-    from flywheel.data.correct import correct_failures
+    from flywheel.correct.stage import correct_failures
 
     summary = correct_failures(context(ctx), failure_ids or None)
     _print_summary("correct", summary, as_json)
@@ -269,6 +271,7 @@ def correct(
         out.print(f"{outcome.failure_id} {outcome.status}: {outcome.reasons[0] if outcome.reasons else ''}", markup=False)
     if len(unresolved) > SHOW_UNRESOLVED:
         out.print(f"... and {len(unresolved) - SHOW_UNRESOLVED} more (--json lists all)")
+    out.print("next: flywheel dataset build", highlight=False)
 
 
 # --- label --------------------------------------------------------------------------------------------
@@ -304,6 +307,8 @@ def label(
             typer.echo(f"stored {result.added} of {result.lines} label(s) from {file}; {total} label(s) in all")
         if result.errors:
             raise UserInputError(f"{len(result.errors)} line(s) of {file} were rejected; the other {result.added} are stored")
+        if not as_json:
+            typer.echo("next: flywheel judge")
         return
     if not failure_id or not (intent or fine):
         raise UserInputError("give FAILURE_ID and --intent or --fine (or --file labels.jsonl)")

@@ -1,7 +1,9 @@
 """`flywheel ingest FILE...`: load logged conversations into the store (see docs/ingest.md).
 
-Exit status: 0 when every line was stored or was a duplicate; 2 when any line was quarantined or any
-file could not be read (everything good was stored all the same).
+Exit status: 0 when every line was stored, was a duplicate, or is a bad line an earlier run quarantined
+already; 2 when a line was newly quarantined (an id conflict included) or a file could not be read
+(everything good was stored all the same). So a scheduled re-ingest of a growing file exits 2 once per
+new bad line, not on every run for the same old ones; the summary still counts those.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def _line(f: FileSummary) -> str:
     text = f"{f.path}: read {f.read}, stored {f.stored}, duplicates {f.duplicates}, quarantined {f.quarantined}"
     if f.reasons:
         text += " (" + ", ".join(f"{kind} {n}" for kind, n in sorted(f.reasons.items())) + ")"
+    if f.already_quarantined:
+        text += f", already quarantined {f.already_quarantined}"
     return text
 
 
@@ -36,6 +40,8 @@ def summary_dict(summary: IngestSummary) -> dict:
         "stored": summary.stored,
         "duplicates": sum(f.duplicates for f in summary.files),
         "quarantined": summary.quarantined,
+        "conflicts": summary.conflicts,
+        "already_quarantined": summary.already_quarantined,
         "failed_files": summary.failed_files,
     }
     return data
@@ -60,11 +66,17 @@ def ingest(
             typer.echo(_line(f))
         if len(summary.files) > 1:
             total = summary_dict(summary)["total"]
-            typer.echo(f"total: read {total['read']}, stored {total['stored']}, duplicates {total['duplicates']}, quarantined {total['quarantined']}")
+            already = f", already quarantined {total['already_quarantined']}" if total["already_quarantined"] else ""
+            typer.echo(f"total: read {total['read']}, stored {total['stored']}, duplicates {total['duplicates']}, quarantined {total['quarantined']}{already}")
+        typer.echo("next: flywheel triage")
     for f in summary.files:
         if f.error:
             err_console.print(f"[bold red]error:[/] {f.path}: {f.error}", highlight=False, soft_wrap=True)
     if summary.quarantined:
-        err_console.print(f"{summary.quarantined} line(s) quarantined; see {summary.quarantine_path}", highlight=False, soft_wrap=True)
+        conflicts = f" ({summary.conflicts} reuse a stored id with different content)" if summary.conflicts else ""
+        err_console.print(f"{summary.quarantined} line(s) quarantined{conflicts}; see {summary.quarantine_path}", highlight=False, soft_wrap=True)
+    if summary.already_quarantined:
+        err_console.print(f"{summary.already_quarantined} bad line(s) already quarantined earlier (see {summary.quarantine_path}); not written again",
+                          highlight=False, soft_wrap=True)
     if not summary.clean:
         raise typer.Exit(EXIT_QUARANTINED)

@@ -23,7 +23,7 @@ _BASE_LINE = re.compile(r"^# base_model = .*$", re.MULTILINE)
 def init(
     ctx: typer.Context,
     force: bool = typer.Option(False, help="overwrite an existing flywheel.toml"),
-    base: Annotated[Optional[Path], typer.Option("--base", help="base model folder: set as train.base_model and registered as v1, the champion")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="base model: a folder, or a Hugging Face id (org/name) in the local cache; set as train.base_model and registered as v1, the champion")] = None,
 ) -> None:
     """Create flywheel.toml and the .flywheel state folder here (or in --project)."""
     base_path = _check_base(base) if base is not None else None  # before anything is written
@@ -44,24 +44,32 @@ def init(
     typer.echo(f"state folder {settings.state_path}")
     if base_path is not None:
         typer.echo(_register_base(settings, target, base_path))
+    typer.echo("next: flywheel ingest LOGS.jsonl (the line format is in docs/ingest.md)")
 
 
-def _check_base(base: Path) -> Path:
-    """The base model folder, resolved as `flywheel train` resolves it (so both name the same version)."""
-    from flywheel.trainer.models import check_base_folder
+def _check_base(base: str) -> Path:
+    """The base model folder, absolute as `flywheel train` makes it (so both name the same version). A hub
+    id becomes its cached snapshot folder: flywheel.toml and the registry record that folder, which pins the
+    revision, so training and serving later use the weights v1 was registered with."""
+    from flywheel.inference.folders import resolve_base_model
 
-    path = base.expanduser().resolve()
-    if not path.is_dir():
-        raise UserInputError(f"--base {path}: no such folder")
     try:
-        return check_base_folder(path)
+        return resolve_base_model(base).resolve()
     except UserInputError as exc:
         raise UserInputError(f"--base {exc}") from None
 
 
+def _origin(base_path: Path) -> str:
+    """' (Hugging Face org/name at revision <commit>)' for a cached snapshot, else ''."""
+    from flywheel.inference.folders import hub_origin
+
+    origin = hub_origin(base_path)
+    return f" (Hugging Face {origin[0]} at revision {origin[1]})" if origin else ""
+
+
 def _with_base(template: str, base_path: Path) -> str:
     # json.dumps writes a valid TOML basic string (quotes and backslashes escaped).
-    line = f"base_model = {json.dumps(str(base_path))}   # registered as v1, the first champion, by flywheel init"
+    line = f"base_model = {json.dumps(str(base_path))}   # registered as v1, the first champion, by flywheel init{_origin(base_path)}"
     text, count = _BASE_LINE.subn(lambda _m: line, template, count=1)
     if count != 1:
         raise RuntimeError("defaults/flywheel.toml has no '# base_model = ' line under [train]")
@@ -69,7 +77,7 @@ def _with_base(template: str, base_path: Path) -> str:
 
 
 def _register_base(settings: Settings, target: Path, base_path: Path) -> str:
-    from flywheel import registry
+    from flywheel.release import registry
     from flywheel.context import Context
 
     configured = settings.train.base_model
@@ -79,9 +87,10 @@ def _register_base(settings: Settings, target: Path, base_path: Path) -> str:
         raise UserInputError(f"{target} {now}; put base_model = {json.dumps(str(base_path))} under [train] or run init --force")
     c = Context(settings=settings)
     try:
-        version, registered = registry.first_champion(c.store, str(base_path), actor="flywheel init", notes="base model, registered by flywheel init")
+        notes = f"base model, registered by flywheel init{_origin(base_path)}"
+        version, registered = registry.first_champion(c.store, str(base_path), actor="flywheel init", notes=notes)
     finally:
         c.close()
     if registered:
-        return f"registered {base_path} as {version.id}, the champion"
+        return f"registered {base_path}{_origin(base_path)} as {version.id}, the champion"
     return f"the champion is already {version.id} ({version.base_model}); nothing registered"

@@ -1,9 +1,8 @@
 """Release commands: `flywheel models`, `approve`, `reject`, `promote`, `rollback`, `canary ...`,
 `graduate` and `baseline confirm`.
 
-The commands parse flags and print; every decision and check lives in flywheel.registry,
-flywheel.approvals, flywheel.canary and flywheel.graduation, the same functions the gateway and the
-agent call. A person at the terminal approves on the "terminal" channel under their OS user name
+The commands parse flags and print; every decision and check lives in flywheel.release (registry,
+approvals, canary, graduation), the same functions the gateway and the agent call. A person at the terminal approves on the "terminal" channel under their OS user name
 (or --by); a refused promotion exits with status 5 (PolicyViolation) and says which check failed.
 """
 
@@ -18,9 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel import approvals, canary, graduation, registry
 from flywheel.cli import app, context, out_console
 from flywheel.errors import PolicyViolation, UserInputError
+from flywheel.release import approvals, canary, graduation, registry
+from flywheel.release.evaluation import verified_report
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 ByOption = Annotated[Optional[str], typer.Option("--by", help="who decides (default: your OS user name)")]
@@ -147,6 +147,7 @@ def _print_promotion(done: approvals.Promotion) -> None:
         typer.echo(f"{done.version} is already the champion; nothing changed")
     else:
         typer.echo(f"promoted {done.version} to champion" + (f"; previous is {done.previous}" if done.previous else ""))
+    typer.echo(f"next: flywheel keys create NAME and flywheel serve (a running gateway serves {done.version} without a restart)")
 
 
 @app.command()
@@ -202,6 +203,7 @@ def canary_start(
     switch = canary.start_canary(c.store, target, share, actor=_who(by))
     effective = registry.current_routing(c.store).share
     typer.echo(f"canary {target} already at {effective:.0%}" if switch.replayed else f"canary {target} started at {effective:.0%} of users")
+    typer.echo(f"next: flywheel canary status (it compares {target} with the champion), then flywheel approve {target}")
 
 
 @canary_app.command("status")
@@ -229,6 +231,8 @@ def canary_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
             table.add_row(problem_type, f"{before.rate if before else 0:.1%}", f"{after.rate if after else 0:.1%}")
     console.print(table)
     console.print(status.reason)
+    if status.state in ("collecting", "healthy"):
+        console.print(f"next: flywheel approve {status.version} (or flywheel reject {status.version} --reason TEXT)", highlight=False)
 
 
 @canary_app.command("stop")
@@ -256,7 +260,7 @@ def graduate(
     """Move samples by how the promoted version does on them: fixed problems become candidate baselines."""
     c = context(ctx)
     target = registry.resolve(c.store, version)
-    fixed = graduation.outcomes_from_report(_load_results(results) if results else _load_report(target))
+    fixed = graduation.outcomes_from_report(_load_results(results) if results else verified_report(target)[0])
     result = graduation.graduate(c.store, c.settings, target.id, fixed=fixed, actor=_who(by))
     if as_json:
         _echo_json(result.model_dump(mode="json"))
@@ -279,20 +283,6 @@ def _load_results(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserInputError(f"--results {path}: expected a JSON object {{failure_id: true|false}} or an eval report")
     return data
-
-
-def _load_report(version: registry.ModelVersion) -> dict[str, Any]:
-    """The version's eval report, after checking it still hashes to the recorded hash."""
-    from flywheel.evals.report import report_hash_of
-
-    if not version.eval_report_path:
-        raise UserInputError(f"{version.id} has no eval report; pass --results FILE")
-    path = Path(version.eval_report_path)
-    if not path.is_file():
-        raise UserInputError(f"{version.id}: eval report {path} is missing; pass --results FILE")
-    if report_hash_of(path) != version.eval_report_hash:
-        raise PolicyViolation(f"{version.id}: {path} no longer matches the recorded report hash; it was changed after evaluation")
-    return _load_results(path)
 
 
 @baseline_app.command("confirm")

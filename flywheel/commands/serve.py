@@ -36,6 +36,7 @@ def keys_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="th
     key = api_keys.create_key(context(ctx).store, name)
     typer.echo(key)
     typer.echo(f"key for {name!r} created; store it now, it is not shown again", err=True)
+    typer.echo("next: flywheel serve, then call it with this key (docs/serving.md)", err=True)
 
 
 @keys_app.command("list")
@@ -113,8 +114,8 @@ def _backend(ctx: Context):  # noqa: ANN202 - a flywheel.serve.backends.Backend
             max_connections=cfg.upstream_max_connections,
             adapter_path_map=cfg.adapter_path_map,
         )
-    from flywheel import registry
-    from flywheel.trainer.models import LocalModel
+    from flywheel.release import registry
+    from flywheel.inference.local_model import LocalModel
 
     path = cfg.base_model or ctx.settings.train.base_model
     if not path:

@@ -72,7 +72,7 @@ def _print_next(version: str) -> None:
 def _first_champion(c: Any, base_model: str, as_json: bool) -> None:
     """With no champion yet, the base model becomes v1, the champion, before anything trains: the candidate
     is then v2 and `flywheel eval --candidate v2` has a champion to compare it with."""
-    from flywheel import registry
+    from flywheel.release import registry
 
     version, registered = registry.first_champion(c.store, base_model, actor="flywheel train", notes="base model, registered by flywheel train")
     if registered:

@@ -41,6 +41,7 @@ def triage_command(
     if summary.reindexed:
         typer.echo(f"re-indexed {summary.reindexed} cluster representatives missing from the vector index")
     typer.echo(f"budget {summary.budget}: {summary.eligible} eligible clusters, {summary.taken} triaged, {summary.skipped} skipped")
+    typer.echo("next: flywheel select --budget N (what people should label), then flywheel judge")
 
 
 kb_app = typer.Typer(no_args_is_help=True, help="The knowledge base: approved responses, policies, documents.")
@@ -74,6 +75,8 @@ def kb_add(
     if problems:
         done = "the rest was added" if summary.sections else "nothing was added"
         raise UserInputError(f"{'; '.join(problems)}; {done}")
+    if not as_json:
+        typer.echo("next: flywheel triage (flywheel correct draws on these entries)")
 
 
 @kb_app.command("search")

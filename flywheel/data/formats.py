@@ -121,7 +121,7 @@ def message_from_any(msg: Any) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise MappingError(f"a message is a {type(msg).__name__}, expected an object")
     if "role" in msg:
-        out = dict(msg)
+        out: dict[str, Any] = dict(msg)
         out["content"] = _text_of(msg.get("content"))
         return out
     if msg.get("lc") == 1 and isinstance(msg.get("kwargs"), dict):
@@ -133,7 +133,7 @@ def message_from_any(msg: Any) -> dict[str, Any]:
     else:
         raise MappingError("a message has neither 'role' nor a LangChain type")
     role = _LC_ROLES.get(kind, kind)
-    out: dict[str, Any] = {"role": role, "content": _text_of(fields.get("content"))}
+    out = {"role": role, "content": _text_of(fields.get("content"))}
     calls = _lc_tool_calls(fields) if role == "assistant" else None
     if calls:
         out["tool_calls"] = calls
@@ -233,10 +233,14 @@ def _apply_score(flat: dict[str, Any], name: str, value: Any, text: Any) -> None
 # --- LangSmith ----------------------------------------------------------------------------------------------
 
 
+def _dict_or_empty(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def from_langsmith(run: dict[str, Any]) -> dict[str, Any]:
-    extra = run.get("extra") if isinstance(run.get("extra"), dict) else {}
-    meta = extra.get("metadata") if isinstance(extra.get("metadata"), dict) else {}
-    params = extra.get("invocation_params") if isinstance(extra.get("invocation_params"), dict) else {}
+    extra = _dict_or_empty(run.get("extra"))
+    meta = _dict_or_empty(extra.get("metadata"))
+    params = _dict_or_empty(extra.get("invocation_params"))
     flat: dict[str, Any] = {
         "id": run.get("id"),
         "timestamp": run.get("start_time"),
@@ -247,7 +251,7 @@ def from_langsmith(run: dict[str, Any]) -> dict[str, Any]:
     }
     _signals_from_meta(meta, flat)
     # feedback_stats: {"user_score": {"n": 2, "avg": 0.0, "values": {...}}, "qa_verdict": {"values": {"Reject": 1}}}
-    stats = run.get("feedback_stats") if isinstance(run.get("feedback_stats"), dict) else {}
+    stats = _dict_or_empty(run.get("feedback_stats"))
     for key, stat in stats.items():
         if not isinstance(stat, dict):
             continue

@@ -8,9 +8,12 @@ What it promises:
   transaction each; memory stays flat in the file size.
 - Nothing is lost on interruption: counts are reported only after their batch committed, and re-ingesting
   the same file adds nothing (store.interactions.insert_ignore skips known ids and content hashes).
-- Bad input never stops a file: a malformed line, a wrong type, an unknown role, an oversized message or
-  invalid UTF-8 goes to the quarantine file (settings.quarantine_path) with file, line and reason, and is
-  counted. A missing file is reported and the other files are still ingested.
+- Bad input never stops a file: a malformed line, a wrong type, an unknown role, an oversized message,
+  invalid UTF-8 or an id already stored with other content (`id_conflict`) goes to the quarantine file
+  (settings.quarantine_path) with file, line and reason, and is counted. A missing file is reported and
+  the other files are still ingested.
+- A bad line is quarantined once: re-ingesting a file counts the bad lines the quarantine already holds as
+  `already_quarantined` and appends nothing, so a scheduled re-run is clean unless something new is bad.
 - PII is scrubbed (flywheel.data.pii) from message content, tool-call arguments and complaint text before
   the content hash is computed and before anything is stored, the quarantine file included.
 
@@ -30,6 +33,8 @@ import pickle
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from hashlib import sha256
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,27 +42,30 @@ from pydantic import Field
 from sqlalchemy import Connection
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from flywheel.data.batches import Batch, BatchReader, BadRecord
+from flywheel.data.batches import RAW_PREFIX_CHARS, BadRecord, Batch, BatchReader
 from flywheel.data.formats import FORMATS
 from flywheel.data.rows import BadLine, build_row  # noqa: F401 - serve.capture imports these from here
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.records import Record, utcnow
 from flywheel.settings import Settings
 from flywheel.store.db import Store
-from flywheel.store.interactions import insert_ignore
+from flywheel.store.interactions import holders, insert_ignore
 
 BATCH_ROWS = 2000
 # Files at least this large are parsed in a helper process when a core is free: below it the process start
 # (~0.3 s of imports) costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
+ID_CONFLICT = "id_conflict"  # the quarantine kind of a line whose id the store holds with other content
 
 
 class FileSummary(Record):
     path: str
     read: int = 0  # non-blank lines (or JSON array items)
     stored: int = 0  # new rows, committed
-    duplicates: int = 0  # rows the store already held (same id or same content)
-    quarantined: int = 0
+    duplicates: int = 0  # rows the store already held (same id and content, or same content under another id)
+    quarantined: int = 0  # bad lines written to the quarantine by this run
+    conflicts: int = 0  # of those, lines whose id the store holds with other content (kind id_conflict)
+    already_quarantined: int = 0  # bad lines the quarantine held from an earlier run: not written again
     error: str | None = None  # the file could not be read at all
     formats: dict[str, int] = Field(default_factory=dict)  # lines per detected format
     reasons: dict[str, int] = Field(default_factory=dict)  # quarantined lines per reason kind
@@ -77,12 +85,21 @@ class IngestSummary(Record):
         return sum(f.quarantined for f in self.files)
 
     @property
+    def conflicts(self) -> int:
+        return sum(f.conflicts for f in self.files)
+
+    @property
+    def already_quarantined(self) -> int:
+        return sum(f.already_quarantined for f in self.files)
+
+    @property
     def failed_files(self) -> int:
         return sum(1 for f in self.files if f.error)
 
     @property
     def clean(self) -> bool:
-        """True when every line of every file was stored or was a duplicate."""
+        """True when every file was read and no line was newly quarantined: each was stored, a duplicate,
+        or a bad line an earlier run had quarantined already (that one was reported then)."""
         return self.quarantined == 0 and self.failed_files == 0
 
 
@@ -104,7 +121,7 @@ def ingest_files(
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     summary = IngestSummary(quarantine_path=str(settings.quarantine_path))
-    quarantine = _Quarantine(settings.quarantine_path)
+    quarantine = _Quarantine(settings.quarantine_path, [_quarantine_name(path) for path in paths])
     try:
         with _fewer_gc_passes():
             for path in paths:
@@ -124,9 +141,12 @@ def ingest_files(
                     continue
                 use_helper = parallel if parallel is not None else _helper_pays(size)
                 reader = BatchReader(path, fmt, settings.policies.max_message_chars, batch_rows)
+                # Before any batch exists (a helper process starts building them right away): every row of
+                # this file is stored with an ingest time at or after it.
+                started = utcnow()
                 batches = _from_helper(reader) if use_helper else iter(reader)
                 try:
-                    _store_file(store, batches, counts, quarantine, on_progress)
+                    _store_file(store, batches, counts, quarantine, on_progress, started)
                 except OSError as exc:
                     counts.error = f"cannot read: {exc.strerror or exc}"
     finally:
@@ -149,23 +169,31 @@ def _helper_pays(size: int) -> bool:
     return load <= cores - 1
 
 
-def _store_file(store: Store, batches: Iterator[Batch], counts: FileSummary, quarantine: _Quarantine, on_progress: Progress | None) -> None:
+def _store_file(
+    store: Store, batches: Iterator[Batch], counts: FileSummary, quarantine: _Quarantine, on_progress: Progress | None, started: datetime
+) -> None:
     reasons: Counter[str] = Counter()
+    name = _quarantine_name(Path(counts.path))
+
+    def bad_line(bad: BadRecord) -> None:
+        if not quarantine.write(name, bad):
+            counts.already_quarantined += 1
+            return
+        counts.quarantined += 1
+        counts.conflicts += bad.kind == ID_CONFLICT
+        reasons[bad.kind] += 1
+
     with _bulk_connection(store) as conn:
         for batch in batches:
             for bad in batch.bad:
-                quarantine.write(counts.path, bad)
-                reasons[bad.kind] += 1
+                bad_line(bad)
             counts.read += batch.read
-            counts.quarantined += len(batch.bad)
             if batch.rows:
-                stored, refused = _store_batch(conn, batch.rows, batch.lines)
+                stored, refused = _store_batch(conn, batch.rows, batch.lines, since=started)
                 counts.stored += stored
                 counts.duplicates += len(batch.rows) - stored - len(refused)
                 for bad in refused:
-                    quarantine.write(counts.path, bad)
-                    reasons[bad.kind] += 1
-                counts.quarantined += len(refused)
+                    bad_line(bad)
             quarantine.flush()
             counts.formats = batch.formats
             counts.pii = batch.pii
@@ -236,20 +264,59 @@ def _fewer_gc_passes() -> Iterator[None]:
         gc.set_threshold(*threshold)
 
 
-class _Quarantine:
-    """Appends bad lines to the quarantine file, JSON Lines: file, line, kind, reason, raw (a scrubbed prefix
-    of the line), at."""
+def _quarantine_name(path: Path) -> str:
+    """How the quarantine names a file: absolute, so that a re-run from another folder matches its entries."""
+    return str(path.absolute())
 
-    def __init__(self, path: Path):
+
+class _Quarantine:
+    """Appends bad lines to the quarantine file, JSON Lines: file (absolute), line, kind, reason, raw (a
+    scrubbed prefix of the line), at.
+
+    Each bad line goes in once. Its key is the file, the line number and a hash of its kind and raw text:
+    the raw text is what the quarantine keeps of the line's content (scrubbed, up to 2,000 characters), so
+    the file itself is the record of what was quarantined, with no table to keep in step. The entries of
+    this run's files are read back on the first bad line, so a clean run does not read the file at all."""
+
+    def __init__(self, path: Path, files: list[str]):
         self.path = path
+        self._files = set(files)
+        self._known: set[tuple[str, int, bytes]] | None = None
         self._handle: IO[str] | None = None
 
-    def write(self, file: str, bad: BadRecord) -> None:
+    def write(self, file: str, bad: BadRecord) -> bool:
+        """Append `bad` unless the quarantine holds it already; True when it was appended."""
+        if self._known is None:
+            self._known = self._read_known()
+        key = _quarantine_key(file, bad.line, bad.kind, bad.raw)
+        if key in self._known:
+            return False
+        self._known.add(key)  # the same file named twice in one run is quarantined once too
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         record = {"file": file, "line": bad.line, "kind": bad.kind, "reason": bad.reason, "raw": bad.raw, "at": utcnow().isoformat()}
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return True
+
+    def _read_known(self) -> set[tuple[str, int, bytes]]:
+        known: set[tuple[str, int, bytes]] = set()
+        # A cheap substring test skips the entries of other files before they are parsed.
+        needles = [f'"file": {json.dumps(name, ensure_ascii=False)}' for name in self._files]
+        try:
+            handle = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return known
+        with handle:
+            for text in handle:
+                if not any(needle in text for needle in needles):
+                    continue
+                try:
+                    entry = json.loads(text)
+                    known.add(_quarantine_key(entry["file"], entry["line"], entry["kind"], entry["raw"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # an entry cut short by a kill or edited by hand matches nothing: its line is written again
+        return known
 
     def flush(self) -> None:
         if self._handle is not None:
@@ -287,7 +354,47 @@ def _bulk_connection(store: Store) -> Iterator[Connection]:
                     pass  # best effort on a connection that is failing anyway; the original error propagates
 
 
-def _store_batch(conn: Connection, rows: list[dict[str, Any]], lines: list[int]) -> tuple[int, list[BadRecord]]:
+def _quarantine_key(file: str, line: int, kind: str, raw: str) -> tuple[str, int, bytes]:
+    return file, line, sha256(f"{kind}\0{raw}".encode("utf-8", "surrogatepass")).digest()
+
+
+def _store_batch(conn: Connection, rows: list[dict[str, Any]], lines: list[int], *, since: datetime) -> tuple[int, list[BadRecord]]:
+    """Insert one batch; returns (rows that were new, the rows for the quarantine): those the store refused
+    and those whose id it holds with other content. `since`: when this file's ingest began, which tells a
+    row stored from this file from one stored earlier."""
+    stored, refused = _insert_batch(conn, rows, lines)
+    if stored + len(refused) < len(rows):  # some rows were skipped: duplicates, or ids held by other content
+        refused += _id_conflicts(conn, rows, lines, {bad.line for bad in refused}, since)
+    return stored, refused
+
+
+def _id_conflicts(conn: Connection, rows: list[dict[str, Any]], lines: list[int], refused: set[int], since: datetime) -> list[BadRecord]:
+    """The rows whose id the store holds with another content hash: the same id for two different
+    conversations. Not a duplicate, and not stored: the earlier copy keeps the id, this one is quarantined."""
+    with conn.begin():
+        held = holders(conn, [row["id"] for row in rows], since)
+    conflicts = []
+    for row, line in zip(rows, lines):
+        digest, source, recent = held.get(row["id"], (row["content_hash"], "", False))
+        if digest == row["content_hash"] or line in refused:
+            continue
+        where, _, earlier_line = source.rpartition(":")
+        if recent and where == row["source"].rpartition(":")[0]:
+            reason = f"id {row['id']!r} was already used by line {earlier_line} of this file, with different content"
+        elif source:
+            reason = f"id {row['id']!r} is already stored with different content (from {source}{'' if recent else ', an earlier ingest'})"
+        else:
+            reason = f"id {row['id']!r} is already stored with different content"
+        conflicts.append(BadRecord(line, ID_CONFLICT, reason, _raw(row)))
+    return conflicts
+
+
+def _raw(row: dict[str, Any]) -> str:
+    """A row's quarantine copy: its messages, already scrubbed."""
+    return json.dumps(row["messages"], ensure_ascii=False)[:RAW_PREFIX_CHARS]
+
+
+def _insert_batch(conn: Connection, rows: list[dict[str, Any]], lines: list[int]) -> tuple[int, list[BadRecord]]:
     """Insert one batch in one transaction; returns (rows that were new, the rows the store refused).
     If the database refuses the batch for a data reason (a value PostgreSQL will not hold), the rows go one
     by one and the refused ones come back for the quarantine: one odd row does not cost its neighbours."""
@@ -304,6 +411,5 @@ def _store_batch(conn: Connection, rows: list[dict[str, Any]], lines: list[int])
                 stored += insert_ignore(conn, [row])
         except (DataError, IntegrityError) as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc).splitlines()[0]
-            raw = json.dumps(row["messages"], ensure_ascii=False)[:2000]  # already scrubbed
-            refused.append(BadRecord(line, "store_refused", f"the store refused this row: {reason}"[:200], raw))
+            refused.append(BadRecord(line, "store_refused", f"the store refused this row: {reason}"[:200], _raw(row)))
     return stored, refused

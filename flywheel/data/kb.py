@@ -109,7 +109,7 @@ def _first_error(exc: ValidationError) -> str:
 
 def read_jsonl(path: Path, errors: list[str]) -> Iterator[KbEntry]:
     for line in json_objects(path):
-        if line.error:
+        if line.value is None:  # not a JSON object: line.error says why
             errors.append(f"{line.where}: {line.error}")
         elif "source" in line.value:
             errors.append(f"{line.where}: 'source' is set by flywheel, not by the file")

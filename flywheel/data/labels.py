@@ -7,7 +7,7 @@ A label says the right intent and, optionally, the right answer; or it says the 
   provenance; a "fine" label makes the failure `not_failure`);
 - the corrector uses the person's answer when there is one, and otherwise builds the target for the
   labelled intent from what the project knows (flywheel.data.replies);
-- a "fine" answer becomes a positive training sample (flywheel.trainer.dataset).
+- a "fine" answer becomes a positive training sample (flywheel.trainer.samples).
 
 Every label row counts against the labelling budget that active learning spends (`count_labels`), so
 relabelling a failure costs another label.
@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from flywheel.errors import NotFoundError, UserInputError
-from flywheel.records import Record, Reference, utcnow
+from flywheel.records import FailureView, Record, Reference
 from flywheel.settings import Settings
+from flywheel.store import failures as failure_repo
+from flywheel.store import labels as label_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import failures, interactions, labels
 
 QUEUE_KEYS = ("text", "logged_answer")  # what the label queue shows the person; not part of a label
 
@@ -66,11 +67,7 @@ def known_intents(settings: Settings, conn: Connection) -> set[str] | None:
     enum = ((schema.get("properties") or {}).get("intent") or {}).get("enum")
     if isinstance(enum, list) and enum:
         return {str(v) for v in enum}
-    seen = set(conn.execute(select(interactions.c.intent).where(interactions.c.intent.is_not(None)).distinct()).scalars())
-    for row in conn.execute(select(labels.c.label)):
-        if isinstance(row.label, dict) and row.label.get("intent"):
-            seen.add(row.label["intent"])
-    return seen or None
+    return label_repo.seen_intents(conn) or None
 
 
 def _check_intent(label: Label, known: set[str] | None) -> str | None:
@@ -101,21 +98,8 @@ def _check_label(label: dict[str, Any] | Label, where: str) -> Label:
         raise UserInputError(f"{where}: {problem}" if where else problem) from None
 
 
-def _existing_ids(conn: Connection, ids: list[str]) -> set[str]:
-    found: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        found.update(conn.execute(select(failures.c.id).where(failures.c.id.in_(chunk))).scalars())
-    return found
-
-
 def _insert(conn: Connection, failure_id: str, label: Label, labeller: str) -> int:
-    row = conn.execute(
-        labels.insert()
-        .values(failure_id=failure_id, label=label.model_dump(exclude_none=True), labeller=labeller, created_at=utcnow())
-        .returning(labels.c.id)
-    ).first()
-    return int(row.id)
+    return label_repo.insert(conn, failure_id, label.model_dump(exclude_none=True), labeller)
 
 
 def add_label(store: Store, failure_id: str, label: dict[str, Any] | Label, labeller: str, *, settings: Settings | None = None) -> int:
@@ -125,7 +109,7 @@ def add_label(store: Store, failure_id: str, label: dict[str, Any] | Label, labe
     if not labeller.strip():
         raise UserInputError(f"label for {failure_id}: the labeller's name is empty")
     with store.begin() as conn:
-        if not _existing_ids(conn, [failure_id]):
+        if not failure_repo.existing_ids(conn, [failure_id]):
             raise NotFoundError(f"no failure with id {failure_id!r}")
         problem = _check_intent(checked, known_intents(settings, conn)) if settings is not None else None
         if problem:
@@ -173,7 +157,7 @@ def add_labels_from_file(store: Store, path: Path, labeller: str, *, settings: S
         except UserInputError as exc:
             errors.append((number, str(exc)))
     with store.begin() as conn:
-        known = _existing_ids(conn, sorted({p[1] for p in parsed}))
+        known = failure_repo.existing_ids(conn, sorted({p[1] for p in parsed}))
         intents = known_intents(settings, conn) if settings is not None else None
         added = 0
         for number, failure_id, label, by in parsed:
@@ -191,26 +175,25 @@ def add_labels_from_file(store: Store, path: Path, labeller: str, *, settings: S
 
 def latest_label(conn: Connection, failure_id: str) -> Reference | None:
     """The newest label of a failure as a Reference (source "label:<labeller>"), or None."""
-    row = conn.execute(select(labels).where(labels.c.failure_id == failure_id).order_by(labels.c.id.desc()).limit(1)).first()
-    if row is None:
+    found = label_repo.latest(conn, failure_id)
+    if found is None:
         return None
-    return Label.model_validate(row.label).reference(row.labeller)
+    return Label.model_validate(found.label).reference(found.labeller)
 
 
 def latest_labels(conn: Connection, failure_ids: list[str]) -> dict[str, Reference]:
     """The newest label of each of many failures (those without a label are absent)."""
-    out: dict[str, Reference] = {}
-    for start in range(0, len(failure_ids), 500):
-        chunk = failure_ids[start : start + 500]
-        newest = (
-            select(func.max(labels.c.id).label("lid")).where(labels.c.failure_id.in_(chunk)).group_by(labels.c.failure_id).subquery()
-        )
-        for row in conn.execute(select(labels).join(newest, labels.c.id == newest.c.lid)):
-            out[row.failure_id] = Label.model_validate(row.label).reference(row.labeller)
-    return out
+    return {fid: Label.model_validate(found.label).reference(found.labeller) for fid, found in label_repo.latest_many(conn, failure_ids).items()}
+
+
+def failure_view(store: Store, failure_id: str) -> FailureView:
+    """What `flywheel failures show` prints: the store's view of the failure (flywheel.store.failures.show)
+    with its newest label as the `reference`. Unknown failure: NotFoundError."""
+    view = failure_repo.show(store, failure_id)
+    with store.engine.connect() as conn:
+        return view.model_copy(update={"reference": latest_label(conn, failure_id)})
 
 
 def count_labels(store: Store) -> int:
     """How many labels people have given: what the labelling budget is spent on."""
-    with store.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(labels)).scalar_one())
+    return label_repo.count(store)

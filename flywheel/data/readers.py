@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from flywheel.data.rows import BadLine
 
 
-def open_binary(path: Path) -> IO[bytes]:
+def open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115 - closed by caller
 
 
 CHUNK_BYTES = 1 << 20
 
 
-def read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+def read_lines(handle: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """(line number, raw bytes without the newline) for each line; None for a line over `max_bytes`, which
     is skipped without being held in memory. Reads 1 MB chunks and splits them in C: a readline() call per
     line cost more than parsing the line's JSON."""
@@ -58,7 +58,7 @@ def read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes |
         yield number, None if skipping else (carry if len(carry) <= max_bytes else None)
 
 
-def read_json_array(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+def read_json_array(handle: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """(item number, raw JSON text of the item) for a file holding one JSON array, read in chunks so that
     memory stays flat. An item that cannot be delimited ends the file (a BadLine for that item)."""
     decoder = json.JSONDecoder()

@@ -1,7 +1,7 @@
 """The best verified reply per intent, from what the project knows without a knowledge base.
 
 A label that names the right intent but gives no answer still needs a training target. The offline
-corrector (flywheel.data.correct) asks the knowledge base first; where it has no approved response for
+corrector (flywheel.correct) asks the knowledge base first; where it has no approved response for
 the intent (or there is no knowledge base at all), it asks the `ReplyBook`, which looks, in order, at:
 
 1. `label`       answers people wrote in labels for that intent that passed verification;
@@ -24,14 +24,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-
 from flywheel.data.labels import latest_labels
 from flywheel.data.stable import stable_answers
 from flywheel.records import Record
 from flywheel.settings import Settings
+from flywheel.store import failures as failure_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import corrections, failures
 
 SOURCES = ("label", "production", "correction")
 # Enough stable answers per intent to find the usual reply, without reading a whole large store.
@@ -105,14 +103,8 @@ def _verified_corrections(store: Store, intents: Sequence[str]) -> tuple[dict[st
     wanted = set(intents)
     by_label: dict[str, list[tuple[str, str]]] = {}
     by_other: dict[str, list[tuple[str, str]]] = {}
-    query = (
-        select(corrections.c.failure_id, corrections.c.answer, corrections.c.generator, failures.c.intent)
-        .join(failures, failures.c.id == corrections.c.failure_id)
-        .where(corrections.c.verified.is_(True))
-        .order_by(corrections.c.id)
-    )
     with store.engine.connect() as conn:
-        rows = list(conn.execute(query))
+        rows = failure_repo.verified_answers(conn)
         labels = latest_labels(conn, sorted({r.failure_id for r in rows}))
     for row in rows:
         label = labels.get(row.failure_id)

@@ -3,9 +3,9 @@
 Three passes, each safe to interrupt and re-run:
 
 1. **Capture.** Interactions that no failure points to yet and whose signals match a rule
-   (settings.rules) become `Failure`s with status `captured`. The rule predicates run in SQL first, so
-   a 200k-row table streams through in pages and only candidates reach Python, where `matched_rules`
-   (the source of truth) decides. One interaction yields at most one failure (`failure_id_for`), so
+   (settings.rules, defined once in flywheel.data.rules) become `Failure`s with status `captured`. The
+   rule conditions run in SQL first (flywheel.store.capture), so a 200k-row table streams through in
+   pages and only candidates reach Python, where `matched_rules` (the source of truth) decides. One interaction yields at most one failure (`failure_id_for`), so
    a second run adds nothing.
 2. **Cluster.** Captured failures not yet clustered are embedded in batches (last user message plus the
    answer) and compared with the cluster representatives already in the "failures" collection (from
@@ -32,19 +32,18 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import and_, exists, func, or_, select
 
 from flywheel.context import Context
+from flywheel.data.rules import is_high_value, matched_rules
 from flywheel.records import Failure, FailureStatus, Interaction
-from flywheel.settings import RuleSettings, Settings
+from flywheel.settings import Settings
+from flywheel.settings_sections import RuleSettings
+from flywheel.store import capture as capture_repo
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import failures, interactions
 from flywheel.store.vectors import FAILURES, VectorIndex
 
-# Highest-risk first under the default weights; only breaks ties between equal weights.
-RULES = ("qa_reject", "high_value_negative", "complaint", "escalation", "qa_risk", "repeated_followups", "thumbs_down")
 ELIGIBLE = (str(FailureStatus.CAPTURED), str(FailureStatus.SKIPPED))
 CAPTURE_PAGE = 2000  # interactions read per query
 INSERT_BATCH = 1000  # failures written per transaction
@@ -66,38 +65,7 @@ class TriageSummary(BaseModel):
     skipped: int = 0  # -> skipped
 
 
-# --- capture rules ----------------------------------------------------------------------------------------
-
-
-def _has_complaint(interaction: Interaction) -> bool:
-    return bool(interaction.signals.complaint and interaction.signals.complaint.strip())
-
-
-def is_high_value(interaction: Interaction, rules: RuleSettings) -> bool:
-    tier = (interaction.signals.user_tier or "").strip().lower()
-    return bool(tier) and tier in {t.lower() for t in rules.high_value_tiers}
-
-
-def matched_rules(interaction: Interaction, rules: RuleSettings) -> list[str]:
-    """Every rule that catches this interaction, highest weight first."""
-    s = interaction.signals
-    complaint = _has_complaint(interaction)
-    found: list[str] = []
-    if rules.thumbs_down and s.feedback == "down":
-        found.append("thumbs_down")
-    if rules.escalation and s.escalated_to_human:
-        found.append("escalation")
-    if s.followups >= rules.followups_min:
-        found.append("repeated_followups")
-    if s.qa_verdict == "Reject" and "Reject" in rules.qa_verdicts:
-        found.append("qa_reject")
-    if s.qa_verdict == "Risk" and "Risk" in rules.qa_verdicts:
-        found.append("qa_risk")
-    if rules.complaint and complaint:
-        found.append("complaint")
-    if is_high_value(interaction, rules) and (s.feedback == "down" or s.escalated_to_human or complaint):
-        found.append("high_value_negative")
-    return sorted(found, key=lambda r: (-rules.weights.get(r, 1.0), RULES.index(r)))
+# --- capture ----------------------------------------------------------------------------------------------
 
 
 def capture(interaction: Interaction, rules: RuleSettings) -> Failure | None:
@@ -119,27 +87,6 @@ def capture(interaction: Interaction, rules: RuleSettings) -> Failure | None:
     )
 
 
-def candidate_filter(rules: RuleSettings):  # noqa: ANN201 - a SQLAlchemy boolean clause
-    """SQL that keeps interactions some rule may catch and no failure points to yet. It may keep more
-    than `matched_rules` accepts (never fewer): Python has the last word."""
-    i = interactions.c
-    complaint = func.trim(i.complaint) != ""  # NULL stays NULL, which is false
-    negative = or_(i.feedback == "down", i.escalated_to_human.is_(True), complaint)
-    signals = [i.followups >= rules.followups_min]
-    if rules.thumbs_down:
-        signals.append(i.feedback == "down")
-    if rules.escalation:
-        signals.append(i.escalated_to_human.is_(True))
-    if rules.qa_verdicts:
-        signals.append(i.qa_verdict.in_(list(rules.qa_verdicts)))
-    if rules.complaint:
-        signals.append(complaint)
-    if rules.high_value_tiers:
-        signals.append(and_(func.lower(func.trim(i.user_tier)).in_([t.lower() for t in rules.high_value_tiers]), negative))
-    not_captured = ~exists().where(failures.c.interaction_id == i.id)
-    return and_(or_(*signals), not_captured)
-
-
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for item in items:
@@ -153,7 +100,8 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 def capture_new(store: Store, rules: RuleSettings, summary: TriageSummary) -> None:
     """Pass 1: store a `captured` failure for every not yet captured interaction a rule catches."""
-    stream = interaction_repo.iter_all(store, batch=CAPTURE_PAGE, where=candidate_filter(rules))
+    # SQL keeps the interactions some rule may catch (never fewer than matched_rules): Python has the last word.
+    stream = capture_repo.iter_uncaptured_candidates(store, rules, batch=CAPTURE_PAGE)
     for page in _batched(stream, INSERT_BATCH):
         summary.scanned += len(page)
         found = [f for f in (capture(i, rules) for i in page) if f is not None]
@@ -201,13 +149,6 @@ class _Assignment:
     representative: str  # its own id when it leads a cluster
 
 
-def _existing_representatives(conn, ids: Sequence[str]) -> set[str]:  # noqa: ANN001
-    if not ids:
-        return set()
-    query = select(failures.c.id).where(failures.c.id.in_(list(ids)), failures.c.cluster_id == failures.c.id)
-    return {row.id for row in conn.execute(query)}
-
-
 def embed_cached(index: VectorIndex, texts: list[str], cache: dict[str, np.ndarray]) -> np.ndarray:
     """Embeddings of the dedup form of `texts`, remembering them for the rest of the run: templated
     mistakes repeat across batches word for word once digits are folded, and embedding is the cost."""
@@ -229,7 +170,7 @@ def assign_clusters(
     with store.engine.connect() as conn:
         # The index may hold entries the store does not (an interrupted run, a reset database): only
         # representatives the store knows may gather duplicates.
-        known = _existing_representatives(conn, sorted({h.id for hits in neighbours for h in hits}))
+        known = failure_repo.representatives_among(conn, sorted({h.id for hits in neighbours for h in hits}))
     order = sorted(range(len(batch)), key=lambda i: (-batch[i].risk, batch[i].id))
     out: list[_Assignment | None] = [None] * len(batch)
     leaders: list[int] = []
@@ -263,14 +204,7 @@ def _metadata(item: Failure) -> dict:
 
 
 def _unclustered(store: Store, limit: int, exclude: set[str]) -> list[Failure]:
-    query = (
-        select(failures)
-        .where(failures.c.status == str(FailureStatus.CAPTURED), failures.c.cluster_id.is_(None))
-        .order_by(failures.c.risk.desc(), failures.c.id)
-        .limit(limit + len(exclude))
-    )
-    with store.engine.connect() as conn:
-        rows = [failure_repo.failure_from_row(r) for r in conn.execute(query)]
+    rows = failure_repo.unclustered(store, limit + len(exclude))
     return [f for f in rows if f.id not in exclude][:limit]
 
 
@@ -305,13 +239,8 @@ def cluster_new(store: Store, index: VectorIndex, threshold: float, summary: Tri
             # Representatives from earlier batches or triages: count their members again.
             older = sorted(set(grown) - {a.failure.id for a in leads})
             if older:
-                sizes = conn.execute(
-                    select(failures.c.cluster_id, func.count())
-                    .where(failures.c.cluster_id.in_(older))
-                    .group_by(failures.c.cluster_id)
-                ).all()
-                for rep_id, size in sizes:
-                    failure_repo.set_cluster(conn, rep_id, rep_id, int(size))
+                for rep_id, size in failure_repo.cluster_sizes(conn, older):
+                    failure_repo.set_cluster(conn, rep_id, rep_id, size)
         summary.clusters += len(leads)
         summary.duplicates += len(assigned) - len(leads)
 
@@ -320,10 +249,10 @@ def reindex_missing(store: Store, index: VectorIndex, summary: TriageSummary) ->
     """Embed representatives the index lost (a deleted folder, a new Chroma server). Cheap when nothing
     is missing: one count on each side."""
     with store.engine.connect() as conn:
-        stored = conn.execute(select(func.count()).select_from(failures).where(failures.c.cluster_id == failures.c.id)).scalar_one()
+        stored = failure_repo.count_representatives(conn)
         if index.count(FAILURES) >= stored:
             return
-        rep_ids = [r.id for r in conn.execute(select(failures.c.id).where(failures.c.cluster_id == failures.c.id).order_by(failures.c.id))]
+        rep_ids = failure_repo.representative_ids(conn)
     for chunk in _batched(rep_ids, CLUSTER_BATCH):
         present = {h.id for h in index.get(FAILURES, ids=chunk)}
         missing = [i for i in chunk if i not in present]
@@ -370,17 +299,9 @@ def select_within_budget(clusters: Sequence[tuple[str, float]], budget: int, mus
 
 def apply_budget(store: Store, settings: Settings, budget: int, summary: TriageSummary) -> None:
     """Pass 3: choose which eligible clusters the judge sees now."""
-    member = failures.alias("member")
-    query = (
-        select(failures.c.id, failures.c.status, func.max(member.c.risk).label("risk"))
-        .join(member, member.c.cluster_id == failures.c.id)
-        .where(failures.c.status.in_(ELIGIBLE), failures.c.cluster_id == failures.c.id)
-        .group_by(failures.c.id, failures.c.status)
-    )
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).all()
+    rows = failure_repo.cluster_risks(store, ELIGIBLE)
     status_of = {r.id: r.status for r in rows}
-    taken, skipped = select_within_budget([(r.id, float(r.risk)) for r in rows], budget, settings.triage.must_take_risk, settings.triage.seed)
+    taken, skipped = select_within_budget([(r.id, r.risk) for r in rows], budget, settings.triage.must_take_risk, settings.triage.seed)
     newly_skipped = [i for i in skipped if status_of[i] != str(FailureStatus.SKIPPED)]
     with store.begin() as conn:
         failure_repo.set_status(conn, taken, FailureStatus.TRIAGED)

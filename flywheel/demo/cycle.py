@@ -20,11 +20,11 @@ from flywheel.data.replies import build_reply_book
 from flywheel.data.triage import triage
 from flywheel.demo.pack import DemoPack, Row
 from flywheel.demo.production import user_of
-from flywheel.evals.rule_judge import RuleJudge
 from flywheel.demo.setup import serve_traffic
-from flywheel.registry import resolve
+from flywheel.evals.rule_judge import RuleJudge
+from flywheel.inference.local_model import LocalModel
+from flywheel.release.registry import resolve
 from flywheel.store.failures import get_failures
-from flywheel.trainer.models import LocalModel
 
 Say = Callable[[str], None]
 

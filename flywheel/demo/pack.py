@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import UserInputError
-from flywheel.trainer.dataset import normalise_text
+from flywheel.trainer.samples import normalise_text
 
 
 class ProductionConfig(BaseModel):

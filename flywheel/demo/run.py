@@ -28,8 +28,8 @@ from flywheel.demo.pack import DemoPack, approved_replies, load_pack
 from flywheel.demo.setup import FULL, QUICK, DemoSize, build_production_model, serve_traffic, write_project, write_test_set
 from flywheel.errors import UserInputError
 from flywheel.evals.metrics import Paired, mcnemar, outcome_passed
-from flywheel.registry import register_base, resolve
-from flywheel.trainer.models import LocalModel
+from flywheel.inference.local_model import LocalModel
+from flywheel.release.registry import register_base, resolve
 
 Say = Callable[[str], None]
 
@@ -138,12 +138,10 @@ def side(report: dict[str, Any] | None, role: str, version: str | None) -> Side:
 def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], None] | None = None, ask: Any = None) -> DemoResult:
     """Prepare the world, then run one cycle through the supervisor graph with the heuristic policy.
 
-    The simulated labeller and canary users reach the graph's tools through `ctx.extras`; everything
-    else is the same run `flywheel run` starts. `ask` answers the approval at the terminal; with
-    `options.yes` the person running the demo approves."""
+    The simulated labeller and canary users reach the graph's tools as `ctx.labeller` and
+    `ctx.canary_traffic`; everything else is the same run `flywheel run` starts. `ask` answers the
+    approval at the terminal; with `options.yes` the person running the demo approves."""
     from flywheel.agent.runner import start_run
-    from flywheel.tools.canary import TRAFFIC_KEY
-    from flywheel.tools.labels import LABELLER_KEY
 
     ctx, pack, size, truth, canary_rows, timings = prepare(options, say)
     try:
@@ -151,8 +149,8 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
         # Without a knowledge base, the simulated person writes the answers flywheel cannot find itself
         # (the pack's reply per intent, what the production model was taught).
         written = approved_replies(pack) if pack.kb_file is None else None
-        ctx.extras[LABELLER_KEY] = TruthLabeller(ctx, truth, written)
-        ctx.extras[TRAFFIC_KEY] = CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth)
+        ctx.labeller = TruthLabeller(ctx, truth, written)
+        ctx.canary_traffic = CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth)
         if options.strategy:
             ctx.settings.selection.strategy = options.strategy  # type: ignore[assignment]
         started = time.monotonic()

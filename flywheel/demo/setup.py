@@ -123,7 +123,7 @@ def build_production_model(workdir: Path, pack: DemoPack, size: DemoSize, seed: 
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         say(f"production model: reusing {folder}")
         return folder, traffic, json.loads(stamp.read_text())
-    from flywheel.trainer.models import build_tiny_model
+    from flywheel.demo.tiny_model import build_tiny_model
 
     if folder.exists():
         shutil.rmtree(folder)

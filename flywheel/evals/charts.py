@@ -143,7 +143,8 @@ def diverging_bars(rows: Sequence[Change], title: str, width: int = 760, max_row
 
     With more than `max_rows` rows only the most changed at each end are drawn, with a marked gap
     between them that says how many were left out."""
-    ordered: list[Change | None] = list(sorted(rows, key=lambda r: (r.delta, r.label)))
+    by_delta = sorted(rows, key=lambda r: (r.delta, r.label))
+    ordered: list[Change | None] = list(by_delta)
     hidden = 0
     if len(ordered) > max_rows:
         half = max_rows // 2

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.evals.metrics import Rate, SetMetrics, difference_interval, points
-from flywheel.settings import GateSettings
+from flywheel.settings_sections import GateSettings
 
 TEST, BASELINE, PROBLEM = "test", "baseline", "problem"
 SET_LABELS = {TEST: "fixed test set", BASELINE: "baseline-regression set", PROBLEM: "problem set"}

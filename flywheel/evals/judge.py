@@ -10,7 +10,7 @@ combined with the rule findings:
     findings are facts about the answer, and logged text might have talked the LLM out of them.
 
 Logged text is untrusted (ARCHITECTURE principle 5). It reaches the LLM only inside fenced blocks whose
-tag is a fresh random nonce per judgment (`untrusted_block`); fence-like runs in the text are altered so
+tag is a fresh random nonce per judgment (flywheel.prompts.fence.untrusted_block); fence-like runs in the text are altered so
 that nothing inside can end a block. The system prompt says the blocks are data, never instructions.
 The reply is parsed against a schema built from the taxonomy; an unparsable or out-of-taxonomy verdict
 is re-asked (settings.judge.llm_retries) and then recorded as unjudged with the reason, never guessed.
@@ -23,8 +23,6 @@ InfrastructureError. An endpoint refusing one request (400/422, e.g. too long) m
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,8 +42,23 @@ from flywheel.evals.rule_judge import (
     verdict_from_findings,
     worst,
 )
-from flywheel.llm import ItemResult, Limits, async_chat_model, run_bounded, run_sync
+from flywheel.llm import (
+    BadReply,
+    ItemResult,
+    Limits,
+    ask_until_valid,
+    async_chat_model,
+    run_bounded,
+    run_sync,
+)
 from flywheel.prompts import Prompt, load_prompt
+from flywheel.prompts.fence import (
+    USER_MARKER,
+    clip,
+    new_nonce,
+    render_messages,
+    untrusted_block,
+)
 from flywheel.records import (
     Failure,
     FailureStatus,
@@ -62,7 +75,6 @@ from flywheel.settings import SEVERITIES, Settings
 __all__ = [
     "ACCEPTANCE_FOR_SEVERITY",
     "SEVERITY_RANK",
-    "USER_MARKER",
     "InvalidVerdict",
     "JudgeCase",
     "JudgeSummary",
@@ -72,52 +84,13 @@ __all__ = [
     "combine",
     "judge_answer",
     "judge_failures",
-    "new_nonce",
-    "render_messages",
     "summarize",
-    "untrusted_block",
     "verdict_from_findings",
     "verdict_schema",
     "worst",
 ]
 
-USER_MARKER = "<!-- user -->"
 SAVE_BATCH = 50
-
-
-# --- untrusted text ---------------------------------------------------------------------------------------
-
-
-def new_nonce() -> str:
-    return secrets.token_hex(8)
-
-
-def untrusted_block(name: str, text: str, nonce: str) -> str:
-    """`text` fenced as data. Runs of three or more angle brackets inside become look-alike characters
-    and the nonce is masked, so the text can neither close this block nor forge another."""
-    if len(nonce) < 8:
-        raise ValueError("untrusted_block needs a random nonce from new_nonce()")
-    safe = text.replace(nonce, "[fence-tag]")
-    safe = re.sub(r"<{3,}", lambda m: "‹" * len(m.group()), safe)
-    safe = re.sub(r">{3,}", lambda m: "›" * len(m.group()), safe)
-    label = re.sub(r"[^a-z0-9_]", "_", name.lower())
-    return f"<<<BEGIN UNTRUSTED {nonce} {label}>>>\n{safe}\n<<<END UNTRUSTED {nonce} {label}>>>"
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + f" …[{len(text) - limit} more characters]"
-
-
-def render_messages(messages: Sequence[Message], max_chars: int) -> str:
-    lines = []
-    for number, message in enumerate(messages, start=1):
-        head = f"[{number}] {message.role}" + (f" ({message.name})" if message.name else "")
-        lines.append(head + ":")
-        if message.content:
-            lines.append(_clip(message.content, max_chars))
-        for call in message.tool_calls or []:
-            lines.append(f"tool call {call.function.name} {_clip(call.function.arguments, max_chars)}")
-    return "\n".join(lines) or "(none)"
 
 
 # --- the LLM verdict schema --------------------------------------------------------------------------------
@@ -142,7 +115,7 @@ def verdict_schema(settings: Settings) -> type[BaseModel]:
     )
 
 
-class InvalidVerdict(ValueError):
+class InvalidVerdict(BadReply):
     """The reply parsed but says something impossible (a failure without a type or severity)."""
 
 
@@ -216,31 +189,18 @@ class LLMJudge:
         ]
         if case.reference is not None:
             ref = [f"right intent: {case.reference.intent}"] if case.reference.intent else []
-            ref += [f"right answer: {_clip(case.reference.answer, limit)}"] if case.reference.answer else []
+            ref += [f"right answer: {clip(case.reference.answer, limit)}"] if case.reference.answer else []
             blocks.append(untrusted_block("reference", "\n".join(ref) or "(none)", nonce))
         return "\n\n".join(blocks)
 
     async def ajudge(self, case: JudgeCase) -> LLMOutcome:
         """The validated verdict, or the reason there is none after 1 + llm_retries asks. Endpoint
         errors (429, 5xx, timeouts) are raised for flywheel.llm.run_bounded to retry."""
-        from langchain_core.messages import HumanMessage
-
         messages = self.build_messages(case, new_nonce())
-        outcome = LLMOutcome(verdict=None)
-        for _ in range(self.retries + 1):
-            outcome.calls += 1
-            try:
-                reply = await self._runnable.ainvoke(messages)
-                outcome.verdict = self._validate(reply)
-                outcome.reason = ""
-                return outcome
-            except _content_errors() as exc:
-                outcome.reason = _describe(exc, detail=True)
-                # Re-ask with what was wrong, by field and error kind only: the model's reply may carry
-                # injected text, and it must not come back to the model outside a fence.
-                messages = [*messages[:2], HumanMessage(f"Your reply was not a valid verdict object ({_describe(exc, detail=False)}). Reply again with only the verdict object.")]
-        outcome.reason = f"no valid verdict after {outcome.calls} attempt(s): {outcome.reason}"
-        return outcome
+        verdict, problem, calls = await ask_until_valid(self._runnable, messages, self.retries, self._validate, _problem, "verdict object")
+        if verdict is None:
+            return LLMOutcome(verdict=None, reason=f"no valid verdict after {calls} attempt(s): {problem}", calls=calls)
+        return LLMOutcome(verdict=verdict, calls=calls)
 
     def _validate(self, parsed: Any) -> dict[str, Any]:
         if parsed is None:  # function calling: the model called no tool, or another one
@@ -262,6 +222,13 @@ def _content_errors() -> tuple[type[BaseException], ...]:
     from langchain_openai.chat_models.base import OpenAIRefusalError
 
     return (ValidationError, ValueError, OpenAIRefusalError, openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError)
+
+
+def _problem(exc: BaseException) -> tuple[str, str]:
+    """(detail, kind) of an unusable reply for `ask_until_valid`; anything else is re-raised."""
+    if not isinstance(exc, _content_errors()):
+        raise exc
+    return _describe(exc, detail=True), _describe(exc, detail=False)
 
 
 def _describe(exc: BaseException, detail: bool) -> str:

@@ -3,25 +3,29 @@
 The report hash is the sha256 of the report.json bytes; a human approval binds to it, so report.json
 holds nothing that changes between two runs over the same models and data (no timestamps, no
 absolute run times): evaluating the same candidate twice gives the same hash and the same folder.
-The HTML adds the generation time and may change freely; it is not part of the hash.
+The HTML adds the generation time and may change freely; it is not part of the hash. It is report.html
+rendered with Jinja2, autoescape on: the page's markup lives in the template, this module only chooses
+what goes in it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import html
 import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from string import Template
 from typing import Any
 
+from markupsafe import Markup
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.errors import UserInputError
-from flywheel.evals.charts import BarPair, Change, diverging_bars, esc, grouped_bars, line_chart
+from flywheel.evals.charts import BarPair, Change, diverging_bars, grouped_bars, line_chart
 from flywheel.evals.gate import BASELINE, PROBLEM, SET_LABELS, TEST, GateResult
 from flywheel.evals.metrics import NO_INTENT, ItemOutcome, SetMetrics, points
 from flywheel.settings import Settings
@@ -221,32 +225,59 @@ def report_hash_of(path_json: Path | str) -> str:
 
 
 def render_html(document: Mapping[str, Any], report_hash: str) -> str:
-    """The report page from the report document. Every string from the document is escaped."""
+    """The report page from the report document. Every string from the document is escaped (Jinja2's
+    autoescape); the SVG charts are built, and their text escaped, by flywheel.evals.charts."""
     before = {k: SetMetrics.model_validate(v) for k, v in document["champion_metrics"].items()}
     after = {k: SetMetrics.model_validate(v) for k, v in document["candidate_metrics"].items()}
     gate = GateResult.model_validate(document["gate"])
     candidate, champion = document["candidate"], document["champion"]
     targeted = set(document["targeted"])
-    sections = [
-        _gate_box(gate),
-        _summary_cards(before, after),
-        _problem_charts(before, after, targeted),
-        _intent_chart(before, after, document["settings"]["gate"]["min_intent_samples"]),
-        _curve_chart(document.get("training_curve")),
-        _numbers_table(before, after, targeted),
-        _intent_table(before, after),
-        _changed_items(before, after),
-        _settings_block(document),
-    ]
-    template = Template(resources.files("flywheel.evals").joinpath("report.html").read_text(encoding="utf-8"))
-    return template.substitute(
-        title=esc(f"flywheel eval: {candidate['name']} vs {champion['name']}"),
-        candidate=esc(_describe(candidate)),
-        champion=esc(_describe(champion)),
-        report_hash=esc(report_hash),
-        generated=esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        body="\n".join(s for s in sections if s),
+    evaluated = [name for name in SET_ORDER if name in before and name in after and not after[name].empty]
+    worse, better = _changed_items(before, after)
+    return _template().render(
+        title=f"flywheel eval: {candidate['name']} vs {champion['name']}",
+        candidate=_describe(candidate),
+        champion=_describe(champion),
+        report_hash=report_hash,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        gate=gate,
+        cards=[(SET_LABELS[name], before.get(name), after.get(name)) for name in SET_ORDER],
+        problem_charts=_problem_charts(before, after, targeted),
+        intent_chart=_intent_chart(before, after, document["settings"]["gate"]["min_intent_samples"]),
+        curve_chart=_curve_chart(document.get("training_curve")),
+        targeted=targeted,
+        numbers=[(SET_LABELS[name], before[name], after[name], _problem_types(before[name], after[name])) for name in evaluated],
+        intents=_intent_order(before, after),
+        no_intent=NO_INTENT,
+        worse=worse,
+        better=better,
+        changed_limit=12,
+        sets=[(SET_LABELS[name], info) for name, info in document["sets"].items()],
+        judges=sorted({m.get("judge", "rule") for m in document["candidate_metrics"].values() if m.get("size")}),
+        notes=list(document.get("notes", [])),
+        settings_json=json.dumps(document["settings"], indent=2, sort_keys=True),
     )
+
+
+def _escape(value: Any) -> Any:
+    """Jinja2's `finalize`: autoescape with html.escape's entity forms (&#x27;, &quot;), the ones the
+    report and its charts have always used. Markup (the charts) passes as it is."""
+    return value if hasattr(value, "__html__") else Markup(html.escape(str(value), quote=True))
+
+
+def _tone(delta: float, lower_is_better: bool) -> str:
+    good = delta < 0 if lower_is_better else delta > 0
+    return "flat" if abs(delta) < 1e-12 else ("up" if good else "down")
+
+
+@functools.cache
+def _template() -> Any:
+    from jinja2 import Environment, StrictUndefined
+
+    env = Environment(autoescape=True, finalize=_escape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(pct=lambda share: f"{share:.1%}", points=points)
+    env.globals["tone"] = _tone
+    return env.from_string(resources.files("flywheel.evals").joinpath("report.html").read_text(encoding="utf-8"))
 
 
 def _describe(ref: Mapping[str, Any]) -> str:
@@ -255,50 +286,18 @@ def _describe(ref: Mapping[str, Any]) -> str:
     return f"{ref['name']}: {ref['base_model']}{adapter}{weights}"
 
 
-def _gate_box(gate: GateResult) -> str:
-    failed = [c for c in gate.checks if not c.passed]
-    passed = [c for c in gate.checks if c.passed]
-    verdict = "PASSED" if gate.passed else "FAILED"
-    headline = (f"all {len(gate.checks)} checks passed" if gate.passed
-                else f"{len(failed)} of {len(gate.checks)} checks failed")
-    items = "".join(f"<li>{esc(c.reason)}</li>" for c in failed)
-    ok_items = "".join(f'<li class="{"skip" if c.skipped else ""}">{esc(c.reason)}</li>' for c in passed)
-    targeted = ", ".join(gate.targeted) or "none"
-    return (
-        f'<section class="gate {"pass" if gate.passed else "fail"}"><div class="verdict">Gate {verdict}</div>'
-        f'<p class="headline">{esc(headline)}; targeted problem types: {esc(targeted)}</p>'
-        + (f'<h3>Failing checks</h3><ul class="reasons">{items}</ul>' if failed else "")
-        + f'<details{" open" if gate.passed else ""}><summary>{len(passed)} passing checks</summary><ul class="reasons ok">{ok_items}</ul></details>'
-        "</section>"
-    )
+def _problem_types(b: SetMetrics, a: SetMetrics) -> list[str]:
+    return list(dict.fromkeys([*b.problem_rates, *a.problem_rates]))
 
 
-def _summary_cards(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]) -> str:
-    cards = []
-    for name in SET_ORDER:
-        b, a = before.get(name), after.get(name)
-        if b is None or a is None or a.empty:
-            cards.append(f'<div class="card empty"><div class="label">{esc(SET_LABELS[name])}</div><div class="big">empty</div><div class="sub">not evaluated</div></div>')
-            continue
-        delta = a.task_success.rate - b.task_success.rate
-        tone = "up" if delta > 0 else "down" if delta < 0 else "flat"
-        cards.append(
-            f'<div class="card"><div class="label">{esc(SET_LABELS[name])} &middot; {a.size} items</div>'
-            f'<div class="big">{a.task_success.rate:.1%}</div>'
-            f'<div class="sub">task success, champion {b.task_success.rate:.1%} '
-            f'<span class="delta {tone}">{points(delta)} pts</span></div></div>'
-        )
-    return '<section class="cards">' + "".join(cards) + "</section>"
-
-
-def _problem_charts(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], targeted: set[str]) -> str:
+def _problem_charts(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], targeted: set[str]) -> list[Markup]:
     charts = []
     for name in (TEST, PROBLEM, BASELINE):
         b, a = before.get(name), after.get(name)
         if b is None or a is None or a.empty:
             continue
         rows = []
-        for problem_type in dict.fromkeys([*b.problem_rates, *a.problem_rates]):
+        for problem_type in _problem_types(b, a):
             rb, ra = b.problem_rates.get(problem_type), a.problem_rates.get(problem_type)
             rows.append(BarPair(
                 label=problem_type,
@@ -309,16 +308,14 @@ def _problem_charts(before: Mapping[str, SetMetrics], after: Mapping[str, SetMet
                 emphasis=problem_type in targeted,
                 note="targeted" if problem_type in targeted else "",
             ))
-        charts.append(grouped_bars(rows, f"Problem rate per type, {SET_LABELS[name]} ({a.size} items; lower is better)"))
-    if not charts:
-        return '<section><h2>Problem rates</h2><p class="muted">every set is empty: nothing was evaluated</p></section>'
-    return "<section><h2>Problem rates, champion vs candidate</h2>" + "".join(f'<div class="chart">{c}</div>' for c in charts) + "</section>"
+        charts.append(Markup(grouped_bars(rows, f"Problem rate per type, {SET_LABELS[name]} ({a.size} items; lower is better)")))
+    return charts
 
 
-def _intent_chart(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], min_samples: int) -> str:
+def _intent_chart(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], min_samples: int) -> Markup | None:
     name = next((n for n in (TEST, PROBLEM) if n in after and not after[n].empty), None)
     if name is None:
-        return ""
+        return None
     b, a = before[name], after[name]
     rows = []
     for intent, ra in a.per_intent.items():
@@ -326,82 +323,33 @@ def _intent_chart(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetri
         if rb is None:
             continue
         rows.append(Change(label=intent, delta=ra.rate - rb.rate, detail=f"({rb.count}/{rb.n} -> {ra.count}/{ra.n})", muted=ra.n < min_samples))
-    chart = diverging_bars(rows, f"Success change per intent, {SET_LABELS[name]} (grey: fewer than {min_samples} items, not gated)")
-    return f'<section><h2>Per-intent success</h2><div class="chart">{chart}</div></section>'
+    return Markup(diverging_bars(rows, f"Success change per intent, {SET_LABELS[name]} (grey: fewer than {min_samples} items, not gated)"))
 
 
-def _curve_chart(curve: Mapping[str, Sequence[Sequence[float]]] | None) -> str:
+def _curve_chart(curve: Mapping[str, Sequence[Sequence[float]]] | None) -> Markup | None:
     if not curve:
-        return '<section><h2>Training curve</h2><p class="muted">no training curve was recorded for this candidate</p></section>'
+        return None
     series = {name: [(float(x), float(y)) for x, y in points] for name, points in curve.items()}
-    return f'<section><h2>Training curve</h2><div class="chart">{line_chart(series, "Loss by training step")}</div></section>'
+    return Markup(line_chart(series, "Loss by training step"))
 
 
-def _rate_cell(rate: Any) -> str:
-    if rate is None:
-        return "<td>&ndash;</td>"
-    return f'<td title="95% CI {rate.low:.1%}&ndash;{rate.high:.1%}">{rate.rate:.1%} <span class="muted">({rate.count}/{rate.n})</span></td>'
-
-
-def _delta_cell(b: Any, a: Any, lower_is_better: bool) -> str:
-    if a is None or b is None:
-        return "<td>&ndash;</td>"
-    delta = a.rate - b.rate
-    good = delta < 0 if lower_is_better else delta > 0
-    tone = "flat" if abs(delta) < 1e-12 else ("up" if good else "down")
-    return f'<td class="delta {tone}">{points(delta)}</td>'
-
-
-def _numbers_table(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], targeted: set[str]) -> str:
-    rows = []
-    for name in SET_ORDER:
-        b, a = before.get(name), after.get(name)
-        if b is None or a is None or a.empty:
-            continue
-        rows.append(f'<tr class="group"><th colspan="4">{esc(SET_LABELS[name])} &middot; {a.size} items</th></tr>')
-        rows.append(f"<tr><td>task success</td>{_rate_cell(b.task_success)}{_rate_cell(a.task_success)}{_delta_cell(b.task_success, a.task_success, False)}</tr>")
-        for problem_type in dict.fromkeys([*b.problem_rates, *a.problem_rates]):
-            rb, ra = b.problem_rates.get(problem_type), a.problem_rates.get(problem_type)
-            mark = ' <span class="tag">targeted</span>' if problem_type in targeted else ""
-            rows.append(f"<tr><td>{esc(problem_type)}{mark}</td>{_rate_cell(rb)}{_rate_cell(ra)}{_delta_cell(rb, ra, True)}</tr>")
-        sev_b = ", ".join(f"{esc(k)} {v}" for k, v in b.severity_counts.items())
-        sev_a = ", ".join(f"{esc(k)} {v}" for k, v in a.severity_counts.items())
-        rows.append(f'<tr><td>findings by severity</td><td>{sev_b}</td><td>{sev_a}</td><td></td></tr>')
-        if a.generation_errors or b.generation_errors:
-            rows.append(f"<tr><td>generation errors</td><td>{b.generation_errors}</td><td>{a.generation_errors}</td><td></td></tr>")
-        if a.llm_unjudged or b.llm_unjudged:
-            rows.append(f"<tr><td>answers the LLM judge gave no verdict on</td><td>{b.llm_unjudged}</td><td>{a.llm_unjudged}</td><td></td></tr>")
-    if not rows:
-        return ""
-    return ('<section><h2>Numbers</h2><p class="muted">rates are shares of items; hover a cell for its 95% Wilson interval; '
-            'change in points (green is better)</p><table><thead><tr><th>metric</th><th>champion</th><th>candidate</th>'
-            '<th>change</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></section>")
-
-
-def _intent_table(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]) -> str:
+def _intent_order(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]) -> tuple[str, SetMetrics, SetMetrics, list[str]] | None:
+    """The per-intent table's set and its intents, the biggest drop in success first."""
     name = next((n for n in (TEST, PROBLEM) if n in after and not after[n].empty), None)
     if name is None:
-        return ""
+        return None
     b, a = before[name], after[name]
     order = sorted(a.per_intent, key=lambda i: (a.per_intent[i].rate - (b.per_intent[i].rate if i in b.per_intent else 0.0), i))
-    rows = [f"<tr><td>{esc(i)}</td>{_rate_cell(b.per_intent.get(i))}{_rate_cell(a.per_intent[i])}{_delta_cell(b.per_intent.get(i), a.per_intent[i], False)}</tr>" for i in order]
-    return (f'<section><details><summary>Success per intent, {esc(SET_LABELS[name])} ({len(rows)} intents; '
-            f'"{esc(NO_INTENT)}" holds items without one)</summary><table><thead><tr><th>intent</th><th>champion</th>'
-            '<th>candidate</th><th>change</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></details></section>")
+    return SET_LABELS[name], b, a, order
 
 
-def _findings_cell(outcome: ItemOutcome) -> str:
-    """What the judge found, with each finding's check and detail in the tooltip."""
-    if outcome.error:
-        return f"<td>{esc(outcome.error)}</td>"
-    shown = ", ".join(f"{f.problem_type} ({f.severity})" for f in outcome.findings) or "none"
-    details = "; ".join(f"{f.check}: {f.detail}" for f in outcome.findings)
-    return f'<td title="{esc(details)}">{esc(shown)}</td>' if details else f"<td>{esc(shown)}</td>"
+Changed = list[tuple[str, ItemOutcome, ItemOutcome]]  # (set name, champion's outcome, candidate's)
 
 
-def _changed_items(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], limit: int = 12) -> str:
-    """Items whose verdict flipped: the quickest way to see what the numbers mean."""
-    worse, better = [], []
+def _changed_items(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]) -> tuple[Changed, Changed]:
+    """Items whose verdict flipped, (worse, better): the quickest way to see what the numbers mean."""
+    worse: Changed = []
+    better: Changed = []
     for name in SET_ORDER:
         if name not in before or name not in after:
             continue
@@ -411,37 +359,4 @@ def _changed_items(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetr
             if old is None or old.success == outcome.success:
                 continue
             (better if outcome.success else worse).append((name, old, outcome))
-    if not worse and not better:
-        return ""
-
-    def table(rows: list[tuple[str, ItemOutcome, ItemOutcome]], caption: str) -> str:
-        if not rows:
-            return ""
-        body = "".join(
-            f'<tr><td>{esc(s)}</td><td class="mono wrap">{esc(new.id)}</td><td class="wrap">{esc(new.intent or NO_INTENT)}</td>'
-            f'{_findings_cell(old)}{_findings_cell(new)}'
-            f'<td class="answer">{esc(new.answer[:400])}</td></tr>'
-            for s, old, new in rows[:limit]
-        )
-        more = f'<p class="muted">and {len(rows) - limit} more in report.json</p>' if len(rows) > limit else ""
-        return (f"<h3>{esc(caption)} ({len(rows)})</h3><table><thead><tr><th>set</th><th>item</th><th>intent</th>"
-                "<th>champion found</th><th>candidate found</th><th>candidate answer</th></tr></thead>"
-                f"<tbody>{body}</tbody></table>{more}")
-
-    return ("<section><h2>Items that changed</h2>" + table(worse, "Got worse") + table(better, "Got better") + "</section>")
-
-
-def _settings_block(document: Mapping[str, Any]) -> str:
-    sets = "".join(
-        f"<li>{esc(SET_LABELS[name])}: {info['size']} items{' from ' + esc(info['source']) if info['source'] else ''}</li>"
-        for name, info in document["sets"].items()
-    )
-    judges = sorted({m.get("judge", "rule") for m in document["candidate_metrics"].values() if m.get("size")})
-    sets += f"<li>answers judged by: {esc(', '.join(judges) or 'nothing (every set is empty)')}</li>"
-    notes = "".join(f"<li>{esc(n)}</li>" for n in document.get("notes", []))
-    settings_json = json.dumps(document["settings"], indent=2, sort_keys=True)
-    return (
-        f'<section><h2>Sets and settings</h2><ul>{sets}</ul>'
-        + (f'<h3>Notes</h3><ul>{notes}</ul>' if notes else "")
-        + f'<details><summary>settings used</summary><pre>{esc(settings_json)}</pre></details></section>'
-    )
+    return worse, better

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import select
 
 from flywheel.context import Context
 from flywheel.jsonl import json_objects
@@ -44,7 +43,7 @@ from flywheel.settings import Settings
 from flywheel.store.db import Store
 
 # What a model hands back for one conversation: plain text, a full assistant message (with tool
-# calls), or an object with a `.text` (and maybe `.tool_calls`) such as trainer.models.Generation.
+# calls), or an object with a `.text` (and maybe `.tool_calls`) such as inference.local_model.Generation.
 Answer = Any
 GenerateFn = Callable[[list[list[dict[str, Any]]]], Sequence[Answer]]
 ModelLoader = Callable[[ModelRef, Settings], tuple[GenerateFn, Callable[[], None]]]
@@ -118,13 +117,9 @@ def _failure_items(store: Store, tiers: Sequence[SampleTier], status: FailureSta
     from flywheel.data.labels import latest_labels
     from flywheel.store import failures as failure_repo
     from flywheel.store import interactions as interaction_repo
-    from flywheel.store.schema import failures
 
     with store.engine.connect() as conn:
-        query = select(failures).where(failures.c.tier.in_([str(t) for t in tiers]))
-        if status is not None:
-            query = query.where(failures.c.status == str(status))
-        rows: list[Failure] = [failure_repo.failure_from_row(r) for r in conn.execute(query.order_by(failures.c.id))]
+        rows: list[Failure] = failure_repo.failures_in_tiers(conn, tiers, status)
         if not rows:
             return []
         interactions = interaction_repo.get_many(conn, [f.interaction_id for f in rows])
@@ -271,7 +266,7 @@ def build_judge(settings: Settings) -> RuleJudge:
 def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Callable[[], None]]:
     """A generate function over a local base model plus optional LoRA adapter, and a function that
     frees it (two models of a real size do not fit side by side on many machines)."""
-    from flywheel.trainer.models import LocalModel
+    from flywheel.inference.local_model import LocalModel
 
     holder: dict[str, Any] = {"model": LocalModel(ref.base_model, ref.adapter_path)}
 
@@ -381,7 +376,7 @@ def record_on_version(store: Store, report: EvalReport) -> str | None:
     an approval can bind to its hash. Returns the version id, or None for an unregistered candidate."""
     if report.candidate.version is None:
         return None
-    from flywheel import registry
+    from flywheel.release import registry
 
     registry.attach_eval(
         store,

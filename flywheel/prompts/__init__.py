@@ -35,7 +35,7 @@ class Prompt:
 
     def render(self, **values: str) -> str:
         """Fill `{name}` slots. Values are inserted as they are: callers wrap untrusted text in
-        delimited blocks first (see flywheel.evals.judge.untrusted_block)."""
+        delimited blocks first (see flywheel.prompts.fence.untrusted_block)."""
         return fill(self.text, values)
 
 

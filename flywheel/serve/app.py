@@ -44,7 +44,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flywheel.context import Context
-from flywheel.registry import ModelVersion
+from flywheel.release.records import ModelVersion
 from flywheel.serve import feedback as feedback_mod
 from flywheel.serve.backends import Backend
 from flywheel.serve.capture import Capture, Served
@@ -66,8 +66,8 @@ from flywheel.serve.protocol import (
 )
 from flywheel.serve.routing import Router
 from flywheel.settings import Settings
-from flywheel.store.db import Store
 from flywheel.store import interactions as interaction_repo
+from flywheel.store.db import Store
 
 log = logging.getLogger("flywheel.serve")
 

@@ -31,9 +31,9 @@ import httpx
 import orjson
 import yarl
 
-from flywheel import registry
 from flywheel.errors import InfrastructureError, UserInputError
-from flywheel.registry import ModelVersion
+from flywheel.release import registry
+from flywheel.release.records import ModelVersion
 from flywheel.serve import protocol
 from flywheel.serve.protocol import ApiError, ChatRequest, message_text
 
@@ -84,7 +84,7 @@ class BuiltinBackend:
     kind = "builtin"
 
     def __init__(self, model: Any, *, max_new_tokens: int = 256, batch_size: int = 8):
-        self.model = model  # flywheel.trainer.models.LocalModel
+        self.model = model  # flywheel.inference.local_model.LocalModel
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self._jobs: queue.Queue[_Job | None] = queue.Queue()

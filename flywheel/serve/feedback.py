@@ -26,12 +26,13 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from flywheel.data.pii import Scrubber
 from flywheel.records import utcnow
 from flywheel.serve.protocol import ApiError
-from flywheel.store.schema import feedback_events, interactions
+from flywheel.store import feedback as feedback_repo
+from flywheel.store.feedback import FeedbackEvent
 
 KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "complaint")
 # Logs say `"feedback": "up" | "down"` (docs/ingest.md), so clients built on that vocabulary send it here
@@ -95,7 +96,7 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
 
 
 def signal_update(kind: str, value: Any) -> dict[str, Any]:
-    """The interactions columns one event sets."""
+    """The interactions columns one event sets (`followups`: how many to add)."""
     if kind == "thumbs_up":
         return {"feedback": "up"}
     if kind == "thumbs_down":
@@ -103,7 +104,7 @@ def signal_update(kind: str, value: Any) -> dict[str, Any]:
     if kind == "escalation":
         return {"escalated_to_human": True if value is None else bool(value)}
     if kind == "followup":
-        return {"followups": interactions.c.followups + (1 if value is None else int(value))}
+        return {"followups": 1 if value is None else int(value)}
     if kind == "qa_verdict":
         return {"qa_verdict": value}
     if kind == "complaint":
@@ -112,8 +113,7 @@ def signal_update(kind: str, value: Any) -> dict[str, Any]:
 
 
 def _apply(conn: Connection, interaction_id: str, kind: str, value: Any) -> int:
-    result = conn.execute(interactions.update().where(interactions.c.id == interaction_id).values(**signal_update(kind, value)))
-    return result.rowcount or 0
+    return feedback_repo.update_signals(conn, interaction_id, signal_update(kind, value))
 
 
 def record(conn: Connection, items: Sequence[FeedbackItem]) -> int:
@@ -121,30 +121,17 @@ def record(conn: Connection, items: Sequence[FeedbackItem]) -> int:
     (the others wait in feedback_events for `apply_pending`)."""
     applied = 0
     for item in items:
-        conn.execute(feedback_events.insert().values(
-            interaction_id=item.interaction_id, kind=item.kind, value=item.value, client=item.client, created_at=item.created_at,
-        ))
+        feedback_repo.insert_event(conn, item.interaction_id, item.kind, item.value, item.client, item.created_at)
         applied += _apply(conn, item.interaction_id, item.kind, item.value)
     return applied
 
 
-def pending_for(conn: Connection, interaction_ids: Sequence[str]) -> list[Any]:
-    """Events already stored for interactions about to be inserted (call before inserting them)."""
-    if not interaction_ids:
-        return []
-    rows = conn.execute(
-        select(feedback_events.c.interaction_id, feedback_events.c.kind, feedback_events.c.value)
-        .where(feedback_events.c.interaction_id.in_(list(interaction_ids)))
-        .order_by(feedback_events.c.id)
-    ).fetchall()
-    if not rows:
-        return []
-    # Interactions already stored had their events applied when the events arrived.
-    ids = list({r.interaction_id for r in rows})
-    existing = set(conn.execute(select(interactions.c.id).where(interactions.c.id.in_(ids))).scalars())
-    return [r for r in rows if r.interaction_id not in existing]
+def pending_for(conn: Connection, interaction_ids: Sequence[str]) -> list[FeedbackEvent]:
+    """Events already stored for interactions about to be inserted (call before inserting them).
+    Interactions already stored had their events applied when the events arrived: theirs are left out."""
+    return feedback_repo.pending_events(conn, interaction_ids)
 
 
-def apply_pending(conn: Connection, pending: Sequence[Any]) -> int:
+def apply_pending(conn: Connection, pending: Sequence[FeedbackEvent]) -> int:
     """Apply events that arrived before their interaction (from `pending_for`), after inserting it."""
     return sum(_apply(conn, r.interaction_id, r.kind, r.value) for r in pending)

@@ -23,13 +23,12 @@ import threading
 import time
 from datetime import datetime
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from flywheel.errors import NotFoundError, UserInputError
-from flywheel.records import Record, utcnow
+from flywheel.records import Record
+from flywheel.store import keys as key_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import api_keys
 
 log = logging.getLogger("flywheel.serve")
 
@@ -62,29 +61,22 @@ def create_key(store: Store, name: str) -> str:
     """A new key for client `name`. Returns the key itself; only its sha256 is stored."""
     name = _check_name(name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    try:
-        with store.begin() as conn:
-            conn.execute(api_keys.insert().values(name=name, key_hash=hash_key(key), revoked=False, created_at=utcnow()))
-    except IntegrityError:
-        raise UserInputError(f"a key named {name!r} exists already (revoked keys keep their name); choose another name") from None
+    if not key_repo.insert(store, name, hash_key(key)):
+        raise UserInputError(f"a key named {name!r} exists already (revoked keys keep their name); choose another name")
     return key
 
 
 def list_keys(store: Store) -> list[ApiKey]:
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(api_keys.c.name, api_keys.c.revoked, api_keys.c.created_at).order_by(api_keys.c.created_at, api_keys.c.id))
-        return [ApiKey(name=r.name, revoked=bool(r.revoked), created_at=r.created_at) for r in rows]
+    return [ApiKey(**row) for row in key_repo.list_all(store)]
 
 
 def revoke_key(store: Store, name: str) -> ApiKey:
     """Revoke the key named `name` (revoking it again changes nothing). The gateway refuses it within
     serve.keys_refresh_s."""
-    with store.begin() as conn:
-        row = conn.execute(select(api_keys.c.name, api_keys.c.created_at).where(api_keys.c.name == name)).first()
-        if row is None:
-            raise NotFoundError(f"no API key named {name!r} (see `flywheel keys list`)")
-        conn.execute(api_keys.update().where(api_keys.c.name == name).values(revoked=True))
-    return ApiKey(name=row.name, revoked=True, created_at=row.created_at)
+    row = key_repo.revoke(store, name)
+    if row is None:
+        raise NotFoundError(f"no API key named {name!r} (see `flywheel keys list`)")
+    return ApiKey(revoked=True, **row)
 
 
 class KeyCache:
@@ -102,12 +94,11 @@ class KeyCache:
     def refresh(self) -> bool:
         """Re-read the active keys. False (and the old table kept) when the store cannot be read."""
         try:
-            with self.store.engine.connect() as conn:
-                rows = conn.execute(select(api_keys.c.key_hash, api_keys.c.name).where(api_keys.c.revoked.is_(False))).fetchall()
+            by_hash = key_repo.active_hashes(self.store)
         except SQLAlchemyError as exc:
             log.warning("cannot re-read API keys (keeping the %d known): %s", len(self._by_hash), str(exc).splitlines()[0])
             return False
-        self._by_hash = {r.key_hash: r.name for r in rows}  # one assignment: readers see the old or the new table
+        self._by_hash = by_hash  # one assignment: readers see the old or the new table
         self.loaded = True
         return True
 

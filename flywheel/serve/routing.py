@@ -28,9 +28,10 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from flywheel import registry
 from flywheel.errors import FlywheelError, NotFoundError
-from flywheel.registry import CANARY, CHAMPION, CLOSED, PREVIOUS, ModelVersion, Routing
+from flywheel.release import registry
+from flywheel.release.records import ModelVersion, version_number
+from flywheel.release.registry import CANARY, CHAMPION, CLOSED, PREVIOUS, Routing
 from flywheel.serve.protocol import ApiError, not_found_model
 from flywheel.store.db import Store
 
@@ -224,7 +225,7 @@ class Router:
         """(name, version) for each alias and each version currently served: what GET /v1/models shows."""
         snap = self._snapshot
         names = [(alias, version) for alias, version in snap.aliases.items()]
-        names += [(vid, version) for vid, version in sorted(snap.versions.items(), key=lambda kv: registry.version_number(kv[0]))]
+        names += [(vid, version) for vid, version in sorted(snap.versions.items(), key=lambda kv: version_number(kv[0]))]
         return names
 
     def describe(self) -> dict[str, Any]:

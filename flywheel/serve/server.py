@@ -1,5 +1,6 @@
-"""Running the gateway app with uvicorn: in the foreground (`flywheel serve`) or from a background thread on
-a free loopback port (tests and the benchmark talk to it over real HTTP)."""
+"""Running an ASGI app with uvicorn: the gateway in the foreground (`flywheel serve`), or any app from a
+background thread on a free loopback port or a given one (`ServerThread`: the Slack HTTP endpoint, and the
+tests and the benchmark, which talk to the gateway over real HTTP)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,16 @@ def serve_forever(app: Any, host: str, port: int, *, access_log: bool = False, l
 
 
 class ServerThread:
-    """A uvicorn server in a daemon thread on 127.0.0.1 and a free port (port=0) or a given one."""
+    """A uvicorn server in a daemon thread on 127.0.0.1 and a free port (port=0) or a given one.
 
-    def __init__(self, app: Any, host: str = LOOPBACK, port: int = 0, **config: Any):
+    The socket is bound by `bind()` (or by `start()`), before the thread starts, so that port 0 gives a
+    known port and a taken port is an OSError in the caller's thread. `what` names the server in errors."""
+
+    def __init__(self, app: Any, host: str = LOOPBACK, port: int = 0, *, name: str = "flywheel-gateway", what: str = "the gateway", **config: Any):
         self.app = app
         self.host = host
+        self.name = name
+        self.what = what
         self._port = port
         self._config = {"log_level": "warning", "access_log": False, "lifespan": "on", **config}
         self.server: uvicorn.Server | None = None
@@ -57,20 +63,30 @@ class ServerThread:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    def bind(self) -> ServerThread:
+        """Bind the listening socket (once); raises OSError when the address is taken or not ours."""
+        if self._socket is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self._port))
+            except OSError:
+                sock.close()
+                raise
+            self._socket = sock
+        return self
+
     def start(self, timeout: float = 60.0) -> "ServerThread":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._port))
-        self._socket = sock
+        self.bind()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, **self._config))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="flywheel-gateway", daemon=True)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, name=self.name, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive():
-                raise InfrastructureError("the gateway did not start (see the log above)")
+                raise InfrastructureError(f"{self.what} did not start on {self.host}:{self.port} (see the log above)")
             if time.monotonic() > deadline:
-                raise InfrastructureError(f"the gateway did not start within {timeout:.0f} s")
+                raise InfrastructureError(f"{self.what} did not start on {self.host}:{self.port} within {timeout:.0f} s")
             time.sleep(0.01)
         return self
 

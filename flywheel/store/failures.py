@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, select, update
+from sqlalchemy import Connection, and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel.errors import NotFoundError
@@ -27,7 +27,7 @@ from flywheel.records import (
 )
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import corrections, failures, tier_moves, verdicts
+from flywheel.store.schema import corrections, failures, labels, tier_moves, verdicts
 
 
 def failure_id_for(interaction_id: str) -> str:
@@ -299,8 +299,8 @@ def latest_correction(conn: Connection, failure_id: str, verified_only: bool = F
 
 
 def show(store: Store, failure_id: str) -> FailureView:
-    from flywheel.data.labels import latest_label  # labels build on this module, not the other way round
-
+    """The failure with its interaction, newest verdict and correction, and tier moves. `reference` is
+    left None: labels are flywheel.data.labels' to read (its `failure_view` adds the newest one)."""
     with store.engine.connect() as conn:
         row = conn.execute(select(failures).where(failures.c.id == failure_id)).first()
         if row is None:
@@ -314,5 +314,142 @@ def show(store: Store, failure_id: str) -> FailureView:
             verdict=latest_verdict(conn, failure_id),
             correction=latest_correction(conn, failure_id),
             tier_moves=moves,
-            reference=latest_label(conn, failure_id),
         )
+
+
+# --- reads for triage, snapshots, evaluation and labelling --------------------------------------------------
+
+
+def existing_ids(conn: Connection, ids: Sequence[str]) -> set[str]:
+    """Which of `ids` are stored failures."""
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        found.update(conn.execute(select(failures.c.id).where(failures.c.id.in_(chunk))).scalars())
+    return found
+
+
+def representatives_among(conn: Connection, ids: Sequence[str]) -> set[str]:
+    """Which of `ids` lead a cluster (their cluster_id is their own id)."""
+    if not ids:
+        return set()
+    query = select(failures.c.id).where(failures.c.id.in_(list(ids)), failures.c.cluster_id == failures.c.id)
+    return {row.id for row in conn.execute(query)}
+
+
+def unclustered(store: Store, limit: int) -> list[Failure]:
+    """Up to `limit` captured failures without a cluster, highest risk first."""
+    query = (
+        select(failures)
+        .where(failures.c.status == str(FailureStatus.CAPTURED), failures.c.cluster_id.is_(None))
+        .order_by(failures.c.risk.desc(), failures.c.id)
+        .limit(limit)
+    )
+    with store.engine.connect() as conn:
+        return [failure_from_row(r) for r in conn.execute(query)]
+
+
+def cluster_sizes(conn: Connection, representative_ids: Sequence[str]) -> list[tuple[str, int]]:
+    """(representative id, failures in its cluster) for each of `representative_ids` with members."""
+    query = (
+        select(failures.c.cluster_id, func.count())
+        .where(failures.c.cluster_id.in_(list(representative_ids)))
+        .group_by(failures.c.cluster_id)
+    )
+    return [(rep_id, int(size)) for rep_id, size in conn.execute(query).all()]
+
+
+def count_representatives(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(failures).where(failures.c.cluster_id == failures.c.id)).scalar_one()
+
+
+def representative_ids(conn: Connection) -> list[str]:
+    return [r.id for r in conn.execute(select(failures.c.id).where(failures.c.cluster_id == failures.c.id).order_by(failures.c.id))]
+
+
+class ClusterRisk(Record):
+    id: str  # the representative
+    status: str  # the representative's
+    risk: float  # the highest among its members
+
+
+def cluster_risks(store: Store, statuses: Sequence[str]) -> list[ClusterRisk]:
+    """Each cluster whose representative is in `statuses`, with the highest risk among its members."""
+    member = failures.alias("member")
+    query = (
+        select(failures.c.id, failures.c.status, func.max(member.c.risk).label("risk"))
+        .join(member, member.c.cluster_id == failures.c.id)
+        .where(failures.c.status.in_(list(statuses)), failures.c.cluster_id == failures.c.id)
+        .group_by(failures.c.id, failures.c.status)
+    )
+    with store.engine.connect() as conn:
+        return [ClusterRisk(id=r.id, status=r.status, risk=float(r.risk)) for r in conn.execute(query).all()]
+
+
+def training_failures(conn: Connection) -> list[Failure]:
+    """Failures a snapshot may train on, in id order: tier problem and status verified (new fixes), a
+    baseline tier (graduated samples, whatever their status), or not_failure with a person's label."""
+    query = select(failures).where(
+        or_(
+            and_(failures.c.tier == str(SampleTier.PROBLEM), failures.c.status == str(FailureStatus.VERIFIED)),
+            failures.c.tier.in_([str(t) for t in SampleTier if t != SampleTier.PROBLEM]),
+            and_(failures.c.status == str(FailureStatus.NOT_FAILURE), failures.c.id.in_(select(labels.c.failure_id))),
+        )
+    )
+    return [failure_from_row(r) for r in conn.execute(query.order_by(failures.c.id))]
+
+
+def failures_in_tiers(conn: Connection, tiers: Sequence[SampleTier], status: FailureStatus | None = None) -> list[Failure]:
+    """Failures in `tiers` (and `status`, if given), in id order."""
+    query = select(failures).where(failures.c.tier.in_([str(t) for t in tiers]))
+    if status is not None:
+        query = query.where(failures.c.status == str(status))
+    return [failure_from_row(r) for r in conn.execute(query.order_by(failures.c.id))]
+
+
+def failures_not_in(conn: Connection, statuses: Sequence[str], limit: int) -> list[Failure]:
+    """Up to `limit` failures whose status is none of `statuses`, highest risk first."""
+    query = select(failures).where(failures.c.status.not_in(list(statuses)))
+    return [failure_from_row(r) for r in conn.execute(query.order_by(failures.c.risk.desc(), failures.c.id).limit(limit))]
+
+
+def _newest(conn: Connection, table: Any, failure_ids: Sequence[str], condition: Any = None) -> dict[str, Any]:
+    """The newest row of `table` (verdicts or corrections) per failure id, optionally among rows meeting
+    `condition`: two queries per 500 failures instead of two per failure."""
+    out: dict[str, Any] = {}
+    for start in range(0, len(failure_ids), 500):
+        query = select(table).where(table.c.failure_id.in_(list(failure_ids[start : start + 500])))
+        if condition is not None:
+            query = query.where(condition)
+        for row in conn.execute(query.order_by(table.c.id)):
+            out[row.failure_id] = row  # ascending ids: the newest is written last
+    return out
+
+
+def newest_corrections(conn: Connection, failure_ids: Sequence[str], verified_only: bool = False) -> dict[str, Correction]:
+    """`latest_correction` for many failures at once (those without one are absent)."""
+    found = _newest(conn, corrections, failure_ids, corrections.c.verified.is_(True) if verified_only else None)
+    return {fid: correction_from_row(row) for fid, row in found.items()}
+
+
+def newest_verdicts(conn: Connection, failure_ids: Sequence[str]) -> dict[str, Verdict]:
+    """`latest_verdict` for many failures at once (those without one are absent)."""
+    return {fid: verdict_from_row(row) for fid, row in _newest(conn, verdicts, failure_ids).items()}
+
+
+class VerifiedAnswer(Record):
+    failure_id: str
+    answer: str
+    generator: str
+    intent: str | None  # the failure's own intent
+
+
+def verified_answers(conn: Connection) -> list[VerifiedAnswer]:
+    """Every verified correction's answer with its failure's intent, oldest correction first."""
+    query = (
+        select(corrections.c.failure_id, corrections.c.answer, corrections.c.generator, failures.c.intent)
+        .join(failures, failures.c.id == corrections.c.failure_id)
+        .where(corrections.c.verified.is_(True))
+        .order_by(corrections.c.id)
+    )
+    return [VerifiedAnswer(failure_id=r.failure_id, answer=r.answer, generator=r.generator, intent=r.intent) for r in conn.execute(query)]

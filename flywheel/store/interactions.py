@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import JSON, Connection, DateTime, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from flywheel.records import Interaction, Message, Signals, utcnow
 from flywheel.store.db import Store
@@ -106,6 +107,7 @@ def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> i
                 values[index] = process(values[index])
         params.append(values)
     raw = conn.connection.driver_connection
+    assert raw is not None  # an open Connection always holds its sqlite3 connection
     before = raw.total_changes
     cursor = conn.connection.cursor()
     try:
@@ -127,7 +129,7 @@ def _sqlite_plan(dialect: Any) -> tuple[list[tuple[str, Any]], list[tuple[int, A
     if plan is None:
         name_defaults, processors = [], []
         for index, column in enumerate(interactions.columns):
-            name_defaults.append((column.name, column.default.arg if column.default is not None and column.default.is_scalar else None))
+            name_defaults.append((column.name, column.default.arg if isinstance(column.default, ScalarElementColumnDefault) else None))
             process = column.type.dialect_impl(dialect).bind_processor(dialect)
             if isinstance(column.type, JSON):
                 process = _json_text
@@ -169,12 +171,30 @@ def get(store: Store, interaction_id: str) -> Interaction | None:
 
 def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, Interaction]:
     out: dict[str, Interaction] = {}
-    for start in range(0, len(ids), 500):
-        chunk = list(ids[start : start + 500])
+    for chunk in _chunks(ids):
         for row in conn.execute(select(interactions).where(interactions.c.id.in_(chunk))):
             item = from_row(row)
             out[item.id] = item
     return out
+
+
+def holders(conn: Connection, ids: Sequence[str], since: datetime) -> dict[str, tuple[str, str, bool]]:
+    """For each of `ids` the store holds: (its content hash, its source, whether it was ingested at or after
+    `since`). Ingest asks this after a batch skipped rows, to tell a duplicate (same id, same content) from
+    an id conflict (same id, other content). The time is compared in SQL so that SQLite's zone-less
+    timestamps and PostgreSQL's zoned ones need no converting here."""
+    out: dict[str, tuple[str, str, bool]] = {}
+    columns = (interactions.c.id, interactions.c.content_hash, interactions.c.source, interactions.c.ingested_at >= since)
+    for chunk in _chunks(ids):
+        for row_id, digest, source, recent in conn.execute(select(*columns).where(interactions.c.id.in_(chunk))):
+            out[row_id] = (digest, source or "", bool(recent))
+    return out
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+    """`ids` in slices small enough for an IN list on every backend."""
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
 
 
 def count(store: Store) -> int:

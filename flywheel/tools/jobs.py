@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from flywheel import registry
 from flywheel.errors import NotFoundError, ToolInputError
 from flywheel.records import Record
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.release import registry
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 from flywheel.trainer import launcher
 from flywheel.trainer.jobs import JobRecord, JobStatus
 

@@ -1,6 +1,6 @@
 """Tool: spend the labelling budget on the failures most worth a person's time (flywheel.data.labelling).
 
-Who answers is the run's labeller (`ctx.extras["labeller"]`, a flywheel.data.labelling.Labeller): the
+Who answers is the run's labeller (`ctx.labeller`, a flywheel.data.labelling.Labeller): the
 demo plugs in one that answers from the dataset's labels. Without one, the requests are queued in
 `<state>/label_requests.jsonl` for people, who answer with `flywheel label --file`; the cycle goes on
 with what the rule judge can decide alone.
@@ -12,9 +12,8 @@ from typing import Literal
 
 from flywheel.data.labelling import LabellingLog, QueueLabeller, label_failures
 from flywheel.data.labels import count_labels
-from flywheel.tools.registry import ToolContext, ToolSpec, report_progress
+from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 
-LABELLER_KEY = "labeller"
 Strategy = Literal["random", "least_confidence", "margin", "entropy", "kcenter", "kmeans", "expected_change", "hybrid"]
 
 
@@ -28,10 +27,10 @@ def request_labels(ctx: ToolContext, strategy: Strategy | None = None) -> Labell
     Args:
         strategy: how to choose: random, least_confidence, margin, entropy, kcenter, kmeans, expected_change or hybrid (default: the selection.strategy setting).
     """
-    from flywheel.registry import resolve
-    from flywheel.trainer.models import LocalModel
+    from flywheel.release.registry import resolve
+    from flywheel.inference.local_model import LocalModel
 
-    labeller = ctx.extras.get(LABELLER_KEY) or QueueLabeller(ctx.settings.state_path / "label_requests.jsonl")
+    labeller = ctx.labeller or QueueLabeller(ctx.settings.state_path / "label_requests.jsonl")
     chosen = strategy or ctx.settings.selection.strategy
     model = None
     if chosen != "random" and chosen not in ("kcenter", "kmeans"):

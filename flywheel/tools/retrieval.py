@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from flywheel.evals.judge import new_nonce, untrusted_block
+from flywheel.prompts.fence import new_nonce, untrusted_block
 from flywheel.records import Record
 from flywheel.store.vectors import CORRECTIONS, KB
-from flywheel.tools.registry import ToolContext, ToolSpec
+from flywheel.tools.base import ToolContext, ToolSpec
 
 MAX_TEXT = 1200
 

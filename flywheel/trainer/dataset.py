@@ -16,7 +16,8 @@ records it.
 Rows the fixed test set (settings.eval.test_set) asks about are dropped from both splits: a row goes when
 the normalised text of its user turns, or of its last user turn, equals a test row's. Normalising
 (NFKC, case-folded, punctuation removed, whitespace collapsed) errs towards dropping: a near-copy of a
-test prompt in training would make the test measure memory.
+test prompt in training would make the test measure memory. The rows (and their keys) come from
+flywheel.trainer.samples; replay rows are flywheel.trainer.replay's.
 
 Row shapes:
     sft  {"messages": prompt + [{"role": "assistant", "content": correction}], "weight", "intent", ...}
@@ -31,30 +32,26 @@ import json
 import os
 import re
 import shutil
-import unicodedata
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
-from sqlalchemy import and_, or_, select
-
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError, SettingsError, UserInputError
-from flywheel.records import FailureStatus, Message, Record, SampleTier, Severity, stable_hash, utcnow
+from flywheel.records import FailureStatus, Record, stable_hash, utcnow
 from flywheel.settings import Settings
+from flywheel.store import datasets as dataset_repo
 from flywheel.store.db import Store
 from flywheel.trainer import balance as bal
 from flywheel.trainer.balance import Ledger, Sample
+from flywheel.trainer.replay import ReplayRow, parse_replay_rows, stable_production_rows
+from flywheel.trainer.samples import replay_samples, store_samples, test_set_keys
 
 Kind = Literal["sft", "dpo"]
 KINDS: tuple[str, ...] = ("sft", "dpo")
 SPLITS: tuple[str, ...] = ("train", "heldout")
-NO_PROBLEM = "none"  # problem type of a replay row that never was a failure (a stable production sample)
-PRODUCTION_REPLAY_PREFIX = "replay-"  # ids of the rows flywheel.trainer.replay offers
-UNCATEGORISED = "uncategorised"
 
 
 class Snapshot(Record):
@@ -69,221 +66,6 @@ class Snapshot(Record):
         if split not in SPLITS:
             raise UserInputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return Path(self.path) / self.manifest["files"][split]["name"]
-
-
-class ReplayRow(Record):
-    """A row supplied by the caller (e.g. a stable production sample) to mix in as replay.
-
-    `messages` is the conversation ending with the assistant answer to train on; `rejected` is a worse
-    answer to the same prompt, needed only for DPO snapshots.
-    """
-
-    messages: list[Message] = Field(min_length=2)
-    tier: SampleTier
-    intent: str | None = None
-    problem_type: str | None = None
-    severity: Severity | None = None
-    weight: float = Field(1.0, ge=0)
-    rejected: str | None = None
-    id: str | None = None
-
-    @model_validator(mode="after")
-    def _ends_with_answer(self) -> "ReplayRow":
-        last = self.messages[-1]
-        if last.role != "assistant" or not (last.content or "").strip():
-            raise ValueError("the last message must be the assistant answer to train on, with text")
-        if not any(m.role == "user" for m in self.messages[:-1]):
-            raise ValueError("no user message before the answer")
-        return self
-
-
-# --- prompts, the test set ----------------------------------------------------------------------------------
-
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
-_SPACE = re.compile(r"\s+")
-
-
-def normalise_text(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text or "").casefold()
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
-
-
-def prompt_keys(messages: Sequence[Message | dict[str, Any]]) -> tuple[str, str]:
-    """(all user turns, last user turn), normalised: what the test-set filter and the split compare."""
-    users = []
-    for m in messages:
-        role, content = (m.role, m.content) if isinstance(m, Message) else (m.get("role"), m.get("content"))
-        if role == "user" and content:
-            users.append(normalise_text(content))
-    return "\n".join(users), (users[-1] if users else "")
-
-
-def test_set_keys(settings: Settings) -> tuple[set[str], set[str], dict[str, Any] | None]:
-    """Prompt keys of the fixed test set, and what the manifest says about it (None: none configured)."""
-    if not settings.eval.test_set:
-        return set(), set(), None
-    from flywheel.evals.runner import load_test_set  # the one reader of the test set; strict on bad rows
-
-    path = Path(settings.eval.test_set)
-    path = path if path.is_absolute() else settings.project_dir / path
-    items = load_test_set(path)
-    groups, lasts = set(), set()
-    for item in items:
-        group, last = prompt_keys(item.messages)
-        if group:
-            groups.add(group)
-        if last:
-            lasts.add(last)
-    return groups, lasts, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "items": len(items)}
-
-
-# --- samples ------------------------------------------------------------------------------------------------
-
-
-def _prompt_and_answer(messages: list[Message]) -> tuple[list[Message], Message | None]:
-    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
-    return (messages[:last], messages[last]) if last is not None else (list(messages), None)
-
-
-def _dump(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) for m in messages]
-
-
-def origin_of(tier: str, labelled: bool, generator: str) -> str:
-    """What a store row was built from, for the manifest's per-source accounting."""
-    if tier != str(SampleTier.PROBLEM):
-        return "baseline"
-    if labelled:
-        return "label"
-    for prefix, name in (("kb", "kb_correction"), ("reply:", "reply_correction"), ("llm:", "llm_correction")):
-        if generator.startswith(prefix):
-            return name
-    return "correction"
-
-
-def store_samples(store: Store, settings: Settings) -> list[Sample]:
-    """One sample per failure with a verified correction: tier problem and status verified (new fixes),
-    or a baseline tier (graduated samples, whatever their status). Intents come from a human label when
-    one exists, else the failure, else the interaction.
-
-    Also one positive sample per failure a person's label confirmed (status not_failure with a label:
-    "fine", or the intent the answer gave): the logged answer itself, as the lowest replay tier (origin
-    label_fine). A person checked it, so it protects what already works as well as any baseline row."""
-    from flywheel.data.labels import latest_labels
-    from flywheel.store import failures as failure_repo
-    from flywheel.store import interactions as interaction_repo
-    from flywheel.store.schema import corrections, failures, labels, verdicts
-
-    tax = settings.taxonomy
-    query = select(failures).where(
-        or_(
-            and_(failures.c.tier == str(SampleTier.PROBLEM), failures.c.status == str(FailureStatus.VERIFIED)),
-            failures.c.tier.in_([str(t) for t in SampleTier if t != SampleTier.PROBLEM]),
-            and_(failures.c.status == str(FailureStatus.NOT_FAILURE), failures.c.id.in_(select(labels.c.failure_id))),
-        )
-    )
-    out: list[Sample] = []
-    with store.engine.connect() as conn:
-        found = [failure_repo.failure_from_row(r) for r in conn.execute(query.order_by(failures.c.id))]
-        interactions = interaction_repo.get_many(conn, [f.interaction_id for f in found])
-        labelled = latest_labels(conn, [f.id for f in found])
-        ids = [f.id for f in found]
-        # Bulk versions of failure_repo.latest_correction(verified_only=True) / latest_verdict: two queries
-        # per 500 failures instead of two per failure (8,000 failures: 12 s -> 3 s on SQLite here).
-        corrected = _newest(conn, corrections, ids, corrections.c.verified.is_(True))
-        judged = _newest(conn, verdicts, ids)
-        for failure in found:
-            interaction = interactions[failure.interaction_id]
-            label = labelled.get(failure.id)
-            prompt = interaction.prompt_messages()
-            original = interaction.last_assistant()
-            group, last = prompt_keys(prompt)
-            if failure.status == FailureStatus.NOT_FAILURE and failure.tier == SampleTier.PROBLEM:
-                if label is None or original is None or not (original.content or "").strip():
-                    continue
-                out.append(Sample(
-                    key=failure.id, tier=str(SampleTier.CANDIDATE), intent=label.intent or failure.intent or interaction.intent or "unknown",
-                    problem_type=NO_PROBLEM, severity=None, category=UNCATEGORISED, base_weight=failure.weight, prompt=_dump(prompt),
-                    answer=original.content or "", rejected=None, group=group, last_user=last, origin="label_fine",
-                ))
-                continue
-            correction = failure_repo.correction_from_row(corrected[failure.id]) if failure.id in corrected else None
-            if correction is None or not correction.answer.strip():
-                continue  # graduated without a verified answer: nothing to train on
-            verdict = failure_repo.verdict_from_row(judged[failure.id]) if failure.id in judged else None
-            problem_type = (verdict.problem_type if verdict else None) or "unknown"
-            out.append(Sample(
-                key=failure.id,
-                tier=str(failure.tier),
-                intent=(label.intent if label else None) or failure.intent or interaction.intent or "unknown",
-                problem_type=problem_type,
-                severity=(verdict.severity if verdict else None) or tax.default_severity.get(problem_type),
-                category=tax.categories.get(problem_type, UNCATEGORISED),
-                base_weight=failure.weight,
-                prompt=_dump(prompt),
-                answer=correction.answer,
-                rejected=original.model_dump(exclude_none=True) if original is not None else None,
-                group=group,
-                last_user=last,
-                origin=origin_of(str(failure.tier), label is not None and not label.fine, correction.generator),
-            ))
-    return out
-
-
-def _newest(conn: Any, table: Any, failure_ids: Sequence[str], condition: Any = None) -> dict[str, Any]:
-    """The newest row of `table` (verdicts or corrections) per failure id, optionally among rows meeting
-    `condition`."""
-    out: dict[str, Any] = {}
-    for start in range(0, len(failure_ids), 500):
-        query = select(table).where(table.c.failure_id.in_(list(failure_ids[start : start + 500])))
-        if condition is not None:
-            query = query.where(condition)
-        for row in conn.execute(query.order_by(table.c.id)):
-            out[row.failure_id] = row  # ascending ids: the newest is written last
-    return out
-
-
-def parse_replay_rows(items: Sequence[ReplayRow | dict[str, Any]], where: Sequence[str] | None = None) -> tuple[list[ReplayRow], list[str]]:
-    """Validate caller rows; a bad one becomes `"<where>: what is wrong"` and the rest are kept."""
-    good: list[ReplayRow] = []
-    errors: list[str] = []
-    for index, item in enumerate(items):
-        place = where[index] if where else f"extra_rows[{index}]"
-        try:
-            good.append(item if isinstance(item, ReplayRow) else ReplayRow.model_validate(item))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            errors.append(f"{place}: {key + ': ' if key else ''}{err['msg']}")
-    return good, errors
-
-
-def replay_samples(rows: Sequence[ReplayRow], settings: Settings) -> list[Sample]:
-    tax = settings.taxonomy
-    out: list[Sample] = []
-    for row in rows:
-        prompt, answer = _prompt_and_answer(row.messages)
-        problem_type = row.problem_type or NO_PROBLEM
-        group, last = prompt_keys(prompt)
-        key = "x-" + (row.id or stable_hash(row.model_dump(mode="json", exclude_none=True), 16))
-        origin = "production_replay" if (row.id or "").startswith(PRODUCTION_REPLAY_PREFIX) else "extra"
-        out.append(Sample(
-            key=key,
-            tier=str(row.tier),
-            intent=row.intent or "unknown",
-            problem_type=problem_type,
-            severity=row.severity or tax.default_severity.get(problem_type),
-            category=tax.categories.get(problem_type, UNCATEGORISED),
-            base_weight=row.weight,
-            prompt=_dump(prompt),
-            answer=(answer.content or "") if answer else "",
-            rejected={"role": "assistant", "content": row.rejected} if row.rejected else None,
-            group=group,
-            last_user=last,
-            source="extra",
-            origin=origin,
-        ))
-    return out
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -359,8 +141,6 @@ def build_snapshot(
         # Stable production answers (no negative signal, pass the rule judge) as the lowest replay tier, so a
         # young deployment with thin baseline tiers still mixes in what already works. The tier weights
         # draw core and secondary baseline rows first.
-        from flywheel.trainer.replay import stable_production_rows
-
         offered += stable_production_rows(ctx, ds.production_replay_rows)
     replay_rows, errors = parse_replay_rows(offered)
     errors = [*extra_errors, *errors]
@@ -470,33 +250,33 @@ def label_yield(store: Store, sources: SourceTracker, used: set[str]) -> dict[st
     rest, why not (the failure's status and the corrector's reason, or the snapshot step that dropped
     the row). Labels that confirmed an answer ("fine") are counted apart: they are positives, not fixes."""
     from flywheel.data.labels import latest_labels
-    from flywheel.store.schema import corrections, failures, labels
+    from flywheel.store import failures as failure_repo
+    from flywheel.store import labels as label_repo
 
     with store.engine.connect() as conn:
-        rows = list(conn.execute(select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id)))))
-        references = latest_labels(conn, [r.id for r in rows])
-        stuck = [r.id for r in rows if r.status in (str(FailureStatus.UNCORRECTABLE), str(FailureStatus.CORRECTED))]
-        reasons: dict[str, str] = {}
-        for start in range(0, len(stuck), 500):
-            query = select(corrections.c.failure_id, corrections.c.verification).where(corrections.c.failure_id.in_(stuck[start : start + 500]))
-            for c in conn.execute(query.order_by(corrections.c.id)):
-                reasons[c.failure_id] = "; ".join((c.verification or {}).get("reasons", [])[:1])
+        rows = label_repo.labelled_failures(conn)
+        references = latest_labels(conn, [fid for fid, _ in rows])
+        stuck = [fid for fid, status in rows if status in (str(FailureStatus.UNCORRECTABLE), str(FailureStatus.CORRECTED))]
+        reasons = {
+            fid: "; ".join((c.verification.reasons if c.verification else [])[:1])
+            for fid, c in failure_repo.newest_corrections(conn, stuck).items()
+        }
     report: dict[str, Any] = {"labelled": 0, "used": 0, "confirmed_fine": 0, "fine_used": 0, "left_out": {}}
-    for row in rows:
-        reference = references.get(row.id)
-        fine = row.status == str(FailureStatus.NOT_FAILURE)
+    for fid, status in rows:
+        reference = references.get(fid)
+        fine = status == str(FailureStatus.NOT_FAILURE)
         report["confirmed_fine" if fine else "labelled"] += 1
-        if row.id in used:
+        if fid in used:
             report["fine_used" if fine else "used"] += 1
             continue
         if fine:
             continue
-        if row.id in sources.dropped_at:
-            why = f"dropped by the snapshot step {sources.dropped_at[row.id]}"
-        elif row.id in reasons:
-            why = f"{row.status}: {_generic(reasons[row.id])}"
+        if fid in sources.dropped_at:
+            why = f"dropped by the snapshot step {sources.dropped_at[fid]}"
+        elif fid in reasons:
+            why = f"{status}: {_generic(reasons[fid])}"
         else:
-            why = f"status {row.status}" + (" (a label with no intent)" if reference is not None and not reference.intent else "")
+            why = f"status {status}" + (" (a label with no intent)" if reference is not None and not reference.intent else "")
         report["left_out"][why] = report["left_out"].get(why, 0) + 1
     report["yield"] = round(report["used"] / report["labelled"], 4) if report["labelled"] else None
     report["left_out"] = dict(sorted(report["left_out"].items(), key=lambda kv: -kv[1]))
@@ -589,36 +369,20 @@ def _persist(ctx: Context, snapshot_id: str, kind: str, content_hash: str, manif
 
 
 def _record(store: Store, snapshot: Snapshot) -> Snapshot:
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    from flywheel.store.schema import datasets
-
-    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    row = {**snapshot.model_dump(exclude={"created_at"}), "created_at": utcnow()}
-    with store.begin() as conn:
-        conn.execute(dialect.insert(datasets).values(**row).on_conflict_do_nothing(index_elements=["id"]))
+    dataset_repo.insert_if_new(store, {**snapshot.model_dump(exclude={"created_at"}), "created_at": utcnow()})
     return get_snapshot(store, snapshot.id)
 
 
 def list_snapshots(store: Store, kind: str | None = None) -> list[Snapshot]:
     """Every recorded snapshot, newest first."""
-    from flywheel.store.schema import datasets
-
-    query = select(datasets).order_by(datasets.c.created_at.desc(), datasets.c.id)
-    if kind is not None:
-        query = query.where(datasets.c.kind == kind)
-    with store.engine.connect() as conn:
-        return [Snapshot.model_validate(dict(r._mapping)) for r in conn.execute(query)]
+    return [Snapshot.model_validate(row) for row in dataset_repo.list_all(store, kind)]
 
 
 def get_snapshot(store: Store, snapshot_id: str) -> Snapshot:
-    from flywheel.store.schema import datasets
-
-    with store.engine.connect() as conn:
-        row = conn.execute(select(datasets).where(datasets.c.id == snapshot_id)).first()
+    row = dataset_repo.find(store, snapshot_id)
     if row is None:
         raise NotFoundError(f"no dataset snapshot with id {snapshot_id!r}")
-    return Snapshot.model_validate(dict(row._mapping))
+    return Snapshot.model_validate(row)
 
 
 def read_rows(snapshot: Snapshot, split: str = "train") -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Job records in the `jobs` table: reads, inserts and guarded status changes.
+"""Job records in the `jobs` table (flywheel.store.jobs): reads, inserts and guarded status changes.
 
 Every status change is a conditional UPDATE (`WHERE status IN (...)`), so the launcher, the worker and a
 `jobs cancel` racing each other cannot overwrite one another's verdict: whoever moves the job first wins,
@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import field_validator
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from flywheel.errors import NotFoundError
 from flywheel.records import Record
 from flywheel.settings import Settings
+from flywheel.store import jobs as job_repo
 from flywheel.store.db import Store
-from flywheel.store.schema import jobs
 
 
 class JobStatus(StrEnum):
@@ -74,18 +72,12 @@ def insert_job(store: Store, record: JobRecord) -> bool:
     """Store a new job; False when a job with that id exists already (nothing is changed then)."""
     row = record.model_dump()
     row["status"] = str(record.status)
-    try:
-        with store.begin() as conn:
-            conn.execute(insert(jobs).values(**row))
-    except IntegrityError:
-        return False
-    return True
+    return job_repo.insert(store, row)
 
 
 def find_job(store: Store, job_id: str) -> JobRecord | None:
-    with store.begin() as conn:
-        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-    return JobRecord.model_validate(dict(row._mapping)) if row is not None else None
+    row = job_repo.find(store, job_id)
+    return JobRecord.model_validate(row) if row is not None else None
 
 
 def get_job(store: Store, job_id: str) -> JobRecord:
@@ -96,33 +88,20 @@ def get_job(store: Store, job_id: str) -> JobRecord:
 
 
 def list_jobs(store: Store, statuses: Iterable[str] | None = None, limit: int = 50) -> list[JobRecord]:
-    query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id).limit(limit)
-    wanted = [str(s) for s in statuses or ()]
-    if wanted:
-        query = query.where(jobs.c.status.in_(wanted))
-    with store.begin() as conn:
-        rows = conn.execute(query).fetchall()
-    return [JobRecord.model_validate(dict(row._mapping)) for row in rows]
+    rows = job_repo.list_newest(store, [str(s) for s in statuses or ()], limit)
+    return [JobRecord.model_validate(row) for row in rows]
 
 
 def transition(store: Store, job_id: str, from_statuses: Iterable[str], to_status: str, **values: Any) -> bool:
     """Move a job to `to_status` (and set `values`) only if it is in one of `from_statuses`."""
-    allowed = [str(s) for s in from_statuses]
-    stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed)).values(status=str(to_status), **values)
-    with store.begin() as conn:
-        return conn.execute(stmt).rowcount == 1
+    return job_repo.transition(store, job_id, [str(s) for s in from_statuses], str(to_status), values)
 
 
 def set_fields(store: Store, job_id: str, *, only_status: Iterable[str] | None = None, worker_pid: int | None = None, **values: Any) -> bool:
     """Update fields of a job (progress, heartbeat, pid) while it is in `only_status`, and for the worker
     with process `worker_pid` when given, so a superseded worker cannot write over its successor."""
-    stmt = update(jobs).where(jobs.c.id == job_id)
-    if only_status is not None:
-        stmt = stmt.where(jobs.c.status.in_([str(s) for s in only_status]))
-    if worker_pid is not None:
-        stmt = stmt.where(jobs.c.pid == worker_pid)
-    with store.begin() as conn:
-        return conn.execute(stmt.values(**values)).rowcount == 1
+    wanted = [str(s) for s in only_status] if only_status is not None else None
+    return job_repo.set_fields(store, job_id, values, only_status=wanted, worker_pid=worker_pid)
 
 
 # --- the job folder's hand-over file ----------------------------------------------------------------------

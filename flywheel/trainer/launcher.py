@@ -140,10 +140,9 @@ def _worker_alive(pid: int, work_dir: str) -> bool:
 
 def get_launcher(ctx: Context) -> Launcher:
     """The context's launcher; it remembers the children it started, so keep using the same one."""
-    launcher = ctx.extras.get("launcher")
-    if launcher is None:
-        launcher = ctx.extras["launcher"] = LocalProcessLauncher()
-    return launcher
+    if ctx.launcher is None:
+        ctx.launcher = LocalProcessLauncher()
+    return ctx.launcher
 
 
 def job_dir(ctx: Context, job_id: str) -> Path:

@@ -11,19 +11,14 @@ A `TrainSpec` says everything a run depends on (method, base model, dataset cont
 
 Checkpoints go to `work_dir/checkpoints`; a run that finds one there resumes from the newest.
 
-Snapshot rows (train.jsonl and heldout.jsonl, or .parquet; manifest.json beside them):
-    SFT  {"messages": [..., {"role": "assistant", "content": "the corrected answer"}], "weight": 1.5, ...}
-    DPO  {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "weight": 1.0, ...}
-SFT trains on the final assistant turn only: earlier assistant turns are production answers that may be
-the very failures being corrected, so they are context, not targets. A row that does not fit is skipped with
-its file, line and reason in the log and in lineage.json; the run fails only when no row is left.
+The snapshot's rows become training examples in flywheel.trainer.examples; a row that does not fit is
+skipped with its file, line and reason in the log and in lineage.json; the run fails only when no row is left.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,16 +27,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.errors import UserInputError
+from flywheel.inference.folders import ADAPTER_WEIGHTS, model_config_hash, resolve_base_model
 from flywheel.records import stable_hash, utcnow
-from flywheel.settings import TrainSettings
+from flywheel.settings_sections import TrainSettings
 from flywheel.store.vectors import sha256_file
 from flywheel.trainer import sizing
-from flywheel.trainer.models import ADAPTER_WEIGHTS, check_base_folder, model_config_hash
+from flywheel.trainer.examples import SkippedRow, count_rows, dataset_content_hash, load_examples, read_manifest, split_file
 
 log = logging.getLogger("flywheel.train")
 
-SPLITS = ("train", "heldout")
-ROLES = {"system", "user", "assistant", "tool"}
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -85,11 +79,6 @@ class TrainSpec(BaseModel):
         return f"{self.method}-{stable_hash(self.identity(), 16)}"
 
 
-class SkippedRow(BaseModel):
-    where: str  # "train.jsonl:12"
-    why: str
-
-
 class TrainResult(BaseModel):
     adapter_path: str
     adapter_sha256: str
@@ -104,38 +93,6 @@ class TrainResult(BaseModel):
 
 
 # --- building a spec ----------------------------------------------------------------------------------------
-
-
-def split_file(dataset_dir: Path, split: str) -> Path | None:
-    for suffix in (".jsonl", ".parquet"):
-        path = dataset_dir / f"{split}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def read_manifest(dataset_dir: Path) -> dict[str, Any]:
-    path = dataset_dir / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def dataset_content_hash(dataset_dir: Path) -> str:
-    """sha256 over the bytes of the split files, so a job id follows the data, not the folder's name."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        path = split_file(dataset_dir, split)
-        digest.update(f"{split}:{path.name if path else '-'}:".encode())
-        if path is not None:
-            digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def build_spec(
@@ -159,10 +116,10 @@ def build_spec(
     base = base_model or train.base_model
     if not base:
         raise UserInputError("no base model: pass --base PATH or set train.base_model in flywheel.toml")
-    base_path = check_base_folder(Path(base).expanduser().resolve())
+    base_path = resolve_base_model(base).resolve()  # a folder or a cached hub id, checked
     train_path = split_file(folder, "train")
     assert train_path is not None  # checked above
-    hyper, notes = sizing.resolve(train, base_path, _count_rows(train_path))
+    hyper, notes = sizing.resolve(train, base_path, count_rows(train_path))
     for note in notes:
         log.info("recipe: %s", note)
     return TrainSpec(
@@ -175,102 +132,6 @@ def build_spec(
         hyper=hyper,
         notes=notes,
     )
-
-
-def _count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    with path.open(encoding="utf-8") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
-# --- reading rows ------------------------------------------------------------------------------------------
-
-
-def _read_split(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) pairs; a line that is not JSON becomes (where, None) so it is reported, not fatal."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{path.name}:{i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    rows: list[tuple[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path.name}:{number}", json.loads(line)))
-            except json.JSONDecodeError:
-                rows.append((f"{path.name}:{number}", None))
-    return rows
-
-
-def _message(raw: Any, where: str) -> dict[str, str]:
-    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
-        raise ValueError(f"a message is not an object with a role in {sorted(ROLES)}")
-    content = raw.get("content") or ""
-    if not isinstance(content, str):
-        raise ValueError("a message content is not text")
-    if raw.get("tool_calls"):
-        # Arrow wants one schema for all rows, so tool calls travel as JSON text in the content.
-        content = (content + "\n" if content else "") + json.dumps(raw["tool_calls"], sort_keys=True)
-    return {"role": raw["role"], "content": content}
-
-
-def _weight(row: dict[str, Any]) -> float:
-    weight = row.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight {weight!r} is not a non-negative number")
-    return float(weight)
-
-
-def sft_example(row: Any, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-        raise ValueError("no messages list")
-    messages = [_message(m, where) for m in row["messages"]]
-    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise ValueError("messages must end with a non-empty assistant answer after at least one other message")
-    return {"prompt": messages[:-1], "completion": messages[-1:], "weight": _weight(row)}
-
-
-def dpo_example(row: Any, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), list) or not row["prompt"]:
-        raise ValueError("no prompt messages list")
-    prompt = [_message(m, where) for m in row["prompt"]]
-    answers = {}
-    for key in ("chosen", "rejected"):
-        value = row.get(key)
-        if isinstance(value, str):
-            value = [{"role": "assistant", "content": value}]
-        if not isinstance(value, list) or len(value) != 1:
-            raise ValueError(f"{key} must be one assistant message")
-        message = _message(value[0], where)
-        if message["role"] != "assistant" or not message["content"].strip():
-            raise ValueError(f"{key} must be a non-empty assistant message")
-        answers[key] = [message]
-    if answers["chosen"][0]["content"] == answers["rejected"][0]["content"]:
-        raise ValueError("chosen and rejected are the same answer")
-    return {"prompt": prompt, **answers, "weight": _weight(row)}
-
-
-def load_examples(dataset_dir: Path, split: str, method: str) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
-    path = split_file(dataset_dir, split)
-    if path is None:
-        return [], []
-    convert = sft_example if method == "sft" else dpo_example
-    examples: list[dict[str, Any]] = []
-    skipped: list[SkippedRow] = []
-    for where, row in _read_split(path):
-        try:
-            if row is None:
-                raise ValueError("not valid JSON")
-            examples.append(convert(row, where))
-        except ValueError as exc:
-            skipped.append(SkippedRow(where=where, why=str(exc)))
-            log.warning("skipping %s: %s", where, exc)
-    return examples, skipped
 
 
 # --- running ------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Strategies, by the name a user gives (`flywheel select --strategy NAME`):
 - `entropy`           highest entropy of the next-token distribution.
 - `kcenter`           k-center greedy over embeddings: each pick is the point farthest from everything
                       picked or labelled so far, so far-apart regions are each covered once.
-- `kmeans`            mini-batch k-means with k = picks; the point nearest each centroid is picked.
+- `kmeans`            mini-batch k-means (scikit-learn's MiniBatchKMeans) with k = picks; the point
+                      nearest each centroid is picked.
 - `expected_change`   a cheap stand-in for "how much would this label move the model": the norm of the
                       BADGE last-layer gradient embedding, ||p - e_top1|| x ||h||, approximated from what a
                       candidate carries as sqrt((1 - top1)^2 + top2^2) x ||h|| (just (1 - top1) x ||h|| without
@@ -26,7 +27,8 @@ Uncertainty features are per candidate, averaged over its first generated tokens
 Cost at n = 100,000 candidates, d = 384 (bench/selection.py): k-center greedy does k matrix-vector
 products (O(n k d), memory bound: k = 500 took 7.6 s on an idle 2-core machine, 22 s at load 10).
 Above `PROJECT_ABOVE` multiply-adds (e.g. k >= 1,100 at that n and d) the embeddings are first projected
-to `PROJECT_DIMS` dimensions with a seeded Gaussian random projection: squared distances keep their
+to `PROJECT_DIMS` dimensions with a seeded Gaussian random projection (scikit-learn's
+GaussianRandomProjection): squared distances keep their
 order roughly (typical relative error ~ sqrt(2 / 128) = 12%, Johnson-Lindenstrauss) at a third of the cost,
 and k-center greedy is only a 2-approximation to begin with.
 """
@@ -65,7 +67,7 @@ class Candidates:
     entropy: np.ndarray | None = None
     mean_logprob: np.ndarray | None = None
     hidden_norm: np.ndarray | None = None
-    _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # built in __post_init__
 
     def __post_init__(self) -> None:
         self.ids = [str(i) for i in self.ids]
@@ -177,9 +179,11 @@ def _project(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     n, d = x.shape
     if n * k * d <= PROJECT_ABOVE or d <= PROJECT_DIMS:
         return x
-    rng = np.random.default_rng(seed)
-    basis = rng.standard_normal((d, PROJECT_DIMS), dtype=np.float32) / np.float32(math.sqrt(PROJECT_DIMS))
-    return np.ascontiguousarray(x @ basis)
+    from sklearn.random_projection import GaussianRandomProjection
+
+    # entries N(0, 1 / PROJECT_DIMS), float32 like the input
+    projection = GaussianRandomProjection(n_components=PROJECT_DIMS, random_state=seed)
+    return np.ascontiguousarray(projection.fit_transform(x), dtype=np.float32)
 
 
 def kcenter_greedy(x: np.ndarray, k: int, allowed: np.ndarray, centers: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -199,7 +203,7 @@ def kcenter_greedy(x: np.ndarray, k: int, allowed: np.ndarray, centers: np.ndarr
             np.minimum(nearest[row : row + _CHUNK], d.min(axis=1), out=nearest[row : row + _CHUNK])
     nearest[~allowed] = -np.inf  # never picked; still counts as covered space through `centers`
     picks: list[int] = []
-    with _one_blas_thread():  # one memory-bound product per pick: see _one_blas_thread
+    with _one_thread("blas"):  # one memory-bound product per pick: see _one_thread
         if len(centers) == 0:
             pos = np.flatnonzero(allowed)
             if len(pos) == 0 or k == 0:
@@ -226,32 +230,42 @@ def _cover(x: np.ndarray, sq: np.ndarray, center: int, nearest: np.ndarray) -> N
 
 
 def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iterations: int = 20, batch: int = 4096) -> np.ndarray:
-    """Mini-batch k-means (Sculley 2010) with k = picks over the allowed points, k-means++ seeded on a
-    sample; then per cluster the member nearest its centroid. Empty clusters give their pick to the
-    allowed points farthest from their centroid (the ones no cluster describes well)."""
+    """Mini-batch k-means (Sculley 2010; scikit-learn's MiniBatchKMeans) with k = picks over the allowed
+    points, about `iterations` mini-batches of `batch` points, k-means++ seeded on a sample; then per
+    cluster the member nearest its centroid. Empty clusters give their pick to the allowed points
+    farthest from their centroid (the ones no cluster describes well)."""
+    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+    from sklearn.metrics import pairwise_distances_argmin_min
+
     pos = np.flatnonzero(allowed)
     k = min(k, len(pos))
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     pts = x[pos]
-    # k-means++ seeding on a sample of 3 batches (as scikit-learn's MiniBatchKMeans does): seeding is
-    # sequential in k, so its cost is what the sample size buys
+    batch = min(batch, len(pts))
+    # k-means++ seeding on a sample of 3 batches (as MiniBatchKMeans does): seeding is sequential in k, so
+    # its cost is what the sample size buys. Seeded here rather than by MiniBatchKMeans because its own
+    # seeding tries 2 + log(k) candidates per centre and upcasts float32 block by block: 28 s instead of
+    # 0.9 s at k = 500 (bench/selection.py data). In float64 with one candidate per centre it is plain
+    # k-means++ (D^2 sampling), the seeding this strategy always had.
     sample = pts[rng.choice(len(pts), size=min(len(pts), max(3 * k, 3 * batch)), replace=False)]
-    centroids = _kmeans_pp(sample, k, rng)
-    counts = np.zeros(k, dtype=np.float64)
-    for _ in range(iterations):
-        mb = pts[rng.choice(len(pts), size=min(batch, len(pts)), replace=False)]
-        labels = _nearest(mb, centroids)[0]
-        for_each = np.bincount(labels, minlength=k).astype(np.float64)
-        hit = for_each > 0
-        order = np.argsort(labels, kind="stable")  # members of each centroid side by side, summed per run
-        sums = np.zeros_like(centroids)
-        sums[hit] = np.add.reduceat(mb[order], np.concatenate([[0], np.cumsum(for_each[hit])[:-1]]).astype(np.int64), axis=0)
-        counts[hit] += for_each[hit]
-        # per-centroid learning rate 1/count: the running mean of every point it has seen
-        centroids[hit] += (sums[hit] - for_each[hit, None] * centroids[hit]) / counts[hit, None].astype(np.float32)
-    labels, dist = _nearest(pts, centroids)
+    with _one_thread():  # BLAS and OpenMP: see _one_thread (on 2 cores at load 4-6: 6-8 s -> 4-5 s)
+        centroids, _ = kmeans_plusplus(sample.astype(np.float64), k, random_state=seed, n_local_trials=1)
+        model = MiniBatchKMeans(
+            n_clusters=k,
+            init=centroids.astype(np.float32),
+            n_init=1,
+            batch_size=batch,
+            max_iter=max(1, math.ceil(iterations * batch / len(pts))),  # scikit-learn counts passes over the data, not batches
+            compute_labels=False,  # the labels come from the final centroids below
+            # no reassignment of small clusters' centres to random points: on skewed data it moved the centres of
+            # rare clusters into common ones (clusters covered 143 -> 130 of 200 on a long-tailed sample)
+            reassignment_ratio=0.0,
+            max_no_improvement=None,  # about `iterations` batches, no early stop on a noisy batch inertia
+            random_state=seed,
+        ).fit(pts)
+        labels, dist = pairwise_distances_argmin_min(pts, model.cluster_centers_)
     order = np.lexsort((dist, labels))  # by cluster, nearest first
     first = np.ones(len(order), dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]
@@ -263,48 +277,17 @@ def kmeans_picks(x: np.ndarray, k: int, allowed: np.ndarray, seed: int = 0, iter
     return pos[picks]
 
 
-def _one_blas_thread() -> Any:
-    """Sequential loops of matrix-vector products run faster on one BLAS thread on a busy machine
-    (measured at load 10-12 on 2 cores: k-means++ seeding 9.2 s -> 2.9 s, 200 k-center picks over 100,000
-    x 384 12.5 s -> 9.4 s): thread hand-offs cost more than a memory-bound product gains. threadpoolctl
-    comes with scikit-learn (a sentence-transformers dependency); without it this is a no-op."""
+def _one_thread(user_api: str | None = None) -> Any:
+    """Sequential loops of matrix-vector products and of small mini-batch steps run faster on one
+    thread on a busy machine (measured at load 10-12 on 2 cores: k-means++ seeding 9.2 s -> 2.9 s, 200
+    k-center picks over 100,000 x 384 12.5 s -> 9.4 s): thread hand-offs cost more than a memory-bound
+    product gains. `user_api` "blas" or "openmp" limits only that pool; None limits both.
+    threadpoolctl comes with scikit-learn; without it this is a no-op."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
-def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    with _one_blas_thread():
-        return _kmeans_pp_seeds(x, k, rng)
-
-
-def _kmeans_pp_seeds(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    sq = np.einsum("ij,ij->i", x, x)
-    chosen = [int(rng.integers(len(x)))]
-    nearest = np.maximum(sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]], 0.0)
-    for _ in range(1, k):
-        cumulative = np.cumsum(nearest, dtype=np.float64)
-        total = float(cumulative[-1])
-        # D^2 sampling by inverse CDF (rng.choice(p=...) re-validates p on every call, which dominated)
-        nxt = min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), len(x) - 1) if total > 0 else int(rng.integers(len(x)))
-        chosen.append(nxt)
-        np.minimum(nearest, np.maximum(sq - 2.0 * (x @ x[nxt]) + sq[nxt], 0.0), out=nearest)
-    return x[chosen].astype(np.float32).copy()
-
-
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row and the squared distance to it, in blocks."""
-    csq = np.einsum("ij,ij->i", centroids, centroids)
-    labels = np.empty(len(x), dtype=np.int64)
-    dist = np.empty(len(x), dtype=np.float32)
-    for row in range(0, len(x), _CHUNK):
-        part = x[row : row + _CHUNK]
-        d = csq[None, :] - 2.0 * (part @ centroids.T)  # ||x||^2 is the same for every centroid
-        labels[row : row + _CHUNK] = d.argmin(axis=1)
-        dist[row : row + _CHUNK] = d[np.arange(len(part)), labels[row : row + _CHUNK]] + np.einsum("ij,ij->i", part, part)
-    return labels, dist
+    return threadpool_limits(1, user_api=user_api)
 
 
 # --- the entry point --------------------------------------------------------------------------------------
@@ -433,7 +416,7 @@ def run_rounds(
 def model_features(model: Any, conversations: Sequence[Sequence[dict[str, Any]]], *, with_hidden: bool = False, batch_size: int = 8) -> dict[str, np.ndarray]:
     """top1, top2, entropy (means over the first generated positions) and mean_logprob of the greedy
     answer the production model gives each conversation; `hidden_norm` (of its mean-pooled last hidden
-    state) when asked. `model` is a flywheel.trainer.models.LocalModel."""
+    state) when asked. `model` is a flywheel.inference.local_model.LocalModel."""
     if not conversations:
         return {}
     generations = model.generate(list(conversations), max_new_tokens=model.confidence_positions, batch_size=batch_size)
@@ -464,18 +447,15 @@ def candidates_from_store(
 
     Returns (candidates, ids that already have a label, {id: {"intent", "text", "answer", "status"}}).
     """
-    from sqlalchemy import select as sql_select
-
     from flywheel.data.labels import latest_labels
     from flywheel.records import FailureStatus
+    from flywheel.store import failures as failure_repo
     from flywheel.store import interactions as interaction_repo
-    from flywheel.store.schema import failures
     from flywheel.store.vectors import Embedder
 
     skip = [str(FailureStatus.DUPLICATE), str(FailureStatus.NOT_FAILURE), str(FailureStatus.VERIFIED)]
-    query = sql_select(failures.c.id, failures.c.interaction_id, failures.c.intent, failures.c.status).where(failures.c.status.not_in(skip))
     with ctx.store.engine.connect() as conn:
-        rows = conn.execute(query.order_by(failures.c.risk.desc(), failures.c.id).limit(limit)).fetchall()
+        rows = failure_repo.failures_not_in(conn, skip, limit)
         interactions = interaction_repo.get_many(conn, [r.interaction_id for r in rows])
         labelled = set(latest_labels(conn, [r.id for r in rows]))
     if not rows:
@@ -494,7 +474,7 @@ def candidates_from_store(
             full[open_rows] = values
             features[name] = full
     info = {
-        r.id: {"intent": r.intent or interactions[r.interaction_id].intent, "status": r.status, "text": t[:200], "answer": _answer_text(interactions[r.interaction_id])}
+        r.id: {"intent": r.intent or interactions[r.interaction_id].intent, "status": str(r.status), "text": t[:200], "answer": _answer_text(interactions[r.interaction_id])}
         for r, t in zip(rows, texts)
     }
     return Candidates(ids=ids, embeddings=embeddings, **features), sorted(labelled), info

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from flywheel.settings import TrainSettings
+from flywheel.settings_sections import TrainSettings
 
 
 def resolve(train: TrainSettings, base_model: Path, train_rows: int) -> tuple[TrainSettings, list[str]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from transformers import Trainer
 from trl import DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -57,17 +58,22 @@ def weighted_dpo_loss(delta: torch.Tensor, beta: float, weights: torch.Tensor) -
     return (-F.logsigmoid(beta * delta) * weights.to(delta.dtype)).mean()
 
 
-class _KeepsWeight:
-    """Keeps the `weight` column through Trainer's column pruning and into the batch."""
+class _KeepsWeight(Trainer):
+    """Keeps the `weight` column through Trainer's column pruning and into the batch. A Trainer subclass for
+    its types only: mixed in before the TRL trainer, it leaves the method order as it was."""
+
+    # Trainer sets None in __init__ and the column list later; mypy infers its type from the None alone.
+    _signature_columns: list[str] | None  # type: ignore[assignment]  # the type Trainer actually uses
 
     def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        if WEIGHT not in self._signature_columns:  # type: ignore[attr-defined]
-            self._signature_columns = [*self._signature_columns, WEIGHT]  # type: ignore[attr-defined]
+        super()._set_signature_columns_if_needed()
+        assert self._signature_columns is not None  # the call above has just set them
+        if WEIGHT not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, WEIGHT]
 
     def _wrap_collator(self) -> None:
-        if not isinstance(self.data_collator, WeightCollator):  # type: ignore[attr-defined]
-            self.data_collator = WeightCollator(self.data_collator)  # type: ignore[attr-defined]
+        if not isinstance(self.data_collator, WeightCollator):
+            self.data_collator = WeightCollator(self.data_collator)
 
 
 class WeightedSFTTrainer(_KeepsWeight, SFTTrainer):

@@ -11,7 +11,8 @@ started, the problem rates of the interactions each version served (interactions
 Once both versions have served `canary.min_requests`, a canary whose rate of any problem type, or whose
 overall failure rate, exceeds the champion's by more than `canary.harm_margin` (absolute) is rolled
 back at once: the alias is removed, the version becomes rolled_back and a canary_events row says why.
-Every observation is recorded in canary_events, so the history of a canary can be read back.
+Every observation is recorded in canary_events, so the history of a canary can be read back. The SQL,
+events and window queries alike, is in flywheel.store.canary_events.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
-from flywheel import registry
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.evals.metrics import Rate
-from flywheel.records import Record, utcnow
-from flywheel.registry import CANARY, CHAMPION, CLOSED, AliasSwitch, VersionStatus
+from flywheel.records import Record
+from flywheel.release import registry
+from flywheel.release.records import AliasSwitch, VersionStatus
+from flywheel.release.registry import CANARY, CHAMPION, CLOSED
 from flywheel.settings import Settings
+from flywheel.store import canary_events as events
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store
-from flywheel.store.schema import alias_events, aliases, canary_events, failures, interactions, verdicts
 
 OVERALL = "overall"  # the harm check on the overall failure rate
 UNJUDGED = "unjudged"  # caught by a capture rule, no verdict yet
@@ -93,11 +96,11 @@ def start_canary(
     if not 0 < share < 1:
         raise UserInputError(f"canary share must be between 0 and 1 (exclusive), got {share}")
     with store.begin() as conn:
-        registry.release_lock(conn)
-        if effect_key is not None and (earlier := registry.recorded_switch(conn, effect_key)) is not None:
+        version_store.release_lock(conn)
+        if effect_key is not None and (earlier := version_store.recorded_switch(conn, effect_key)) is not None:
             return earlier
         target = registry.get_version(conn, version)
-        current = registry.alias_map(conn)
+        current = version_store.alias_map(conn)
         champion = current.get(CHAMPION, (None, None))[0]
         if champion is None:
             raise UserInputError("there is no champion to compare a canary with")
@@ -110,13 +113,13 @@ def start_canary(
         running, running_share = current.get(CANARY, (None, None))
         if running is not None and running != version:
             raise UserInputError(f"canary {running} is running; stop it first (flywheel canary stop)")
-        if running == version and running_share == share:
-            return _last_switch(conn)
-        key = effect_key or registry.effect_key("canary", version, share, registry.epoch(conn))
+        if running == version and running_share == share and (last := version_store.last_switch(conn, CANARY)) is not None:
+            return last
+        key = effect_key or registry.effect_key("canary", version, share, version_store.epoch(conn))
         switch = registry.set_alias(conn, CANARY, version, actor=actor, reason=f"canary at {share:.0%}", key=key, share=share)
-        registry.set_status(conn, version, VersionStatus.CANARY)
+        version_store.set_status(conn, version, VersionStatus.CANARY)
         kind = "share" if running == version else "started"
-        _event(conn, version, kind, {"share": share, "champion": champion, "actor": actor, "effect_key": key})
+        events.add_event(conn, version, kind, {"share": share, "champion": champion, "actor": actor, "effect_key": key})
         return switch
 
 
@@ -124,38 +127,15 @@ def stop_canary(store: Store, actor: str, reason: str = "") -> AliasSwitch:
     """End the running canary without judging it: the version goes back to candidate (it may still be
     approved and promoted)."""
     with store.begin() as conn:
-        registry.release_lock(conn)
-        running = registry.alias_map(conn).get(CANARY, (None, None))[0]
+        version_store.release_lock(conn)
+        running = version_store.alias_map(conn).get(CANARY, (None, None))[0]
         if running is None:
             raise UserInputError("no canary is running")
-        key = registry.effect_key("canary-stop", running, registry.epoch(conn))
+        key = registry.effect_key("canary-stop", running, version_store.epoch(conn))
         switch = registry.set_alias(conn, CANARY, None, actor=actor, reason=reason or "canary stopped", key=key)
-        registry.set_status(conn, running, VersionStatus.CANDIDATE)
-        _event(conn, running, "ended", {"actor": actor, "reason": reason or "stopped"})
+        version_store.set_status(conn, running, VersionStatus.CANDIDATE)
+        events.add_event(conn, running, "ended", {"actor": actor, "reason": reason or "stopped"})
         return switch
-
-
-def _event(conn: Connection, version: str, kind: str, detail: dict[str, Any]) -> int:
-    return conn.execute(
-        canary_events.insert().values(version=version, kind=kind, detail=detail, created_at=utcnow()).returning(canary_events.c.id)
-    ).scalar_one()
-
-
-def _last_switch(conn: Connection) -> AliasSwitch:
-    row = conn.execute(select(alias_events).where(alias_events.c.alias == CANARY).order_by(alias_events.c.id.desc()).limit(1)).one()
-    m = dict(row._mapping)
-    m.pop("id")
-    return AliasSwitch(**m, replayed=True)
-
-
-def _started(conn: Connection, version: str) -> tuple[int, datetime] | None:
-    row = conn.execute(
-        select(canary_events.c.id, canary_events.c.created_at)
-        .where(canary_events.c.version == version, canary_events.c.kind == "started")
-        .order_by(canary_events.c.id.desc())
-        .limit(1)
-    ).first()
-    return (row.id, row.created_at) if row else None
 
 
 # --- watching ----------------------------------------------------------------------------------------------
@@ -163,28 +143,21 @@ def _started(conn: Connection, version: str) -> tuple[int, datetime] | None:
 
 def arm_stats(conn: Connection, versions: Sequence[str], since: datetime) -> dict[str, ArmStats]:
     """Requests, failure rate and per-problem-type rates of each version's interactions since `since`."""
-    window = (interactions.c.model_version.in_(list(versions)), interactions.c.timestamp >= since)
-    requests = dict(
-        conn.execute(select(interactions.c.model_version, func.count()).where(*window).group_by(interactions.c.model_version)).all()
-    )
-    failing = conn.execute(
-        select(interactions.c.model_version, failures.c.id, failures.c.cluster_id)
-        .select_from(interactions.join(failures, failures.c.interaction_id == interactions.c.id))
-        .where(*window)
-    ).fetchall()
-    verdict_of = _latest_verdicts(conn, {r.id for r in failing} | {r.cluster_id for r in failing if r.cluster_id})
+    requests = events.requests_by_version(conn, versions, since)
+    failing = events.failing_interactions(conn, versions, since)
+    verdict_of = events.latest_verdicts(conn, {r.failure_id for r in failing} | {r.cluster_id for r in failing if r.cluster_id})
     failed: Counter[str] = Counter()
     by_type: dict[str, Counter[str]] = {v: Counter() for v in versions}
     for row in failing:
-        verdict = verdict_of.get(row.id) or (verdict_of.get(row.cluster_id) if row.cluster_id else None)
+        verdict = verdict_of.get(row.failure_id) or (verdict_of.get(row.cluster_id) if row.cluster_id else None)
         if verdict is not None and verdict.status == "judged" and not verdict.is_failure:
             continue  # the judge cleared it
-        judged = verdict is not None and verdict.status == "judged"
+        kind = (verdict.problem_type or "unspecified") if verdict is not None and verdict.status == "judged" else UNJUDGED
         failed[row.model_version] += 1
-        by_type[row.model_version][(verdict.problem_type or "unspecified") if judged else UNJUDGED] += 1
+        by_type[row.model_version][kind] += 1
     out = {}
     for version in versions:
-        n = int(requests.get(version, 0))
+        n = requests.get(version, 0)
         out[version] = ArmStats(
             version=version,
             requests=n,
@@ -192,21 +165,6 @@ def arm_stats(conn: Connection, versions: Sequence[str], since: datetime) -> dic
             problem_rates={t: Rate.of(c, n) for t, c in sorted(by_type[version].items())},
         )
     return out
-
-
-def _latest_verdicts(conn: Connection, failure_ids: set[str]) -> dict[str, Any]:
-    ids = sorted(failure_ids)
-    found: dict[str, Any] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        newest = (
-            select(func.max(verdicts.c.id).label("vid")).where(verdicts.c.failure_id.in_(chunk)).group_by(verdicts.c.failure_id).subquery()
-        )
-        query = select(verdicts.c.failure_id, verdicts.c.status, verdicts.c.is_failure, verdicts.c.problem_type).join(
-            newest, verdicts.c.id == newest.c.vid
-        )
-        found.update({r.failure_id: r for r in conn.execute(query)})
-    return found
 
 
 def find_harms(champion: ArmStats, canary: ArmStats, margin: float) -> list[Harm]:
@@ -228,14 +186,17 @@ def observe_canary(store: Store, settings: Settings, actor: str = "canary-monito
     automatically when it harms (see the module docstring). State "none" when no canary runs."""
     cfg = settings.canary
     with store.engine.connect() as conn:
-        current = registry.alias_map(conn)
+        current = version_store.alias_map(conn)
         version, share = current.get(CANARY, (None, None))
         champion = current.get(CHAMPION, (None, None))[0]
         if version is None or champion is None:
             return CanaryStatus(state="none", champion=champion, reason="no canary is running")
-        started = _started(conn, version)
+        started = events.last_started(conn, version)
         if started is None:  # the alias was set by hand (switch_alias): the window starts at the alias change
-            started = (0, conn.execute(select(aliases.c.updated_at).where(aliases.c.name == CANARY)).scalar_one())
+            changed = version_store.alias_updated_at(conn, CANARY)
+            if changed is None:  # removed since it was read
+                return CanaryStatus(state="none", champion=champion, reason="no canary is running")
+            started = (0, changed)
         stats = arm_stats(conn, [champion, version], started[1])
     status = CanaryStatus(
         state="collecting",
@@ -257,25 +218,22 @@ def observe_canary(store: Store, settings: Settings, actor: str = "canary-monito
         status.state = "rolled_back" if status.harms else "healthy"
         status.reason = "; ".join(h.sentence for h in status.harms) if status.harms else "no problem rate above the champion's by more than the margin"
     with store.begin() as conn:
-        registry.release_lock(conn)
+        version_store.release_lock(conn)
         # Someone may have promoted, stopped or restarted the canary while we counted: then this
         # observation is about a canary that no longer runs, and it changes nothing.
-        if registry.alias_map(conn).get(CANARY, (None, None))[0] != version or (_started(conn, version) or (0,))[0] != started[0]:
+        if version_store.alias_map(conn).get(CANARY, (None, None))[0] != version or (events.last_started(conn, version) or (0,))[0] != started[0]:
             status.state, status.reason, status.harms = "none", "the canary changed while it was observed; observe again", []
             return status
-        _event(conn, version, "observation", status.model_dump(mode="json"))
+        events.add_event(conn, version, "observation", status.model_dump(mode="json"))
         if status.state == "rolled_back":
             key = registry.effect_key("canary-harm", version, started[0])
             registry.set_alias(conn, CANARY, None, actor=actor, reason=f"canary harmed: {status.reason}", key=key)
-            registry.set_status(conn, version, VersionStatus.ROLLED_BACK)
-            _event(conn, version, "rolled_back", {"reason": status.reason, "harms": [h.model_dump() for h in status.harms], "actor": actor})
+            version_store.set_status(conn, version, VersionStatus.ROLLED_BACK)
+            events.add_event(conn, version, "rolled_back", {"reason": status.reason, "harms": [h.model_dump() for h in status.harms], "actor": actor})
     return status
 
 
 def canary_history(store: Store, version: str, limit: int = 100) -> list[dict[str, Any]]:
     """A canary's recorded events, oldest first."""
     with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(canary_events).where(canary_events.c.version == version).order_by(canary_events.c.id.desc()).limit(limit)
-        ).fetchall()
-    return [dict(r._mapping) for r in reversed(rows)]
+        return [event.model_dump() for event in events.events(conn, version, limit)]

@@ -7,7 +7,8 @@ failure's intent first, then the nearest `correct.context_docs`) and up to `corr
 failures already corrected and verified. The ids of what it saw go into `Correction.context_ids`.
 
 Failures run through `run_bounded` (llm.max_in_flight at once; transient endpoint errors retried
-there); an answer that does not parse or is empty is re-asked up to `correct.llm_retries` times here.
+there); an answer that does not parse or is empty is re-asked up to `correct.llm_retries` times
+(flywheel.llm.ask_until_valid).
 Each result is saved as soon as it arrives. Outcomes:
   - verified / corrected: an answer, verified (rules + LLM preference), stored with its reasons;
   - uncorrectable: no usable answer after the re-asks, or the endpoint refused the request (400/422);
@@ -16,8 +17,8 @@ Each result is saved as soon as it arrives. Outcomes:
 If every failure ends in an error the endpoint is down: InfrastructureError. Anything else that goes
 wrong in one item is a bug and is raised after the others are saved.
 
-Logged text reaches the models only inside `untrusted_block` fences (the judge's, with a fresh nonce per
-request); the prompt files are split at the judge's `<!-- user -->` marker into system and user message.
+Logged text reaches the models only inside `untrusted_block` fences (flywheel.prompts.fence, with a fresh
+nonce per request); the prompt files are split at its `<!-- user -->` marker into system and user message.
 """
 
 from __future__ import annotations
@@ -29,21 +30,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.context import Context
-from flywheel.data.correct import (
-    Attempt,
-    Case,
-    CorrectOutcome,
-    CorrectSummary,
-    index_corrections,
-    label_attempt,
-    nearest_by_intent,
-    save_attempt,
-)
-from flywheel.data.verify import Preference, Verifier, reply_problem
+from flywheel.correct.cases import Attempt, Case, CorrectOutcome, CorrectSummary, index_corrections, label_attempt, save_attempt
+from flywheel.correct.kb import nearest_by_intent
+from flywheel.correct.verify import Preference, Verifier, reply_problem
 from flywheel.errors import InfrastructureError
-from flywheel.evals.judge import USER_MARKER, new_nonce, render_messages, untrusted_block
-from flywheel.llm import ItemResult, Limits, async_chat_model, run_bounded, run_sync
+from flywheel.llm import BadReply, ItemResult, Limits, ask_until_valid, async_chat_model, run_bounded, run_sync
 from flywheel.prompts import Prompt, fill, load_prompt
+from flywheel.prompts.fence import USER_MARKER, new_nonce, render_messages, untrusted_block
 from flywheel.records import Verification
 from flywheel.settings import Settings
 from flywheel.store.vectors import CORRECTIONS, KB
@@ -102,8 +95,8 @@ def context_ids(found: Retrieved) -> list[str]:
 
 
 def chat_messages(prompt: Prompt, nonce: str, system_values: dict[str, str], user_values: dict[str, str]) -> list["BaseMessage"]:
-    """The prompt file split at the judge's user marker: instructions as the system message, the
-    (fenced) material as the user message."""
+    """The prompt file split at the user marker (flywheel.prompts.fence.USER_MARKER): instructions as
+    the system message, the (fenced) material as the user message."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
     system_part, _, user_part = prompt.text.partition(USER_MARKER)
@@ -203,25 +196,20 @@ def verifier_messages(prompt: Prompt, settings: Settings, case: Case, answer: st
 # --- running -----------------------------------------------------------------------------------------------
 
 
+def _answer(reply: Any) -> str:
+    parsed = reply if isinstance(reply, CorrectorAnswer) else CorrectorAnswer.model_validate(reply)
+    if not parsed.answer.strip():
+        raise BadReply("the answer is blank")
+    return parsed.answer.strip()
+
+
 async def ask_answer(model: Any, messages: list["BaseMessage"], retries: int) -> tuple[str | None, str]:
     """The corrector's answer, re-asked when the reply does not parse or is blank. Endpoint errors
     propagate for the bounded runner to retry."""
-    from langchain_core.messages import HumanMessage
-
-    last = ""
-    for _ in range(retries + 1):
-        try:
-            reply = await model.ainvoke(messages)
-            parsed = reply if isinstance(reply, CorrectorAnswer) else CorrectorAnswer.model_validate(reply)
-            if parsed.answer.strip():
-                return parsed.answer.strip(), ""
-            last, kind = "the answer is blank", "the answer is blank"
-        except Exception as exc:  # noqa: BLE001 - reply_problem re-raises what is not a bad reply
-            last, kind = reply_problem(exc)
-        # Say what was wrong by kind only: the reply may carry injected text, which must not come back
-        # to the model outside a fence.
-        messages = [*messages[:2], HumanMessage(f"Your reply was not a valid answer object ({kind}). Reply again with only the answer object.")]
-    return None, f"the LLM corrector gave no usable answer in {retries + 1} attempt(s): {last}"
+    answer, problem, calls = await ask_until_valid(model, messages, retries, _answer, reply_problem, "answer object")
+    if answer is None:
+        return None, f"the LLM corrector gave no usable answer in {calls} attempt(s): {problem}"
+    return answer, ""
 
 
 def correct_with_llm(ctx: Context, cases: list[Case]) -> CorrectSummary:

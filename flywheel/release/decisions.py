@@ -1,75 +1,33 @@
-"""The human decision on a candidate: what the approval node asks, what a decision is, and the checks
-the promotion node applies before anything changes.
+"""The human decision on a candidate: what a person is asked (PendingApproval), and how their answer
+(a flywheel.release.records.Decision) is checked and applied.
 
 Approval is code, not a prompt (ARCHITECTURE principle 4). There is no tool that promotes. When a
-candidate has passed its gate, the graph reaches the approval node, which pauses the run with
+candidate has passed its gate, the agent's graph reaches its approval node, which pauses the run with
 LangGraph's `interrupt(PendingApproval)`. A person answers from any way in (the terminal, `flywheel
 approve`, Slack) and the run resumes with `Command(resume=Decision(...))`. The promotion node then
-records the decision with flywheel.approvals (bound to the version AND the report hash the person saw,
-from an approver the settings allow) and promotes through `approvals.promote`, which checks all of it
-again and switches the alias under an effect key derived from the run, the version and the report: a
-node that runs twice after a crash switches once.
+calls `apply_decision`: it records the decision with flywheel.release.approvals (bound to the version
+AND the report hash the person saw, from an approver the settings allow) and promotes through
+`approvals.promote`, which checks all of it again and switches the alias under an effect key derived
+from the run, the version and the report: a node that runs twice after a crash switches once.
 
-A rejection records the reason; flywheel.approvals then marks the version rejected and leaves the
-samples of its dataset in the pool for the next cycle.
+A rejection records the reason; flywheel.release.approvals then marks the version rejected and leaves
+the samples of its dataset in the pool for the next cycle.
+
+Nothing here knows about LangGraph: the same payload and the same checks serve the graph, `flywheel
+chat`, the runner's `decide` and Slack.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
-
-from flywheel import approvals, graduation, registry
 from flywheel.context import Context
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.records import Record, utcnow
-from flywheel.registry import CLOSED, ModelVersion
-
-DecisionValue = Literal["approved", "rejected"]
-Channel = Literal["terminal", "slack", "api", "web"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A person's answer to a pending approval: `Command(resume=Decision(...))`, or the same as a dict.
-
-    `report_hash`, when given, is the report the person looked at: the decision is refused if the
-    candidate's report has changed since (someone re-evaluated it)."""
-
-    decision: DecisionValue
-    approver: str
-    reason: str = ""
-    channel: Channel = "terminal"
-    report_hash: str | None = None
-
-    def __post_init__(self) -> None:
-        if not str(self.approver).strip():
-            raise UserInputError("a decision needs the approver's name")
-        if self.decision == "rejected" and not str(self.reason).strip():
-            raise UserInputError("a rejection needs a reason")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def parse(cls, value: Any) -> "Decision":
-        """A Decision from a Decision or a dict (what a checkpoint gives back); UserInputError if invalid."""
-        if isinstance(value, Decision):
-            return value
-        try:
-            return _DECISION.validate_python(value)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "decision"
-            raise UserInputError(f"not a valid decision ({where}: {err['msg']})") from None
-
-
-_DECISION = TypeAdapter(Decision)
+from flywheel.release import approvals, graduation, registry
+from flywheel.release.evaluation import summarize_report, verified_report
+from flywheel.release.records import Decision, DecisionKind, ModelVersion
+from flywheel.release.registry import CLOSED
 
 
 class PendingApproval(Record):
@@ -126,9 +84,7 @@ def stored_decision(ctx: Context, target: ModelVersion) -> tuple[Decision | None
 
 def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str | None, refused: str | None = None) -> PendingApproval:
     """The payload: version, gate result, report summary and path, problem rates before and after."""
-    from flywheel.tools.evals import load_report, summarize_report
-
-    document, path = load_report(target)
+    document, path = verified_report(target)
     report = summarize_report(target.id, target.eval_report_hash or "", path, document)
     primary = next(iter(report.sets), None)
     numbers = report.sets.get(primary) if primary else None
@@ -178,7 +134,7 @@ def refusal(ctx: Context, target: ModelVersion, decision: Decision) -> str | Non
 
 class DecisionOutcome(Record):
     version: str
-    decision: DecisionValue
+    decision: DecisionKind
     approver: str
     channel: str
     promoted: bool = False
@@ -235,15 +191,16 @@ def apply_decision(ctx: Context, run_id: str, version: str, decision: Decision) 
 
 
 def _graduate(ctx: Context, target: ModelVersion, actor: str, outcome: DecisionOutcome) -> None:
-    """Move samples by how the promoted version did on them (flywheel.graduation; a second run moves
-    nothing). A report that cannot be read leaves the samples where they are, noted."""
+    """Move samples by how the promoted version did on them (flywheel.release.graduation; a second run
+    moves nothing). A report that cannot be read, or no longer matches its recorded hash, leaves the
+    samples where they are, noted."""
     try:
-        document = json.loads(Path(target.eval_report_path or "").read_text(encoding="utf-8"))
+        document, _path = verified_report(target)
         fixed = graduation.outcomes_from_report(document)
         if not fixed:
             return
         result = graduation.graduate(ctx.store, ctx.settings, target.id, fixed=fixed, actor=actor)
-    except (OSError, ValueError, UserInputError) as exc:
+    except (OSError, ValueError, UserInputError, PolicyViolation) as exc:
         outcome.note = f"samples not graduated: {exc}"
         return
     outcome.graduated, outcome.down_weighted = len(result.graduated), len(result.down_weighted)

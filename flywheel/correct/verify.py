@@ -13,15 +13,14 @@ with every reason it failed, kept with the correction.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flywheel.correct.cases import Case
+from flywheel.llm import BadReply, ask_until_valid
 from flywheel.records import Finding, Message, Verification
 from flywheel.settings import Settings
-
-if TYPE_CHECKING:
-    from flywheel.data.correct import Case
 
 RULE = "rule"
 
@@ -64,7 +63,7 @@ class Verifier:
     def llm_name(self) -> str:
         return f"{RULE}+llm:{self.settings.llm.verifier_model}"
 
-    def rule_reasons(self, case: "Case", answer: str) -> list[str]:
+    def rule_reasons(self, case: Case, answer: str) -> list[str]:
         reasons: list[str] = []
         original = case.original
         if original is not None and not original.tool_calls and _same_text(original.content, answer):
@@ -73,11 +72,11 @@ class Verifier:
         reasons.extend(describe_finding(f) for f in findings)
         return reasons
 
-    def verify_rules(self, case: "Case", answer: str) -> Verification:
+    def verify_rules(self, case: Case, answer: str) -> Verification:
         reasons = self.rule_reasons(case, answer)
         return Verification(passed=not reasons, reasons=reasons, verifier=RULE)
 
-    async def verify(self, case: "Case", answer: str, preference_model: Any, messages: list[Any]) -> Verification:
+    async def verify(self, case: Case, answer: str, preference_model: Any, messages: list[Any]) -> Verification:
         """Rules, then the LLM's preference. `preference_model` is a runnable returning `Preference`
         (a ChatOpenAI with structured output); `messages` the verifier prompt for this case."""
         reasons = self.rule_reasons(case, answer)
@@ -107,21 +106,17 @@ def reply_problem(exc: BaseException) -> tuple[str, str]:
     raise exc
 
 
+def _preference(reply: Any) -> Preference:
+    preference = reply if isinstance(reply, Preference) else Preference.model_validate(reply)
+    if not preference.reason.strip():
+        raise BadReply("the reason is blank")
+    return preference
+
+
 async def ask_preference(model: Any, messages: list[Any], retries: int) -> tuple[Preference | None, str]:
     """Ask for a preference, re-asking when the reply is unusable. Endpoint errors propagate (the
     bounded runner retries those); returns (None, why) when no attempt gave a valid preference."""
-    from langchain_core.messages import HumanMessage
-
-    last = ""
-    for _ in range(retries + 1):
-        try:
-            reply = await model.ainvoke(messages)
-            preference = reply if isinstance(reply, Preference) else Preference.model_validate(reply)
-            if preference.reason.strip():
-                return preference, ""
-            last, kind = "the reason is blank", "the reason is blank"
-        except Exception as exc:  # noqa: BLE001 - reply_problem re-raises what is not a bad reply
-            last, kind = reply_problem(exc)
-        # By kind only: the reply may carry injected text, which must not reach the model unfenced.
-        messages = [*messages[:2], HumanMessage(f"Your reply was not a valid preference object ({kind}). Reply again with only the preference object.")]
-    return None, f"the LLM verifier gave no valid preference in {retries + 1} attempt(s): {last}"
+    preference, problem, calls = await ask_until_valid(model, messages, retries, _preference, reply_problem, "preference object")
+    if preference is None:
+        return None, f"the LLM verifier gave no valid preference in {calls} attempt(s): {problem}"
+    return preference, ""

@@ -11,25 +11,25 @@ twice (ARCHITECTURE principle 3). All release writes take one release lock first
 lock; on SQLite the database write lock), so reads inside them see the state they change: version ids
 are allocated without gaps or races and two promotions cannot interleave.
 
-Promotion, rejection and rollback (the human decisions) live in flywheel.approvals, canaries in
-flywheel.canary, sample graduation in flywheel.graduation; this module is their shared mechanics.
+Promotion, rejection and rollback (the human decisions) live in flywheel.release.approvals, canaries
+in flywheel.release.canary, sample graduation in flywheel.release.graduation; this module is their
+shared mechanics. The SQL is in flywheel.store.versions; the records in flywheel.release.records.
 """
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record, stable_hash, utcnow
+from flywheel.release.records import AliasSwitch, ModelVersion, VersionStatus, version_number
+from flywheel.store import approvals as approval_store
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store
-from flywheel.store.schema import alias_events, aliases, approvals, model_versions
 
 CHAMPION, CANARY, PREVIOUS = "champion", "canary", "previous"
 ALIASES = (CHAMPION, CANARY, PREVIOUS)
@@ -41,53 +41,8 @@ TASK_SUCCESS_KEY = "task_success"
 TARGETED_KEY = "targeted_problem_rates"
 
 
-class VersionStatus(StrEnum):
-    CANDIDATE = "candidate"  # registered, maybe evaluated; not serving
-    CANARY = "canary"  # serving a share of users
-    CHAMPION = "champion"  # serving everyone else
-    PREVIOUS = "previous"  # the champion before this one: where a rollback returns to
-    RETIRED = "retired"  # an older champion
-    REJECTED = "rejected"  # a person rejected it
-    ROLLED_BACK = "rolled_back"  # served and was taken back (by a person or by the canary monitor)
-
-
 # Versions in these states never serve again: a new adapter (a new version) has to earn it.
 CLOSED = (VersionStatus.REJECTED, VersionStatus.ROLLED_BACK, VersionStatus.RETIRED)
-
-
-class ModelVersion(Record):
-    id: str
-    parent: str | None = None
-    base_model: str
-    adapter_path: str | None = None  # None: the base model itself
-    adapter_sha256: str | None = None  # sha256 of the adapter's weights file
-    dataset_id: str | None = None
-    job_id: str | None = None
-    eval_report_path: str | None = None
-    eval_report_hash: str | None = None
-    gate_passed: bool | None = None
-    status: VersionStatus = VersionStatus.CANDIDATE
-    metrics: dict[str, Any] = {}
-    notes: str = ""
-    created_at: datetime
-
-    @property
-    def number(self) -> int:
-        return version_number(self.id)
-
-
-class AliasSwitch(Record):
-    """One alias change as recorded. `replayed` is True when the effect key had already been applied and
-    this call changed nothing."""
-
-    alias: str
-    from_version: str | None
-    to_version: str | None  # None: the alias was removed
-    effect_key: str
-    actor: str
-    reason: str = ""
-    created_at: datetime
-    replayed: bool = False
 
 
 class Routing(Record):
@@ -117,27 +72,7 @@ class VersionRow(Record):
     created_at: datetime
 
 
-# --- locking and small helpers ----------------------------------------------------------------------------
-
-_LOCK_KEY = int.from_bytes(hashlib.sha256(b"flywheel.release").digest()[:8], "big", signed=True)
-
-
-def release_lock(conn: Connection) -> None:
-    """Serialise release writes until the transaction ends. Take it first in the transaction.
-
-    PostgreSQL: a transaction-scoped advisory lock. SQLite: a write that changes nothing still takes the
-    database write lock (pysqlite begins the transaction before it), so later reads in the same
-    transaction cannot be stale."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-    else:
-        conn.execute(text("UPDATE aliases SET name = name WHERE 1 = 0"))
-
-
-def version_number(version_id: str) -> int:
-    if not (version_id.startswith("v") and version_id[1:].isdigit()):
-        raise ValueError(f"not a version id: {version_id!r}")
-    return int(version_id[1:])
+# --- small helpers --------------------------------------------------------------------------------------------
 
 
 def effect_key(*parts: Any) -> str:
@@ -146,52 +81,26 @@ def effect_key(*parts: Any) -> str:
     return key if len(key) <= MAX_KEY else f"{key[:100]}~{stable_hash(key, 24)}"
 
 
-def epoch(conn: Connection) -> int:
-    """The id of the newest alias event: default effect keys include it, so the same action taken again
-    later (after the state moved on) is a new effect, while a re-run of a crashed call that did not get
-    to write is the same one."""
-    return conn.execute(select(func.coalesce(func.max(alias_events.c.id), 0))).scalar_one()
-
-
-def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(**values)
-    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_={k: stmt.excluded[k] for k in values if k not in keys}))
-
-
 # --- versions ---------------------------------------------------------------------------------------------
 
 
-def _from_row(row: Any) -> ModelVersion:
-    m = dict(row._mapping)
-    m["metrics"] = m.get("metrics") or {}
-    m["notes"] = m.get("notes") or ""
-    return ModelVersion.model_validate(m)
-
-
 def get_version(conn: Connection, version_id: str) -> ModelVersion:
-    row = conn.execute(select(model_versions).where(model_versions.c.id == version_id)).first()
-    if row is None:
+    version = version_store.find_version(conn, version_id)
+    if version is None:
         raise NotFoundError(f"no model version {version_id!r} (see `flywheel models`)")
-    return _from_row(row)
-
-
-def set_status(conn: Connection, version_id: str, status: VersionStatus) -> None:
-    conn.execute(model_versions.update().where(model_versions.c.id == version_id).values(status=str(status)))
+    return version
 
 
 def _next_id(conn: Connection) -> str:
-    # Ids are allocated under the release lock, so max + 1 is safe; order by length first so v10 > v9.
-    newest = conn.execute(
-        select(model_versions.c.id).order_by(func.length(model_versions.c.id).desc(), model_versions.c.id.desc()).limit(1)
-    ).scalar()
+    # Ids are allocated under the release lock, so max + 1 is safe.
+    newest = version_store.newest_version_id(conn)
     return f"v{version_number(newest) + 1 if newest else 1}"
 
 
 def adapter_weights_sha256(adapter_path: str | Path) -> str:
     """sha256 of a PEFT adapter folder's safetensors weights: the hash the registry records and checks."""
     from flywheel.store.vectors import sha256_file
-    from flywheel.trainer.models import ADAPTER_WEIGHTS, check_adapter_folder
+    from flywheel.inference.folders import ADAPTER_WEIGHTS, check_adapter_folder
 
     return sha256_file(check_adapter_folder(adapter_path) / ADAPTER_WEIGHTS)
 
@@ -224,14 +133,14 @@ def register_version(
     elif not adapter_sha256:
         raise UserInputError(f"{path}: no such adapter folder, and no adapter_sha256 given to record")
     with store.begin() as conn:
-        release_lock(conn)
-        existing = _same_model(conn, base_model, adapter_sha256)
+        version_store.release_lock(conn)
+        existing = version_store.same_model(conn, base_model, adapter_sha256)
         if existing is not None:
             return existing
         if parent is not None:
             get_version(conn, parent)
         else:
-            parent = _alias_target(conn, CHAMPION)
+            parent = version_store.alias_target(conn, CHAMPION)
         version = ModelVersion(
             id=_next_id(conn),
             parent=parent,
@@ -243,18 +152,8 @@ def register_version(
             notes=notes,
             created_at=utcnow(),
         )
-        conn.execute(model_versions.insert().values(**_to_row(version)))
+        version_store.insert_version(conn, version)
         return version
-
-
-def _same_model(conn: Connection, base_model: str, adapter_sha256: str | None) -> ModelVersion | None:
-    """The version already holding these weights: the adapter's sha256, or the base model with no adapter."""
-    if adapter_sha256:
-        query = select(model_versions).where(model_versions.c.adapter_sha256 == adapter_sha256)
-    else:
-        query = select(model_versions).where(model_versions.c.base_model == base_model, model_versions.c.adapter_path.is_(None))
-    row = conn.execute(query.order_by(model_versions.c.created_at).limit(1)).first()
-    return _from_row(row) if row is not None else None
 
 
 def register_base(store: Store, base_model: str, *, actor: str = "flywheel", notes: str = "") -> ModelVersion:
@@ -262,15 +161,15 @@ def register_base(store: Store, base_model: str, *, actor: str = "flywheel", not
 
     Idempotent: the same base model registered again returns its existing version."""
     with store.begin() as conn:
-        release_lock(conn)
-        version = _same_model(conn, base_model, None)
+        version_store.release_lock(conn)
+        version = version_store.same_model(conn, base_model, None)
         if version is None:
             version = ModelVersion(id=_next_id(conn), base_model=base_model, notes=notes, created_at=utcnow())
-            conn.execute(model_versions.insert().values(**_to_row(version)))
-        if _alias_target(conn, CHAMPION) is None:
-            key = effect_key("base", version.id, epoch(conn))
+            version_store.insert_version(conn, version)
+        if version_store.alias_target(conn, CHAMPION) is None:
+            key = effect_key("base", version.id, version_store.epoch(conn))
             set_alias(conn, CHAMPION, version.id, actor=actor, reason="first champion: the base model", key=key)
-            set_status(conn, version.id, VersionStatus.CHAMPION)
+            version_store.set_status(conn, version.id, VersionStatus.CHAMPION)
         return get_version(conn, version.id)
 
 
@@ -285,25 +184,15 @@ def first_champion(store: Store, base_model: str, *, actor: str, notes: str = ""
         return register_base(store, base_model, actor=actor, notes=notes), True
 
 
-def _to_row(version: ModelVersion) -> dict[str, Any]:
-    row = version.model_dump()
-    row["status"] = str(version.status)
-    return row
-
-
 def attach_eval(store: Store, version: str, report_path: str | Path, report_hash: str, gate_passed: bool, metrics: dict[str, Any] | None = None) -> ModelVersion:
     """Record a version's evaluation report. A new report (another hash) replaces the old one, and an
     approval given for the old report no longer lets the version be promoted."""
     if not report_hash:
         raise UserInputError(f"attach_eval {version}: empty report hash")
     with store.begin() as conn:
-        release_lock(conn)
+        version_store.release_lock(conn)
         get_version(conn, version)
-        conn.execute(
-            model_versions.update()
-            .where(model_versions.c.id == version)
-            .values(eval_report_path=str(report_path), eval_report_hash=report_hash, gate_passed=bool(gate_passed), metrics=metrics or {})
-        )
+        version_store.set_eval(conn, version, str(report_path), report_hash, bool(gate_passed), metrics or {})
         return get_version(conn, version)
 
 
@@ -313,7 +202,7 @@ def verify_adapter(version: ModelVersion) -> Path | None:
     None for a base-model version. A changed or missing file raises UserInputError naming the path."""
     if version.adapter_path is None:
         return None
-    from flywheel.trainer.models import check_adapter_folder
+    from flywheel.inference.folders import check_adapter_folder
 
     if not version.adapter_sha256:
         raise UserInputError(f"{version.id}: no adapter sha256 recorded; refusing to serve {version.adapter_path} unchecked")
@@ -321,23 +210,6 @@ def verify_adapter(version: ModelVersion) -> Path | None:
 
 
 # --- aliases ----------------------------------------------------------------------------------------------
-
-
-def _alias_target(conn: Connection, alias: str) -> str | None:
-    return conn.execute(select(aliases.c.version).where(aliases.c.name == alias)).scalar()
-
-
-def alias_map(conn: Connection) -> dict[str, tuple[str, float | None]]:
-    return {r.name: (r.version, r.share) for r in conn.execute(select(aliases))}
-
-
-def recorded_switch(conn: Connection, key: str) -> AliasSwitch | None:
-    row = conn.execute(select(alias_events).where(alias_events.c.effect_key == key)).first()
-    if row is None:
-        return None
-    m = dict(row._mapping)
-    m.pop("id")
-    return AliasSwitch(**m, replayed=True)
 
 
 def set_alias(
@@ -353,14 +225,14 @@ def set_alias(
     """Point `alias` at `version` (None removes it) and record the event. Inside a locked transaction."""
     if alias not in ALIASES:
         raise UserInputError(f"unknown alias {alias!r}; expected one of {', '.join(ALIASES)}")
-    before = _alias_target(conn, alias)
+    before = version_store.alias_target(conn, alias)
     now = utcnow()
     if version is None:
-        conn.execute(aliases.delete().where(aliases.c.name == alias))
+        version_store.delete_alias(conn, alias)
     else:
-        _upsert(conn, aliases, {"name": alias, "version": version, "share": share, "updated_at": now}, ["name"])
+        version_store.put_alias(conn, alias, version, share, now)
     event = AliasSwitch(alias=alias, from_version=before, to_version=version, effect_key=key, actor=actor, reason=reason, created_at=now)
-    conn.execute(alias_events.insert().values(**event.model_dump(exclude={"replayed"})))
+    version_store.insert_switch(conn, event)
     return event
 
 
@@ -377,13 +249,13 @@ def switch_alias(
     """Point an alias at a version (None removes it), atomically with its event row.
 
     A second call with the same `effect_key` changes nothing and returns the first call's event (with
-    `replayed=True`). This is the low-level switch: promotion goes through `flywheel.approvals.promote`,
+    `replayed=True`). This is the low-level switch: promotion goes through `approvals.promote`,
     which checks the approval first."""
     if len(effect_key) > MAX_KEY:
         raise UserInputError(f"effect key longer than {MAX_KEY} characters: {effect_key[:40]}...")
     with store.begin() as conn:
-        release_lock(conn)
-        earlier = recorded_switch(conn, effect_key)
+        version_store.release_lock(conn)
+        earlier = version_store.recorded_switch(conn, effect_key)
         if earlier is not None:
             return earlier
         if version is not None:
@@ -400,17 +272,23 @@ def resolve(store: Store, name_or_alias: str) -> ModelVersion:
 def resolve_in(conn: Connection, name_or_alias: str) -> ModelVersion:
     name = name_or_alias.strip()
     if name in ALIASES:
-        target = _alias_target(conn, name)
+        target = version_store.alias_target(conn, name)
         if target is None:
             raise NotFoundError(f"no version is {name} now (see `flywheel models`)")
         return get_version(conn, target)
     return get_version(conn, name)
 
 
+def alias_target(store: Store, alias: str) -> str | None:
+    """The version `alias` points at now, None when it points at none."""
+    with store.engine.connect() as conn:
+        return version_store.alias_target(conn, alias)
+
+
 def current_routing(store: Store) -> Routing:
     """Champion, canary and the canary's share, read in one snapshot for the gateway's router."""
     with store.engine.connect() as conn:
-        current = alias_map(conn)
+        current = version_store.alias_map(conn)
     if CHAMPION not in current:
         raise NotFoundError("no champion: register a base model first (flywheel train / flywheel demo)")
     canary = current.get(CANARY)
@@ -419,13 +297,7 @@ def current_routing(store: Store) -> Routing:
 
 def alias_history(store: Store, limit: int = 50) -> list[AliasSwitch]:
     with store.engine.connect() as conn:
-        rows = conn.execute(select(alias_events).order_by(alias_events.c.id.desc()).limit(limit)).fetchall()
-    out = []
-    for row in rows:
-        m = dict(row._mapping)
-        m.pop("id")
-        out.append(AliasSwitch(**m))
-    return out
+        return version_store.switches(conn, limit)
 
 
 # --- listing ----------------------------------------------------------------------------------------------
@@ -434,11 +306,11 @@ def alias_history(store: Store, limit: int = 50) -> list[AliasSwitch]:
 def list_versions(store: Store) -> list[VersionRow]:
     """Every version, newest first, with its aliases, lineage, gate, approval and headline metrics."""
     with store.engine.connect() as conn:
-        versions = [_from_row(r) for r in conn.execute(select(model_versions))]
+        versions = version_store.all_versions(conn)
         by_version: dict[str, list[str]] = {}
-        for name, (target, _share) in alias_map(conn).items():
+        for name, (target, _share) in version_store.alias_map(conn).items():
             by_version.setdefault(target, []).append(name)
-        decisions = {(r.version, r.report_hash): f"{r.decision} by {r.approver}" for r in conn.execute(select(approvals))}
+        decisions = {(r.version, r.report_hash): f"{r.decision} by {r.approver}" for r in approval_store.all_approvals(conn)}
     versions.sort(key=lambda v: v.number, reverse=True)
     return [
         VersionRow(

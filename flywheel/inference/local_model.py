@@ -1,18 +1,16 @@
-"""Causal language models on local folders: a tiny one built from a config, and `LocalModel` for inference.
+"""`LocalModel`: a causal LM from a local folder plus named LoRA adapters over it, for inference.
 
-Nothing here downloads. `build_tiny_model` trains a byte-level BPE tokenizer on a corpus and saves a small
-randomly initialised Llama with it (tests and the demo use it); any causal LM that transformers loads from a
-local folder with safetensors weights is a base model. `LocalModel` wraps one base model and any number of
-PEFT LoRA adapters over it, switched by name without reloading the base (the gateway serves several).
-
-Weights are read from safetensors only: a base folder with only `pytorch_model.bin` or an adapter folder with
-only `adapter_model.bin` is refused, because loading those means unpickling.
+Evals, the gateway, selection and the demo run models through it: greedy generation with per-token
+confidence (`Generation`), the log-probability of given answers, and mean-pooled embeddings. Any causal LM
+that transformers loads from a local folder with safetensors weights is a base model (resolved and checked
+by flywheel.inference.folders); any number of PEFT LoRA adapters are switched by name without reloading the
+base (the gateway serves several). Nothing here downloads.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,116 +19,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.inference.folders import ADAPTER_WEIGHTS, check_adapter_folder, resolve_base_model
 from flywheel.store.vectors import sha256_file
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from peft import PeftModel
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
-BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|pad|>"
-TURN_START = "<|im_start|>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, TURN_START]
+    class _CausalLM(PreTrainedModel, GenerationMixin):
+        """What AutoModelForCausalLM loads: a model with generate() (transformers' own hints do the same)."""
 
-# ChatML-style turns. The `{% generation %}` markers let transformers return an assistant-token mask
-# (TRL's assistant_only_loss); the end-of-turn token sits inside them so the model learns to stop. The
-# rendering of a prompt with add_generation_prompt is a prefix of the prompt plus its answer, which TRL
-# relies on to find where a completion starts.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] or '' }}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE = None  # adapter name meaning "the base model, every adapter off"
-
-
-def build_tiny_model(
-    out_dir: Path | str,
-    corpus: Iterable[str],
-    *,
-    vocab_size: int = 2000,
-    hidden: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    max_len: int = 256,
-    seed: int = 0,
-    init_std: float = 0.2,
-) -> Path:
-    """Train a byte-level BPE tokenizer on `corpus`, build a small Llama over it and save both (safetensors)
-    to `out_dir`. The same corpus and seed give byte-identical files. Returns the folder.
-
-    `init_std` is larger than transformers' 0.02 on purpose: LoRA does not touch the (tied) output layer
-    and the final norm bounds the hidden state, so with 0.02 the logits of a tiny model can hardly move
-    past uniform and an adapter learns next to nothing."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable, so nothing is <unk>
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_with_roles(corpus), trainer=trainer)
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        padding_side="left",
-        model_max_length=max_len,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=init_std,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def _with_roles(corpus: Iterable[str]) -> Iterator[str]:
-    # The role names appear in every rendered conversation; make sure they have compact tokens.
-    yield from ("system\n", "user\n", "assistant\n", "tool\n")
-    yield from corpus
-
-
-# --- inference --------------------------------------------------------------------------------------------
 
 
 class Generation(BaseModel):
@@ -162,35 +62,6 @@ class Generation(BaseModel):
         return float(np.mean(self.entropy)) if self.entropy else 0.0
 
 
-def check_adapter_folder(path: Path | str, expected_sha256: str | None = None) -> Path:
-    """The adapter folder if it holds safetensors weights (and they have the expected hash); otherwise a
-    UserInputError. A `.bin` adapter would have to be unpickled, so it is refused."""
-    folder = Path(path)
-    weights = folder / ADAPTER_WEIGHTS
-    if not (folder / "adapter_config.json").is_file():
-        raise UserInputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise UserInputError(f"{folder}: adapter_model.bin is refused (pickle); save the adapter as {ADAPTER_WEIGHTS}")
-        raise UserInputError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    if expected_sha256 is not None:
-        actual = sha256_file(weights)
-        if actual != expected_sha256:
-            raise UserInputError(f"{weights}: sha256 {actual} does not match the recorded {expected_sha256}")
-    return folder
-
-
-def check_base_folder(path: Path | str) -> Path:
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise UserInputError(f"{folder}: not a model folder (no config.json)")
-    if not any(folder.glob("*.safetensors")):
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            raise UserInputError(f"{folder}: only pickled weights (.bin/.pt) found; flywheel loads safetensors only")
-        raise UserInputError(f"{folder}: no .safetensors weights")
-    return folder
-
-
 class _Current:
     def __repr__(self) -> str:
         return "CURRENT"
@@ -215,7 +86,7 @@ class LocalModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.base_path = check_base_folder(base_path)
+        self.base_path = resolve_base_model(base_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
         self.confidence_positions = confidence_positions
@@ -232,7 +103,7 @@ class LocalModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.model: PreTrainedModel = model.to(self.device).eval()
+        self.model: _CausalLM | PeftModel = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers wraps .to with functools.wraps, whose hints drop the bound self
         self.adapters: dict[str, str] = {}  # name -> folder
         self.adapter_sha256: dict[str, str] = {}  # name -> sha256 of its weights
         self.active: str | None = BASE
@@ -273,6 +144,9 @@ class LocalModel:
                 return
             if len(self.adapters) == 1:
                 # PEFT cannot hold zero adapters: take the LoRA layers out and serve the plain base again.
+                from peft import PeftModel
+
+                assert isinstance(self.model, PeftModel)  # an adapter is loaded, so the model is wrapped
                 self.model = self.model.unload().eval()
             else:
                 self.model.delete_adapter(name)
@@ -298,6 +172,9 @@ class LocalModel:
         name = self.active if adapter is CURRENT else adapter
         with self._lock:
             if name is None and self.adapters:
+                from peft import PeftModel
+
+                assert isinstance(self.model, PeftModel)  # an adapter is loaded, so the model is wrapped
                 with self.model.disable_adapter():
                     yield
                 return
@@ -314,7 +191,9 @@ class LocalModel:
 
     def render(self, conversation: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
         messages = [{"role": m["role"], "content": m.get("content") or ""} for m in conversation]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert isinstance(text, str)  # tokenize=False renders text
+        return text
 
     def generate(
         self,
@@ -369,8 +248,10 @@ class LocalModel:
         top = torch.topk(probs, k=2, dim=-1).values
         entropy = -(probs * logprobs[:k]).sum(dim=-1)
         text_ids = [t for t in ids[:length] if t not in eos_ids]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
         return Generation(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            text=text.strip(),
             tokens=length,
             mean_logprob=float(chosen.mean()) if length else 0.0,
             min_logprob=float(chosen.min()) if length else 0.0,
@@ -470,28 +351,3 @@ def _last_index(ids: Sequence[int], targets: Sequence[int], after: int) -> int:
         if ids[index] in targets:
             return index
     return len(ids) - 1
-
-
-def model_config_hash(base_path: Path | str) -> str:
-    """sha256 of a model folder's config.json: which architecture and size a base model is."""
-    config = Path(base_path) / "config.json"
-    if not config.is_file():
-        raise UserInputError(f"{base_path}: not a model folder (no config.json)")
-    return sha256_file(config)
-
-
-def tiny_corpus() -> list[str]:
-    """A small built-in corpus (customer-support phrasing) for a tiny model when the caller has none."""
-    lines = [
-        "Hello, how can I help you today?",
-        "I would like a refund for my last order.",
-        "Refunds are processed within five business days after we receive the item.",
-        "Your order has shipped and will arrive on Tuesday.",
-        "I cannot promise a refund, but I can open a review for you.",
-        "Please share your order number so I can check the status.",
-        "Our support team is available from nine to five on weekdays.",
-        "The fee cannot be waived, but you can appeal through the billing page.",
-        "Thank you for your patience. Is there anything else I can do?",
-        "I have escalated your request to a human agent.",
-    ]
-    return lines * 3

@@ -16,35 +16,20 @@ Who may approve:
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal, cast
+from typing import cast
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from flywheel import registry
 from flywheel.errors import PolicyViolation, UserInputError
-from flywheel.graduation import return_to_pool, revert_graduation
 from flywheel.records import Record, utcnow
-from flywheel.registry import CANARY, CHAMPION, CLOSED, PREVIOUS, AliasSwitch, VersionStatus
+from flywheel.release import registry
+from flywheel.release.graduation import return_to_pool, revert_graduation
+from flywheel.release.records import CHANNELS, AliasSwitch, Approval, Channel, DecisionKind, ModelVersion, VersionStatus
+from flywheel.release.registry import CANARY, CHAMPION, CLOSED, PREVIOUS
 from flywheel.settings import Settings
+from flywheel.store import approvals as approval_store
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store
-from flywheel.store.schema import approvals
-
-Decision = Literal["approved", "rejected"]
-Channel = Literal["terminal", "slack", "api", "web"]
-CHANNELS = ("terminal", "slack", "api", "web")
-
-
-class Approval(Record):
-    id: int
-    version: str
-    report_hash: str
-    decision: Decision
-    approver: str
-    channel: str
-    reason: str = ""
-    run_id: str | None = None
-    created_at: datetime
 
 
 class Promotion(Record):
@@ -90,19 +75,9 @@ def check_approver(settings: Settings, approver: str, channel: str) -> None:
         raise PolicyViolation(f"{approver!r} is not in approvals.approvers" + ("" if allowed else f" (the list is empty, so {channel} approvals are off)"))
 
 
-def _from_row(row) -> Approval:  # noqa: ANN001 - a SQLAlchemy row
-    return Approval.model_validate(dict(row._mapping))
-
-
 def approvals_for(store: Store, version: str) -> list[Approval]:
     with store.engine.connect() as conn:
-        rows = conn.execute(select(approvals).where(approvals.c.version == version).order_by(approvals.c.id)).fetchall()
-    return [_from_row(r) for r in rows]
-
-
-def _decision(conn: Connection, version: str, report_hash: str) -> Approval | None:
-    row = conn.execute(select(approvals).where(approvals.c.version == version, approvals.c.report_hash == report_hash)).first()
-    return _from_row(row) if row else None
+        return approval_store.approvals_for(conn, version)
 
 
 # --- deciding ---------------------------------------------------------------------------------------------
@@ -111,7 +86,7 @@ def _decision(conn: Connection, version: str, report_hash: str) -> Approval | No
 def record_approval(
     store: Store,
     version: str,
-    decision: Decision,
+    decision: DecisionKind,
     approver: str,
     channel: Channel,
     reason: str = "",
@@ -126,15 +101,15 @@ def record_approval(
         raise UserInputError(f"decision must be 'approved' or 'rejected', not {decision!r}")
     check_approver(store.settings, approver, channel)
     with store.begin() as conn:
-        registry.release_lock(conn)  # decisions are serialised: the second of two racing ones sees the first
+        version_store.release_lock(conn)  # decisions are serialised: the second of two racing ones sees the first
         return _decide(conn, version, decision, approver, channel, reason, run_id)[0]
 
 
-def _record(conn: Connection, version: str, decision: str, approver: str, channel: str, reason: str, run_id: str | None) -> Approval:
+def _record(conn: Connection, version: str, decision: DecisionKind, approver: str, channel: str, reason: str, run_id: str | None) -> Approval:
     target = registry.get_version(conn, version)
     if not target.eval_report_hash:
         raise PolicyViolation(f"{version} has no eval report; evaluate it before deciding (flywheel eval --candidate {version})")
-    earlier = _decision(conn, version, target.eval_report_hash)
+    earlier = approval_store.decision_on(conn, version, target.eval_report_hash)
     if earlier is not None:
         if earlier.decision != decision:
             raise PolicyViolation(
@@ -145,21 +120,17 @@ def _record(conn: Connection, version: str, decision: str, approver: str, channe
         raise PolicyViolation(f"{version} did not pass the promotion gate; an approval cannot override the gate")
     if decision == "approved" and target.status in CLOSED:
         raise PolicyViolation(f"{version} is {target.status}; it cannot be approved")
-    row = conn.execute(
-        approvals.insert()
-        .values(
-            version=version,
-            report_hash=target.eval_report_hash,
-            decision=decision,
-            approver=approver,
-            channel=channel,
-            reason=reason,
-            run_id=run_id,
-            created_at=utcnow(),
-        )
-        .returning(approvals.c.id)
-    ).scalar_one()
-    return _from_row(conn.execute(select(approvals).where(approvals.c.id == row)).one())
+    return approval_store.insert_approval(
+        conn,
+        version=version,
+        report_hash=target.eval_report_hash,
+        decision=decision,
+        approver=approver,
+        channel=channel,
+        reason=reason,
+        run_id=run_id,
+        created_at=utcnow(),
+    )
 
 
 def promote(store: Store, settings: Settings, version: str, actor: str, effect_key: str | None = None) -> Promotion:
@@ -169,44 +140,44 @@ def promote(store: Store, settings: Settings, version: str, actor: str, effect_k
     Idempotent: promoting the champion again changes nothing; a repeated `effect_key` returns the first
     call's result. Raises PolicyViolation naming the failed check."""
     with store.begin() as conn:
-        registry.release_lock(conn)
+        version_store.release_lock(conn)
         if effect_key is not None:
-            earlier = registry.recorded_switch(conn, effect_key)
+            earlier = version_store.recorded_switch(conn, effect_key)
             if earlier is not None:
                 return _promotion_from(conn, earlier)
         target = registry.get_version(conn, version)
         approval = _check_promotable(conn, settings, target)
-        current = registry.alias_map(conn)
+        current = version_store.alias_map(conn)
         champion = current.get(CHAMPION, (None, None))[0]
         if champion == target.id:
             return Promotion(version=target.id, previous=current.get(PREVIOUS, (None, None))[0], approval_id=approval.id,
                              effect_key=effect_key or "", replayed=True)
-        key = effect_key or registry.effect_key("promote", target.id, target.eval_report_hash[:16], registry.epoch(conn))
+        key = effect_key or registry.effect_key("promote", target.id, (target.eval_report_hash or "")[:16], version_store.epoch(conn))
         reason = f"promoted: {approval.decision} by {approval.approver} ({approval.channel})"
         old_previous = current.get(PREVIOUS, (None, None))[0]
         # The champion switch carries the caller's key; the companion switches derive theirs from it.
         registry.set_alias(conn, CHAMPION, target.id, actor=actor, reason=reason, key=key)
         if champion is not None:
             registry.set_alias(conn, PREVIOUS, champion, actor=actor, reason=f"replaced by {target.id}", key=registry.effect_key(key, "previous"))
-            registry.set_status(conn, champion, VersionStatus.PREVIOUS)
+            version_store.set_status(conn, champion, VersionStatus.PREVIOUS)
         if old_previous is not None and old_previous not in (champion, target.id):
-            registry.set_status(conn, old_previous, VersionStatus.RETIRED)
+            version_store.set_status(conn, old_previous, VersionStatus.RETIRED)
         if current.get(CANARY, (None, None))[0] == target.id:
             registry.set_alias(conn, CANARY, None, actor=actor, reason=f"{target.id} promoted", key=registry.effect_key(key, "canary"))
-        registry.set_status(conn, target.id, VersionStatus.CHAMPION)
+        version_store.set_status(conn, target.id, VersionStatus.CHAMPION)
         return Promotion(version=target.id, previous=champion, approval_id=approval.id, effect_key=key)
 
 
-def _check_promotable(conn: Connection, settings: Settings, target: registry.ModelVersion) -> Approval:
+def _check_promotable(conn: Connection, settings: Settings, target: ModelVersion) -> Approval:
     if target.status in CLOSED:
         raise PolicyViolation(f"{target.id} is {target.status}; it cannot be promoted (train and evaluate a new version)")
     if not target.eval_report_hash:
         raise PolicyViolation(f"{target.id} has no eval report; it cannot be promoted")
     if target.gate_passed is not True:
         raise PolicyViolation(f"{target.id} did not pass the promotion gate")
-    approval = _decision(conn, target.id, target.eval_report_hash)
+    approval = approval_store.decision_on(conn, target.id, target.eval_report_hash)
     if approval is None:
-        older = conn.execute(select(approvals.c.report_hash).where(approvals.c.version == target.id)).first()
+        older = next(iter(approval_store.approvals_for(conn, target.id)), None)
         if older is not None:
             raise PolicyViolation(
                 f"the approval of {target.id} was for report {older.report_hash[:12]}, but its report is now "
@@ -224,7 +195,7 @@ def _promotion_from(conn: Connection, event: AliasSwitch) -> Promotion:
     if event.alias != CHAMPION or event.to_version is None:
         raise UserInputError(f"effect key {event.effect_key!r} belongs to a {event.alias} switch, not a promotion")
     target = registry.get_version(conn, event.to_version)
-    approval = _decision(conn, target.id, target.eval_report_hash or "")
+    approval = approval_store.decision_on(conn, target.id, target.eval_report_hash or "")
     return Promotion(version=target.id, previous=event.from_version, approval_id=approval.id if approval else 0,
                      effect_key=event.effect_key, replayed=True)
 
@@ -243,26 +214,26 @@ def reject(
         raise UserInputError("a rejection needs a reason (--reason)")
     check_approver(store.settings, approver, channel)
     with store.begin() as conn:
-        registry.release_lock(conn)
+        version_store.release_lock(conn)
         return cast(Rejection, _decide(conn, version, "rejected", approver, channel, reason, run_id)[1])
 
 
 def _decide(
-    conn: Connection, version: str, decision: str, approver: str, channel: str, reason: str, run_id: str | None
+    conn: Connection, version: str, decision: DecisionKind, approver: str, channel: str, reason: str, run_id: str | None
 ) -> tuple[Approval, Rejection | None]:
     """Store the decision; a rejection also takes effect: the version's status becomes rejected, a canary
     of it stops, and the failures of its dataset stay problem samples (graduation.return_to_pool).
     Every step is idempotent, so deciding the same again changes nothing."""
-    if decision == "rejected" and registry.alias_map(conn).get(CHAMPION, (None, None))[0] == version:
+    if decision == "rejected" and version_store.alias_map(conn).get(CHAMPION, (None, None))[0] == version:
         raise UserInputError(f"{version} is the champion; use `flywheel rollback` to take it back")
     approval = _record(conn, version, decision, approver, channel, reason, run_id)
     if decision != "rejected":
         return approval, None
     target = registry.get_version(conn, version)
-    if registry.alias_map(conn).get(CANARY, (None, None))[0] == version:
+    if version_store.alias_map(conn).get(CANARY, (None, None))[0] == version:
         registry.set_alias(conn, CANARY, None, actor=approver, reason=f"{version} rejected",
                            key=registry.effect_key("reject", version, approval.id, "canary"))
-    registry.set_status(conn, version, VersionStatus.REJECTED)
+    version_store.set_status(conn, version, VersionStatus.REJECTED)
     returned, note = return_to_pool(conn, target, actor=approval.approver, reason=f"{version} rejected: {approval.reason}")
     return approval, Rejection(approval=approval, returned_to_pool=returned, pool_note=note)
 
@@ -274,23 +245,23 @@ def rollback(store: Store, actor: str, reason: str = "", effect_key: str | None 
     of it go back to where they were. `previous` is cleared: there is one step of history, so a second
     rollback needs a promotion in between. A repeated `effect_key` returns the first call's result."""
     with store.begin() as conn:
-        registry.release_lock(conn)
+        version_store.release_lock(conn)
         if effect_key is not None:
-            earlier = registry.recorded_switch(conn, effect_key)
+            earlier = version_store.recorded_switch(conn, effect_key)
             if earlier is not None:
                 return Rollback(rolled_back=earlier.from_version or "", champion=earlier.to_version or "", effect_key=effect_key, replayed=True)
-        current = registry.alias_map(conn)
+        current = version_store.alias_map(conn)
         champion = current.get(CHAMPION, (None, None))[0]
         previous = current.get(PREVIOUS, (None, None))[0]
         if champion is None:
             raise UserInputError("there is no champion to roll back")
         if previous is None:
             raise UserInputError(f"no previous version to roll back to (champion is {champion})")
-        key = effect_key or registry.effect_key("rollback", champion, previous, registry.epoch(conn))
+        key = effect_key or registry.effect_key("rollback", champion, previous, version_store.epoch(conn))
         why = reason or "rollback"
         registry.set_alias(conn, CHAMPION, previous, actor=actor, reason=why, key=key)
         registry.set_alias(conn, PREVIOUS, None, actor=actor, reason=f"{previous} restored", key=registry.effect_key(key, "previous"))
-        registry.set_status(conn, champion, VersionStatus.ROLLED_BACK)
-        registry.set_status(conn, previous, VersionStatus.CHAMPION)
+        version_store.set_status(conn, champion, VersionStatus.ROLLED_BACK)
+        version_store.set_status(conn, previous, VersionStatus.CHAMPION)
         reverted = revert_graduation(conn, champion, actor=actor, reason=f"{champion} rolled back: {why}")
         return Rollback(rolled_back=champion, champion=previous, reverted_samples=reverted, effect_key=key)

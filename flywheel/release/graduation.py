@@ -13,7 +13,8 @@ secondary_baseline -> core_baseline. Promotion to core is always a person's call
 
 Every move is a tier_moves row (via flywheel.store.failures.move_tier) whose `version` is the version
 that caused it and whose reason starts with what caused it ("graduate:", "pool:", "revert:", "confirm:"),
-which is what makes each step idempotent and a rollback reversible.
+which is what makes each step idempotent and a rollback reversible. The reads are in
+flywheel.store.tiers.
 
 The per-sample outcomes come from the caller (the eval runner's per-item results on the problem and
 baseline sets), so graduation is a decision over records plus store writes, not an evaluation.
@@ -21,19 +22,22 @@ baseline sets), so graduation is a decision over records plus store writes, not 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from flywheel import registry
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.evals.metrics import outcome_passed
-from flywheel.records import Failure, FailureStatus, Record, SampleTier
+from flywheel.records import Failure, Record, SampleTier
+from flywheel.release import registry
+from flywheel.release.records import ModelVersion
 from flywheel.settings import Settings
+from flywheel.store import tiers
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store
 from flywheel.store.failures import get_failures, move_tier
-from flywheel.store.schema import datasets, failures, tier_moves
+from flywheel.store.tiers import TierMove
 
 GRADUATE, POOL, REVERT, CONFIRM = "graduate:", "pool:", "revert:", "confirm:"
 BASELINE_TIERS = (SampleTier.CANDIDATE, SampleTier.SECONDARY, SampleTier.CORE)
@@ -47,15 +51,6 @@ class GraduationResult(Record):
     regressed: list[str] = []  # baseline -> problem
     unchanged: list[str] = []  # baselines that stayed fixed
     skipped: dict[str, str] = {}  # failure id -> why nothing was done
-
-
-class TierMove(Record):
-    failure_id: str
-    from_tier: str
-    to_tier: str
-    weight: float | None = None
-    version: str | None = None
-    reason: str = ""
 
 
 def graduate(
@@ -78,7 +73,7 @@ def graduate(
     result = GraduationResult(version=version)
     with store.engine.connect() as conn:
         target = registry.get_version(conn, version)
-        champion = registry.alias_map(conn).get(registry.CHAMPION, (None, None))[0]
+        champion = version_store.alias_map(conn).get(registry.CHAMPION, (None, None))[0]
         if champion != target.id:
             raise UserInputError(f"{version} is not the champion ({champion or 'none'}); samples graduate after a promotion")
         if fixed is not None:
@@ -87,14 +82,15 @@ def graduate(
             for missing in sorted(set(outcomes) - {f.id for f in found}):
                 result.skipped[missing] = "no such failure"
         else:
-            found = _problem_pool(conn)
+            ids = tiers.problem_pool_ids(conn)
+            found = get_failures(conn, ids=ids) if ids else []
     if still_failing is not None:
         outcomes = {f.id: not still_failing(f) for f in found}
 
     factor, floor = settings.graduation.unresolved_weight_factor, settings.graduation.min_weight
     with store.begin() as conn:
-        registry.release_lock(conn)
-        done = _moved_by(conn, version, GRADUATE, [f.id for f in found])
+        version_store.release_lock(conn)
+        done = tiers.moved_by(conn, version, GRADUATE, [f.id for f in found])
         for failure in get_failures(conn, ids=[f.id for f in found]):  # re-read: the tier may have moved since
             ok = outcomes[failure.id]
             if failure.id in done:
@@ -122,26 +118,6 @@ def _check_outcomes(fixed: Mapping[str, Any]) -> dict[str, bool]:
     return dict(fixed)
 
 
-def _problem_pool(conn: Connection) -> list[Failure]:
-    rows = conn.execute(
-        select(failures.c.id).where(
-            failures.c.tier == str(SampleTier.PROBLEM),
-            failures.c.status.not_in([str(FailureStatus.DUPLICATE), str(FailureStatus.NOT_FAILURE)]),
-        )
-    ).scalars().all()
-    return get_failures(conn, ids=list(rows)) if rows else []
-
-
-def _moved_by(conn: Connection, version: str, prefix: str, failure_ids: Iterable[str] | None = None) -> set[str]:
-    query = select(tier_moves.c.failure_id).where(tier_moves.c.version == version, tier_moves.c.reason.startswith(prefix))
-    if failure_ids is not None:
-        ids = list(failure_ids)
-        if not ids:
-            return set()
-        query = query.where(tier_moves.c.failure_id.in_(ids))
-    return set(conn.execute(query).scalars())
-
-
 def confirm_baseline(store: Store, failure_ids: Sequence[str], actor: str, reason: str = "") -> list[TierMove]:
     """A person confirms graduated samples: candidate -> secondary, secondary -> core.
 
@@ -152,7 +128,7 @@ def confirm_baseline(store: Store, failure_ids: Sequence[str], actor: str, reaso
         raise UserInputError("name at least one failure id to confirm")
     moves: list[TierMove] = []
     with store.begin() as conn:
-        registry.release_lock(conn)
+        version_store.release_lock(conn)
         found = {f.id: f for f in get_failures(conn, ids=ids)}
         for failure_id in ids:
             if failure_id not in found:
@@ -178,7 +154,7 @@ def dataset_failure_ids(conn: Connection, dataset_id: str | None) -> tuple[list[
     saying why the list is empty when it is."""
     if not dataset_id:
         return [], "the version records no dataset"
-    manifest = conn.execute(select(datasets.c.manifest).where(datasets.c.id == dataset_id)).scalar()
+    manifest = tiers.dataset_manifest(conn, dataset_id)
     if manifest is None:
         return [], f"dataset {dataset_id} is not in the store"
     ids = manifest.get("failure_ids") if isinstance(manifest, dict) else None
@@ -187,7 +163,7 @@ def dataset_failure_ids(conn: Connection, dataset_id: str | None) -> tuple[list[
     return [str(i) for i in ids], ""
 
 
-def return_to_pool(conn: Connection, version: registry.ModelVersion, actor: str, reason: str) -> tuple[list[str], str]:
+def return_to_pool(conn: Connection, version: ModelVersion, actor: str, reason: str) -> tuple[list[str], str]:
     """After a rejection: the problem samples of the version's dataset stay in the problem pool for the
     next cycle, each with a tier_moves row saying so (once per version). Baseline samples that were only
     replayed in the dataset keep their tier. Anything that graduated because of the version is reverted.
@@ -196,7 +172,7 @@ def return_to_pool(conn: Connection, version: registry.ModelVersion, actor: str,
     ids, note = dataset_failure_ids(conn, version.dataset_id)
     if not ids:
         return [], note
-    already = _moved_by(conn, version.id, POOL, ids)
+    already = tiers.moved_by(conn, version.id, POOL, ids)
     returned: list[str] = []
     for failure in get_failures(conn, ids=ids):
         if failure.tier != SampleTier.PROBLEM:
@@ -211,12 +187,7 @@ def revert_graduation(conn: Connection, version: str, actor: str, reason: str) -
     """Undo the tier changes graduation made because of `version` (after it was rolled back): each sample
     still in the tier that version moved it to goes back to the tier it came from. Down-weights stay:
     the sample did fail with that version, which is still worth knowing."""
-    rows = conn.execute(
-        select(tier_moves.c.failure_id, tier_moves.c.from_tier, tier_moves.c.to_tier)
-        .where(tier_moves.c.version == version, tier_moves.c.reason.startswith(GRADUATE), tier_moves.c.from_tier != tier_moves.c.to_tier)
-        .order_by(tier_moves.c.id)
-    ).fetchall()
-    last = {r.failure_id: r for r in rows}
+    last = {move.failure_id: move for move in tiers.tier_changes_by(conn, version, GRADUATE)}
     if not last:
         return []
     current = {f.id: f.tier for f in get_failures(conn, ids=list(last))}
