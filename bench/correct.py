@@ -27,24 +27,45 @@ sys.path.insert(0, str(ROOT / "tests"))  # the scripted server lives with the te
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
-from openai_server import ChatRequest, OpenAIServer  # noqa: E402
+from openai_server import ChatRequest, OpenAIServer
 
-from flywheel.context import Context  # noqa: E402
-from flywheel.correct.stage import correct_failures  # noqa: E402
-from flywheel.data.kb import KbEntry, KbSummary, add_entries  # noqa: E402
-from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals, Verdict  # noqa: E402
-from flywheel.settings import load_settings  # noqa: E402
-from flywheel.store import failures as failure_repo  # noqa: E402
-from flywheel.store import interactions as interaction_repo  # noqa: E402
+from flywheel.context import Context
+from flywheel.correct.stage import correct_failures
+from flywheel.data.kb import KbEntry, KbSummary, add_entries
+from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals, Verdict
+from flywheel.settings import load_settings
+from flywheel.store import failures as failure_repo
+from flywheel.store import interactions as interaction_repo
 
 INTENTS = [f"intent_{n:02d}" for n in range(20)]
 COVERED = INTENTS[:15]  # the other five have no approved response: uncorrectable offline
 
 
 def seed(ctx: Context, n: int) -> None:
-    entries = [KbEntry(id=f"ok-{i}", text=f"Here is how {i.replace('_', ' ')} works: follow the steps in the app.", intent=i, kind="approved_response", title=i) for i in COVERED]
-    entries += [KbEntry(id=f"pol-{i}", text=f"Support cannot change {i.replace('_', ' ')} outcomes. Ask the issuer.", intent=i, kind="policy", title=f"{i} policy") for i in INTENTS[::2]]
-    entries += [KbEntry(id=f"doc-{d}", text=f"Background document {d} about accounts, cards and transfers.", kind="doc", title=f"doc {d}") for d in range(30)]
+    entries = [
+        KbEntry(
+            id=f"ok-{i}",
+            text=f"Here is how {i.replace('_', ' ')} works: follow the steps in the app.",
+            intent=i,
+            kind="approved_response",
+            title=i,
+        )
+        for i in COVERED
+    ]
+    entries += [
+        KbEntry(
+            id=f"pol-{i}",
+            text=f"Support cannot change {i.replace('_', ' ')} outcomes. Ask the issuer.",
+            intent=i,
+            kind="policy",
+            title=f"{i} policy",
+        )
+        for i in INTENTS[::2]
+    ]
+    entries += [
+        KbEntry(id=f"doc-{d}", text=f"Background document {d} about accounts, cards and transfers.", kind="doc", title=f"doc {d}")
+        for d in range(30)
+    ]
     add_entries(ctx.index, entries, KbSummary())
     items = []
     for k in range(n):
@@ -55,7 +76,10 @@ def seed(ctx: Context, n: int) -> None:
                 timestamp="2026-01-01T00:00:00Z",
                 model_version="v1",
                 intent=intent,
-                messages=[Message(role="user", content=f"Question {k}: how does {intent.replace('_', ' ')} work for my account?"), Message(role="assistant", content="No idea.")],
+                messages=[
+                    Message(role="user", content=f"Question {k}: how does {intent.replace('_', ' ')} work for my account?"),
+                    Message(role="assistant", content="No idea."),
+                ],
                 signals=Signals(feedback="down"),
                 content_hash=f"h{k}",
             )
@@ -64,10 +88,22 @@ def seed(ctx: Context, n: int) -> None:
     with ctx.store.begin() as conn:
         failure_repo.insert_failures(
             conn,
-            [Failure(id=f"f{k}", interaction_id=i.id, rule="thumbs_down", first_seen_version="v1", intent=i.intent, status=FailureStatus.TRIAGED) for k, i in enumerate(items)],
+            [
+                Failure(
+                    id=f"f{k}",
+                    interaction_id=i.id,
+                    rule="thumbs_down",
+                    first_seen_version="v1",
+                    intent=i.intent,
+                    status=FailureStatus.TRIAGED,
+                )
+                for k, i in enumerate(items)
+            ],
         )
         for k in range(n):
-            failure_repo.save_verdict(conn, Verdict(failure_id=f"f{k}", is_failure=True, problem_type="missing_knowledge", severity="medium", judge="rule"))
+            failure_repo.save_verdict(
+                conn, Verdict(failure_id=f"f{k}", is_failure=True, problem_type="missing_knowledge", severity="medium", judge="rule")
+            )
 
 
 def run(n: int, llm: dict | None) -> dict:

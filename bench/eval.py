@@ -35,16 +35,21 @@ def items(prefix: str, n: int, rng: random.Random) -> list[EvalItem]:
     out = []
     for i in range(n):
         intent = rng.choice(INTENTS)
-        out.append(EvalItem(
-            id=f"{prefix}{i}",
-            messages=[Message(role="system", content="Answer as JSON."), Message(role="user", content=f"[{intent}] question number {i}, please help")],
-            reference=Reference(intent=intent, source="bench"),
-            intent=intent,
-        ))
+        out.append(
+            EvalItem(
+                id=f"{prefix}{i}",
+                messages=[
+                    Message(role="system", content="Answer as JSON."),
+                    Message(role="user", content=f"[{intent}] question number {i}, please help"),
+                ],
+                reference=Reference(intent=intent, source="bench"),
+                intent=intent,
+            )
+        )
     return out
 
 
-def scripted(error_rate: float, seed: int):  # noqa: ANN201 - a generate function
+def scripted(error_rate: float, seed: int):
     rng = random.Random(seed)
 
     def generate(conversations: list[list[dict]]) -> list[str]:
@@ -70,7 +75,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000)
     args = parser.parse_args()
     rng = random.Random(0)
-    sets = {"test": items("t", args.items, rng), "problem": items("p", args.items // 10, rng), "baseline": items("b", args.items // 10, rng)}
+    sets = {
+        "test": items("t", args.items, rng),
+        "problem": items("p", args.items // 10, rng),
+        "baseline": items("b", args.items // 10, rng),
+    }
     total = sum(len(v) for v in sets.values())
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(Path(tmp), policies={"output_schema": SCHEMA})
@@ -83,7 +92,9 @@ def main() -> None:
         gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
         gate_s = time.perf_counter() - started
         started = time.perf_counter()
-        report = write_report(settings, ModelRef(name="v2", base_model="/m", adapter_path="/a"), ModelRef(name="v1", base_model="/m"), before, after, gate)
+        report = write_report(
+            settings, ModelRef(name="v2", base_model="/m", adapter_path="/a"), ModelRef(name="v1", base_model="/m"), before, after, gate
+        )
         report_s = time.perf_counter() - started
         result = {
             "bench": "eval",

@@ -25,22 +25,62 @@ import tempfile
 import time
 from pathlib import Path
 
-INTENTS = ["order_status", "refund", "shipping_change", "account_access", "billing_question", "tech_support", "cancel_subscription", "product_info"]
+INTENTS = [
+    "order_status",
+    "refund",
+    "shipping_change",
+    "account_access",
+    "billing_question",
+    "tech_support",
+    "cancel_subscription",
+    "product_info",
+]
 TIERS = ["free", "free", "free", "pro", "pro", "enterprise", "premium"]
 GREETINGS = ["Hi", "Hello", "Hey there", "Good morning", "Hi team", ""]
 ASKS = {
-    "order_status": ["Where is my order {order}? It was supposed to arrive on {date}.", "Can you check the status of order {order} please", "My package {order} hasn't moved since {date}."],
-    "refund": ["I want a refund for order {order}, the item arrived broken.", "Please refund the {amount} you charged me twice on {date}.", "How long does a refund for {order} take?"],
-    "shipping_change": ["Can I change the delivery address for {order} to 42 Baker Street?", "Please ship {order} express instead, I need it before {date}."],
-    "account_access": ["I can't log in, the reset link never arrives.", "My account is locked after too many attempts, help.", "How do I enable two-factor authentication?"],
-    "billing_question": ["Why was I charged {amount} on {date}?", "Your invoice {order} shows the wrong VAT number.", "Can I pay by bank transfer instead of card?"],
-    "tech_support": ["The app crashes on startup since version 4.2.1.", "Sync fails with error 0x80070005 on Windows.", "The export to CSV gives an empty file."],
+    "order_status": [
+        "Where is my order {order}? It was supposed to arrive on {date}.",
+        "Can you check the status of order {order} please",
+        "My package {order} hasn't moved since {date}.",
+    ],
+    "refund": [
+        "I want a refund for order {order}, the item arrived broken.",
+        "Please refund the {amount} you charged me twice on {date}.",
+        "How long does a refund for {order} take?",
+    ],
+    "shipping_change": [
+        "Can I change the delivery address for {order} to 42 Baker Street?",
+        "Please ship {order} express instead, I need it before {date}.",
+    ],
+    "account_access": [
+        "I can't log in, the reset link never arrives.",
+        "My account is locked after too many attempts, help.",
+        "How do I enable two-factor authentication?",
+    ],
+    "billing_question": [
+        "Why was I charged {amount} on {date}?",
+        "Your invoice {order} shows the wrong VAT number.",
+        "Can I pay by bank transfer instead of card?",
+    ],
+    "tech_support": [
+        "The app crashes on startup since version 4.2.1.",
+        "Sync fails with error 0x80070005 on Windows.",
+        "The export to CSV gives an empty file.",
+    ],
     "cancel_subscription": ["Please cancel my subscription before the next billing date {date}.", "How do I stop the auto-renewal?"],
-    "product_info": ["Does the X200 support USB-C charging?", "What is the warranty on the 65 inch model?", "Is the blue version back in stock?"],
+    "product_info": [
+        "Does the X200 support USB-C charging?",
+        "What is the warranty on the 65 inch model?",
+        "Is the blue version back in stock?",
+    ],
 }
 PII_TAILS = [
-    " You can reach me at {email}.", " Call me on {phone} if needed.", " My card is {card}.", " Refund to IBAN {iban} please.",
-    " My email is {email} and phone {phone}.", " Here is my API key {secret}, is it leaked?",
+    " You can reach me at {email}.",
+    " Call me on {phone} if needed.",
+    " My card is {card}.",
+    " Refund to IBAN {iban} please.",
+    " My email is {email} and phone {phone}.",
+    " Here is my API key {secret}, is it leaked?",
 ]
 ANSWERS = [
     "Thanks for reaching out. I checked order {order}: it left our warehouse on {date} and should arrive within 2-3 business days.",
@@ -88,8 +128,28 @@ def make_interaction(i: int, rng: random.Random) -> dict:
     if intent in ("order_status", "refund", "shipping_change") and rng.random() < 0.7:
         order = f"ORD-{rng.randint(100000, 999999)}"
         call_id = f"call_{i}"
-        messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order})}}]})
-        messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps({"order_id": order, "status": rng.choice(["shipped", "processing", "delivered"]), "eta": f"2026-02-{rng.randint(1, 28):02d}"})})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order})}}
+                ],
+            }
+        )
+        messages.append(
+            {
+                "role": "tool",
+                "tool_call_id": call_id,
+                "content": json.dumps(
+                    {
+                        "order_id": order,
+                        "status": rng.choice(["shipped", "processing", "delivered"]),
+                        "eta": f"2026-02-{rng.randint(1, 28):02d}",
+                    }
+                ),
+            }
+        )
     messages.append({"role": "assistant", "content": _fill(rng.choice(ANSWERS), rng)})
     if rng.random() < 0.2:  # a follow-up turn
         messages.append({"role": "user", "content": "That doesn't answer my question, can you check again?"})
@@ -199,7 +259,10 @@ def main() -> None:
         if not args.no_flatness and args.interactions > 50_000:
             small = measure(50_000, args.store_url, Path(tmp), mode)
             result["peak_rss_mb_by_size"] = {"50000": small["peak_rss_mb"], str(args.interactions): result["peak_rss_mb"]}
-            result["helper_peak_rss_mb_by_size"] = {"50000": small["helper_peak_rss_mb"], str(args.interactions): result["helper_peak_rss_mb"]}
+            result["helper_peak_rss_mb_by_size"] = {
+                "50000": small["helper_peak_rss_mb"],
+                str(args.interactions): result["helper_peak_rss_mb"],
+            }
             result["interactions_per_second_50000"] = small["interactions_per_second"]
         result["cpu_count"] = os.cpu_count()
         result["load_average_1m"] = round(os.getloadavg()[0], 2)

@@ -29,18 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the scripted server lives with the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import langchain_openai  # noqa: E402,F401 - imported up front so that import time is not timed
-from openai_server import OpenAIServer, Reply  # noqa: E402
+import langchain_openai  # noqa: F401 - imported up front so that import time is not timed
+from openai_server import OpenAIServer, Reply
 
-from flywheel.context import Context  # noqa: E402
-from flywheel.evals.judge import RuleJudge, judge_failures  # noqa: E402
-from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals  # noqa: E402
-from flywheel.settings import load_settings  # noqa: E402
-from flywheel.store import failures as failure_repo  # noqa: E402
-from flywheel.store import interactions as interaction_repo  # noqa: E402
-from flywheel.store.db import open_store  # noqa: E402
+from flywheel.context import Context
+from flywheel.evals.judge import RuleJudge, judge_failures
+from flywheel.records import Failure, FailureStatus, Interaction, Message, Signals
+from flywheel.settings import load_settings
+from flywheel.store import failures as failure_repo
+from flywheel.store import interactions as interaction_repo
+from flywheel.store.db import open_store
 
-VERDICT = {"is_failure": True, "problem_type": "missing_knowledge", "severity": "medium", "acceptance": "Risk", "rationale": "the delivery time is in the knowledge base"}
+VERDICT = {
+    "is_failure": True,
+    "problem_type": "missing_knowledge",
+    "severity": "medium",
+    "acceptance": "Risk",
+    "rationale": "the delivery time is in the knowledge base",
+}
 
 
 def interactions(n: int) -> list[Interaction]:
@@ -62,7 +68,7 @@ def interactions(n: int) -> list[Interaction]:
     ]
 
 
-def _serve(delay_s: float, port_out, stop) -> None:  # noqa: ANN001 - multiprocessing handles
+def _serve(delay_s: float, port_out, stop) -> None:
     """The fake endpoint, in its own process: its CPU must not compete with the judge for one GIL."""
     with OpenAIServer(handler=_verdict, delay_s=delay_s) as server:
         port_out.put(server.port)
@@ -70,7 +76,7 @@ def _serve(delay_s: float, port_out, stop) -> None:  # noqa: ANN001 - multiproce
         port_out.put(server.peak_in_flight)
 
 
-def _verdict(req) -> Reply:  # noqa: ANN001
+def _verdict(req) -> Reply:
     return Reply.json(VERDICT)
 
 
@@ -84,7 +90,12 @@ def run_once(n: int, delay_s: float, in_flight: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             settings = load_settings(
                 tmp,
-                llm={"base_url": f"http://127.0.0.1:{port}/v1", "judge_model": "bench-judge", "max_in_flight": in_flight, "timeout_s": 30.0},
+                llm={
+                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "judge_model": "bench-judge",
+                    "max_in_flight": in_flight,
+                    "timeout_s": 30.0,
+                },
             )
             store = open_store(settings)
             items = interactions(n)
@@ -92,7 +103,16 @@ def run_once(n: int, delay_s: float, in_flight: int) -> dict:
             with store.begin() as conn:
                 failure_repo.insert_failures(
                     conn,
-                    [Failure(id=failure_repo.failure_id_for(i.id), interaction_id=i.id, rule="thumbs_down", first_seen_version="v1", status=FailureStatus.TRIAGED) for i in items],
+                    [
+                        Failure(
+                            id=failure_repo.failure_id_for(i.id),
+                            interaction_id=i.id,
+                            rule="thumbs_down",
+                            first_seen_version="v1",
+                            status=FailureStatus.TRIAGED,
+                        )
+                        for i in items
+                    ],
                 )
             ctx = Context(settings=settings, _store=store)
             started_cpu, started = time.process_time(), time.perf_counter()
@@ -131,7 +151,9 @@ async def raw_client_rate(port: int, n: int, in_flight: int) -> float:
 
     async def one(i: int) -> None:
         async with slots:
-            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}], response_format={"type": "json_object"})
+            await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"q{i}"}], response_format={"type": "json_object"}
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -142,7 +164,11 @@ async def raw_client_rate(port: int, n: int, in_flight: int) -> float:
 
 def rule_judge_rate(n: int = 20_000) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        schema = {"type": "object", "properties": {"intent": {"type": "string"}, "reply": {"type": "string"}}, "required": ["intent", "reply"]}
+        schema = {
+            "type": "object",
+            "properties": {"intent": {"type": "string"}, "reply": {"type": "string"}},
+            "required": ["intent", "reply"],
+        }
         judge = RuleJudge(load_settings(tmp, policies={"output_schema": schema, "allowed_tools": ["lookup_order"]}))
     sample = interactions(100)
     started = time.perf_counter()
@@ -160,7 +186,10 @@ def main() -> None:
     runs = []
     for bound in args.bounds:
         result = run_once(args.failures, args.delay, bound)
-        print(f"max_in_flight={bound}: {result['judgments_per_second']}/s of {result['bound_per_second']}/s bound (ratio {result['ratio']})", file=sys.stderr)
+        print(
+            f"max_in_flight={bound}: {result['judgments_per_second']}/s of {result['bound_per_second']}/s bound (ratio {result['ratio']})",
+            file=sys.stderr,
+        )
         runs.append(result)
     print(
         json.dumps(

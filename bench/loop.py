@@ -105,10 +105,18 @@ def run_one(pack: str, folder: Path | None, seed: int, strategy: str, quick: boo
         "strategy": strategy,
         "quick": quick,
         "state": result.state,
-        "candidate": {"version": candidate.version, "task_success": candidate.task_success,
-                      "wrong_intent": candidate.problem_rates.get("wrong_intent"), "problem_rates": candidate.problem_rates},
-        "champion": {"version": champion.version, "task_success": champion.task_success,
-                     "wrong_intent": champion.problem_rates.get("wrong_intent"), "problem_rates": champion.problem_rates},
+        "candidate": {
+            "version": candidate.version,
+            "task_success": candidate.task_success,
+            "wrong_intent": candidate.problem_rates.get("wrong_intent"),
+            "problem_rates": candidate.problem_rates,
+        },
+        "champion": {
+            "version": champion.version,
+            "task_success": champion.task_success,
+            "wrong_intent": champion.problem_rates.get("wrong_intent"),
+            "problem_rates": champion.problem_rates,
+        },
         "gain": gain,
         "gate_passed": cycle.get("gate_passed"),
         "gate_failures": gate_failures,  # the reason of each failed check
@@ -127,9 +135,11 @@ def run_line(run: dict[str, Any]) -> str:
 
     c, b = run["candidate"], run["champion"]
     p = run["p_value"]
-    return (f"{run['pack']} seed {run['seed']} {run['strategy']}: task success {pct(c['task_success'])} (champion {pct(b['task_success'])}"
-            f", p={'n/a' if p is None else f'{p:.3g}'}), wrong_intent {pct(c['wrong_intent'])} (champion {pct(b['wrong_intent'])})"
-            f", gate {run['gate_passed']}, labelled {run['labelled']}, {run['state']}, {run['seconds']:.0f}s")
+    return (
+        f"{run['pack']} seed {run['seed']} {run['strategy']}: task success {pct(c['task_success'])} (champion {pct(b['task_success'])}"
+        f", p={'n/a' if p is None else f'{p:.3g}'}), wrong_intent {pct(c['wrong_intent'])} (champion {pct(b['wrong_intent'])})"
+        f", gate {run['gate_passed']}, labelled {run['labelled']}, {run['state']}, {run['seconds']:.0f}s"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -139,8 +149,13 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     xs = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not xs:
         return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    return {"n": len(xs), "mean": _r(statistics.fmean(xs)), "sd": _r(statistics.stdev(xs)) if len(xs) > 1 else None,
-            "min": _r(min(xs)), "max": _r(max(xs))}
+    return {
+        "n": len(xs),
+        "mean": _r(statistics.fmean(xs)),
+        "sd": _r(statistics.stdev(xs)) if len(xs) > 1 else None,
+        "min": _r(min(xs)),
+        "max": _r(max(xs)),
+    }
 
 
 def _r(value: float | None) -> float | None:
@@ -257,9 +272,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"comma-separated, or all ({','.join(STRATEGIES)})")
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/loop"))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a flywheel setting for every run (as FLYWHEEL_SECTION__KEY), e.g. dataset.replay_strategy=boundary; "
-                             "give each arm of a comparison its own --workdir")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a flywheel setting for every run (as FLYWHEEL_SECTION__KEY), e.g. dataset.replay_strategy=boundary; "
+        "give each arm of a comparison its own --workdir",
+    )
     args = parser.parse_args()
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -305,16 +325,21 @@ def main() -> None:
                 done[key] = run
                 print(run_line(run), file=sys.stderr, flush=True)
 
-    records = [r for (pack, seed, strategy, quick), r in done.items()
-               if pack in folders and seed in seeds and strategy in strategies and quick == args.quick]
+    records = [
+        r
+        for (pack, seed, strategy, quick), r in done.items()
+        if pack in folders and seed in seeds and strategy in strategies and quick == args.quick
+    ]
     size = QUICK if args.quick else FULL
     summary = {
         "quick": args.quick,
         "budget": size.labelling_budget,
         "seeds": seeds,
         "strategies": strategies,
-        "packs": {pack: {"folder": str(load_pack(folders[pack]).folder), "intents": len(load_pack(folders[pack]).intents),
-                         **body} for pack, body in summarise(records, packs, seeds, strategies).items()},
+        "packs": {
+            pack: {"folder": str(load_pack(folders[pack]).folder), "intents": len(load_pack(folders[pack]).intents), **body}
+            for pack, body in summarise(records, packs, seeds, strategies).items()
+        },
         "runs": [{k: v for k, v in r.items() if k not in ("outcomes", "timings")} for r in records],
         "failed": failed,
         "results": str(results_path),

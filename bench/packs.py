@@ -48,11 +48,14 @@ def derive_pack(source: Path | None, out: Path, *, intents: int, seed: int) -> P
     licence = pack.folder / "LICENSE"
     if licence.is_file() and (not (out / "LICENSE").is_file() or (out / "LICENSE").read_bytes() != licence.read_bytes()):
         shutil.copyfile(licence, out / "LICENSE")
-    _write_if_changed(out / "README.md", (
-        f"# Derived pack\n\nDerived by bench/packs.py from the pack `{pack.name}`: {intents} of its {len(pack.intents)} intents, "
-        f"drawn with seed {seed}; {counts['train']} train rows and {counts['test']} test rows, each from the same split of "
-        "the source. No kb.jsonl, no demo.toml: the demo's defaults apply. The rows are the source's (see LICENSE).\n"
-    ))
+    _write_if_changed(
+        out / "README.md",
+        (
+            f"# Derived pack\n\nDerived by bench/packs.py from the pack `{pack.name}`: {intents} of its {len(pack.intents)} intents, "
+            f"drawn with seed {seed}; {counts['train']} train rows and {counts['test']} test rows, each from the same split of "
+            "the source. No kb.jsonl, no demo.toml: the demo's defaults apply. The rows are the source's (see LICENSE).\n"
+        ),
+    )
     return out
 
 

@@ -28,11 +28,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flywheel.data import pii_dob  # noqa: E402
-from flywheel.data.pii import KINDS, Scrubber, find_pii, places_and_people  # noqa: E402
+from flywheel.data import pii_dob
+from flywheel.data.pii import KINDS, Scrubber, find_pii, places_and_people
 
-PRESIDIO_KIND = {"EMAIL_ADDRESS": "EMAIL", "PHONE_NUMBER": "PHONE", "CREDIT_CARD": "CARD", "IBAN_CODE": "IBAN",
-                 "US_SSN": "NATIONAL_ID", "UK_NINO": "NATIONAL_ID", "ES_NIF": "NATIONAL_ID", "ES_NIE": "NATIONAL_ID", "IT_FISCAL_CODE": "NATIONAL_ID"}
+PRESIDIO_KIND = {
+    "EMAIL_ADDRESS": "EMAIL",
+    "PHONE_NUMBER": "PHONE",
+    "CREDIT_CARD": "CARD",
+    "IBAN_CODE": "IBAN",
+    "US_SSN": "NATIONAL_ID",
+    "UK_NINO": "NATIONAL_ID",
+    "ES_NIF": "NATIONAL_ID",
+    "ES_NIE": "NATIONAL_ID",
+    "IT_FISCAL_CODE": "NATIONAL_ID",
+}
 
 
 def corpus(interactions: int) -> list[str]:
@@ -104,8 +113,15 @@ def presidio_engine():
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
         from presidio_analyzer.nlp_engine import NoOpNlpEngine
         from presidio_analyzer.predefined_recognizers import (
-            CreditCardRecognizer, EmailRecognizer, EsNieRecognizer, EsNifRecognizer, IbanRecognizer,
-            ItFiscalCodeRecognizer, PhoneRecognizer, UkNinoRecognizer, UsSsnRecognizer,
+            CreditCardRecognizer,
+            EmailRecognizer,
+            EsNieRecognizer,
+            EsNifRecognizer,
+            IbanRecognizer,
+            ItFiscalCodeRecognizer,
+            PhoneRecognizer,
+            UkNinoRecognizer,
+            UsSsnRecognizer,
         )
     except ImportError:
         return None
@@ -116,14 +132,32 @@ def presidio_engine():
     import presidio_analyzer.predefined_recognizers.generic.email_recognizer as email_module
 
     email_module.tldextract.extract = offline
-    registry = RecognizerRegistry(recognizers=[
-        EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(), IbanRecognizer(), UsSsnRecognizer(),
-        UkNinoRecognizer(), EsNifRecognizer(), EsNieRecognizer(), ItFiscalCodeRecognizer(),
-    ], supported_languages=["en"])
-    return AnalyzerEngine(registry=registry, nlp_engine=NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}]), supported_languages=["en"])
+    registry = RecognizerRegistry(
+        recognizers=[
+            EmailRecognizer(),
+            PhoneRecognizer(),
+            CreditCardRecognizer(),
+            IbanRecognizer(),
+            UsSsnRecognizer(),
+            UkNinoRecognizer(),
+            EsNifRecognizer(),
+            EsNieRecognizer(),
+            ItFiscalCodeRecognizer(),
+        ],
+        supported_languages=["en"],
+    )
+    return AnalyzerEngine(
+        registry=registry, nlp_engine=NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}]), supported_languages=["en"]
+    )
 
 
-SCRUBADUB_KIND = {"email": "EMAIL", "phone": "PHONE", "credit_card": "CARD", "social_security_number": "NATIONAL_ID", "credential": "SECRET"}
+SCRUBADUB_KIND = {
+    "email": "EMAIL",
+    "phone": "PHONE",
+    "credit_card": "CARD",
+    "social_security_number": "NATIONAL_ID",
+    "credential": "SECRET",
+}
 
 
 def scrubadub_result(sample: list[str], labelled: list[dict], flywheel_us: float) -> dict:
@@ -181,7 +215,9 @@ def main() -> None:
             "cpu_us_per_text": round(cpu_seconds / len(texts) * 1e6, 2),
             "mb_per_second": round(total_chars / seconds / 1e6, 2),
             "us_per_text_with_clean_cache": round(scrubber_seconds / len(texts) * 1e6, 2),
-            "cpu_us_per_text_by_detector": {name: round(timed(texts, f, clock=time.process_time) / len(texts) * 1e6, 2) for name, f in detectors.items()},
+            "cpu_us_per_text_by_detector": {
+                name: round(timed(texts, f, clock=time.process_time) / len(texts) * 1e6, 2) for name, f in detectors.items()
+            },
             "gazetteer_load_cpu_seconds": round(gazetteer_seconds, 3),
             "labelled_rows": len(labelled),
             "accuracy": score(labelled, find),

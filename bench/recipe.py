@@ -34,13 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flywheel.evals.gate import TEST, evaluate_gate  # noqa: E402
-from flywheel.evals.metrics import SetMetrics  # noqa: E402
-from flywheel.evals.runner import build_judge, evaluate_model, load_test_set, test_set_path  # noqa: E402
-from flywheel.inference.local_model import LocalModel  # noqa: E402
-from flywheel.settings import Settings, load_settings  # noqa: E402
-from flywheel.settings_sections import TrainSettings  # noqa: E402
-from flywheel.trainer import recipes  # noqa: E402
+from flywheel.evals.gate import TEST, evaluate_gate
+from flywheel.evals.metrics import SetMetrics
+from flywheel.evals.runner import build_judge, evaluate_model, load_test_set, test_set_path
+from flywheel.inference.local_model import LocalModel
+from flywheel.settings import Settings, load_settings
+from flywheel.settings_sections import TrainSettings
+from flywheel.trainer import recipes
 
 EXTRA_KEYS = {"replay"}
 
@@ -145,7 +145,9 @@ def main() -> None:
     base = evaluate(settings, items, settings.train.base_model)
     print(f"base: task_success {base.task_success.rate:.3f} ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
     out: dict[str, Any] = {
-        "project": str(args.project), "dataset": str(dataset), "test_items": len(items),
+        "project": str(args.project),
+        "dataset": str(dataset),
+        "test_items": len(items),
         "base": {"task_success": round(base.task_success.rate, 4), "wrong_intent": round(base.problem_rates["wrong_intent"].rate, 4)},
         "variants": [],
     }
@@ -174,14 +176,33 @@ def main() -> None:
                 "overrides": overrides if seed is None else {**overrides, "seed": seed},
                 "settings": spec.hyper.model_dump(mode="json", exclude={"base_model", "method"}),
                 "train_rows": sum(1 for line in (data / "train.jsonl").open() if line.strip()),
-                "steps": result.steps, "epochs_run": round(result.epochs, 2),
+                "steps": result.steps,
+                "epochs_run": round(result.epochs, 2),
                 "best_eval_loss": result.best_eval_loss,
                 "adapter_bytes": Path(result.adapter_path, "adapter_model.safetensors").stat().st_size,
-                "train_seconds": round(train_s, 1), "eval_seconds": round(time.monotonic() - t1, 1),
+                "train_seconds": round(train_s, 1),
+                "eval_seconds": round(time.monotonic() - t1, 1),
                 **summary(base, after, settings),
             }
             out["variants"].append(row)
-            print(json.dumps({k: row[k] for k in ("variant", "steps", "train_seconds", "task_success", "wrong_intent", "worst_intent_drop", "intents_down_10pt")}), file=sys.stderr, flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "variant",
+                            "steps",
+                            "train_seconds",
+                            "task_success",
+                            "wrong_intent",
+                            "worst_intent_drop",
+                            "intents_down_10pt",
+                        )
+                    }
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)
     print(json.dumps(out))

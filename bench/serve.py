@@ -35,21 +35,38 @@ from pathlib import Path
 
 import numpy as np
 
-FIXED = json.dumps({
-    "id": "chatcmpl-upstream", "object": "chat.completion", "created": 0, "model": "bench-base",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Your refund was issued today."}, "finish_reason": "stop", "logprobs": None}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
-}).encode()
-BODY = json.dumps({"model": "champion", "messages": [
-    {"role": "system", "content": "You are a support agent for an online shop."},
-    {"role": "user", "content": "Hi, I was charged twice for order 5512, can I get a refund?"},
-]}).encode()
+FIXED = json.dumps(
+    {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench-base",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Your refund was issued today."},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
+    }
+).encode()
+BODY = json.dumps(
+    {
+        "model": "champion",
+        "messages": [
+            {"role": "system", "content": "You are a support agent for an online shop."},
+            {"role": "user", "content": "Hi, I was charged twice for order 5512, can I get a refund?"},
+        ],
+    }
+).encode()
 
 
 # --- the upstream: a fixed answer, nothing else ----------------------------------------------------------------
 
 
-async def upstream_app(scope, receive, send):  # noqa: ANN001 - ASGI
+async def upstream_app(scope, receive, send):
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -60,7 +77,13 @@ async def upstream_app(scope, receive, send):  # noqa: ANN001 - ASGI
                 return
     while (await receive()).get("more_body"):
         pass
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(FIXED)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(FIXED)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": FIXED})
 
 
@@ -75,7 +98,12 @@ def run_upstream(port: int) -> None:
 
 async def _connection(port: int, path: str, headers: bytes, count: int, latencies: list[float], errors: list[str]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {len(BODY)}\r\n").encode() + headers + b"\r\n" + BODY
+    request = (
+        (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {len(BODY)}\r\n").encode()
+        + headers
+        + b"\r\n"
+        + BODY
+    )
     try:
         for _ in range(count):
             started = time.perf_counter()
@@ -127,7 +155,11 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 def percentiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
-    return {"p50": round(float(np.percentile(arr, 50)), 3), "p99": round(float(np.percentile(arr, 99)), 3), "mean": round(float(arr.mean()), 3)}
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 3),
+        "p99": round(float(np.percentile(arr, 99)), 3),
+        "mean": round(float(arr.mean()), 3),
+    }
 
 
 def prepare_project(folder: Path) -> str:
@@ -138,7 +170,9 @@ def prepare_project(folder: Path) -> str:
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "flywheel.toml").exists():
-        (folder / "flywheel.toml").write_text("# bench/serve.py's project: every setting at its default\n", encoding="utf-8")  # the CLI refuses a folder without one
+        (folder / "flywheel.toml").write_text(
+            "# bench/serve.py's project: every setting at its default\n", encoding="utf-8"
+        )  # the CLI refuses a folder without one
     store = open_store(load_settings(folder))
     try:
         registry.register_base(store, "bench-base")
@@ -175,9 +209,23 @@ def main() -> None:
         up_port, gw_port = free_port(), free_port()
         upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)], env=env)
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "-C", str(project), "serve", "--backend", "proxy",
-             "--upstream", f"http://127.0.0.1:{up_port}/v1", "--port", str(gw_port), *(["--no-capture"] if args.no_capture else [])],
-            env=env, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "flywheel.cli",
+                "-C",
+                str(project),
+                "serve",
+                "--backend",
+                "proxy",
+                "--upstream",
+                f"http://127.0.0.1:{up_port}/v1",
+                "--port",
+                str(gw_port),
+                *(["--no-capture"] if args.no_capture else []),
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_port(up_port, upstream)
@@ -216,7 +264,10 @@ def main() -> None:
         "direct_ms": direct,
         "gateway_ms": through,
         "added_ms": {"p50": round(through["p50"] - direct["p50"], 3), "p99": round(through["p99"] - direct["p99"], 3)},
-        "requests_per_s": {"direct": round(len(latencies["direct"]) / seconds["direct"], 1), "gateway": round(len(latencies["gateway"]) / seconds["gateway"], 1)},
+        "requests_per_s": {
+            "direct": round(len(latencies["direct"]) / seconds["direct"], 1),
+            "gateway": round(len(latencies["gateway"]) / seconds["gateway"], 1),
+        },
         "errors": len(errors),
         "captured": health["capture"]["stored"],
         "sent_to_gateway": sent,

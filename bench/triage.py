@@ -16,17 +16,17 @@ import resource
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
-from flywheel.context import Context  # noqa: E402
-from flywheel.data.triage import triage  # noqa: E402
-from flywheel.records import Interaction, Message, Signals, interaction_hash  # noqa: E402
-from flywheel.settings import load_settings  # noqa: E402
-from flywheel.store import interactions as interaction_repo  # noqa: E402
+from flywheel.context import Context
+from flywheel.data.triage import triage
+from flywheel.records import Interaction, Message, Signals, interaction_hash
+from flywheel.settings import load_settings
+from flywheel.store import interactions as interaction_repo
 
 QUESTIONS = [
     "How do I reset my password?",
@@ -70,7 +70,7 @@ SIGNALS = [
 
 def generate(count: int, failure_rate: float, seed: int = 0):
     rng = random.Random(seed)
-    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
     for n in range(count):
         failing = rng.random() < failure_rate
         question = rng.choice(GREETINGS) + rng.choice(QUESTIONS).format(n=rng.randint(1000, 99999))

@@ -7,8 +7,9 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
+import click as _click
 import typer
 from rich.console import Console
 
@@ -35,14 +36,14 @@ def out_console(*, stderr: bool = False, soft_wrap: bool = False) -> Console:
     width = None if stream.isatty() else int(os.environ.get("COLUMNS") or PIPED_WIDTH)
     return Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, width=width)
 
+
 # typer 0.29 vendors click as typer._click; older typers use click itself. Catch both kinds.
 try:
     from typer._click.exceptions import ClickException as _TyperClickException
-except ImportError:  # pragma: no cover - depends on the installed typer
-    _TyperClickException = None  # type: ignore[assignment,misc]
-import click as _click
 
-_CLICK_ERRORS: tuple[type[Exception], ...] = tuple(c for c in (_click.ClickException, _TyperClickException) if c is not None)
+    _CLICK_ERRORS: tuple[type[_click.ClickException | _TyperClickException], ...] = (_click.ClickException, _TyperClickException)
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _CLICK_ERRORS = (_click.ClickException,)
 
 # Command modules, each adding its commands to `app`. Imported lazily by main() so that `--help` stays fast
 # and a module's heavy imports (torch, chromadb) load only when one of its commands runs.
@@ -66,7 +67,9 @@ COMMAND_MODULES = [
 @app.callback()
 def _root(
     ctx: typer.Context,
-    project: Annotated[Optional[Path], typer.Option("--project", "-C", help="project folder holding flywheel.toml (default: current folder)")] = None,
+    project: Annotated[
+        Path | None, typer.Option("--project", "-C", help="project folder holding flywheel.toml (default: current folder)")
+    ] = None,
 ) -> None:
     # Settings load on first use so that `flywheel init` works in an empty folder with a broken env.
     ctx.obj = _LazyContext(project)

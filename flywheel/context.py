@@ -30,26 +30,26 @@ CanaryTraffic = Callable[[str, float, Callable[[str], None]], Any]  # (canary ve
 @dataclass
 class Context:
     settings: Settings
-    _store: "Store | None" = field(default=None, repr=False)
-    _index: "VectorIndex | None" = field(default=None, repr=False)
+    _store: Store | None = field(default=None, repr=False)
+    _index: VectorIndex | None = field(default=None, repr=False)
     # The job launcher; trainer.launcher.get_launcher makes a local one on first use and keeps it, since
     # it remembers the children it started.
-    launcher: "Launcher | None" = field(default=None, repr=False)
+    launcher: Launcher | None = field(default=None, repr=False)
     # Who answers label requests (flywheel.tools.labels); None: they are queued in a file for people.
-    labeller: "Labeller | None" = field(default=None, repr=False)
+    labeller: Labeller | None = field(default=None, repr=False)
     # Serves the canary's users before an observation (flywheel.tools.canary; the demo's simulated
     # users); None: the gateway serves them as they come.
     canary_traffic: CanaryTraffic | None = field(default=None, repr=False)
     # Run state: the canary version `canary_traffic` has already served, so each canary is served once.
     canary_served: str | None = None
     # Loads the models an evaluation compares (flywheel.tools.evals); None: the real models.
-    eval_model_loader: "ModelLoader | None" = field(default=None, repr=False)
+    eval_model_loader: ModelLoader | None = field(default=None, repr=False)
     # Where tools report the progress of long steps (tools.base.report_progress); the agent's tool
     # node sets it for the length of one call. None: progress is dropped.
     progress: ProgressSink | None = field(default=None, repr=False)
 
     @property
-    def store(self) -> "Store":
+    def store(self) -> Store:
         if self._store is None:
             from flywheel.store.db import open_store
 
@@ -57,7 +57,7 @@ class Context:
         return self._store
 
     @property
-    def index(self) -> "VectorIndex":
+    def index(self) -> VectorIndex:
         if self._index is None:
             from flywheel.store.vectors import open_index
 

@@ -27,18 +27,13 @@ import email.utils
 import inspect
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from flywheel.errors import SettingsError
 
@@ -56,7 +51,7 @@ RETRY_AFTER_CAP_S = 120.0  # a server asking for longer than this is treated as 
 # --- the chat model -------------------------------------------------------------------------------------
 
 
-def chat_model(settings: "Settings", model_name: str | None = None, *, temperature: float | None = None, **kwargs: Any) -> "ChatOpenAI":
+def chat_model(settings: Settings, model_name: str | None = None, *, temperature: float | None = None, **kwargs: Any) -> ChatOpenAI:
     """A ChatOpenAI for `settings.llm.base_url`. Raises SettingsError when no endpoint is configured."""
     from langchain_openai import ChatOpenAI
 
@@ -77,7 +72,7 @@ def chat_model(settings: "Settings", model_name: str | None = None, *, temperatu
 
 
 @asynccontextmanager
-async def async_chat_model(settings: "Settings", model_name: str | None = None, **kwargs: Any) -> AsyncIterator["ChatOpenAI"]:
+async def async_chat_model(settings: Settings, model_name: str | None = None, **kwargs: Any) -> AsyncIterator[ChatOpenAI]:
     """`chat_model` with an async HTTP client that belongs to the current event loop and is closed after."""
     import openai
 
@@ -102,7 +97,7 @@ class Limits:
     backoff_max_s: float = 20.0
 
     @classmethod
-    def from_settings(cls, settings: "Settings", **overrides: Any) -> "Limits":
+    def from_settings(cls, settings: Settings, **overrides: Any) -> Limits:
         llm = settings.llm
         limits = cls(llm.max_in_flight, llm.max_retries, llm.timeout_s, llm.backoff_base_s, llm.backoff_max_s)
         return replace(limits, **overrides) if overrides else limits
@@ -205,7 +200,7 @@ def one_line(exc: BaseException) -> str:
 
 
 async def _attempt(fn: Callable[[T], Any], item: T, timeout_s: float | None) -> Any:
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004 - an object whose __call__ is async
         call: Awaitable[Any] = fn(item)
     else:
         # A blocking fn runs in a worker thread; on timeout the thread finishes on its own (Python
@@ -221,7 +216,9 @@ async def _threaded(fn: Callable[[T], Any], item: T) -> Any:
     return await value if inspect.isawaitable(value) else value  # a plain function returning a coroutine
 
 
-async def _run_one(index: int, item: T, fn: Callable[[T], Any], limits: Limits, sleep: Callable[[float], Awaitable[Any]], rng: random.Random) -> ItemResult:
+async def _run_one(
+    index: int, item: T, fn: Callable[[T], Any], limits: Limits, sleep: Callable[[float], Awaitable[Any]], rng: random.Random
+) -> ItemResult:
     result: ItemResult = ItemResult(index=index, item=item)
 
     async def attempt() -> Any:
@@ -245,8 +242,8 @@ async def _run_one(index: int, item: T, fn: Callable[[T], Any], limits: Limits, 
         result.value = await retrying(attempt)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every error becomes this item's record
-        result.error, result.error_type, result.transient, result.exception = one_line(exc), type(exc).__name__, classify(exc)[0], exc
+    except Exception as exc:
+        result.error, result.error_type, result.transient, result.exception = (one_line(exc), type(exc).__name__, classify(exc)[0], exc)
         if isinstance(exc, asyncio.TimeoutError) and not str(exc):
             result.error = f"TimeoutError: no answer within {limits.timeout_s:g} s"
     return result
@@ -254,7 +251,7 @@ async def _run_one(index: int, item: T, fn: Callable[[T], Any], limits: Limits, 
 
 async def run_bounded(
     items: Iterable[T],
-    fn: Callable[[T], Awaitable[R]] | Callable[[T], R],
+    fn: Callable[[T], Any],  # async or blocking; its values land in ItemResult.value
     limits: Limits | None = None,
     *,
     on_result: Callable[[ItemResult], Any] | None = None,
@@ -288,15 +285,15 @@ def run_bounded_sync(items: Iterable[T], fn: Callable[[T], Any], limits: Limits 
     return run_sync(lambda: run_bounded(items, fn, limits, **kwargs))
 
 
-def run_sync(make_coro: Callable[[], Awaitable[R]]) -> R:
+def run_sync(make_coro: Callable[[], Coroutine[Any, Any, R]]) -> R:
     """Run a coroutine to completion from synchronous code. Inside a running event loop (a notebook,
     an async caller) it runs on a fresh loop in a worker thread, since asyncio cannot nest loops."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(make_coro())  # type: ignore[arg-type]
+        return asyncio.run(make_coro())
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(make_coro())).result()  # type: ignore[arg-type]
+        return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
 # --- re-asking for a usable reply -----------------------------------------------------------------------
@@ -334,7 +331,7 @@ async def ask_until_valid(
             return parse(await model.ainvoke(messages)), "", calls
         except BadReply as exc:
             last = kind = str(exc)
-        except Exception as exc:  # noqa: BLE001 - describe re-raises what is not a bad reply
+        except Exception as exc:
             last, kind = describe(exc)
         messages = [*messages[:2], HumanMessage(f"Your reply was not a valid {what} ({kind}). Reply again with only the {what}.")]
     return None, last, retries + 1

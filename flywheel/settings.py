@@ -22,12 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from flywheel.errors import SettingsError
 from flywheel.settings_env import check_values, unknown_names
@@ -64,12 +59,7 @@ SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")  # records.S
 class Settings(BaseSettings):
     """Everything flywheel reads, in one place."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FLYWHEEL_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        toml_file=None,
-    )
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid", toml_file=None)
 
     project_dir: Path = Path(".")
     state_dir: str = STATE_DIR  # relative to project_dir
@@ -128,9 +118,9 @@ class Settings(BaseSettings):
         if self.store.url:
             url = self.store.url
             if url.startswith("postgres://"):
-                url = "postgresql://" + url[len("postgres://"):]
+                url = "postgresql://" + url[len("postgres://") :]
             if url.startswith("postgresql://"):
-                url = "postgresql+psycopg://" + url[len("postgresql://"):]
+                url = "postgresql+psycopg://" + url[len("postgresql://") :]
             return url
         return f"sqlite:///{self.state_path / 'flywheel.db'}"
 

@@ -24,15 +24,19 @@ PREFIX = "FLYWHEEL_"
 NESTED = "__"
 
 # Read by the code itself, not through Settings (grep for os.environ), or named by the docs: not unknown.
-DIRECT = frozenset({
-    "FLYWHEEL_LLM_API_KEY",  # settings.Settings.llm_api_key
-    "FLYWHEEL_CONFIG",  # settings: the TOML file to read instead of <project>/flywheel.toml
-    "FLYWHEEL_PROJECT_DIR",  # settings and cli: the project folder
-    "FLYWHEEL_UPSTREAM_API_KEY",  # commands/serve.py: the proxy's upstream key
-    "FLYWHEEL_TEST_PAUSE_AT", "FLYWHEEL_TEST_PAUSE_FILE", "FLYWHEEL_TEST_PAUSE_SECONDS",  # agent/graph.py test hook
-    "FLYWHEEL_TEST_PG",  # tests/conftest.py: the PostgreSQL the tests use
-    "FLYWHEEL_KEY",  # not read: the gateway API key docs/serving.md's curl examples take from the shell
-})
+DIRECT = frozenset(
+    {
+        "FLYWHEEL_LLM_API_KEY",  # settings.Settings.llm_api_key
+        "FLYWHEEL_CONFIG",  # settings: the TOML file to read instead of <project>/flywheel.toml
+        "FLYWHEEL_PROJECT_DIR",  # settings and cli: the project folder
+        "FLYWHEEL_UPSTREAM_API_KEY",  # commands/serve.py: the proxy's upstream key
+        "FLYWHEEL_TEST_PAUSE_AT",
+        "FLYWHEEL_TEST_PAUSE_FILE",
+        "FLYWHEEL_TEST_PAUSE_SECONDS",  # agent/graph.py test hook
+        "FLYWHEEL_TEST_PG",  # tests/conftest.py: the PostgreSQL the tests use
+        "FLYWHEEL_KEY",  # not read: the gateway API key docs/serving.md's curl examples take from the shell
+    }
+)
 
 
 def _fields(model: type[BaseModel], prefix: str = PREFIX, dotted: str = "") -> dict[str, tuple[str, Any]]:
@@ -93,8 +97,9 @@ def check_values(settings_cls: type[BaseModel], environ: Mapping[str, str]) -> N
             json.loads(value)
         except ValueError:
             also = f" or {' | '.join(plain)}" if plain else ""
-            raise SettingsError(key, f"{raw_name} must be a JSON {form}{also}, e.g. "
-                                     f"{raw_name}='{_example(form, value)}' (got {value!r})") from None
+            raise SettingsError(
+                key, f"{raw_name} must be a JSON {form}{also}, e.g. {raw_name}='{_example(form, value)}' (got {value!r})"
+            ) from None
 
 
 def unknown_names(settings_cls: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
@@ -105,13 +110,13 @@ def unknown_names(settings_cls: type[BaseModel], environ: Mapping[str, str]) -> 
     # key inside a section is already an error (sections forbid extra keys)
     tables = tuple(n + NESTED for n, (_k, a) in known.items() if any(get_origin(arm) is dict for arm in _arms(a)))
     # compared without the prefix, which every name shares and which would make any two names "close"
-    names = {n[len(PREFIX):]: n for n in sorted(set(known) | DIRECT)}
+    names = {n[len(PREFIX) :]: n for n in sorted(set(known) | DIRECT)}
     lines = []
     for raw_name in sorted(environ):
         name = raw_name.upper()
         if not name.startswith(PREFIX) or name in known or name in DIRECT or name.startswith(tables):
             continue
-        close = difflib.get_close_matches(name[len(PREFIX):], list(names), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(name[len(PREFIX) :], list(names), n=1, cutoff=0.8)
         hint = f"; did you mean {names[close[0]]}?" if close else " (nested keys use two underscores: FLYWHEEL_STORE__URL)"
         lines.append(f"warning: {raw_name} matches no setting and is ignored{hint}")
     return lines

@@ -106,7 +106,7 @@ class TaxonomySettings(Section):
     }
 
     @model_validator(mode="after")
-    def _known_types(self) -> "TaxonomySettings":
+    def _known_types(self) -> TaxonomySettings:
         for table in ("categories", "default_severity"):
             for name in getattr(self, table):
                 if name not in self.problem_types:
@@ -180,7 +180,7 @@ class DatasetSettings(Section):
     # (the error lists why each was left out), once at least label_yield_min_labels were labelled:
     # many labels and almost no rows means the labels were wasted, which must not pass as a success.
     min_label_yield: float = Field(0.25, ge=0, le=1)
-    # Which replay rows a snapshot draws (flywheel.trainer.balance.mix_replay): "weighted" by tier weight
+    # Which replay rows a snapshot draws (flywheel.trainer.replay_mix.mix_replay): "weighted" by tier weight
     # alone; "counter": per intent, most to the intents the problem rows correct away from, so the
     # fix does not teach the model to avoid an intent everywhere; "boundary": "counter", and first the
     # boundary_neighbours replay rows of other intents nearest each problem row (by embedding).
@@ -189,7 +189,7 @@ class DatasetSettings(Section):
     label_yield_min_labels: int = Field(20, ge=1)
 
     @model_validator(mode="after")
-    def _shares(self) -> "DatasetSettings":
+    def _shares(self) -> DatasetSettings:
         if self.replay_min_share > self.replay_max_share:
             raise ValueError("replay_min_share must not exceed replay_max_share")
         return self

@@ -77,11 +77,16 @@ def write_project(project: Path, extra_toml: str = "", **sections: dict[str, Any
 def write_test_set(path: Path, per_intent: int = 2) -> Path:
     """The fixed test set: each intent's question, asked as a new customer would, with its approved answer."""
     rows = [
-        {"id": f"test-{intent}-{k}",
-         "messages": [{"role": "system", "content": "You are the bank's assistant."},
-                      {"role": "user", "content": f"Hello, {question.lower()} (customer {k})"}],
-         "reference": {"intent": intent, "answer": answer}}
-        for intent, (question, answer) in INTENTS.items() for k in range(per_intent)
+        {
+            "id": f"test-{intent}-{k}",
+            "messages": [
+                {"role": "system", "content": "You are the bank's assistant."},
+                {"role": "user", "content": f"Hello, {question.lower()} (customer {k})"},
+            ],
+            "reference": {"intent": intent, "answer": answer},
+        }
+        for intent, (question, answer) in INTENTS.items()
+        for k in range(per_intent)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -115,14 +120,18 @@ def default_logs() -> list[dict[str, Any]]:
     return [log_line(i, intents[i % len(intents)]) for i in range(6)]
 
 
-def seed_project(project: Path, base: Path, logs: list[dict[str, Any]] | None = None, store_url: str | None = None, **toml_sections: dict[str, Any]) -> None:
+def seed_project(
+    project: Path, base: Path, logs: list[dict[str, Any]] | None = None, store_url: str | None = None, **toml_sections: dict[str, Any]
+) -> None:
     """Settings, knowledge base, ingested logs and the base model as champion v1."""
     write_project(project, **toml_sections)
     overrides = {"store": {"url": store_url}} if store_url else {}
     ctx = Context(settings=load_settings(project, **overrides))
     try:
-        entries = [KbEntry(id=f"kb-{intent}", text=answer, intent=intent, kind="approved_response", title=intent)
-                   for intent, (_, answer) in INTENTS.items()]
+        entries = [
+            KbEntry(id=f"kb-{intent}", text=answer, intent=intent, kind="approved_response", title=intent)
+            for intent, (_, answer) in INTENTS.items()
+        ]
         add_entries(ctx.index, entries, KbSummary())
         summary = ingest_files(ctx.store, ctx.settings, [write_logs(project / "logs.jsonl", logs or default_logs())])
         assert summary.stored == len(logs or default_logs()), summary

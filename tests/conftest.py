@@ -22,6 +22,7 @@ PG_ADMIN_DSN = os.environ.get("FLYWHEEL_TEST_PG", "postgresql://postgres@127.0.0
 for _key in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
     del os.environ[_key]
 
+# imported only now: flywheel reads the environment set above when its modules load
 from flywheel.context import Context  # noqa: E402
 from flywheel.settings import Settings, load_settings  # noqa: E402
 from flywheel.store.db import Store, open_store  # noqa: E402

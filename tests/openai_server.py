@@ -159,44 +159,44 @@ class Reply:
     refusal: str | None = None
 
     @classmethod
-    def text(cls, content: str) -> "Reply":
+    def text(cls, content: str) -> Reply:
         return cls(content=content)
 
     @classmethod
-    def tool(cls, name: str, arguments: dict[str, Any] | str | None = None, call_id: str | None = None) -> "Reply":
+    def tool(cls, name: str, arguments: dict[str, Any] | str | None = None, call_id: str | None = None) -> Reply:
         return cls.tools({"name": name, "arguments": arguments or {}, "id": call_id})
 
     @classmethod
-    def tools(cls, *calls: dict[str, Any]) -> "Reply":
+    def tools(cls, *calls: dict[str, Any]) -> Reply:
         return cls(tool_calls=list(calls))
 
     @classmethod
-    def json(cls, obj: Any) -> "Reply":
+    def json(cls, obj: Any) -> Reply:
         return cls(structured=obj)
 
     @classmethod
-    def refuse(cls, refusal: str = "I can't help with that.") -> "Reply":
+    def refuse(cls, refusal: str = "I can't help with that.") -> Reply:
         """A structured-output refusal: no content, the `refusal` field set."""
         return cls(refusal=refusal)
 
     @classmethod
-    def rate_limited(cls, retry_after: float | None = None, message: str = "rate limit reached") -> "Reply":
+    def rate_limited(cls, retry_after: float | None = None, message: str = "rate limit reached") -> Reply:
         headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
         return cls(status=429, error_message=message, headers=headers)
 
     @classmethod
-    def server_error(cls, status: int = 500, message: str = "internal error") -> "Reply":
+    def server_error(cls, status: int = 500, message: str = "internal error") -> Reply:
         return cls(status=status, error_message=message)
 
     @classmethod
-    def client_error(cls, status: int = 400, message: str = "bad request") -> "Reply":
+    def client_error(cls, status: int = 400, message: str = "bad request") -> Reply:
         return cls(status=status, error_message=message)
 
     @classmethod
-    def garbage(cls, body: bytes = b"<html>502 upstream hiccup</html>{not json", content_type: str = "application/json") -> "Reply":
+    def garbage(cls, body: bytes = b"<html>502 upstream hiccup</html>{not json", content_type: str = "application/json") -> Reply:
         return cls(raw_body=body, headers={"content-type": content_type})
 
-    def after(self, seconds: float) -> "Reply":
+    def after(self, seconds: float) -> Reply:
         """This reply, sent `seconds` later (for client timeouts)."""
         return replace(self, delay_s=self.delay_s + seconds)
 
@@ -247,7 +247,7 @@ class OpenAIServer:
         self._thread: threading.Thread | None = None
 
     # lifecycle
-    def start(self) -> "OpenAIServer":
+    def start(self) -> OpenAIServer:
         server = self
 
         class _Handler(_RequestHandler):
@@ -276,7 +276,7 @@ class OpenAIServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "OpenAIServer":
+    def __enter__(self) -> OpenAIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -292,7 +292,7 @@ class OpenAIServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     # scripting and inspection
-    def push(self, *replies: ReplyLike) -> "OpenAIServer":
+    def push(self, *replies: ReplyLike) -> OpenAIServer:
         with self._lock:
             self._queue.extend(replies)
         return self
@@ -362,22 +362,24 @@ class _RequestHandler(BaseHTTPRequestHandler):
     # delayed ACK hold the body back ~40 ms on keep-alive connections.
     disable_nagle_algorithm = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet test output
 
     # --- routing
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         request = ChatRequest("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, {})
         self.owner._record(request)
         if self.path.rstrip("/").endswith("/models"):
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "flywheel-tests"} for m in self.owner.models]
-            data += [{"id": name, "object": "model", "created": 0, "owned_by": "flywheel-tests", "root": path, "parent": self.owner.models[0]}
-                     for name, path in dict(self.owner.loras).items()]
+            data += [
+                {"id": name, "object": "model", "created": 0, "owned_by": "flywheel-tests", "root": path, "parent": self.owner.models[0]}
+                for name, path in dict(self.owner.loras).items()
+            ]
             self._send_json(200, {"object": "list", "data": data})
         else:
             self._send_error(404, f"no route GET {self.path}", "not_found_error")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -385,7 +387,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("the body is not a JSON object")
         except ValueError as exc:
-            self.owner._record(ChatRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, {"_raw": raw.decode("utf-8", "replace")}))
+            self.owner._record(
+                ChatRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, {"_raw": raw.decode("utf-8", "replace")})
+            )
             self._send_error(400, f"invalid JSON body: {exc}", "invalid_request_error")
             return
         request = ChatRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
@@ -462,7 +466,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             }
             self._send_json(200, completion, reply.headers)
 
-    def _send_stream(self, request: ChatRequest, message: dict[str, Any], finish: str, usage: dict[str, int], headers: dict[str, str]) -> None:
+    def _send_stream(
+        self, request: ChatRequest, message: dict[str, Any], finish: str, usage: dict[str, int], headers: dict[str, str]
+    ) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
@@ -470,7 +476,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
-        base = {"id": self.owner._new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": request.model or self.owner.models[0]}
+        base = {
+            "id": self.owner._new_id(),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": request.model or self.owner.models[0],
+        }
 
         def event(delta: dict[str, Any], finish_reason: str | None = None) -> None:
             self._chunk({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
@@ -543,7 +554,9 @@ def _message_for(reply: Reply, request: ChatRequest) -> dict[str, Any]:
 
 def _usage(request: ChatRequest, message: dict[str, Any]) -> dict[str, int]:
     prompt = len(request.text.split())
-    completion = len((message.get("content") or "").split()) + sum(len(c["function"]["arguments"]) // 4 for c in message.get("tool_calls") or [])
+    completion = len((message.get("content") or "").split()) + sum(
+        len(c["function"]["arguments"]) // 4 for c in message.get("tool_calls") or []
+    )
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

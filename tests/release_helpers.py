@@ -35,9 +35,13 @@ def make_adapter(folder: Path, seed: int) -> Path:
     return folder
 
 
-def candidate(store: Store, root: Path, seed: int, *, gate: bool = True, report_hash: str | None = None, dataset_id: str | None = None) -> ModelVersion:
+def candidate(
+    store: Store, root: Path, seed: int, *, gate: bool = True, report_hash: str | None = None, dataset_id: str | None = None
+) -> ModelVersion:
     """A registered, evaluated candidate version."""
-    version = registry.register_version(store, base_model="tiny-base", adapter_path=make_adapter(root / f"adapter-{seed}", seed), dataset_id=dataset_id)
+    version = registry.register_version(
+        store, base_model="tiny-base", adapter_path=make_adapter(root / f"adapter-{seed}", seed), dataset_id=dataset_id
+    )
     return registry.attach_eval(
         store,
         version.id,
@@ -60,7 +64,9 @@ def interaction(interaction_id: str, version: str, when: datetime | None = None)
     )
 
 
-def add_traffic(store: Store, version: str, total: int, problems: Sequence[str | None] = (), prefix: str = "", when: datetime | None = None) -> list[str]:
+def add_traffic(
+    store: Store, version: str, total: int, problems: Sequence[str | None] = (), prefix: str = "", when: datetime | None = None
+) -> list[str]:
     """`total` interactions served by `version`; the first len(problems) of them failed. Each entry of
     `problems` is a problem type (judged failure), None (captured, not yet judged) or "cleared" (the
     judge found nothing wrong). Returns the failure ids."""
@@ -80,13 +86,16 @@ def add_traffic(store: Store, version: str, total: int, problems: Sequence[str |
             if problem is None:
                 continue
             cleared = problem == "cleared"
-            save_verdict(conn, Verdict(
-                failure_id=failure.id,
-                is_failure=not cleared,
-                problem_type=None if cleared else problem,
-                severity=None if cleared else "medium",
-                judge="rule",
-            ))
+            save_verdict(
+                conn,
+                Verdict(
+                    failure_id=failure.id,
+                    is_failure=not cleared,
+                    problem_type=None if cleared else problem,
+                    severity=None if cleared else "medium",
+                    judge="rule",
+                ),
+            )
     return failure_ids
 
 
@@ -95,15 +104,32 @@ def add_samples(store: Store, ids: Sequence[str], tier: SampleTier = SampleTier.
     items = [interaction(f"i-{fid}", "v1", utcnow() - timedelta(days=1)) for fid in ids]
     with store.begin() as conn:
         insert_ignore(conn, [to_row(i) for i in items])
-        insert_failures(conn, [
-            Failure(id=fid, interaction_id=item.id, rule="qa_reject", first_seen_version="v1", status=FailureStatus.VERIFIED, tier=tier, weight=weight)
-            for fid, item in zip(ids, items)
-        ])
+        insert_failures(
+            conn,
+            [
+                Failure(
+                    id=fid,
+                    interaction_id=item.id,
+                    rule="qa_reject",
+                    first_seen_version="v1",
+                    status=FailureStatus.VERIFIED,
+                    tier=tier,
+                    weight=weight,
+                )
+                for fid, item in zip(ids, items)
+            ],
+        )
 
 
 def add_dataset(store: Store, dataset_id: str, failure_ids: Sequence[str]) -> None:
     with store.begin() as conn:
-        conn.execute(datasets.insert().values(
-            id=dataset_id, kind="sft", path=f"/data/{dataset_id}.jsonl", content_hash=dataset_id,
-            manifest={"failure_ids": list(failure_ids), "rows": len(failure_ids)}, created_at=utcnow(),
-        ))
+        conn.execute(
+            datasets.insert().values(
+                id=dataset_id,
+                kind="sft",
+                path=f"/data/{dataset_id}.jsonl",
+                content_hash=dataset_id,
+                manifest={"failure_ids": list(failure_ids), "rows": len(failure_ids)},
+                created_at=utcnow(),
+            )
+        )

@@ -63,7 +63,7 @@ class SlackApiServer:
         self.socket = SocketModeServer() if socket_mode else None
 
     # --- lifecycle --------------------------------------------------------------------------------------
-    def __enter__(self) -> "SlackApiServer":
+    def __enter__(self) -> SlackApiServer:
         self._thread.start()
         if self.socket is not None:
             self.socket.start()
@@ -147,8 +147,16 @@ class SlackApiServer:
         return channel if channel in self.state.channels.values() else None
 
     def _auth_test(self, _params: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "url": "https://flywheel-test.slack.com/", "team": "flywheel test", "user": "flywheel",
-                "team_id": TEAM, "user_id": BOT_USER, "bot_id": "B0FLYBOT", "is_enterprise_install": False}
+        return {
+            "ok": True,
+            "url": "https://flywheel-test.slack.com/",
+            "team": "flywheel test",
+            "user": "flywheel",
+            "team_id": TEAM,
+            "user_id": BOT_USER,
+            "bot_id": "B0FLYBOT",
+            "is_enterprise_install": False,
+        }
 
     def _chat_postMessage(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel_id(params.get("channel"))
@@ -156,9 +164,16 @@ class SlackApiServer:
             return {"ok": False, "error": "channel_not_found"}
         if not params.get("text") and not params.get("blocks"):
             return {"ok": False, "error": "no_text"}
-        message = {"type": "message", "user": BOT_USER, "bot_id": "B0FLYBOT", "ts": self._ts(), "text": params.get("text", ""),
-                   "blocks": _json(params.get("blocks")) or [], "metadata": _json(params.get("metadata")),
-                   "thread_ts": params.get("thread_ts")}
+        message = {
+            "type": "message",
+            "user": BOT_USER,
+            "bot_id": "B0FLYBOT",
+            "ts": self._ts(),
+            "text": params.get("text", ""),
+            "blocks": _json(params.get("blocks")) or [],
+            "metadata": _json(params.get("metadata")),
+            "thread_ts": params.get("thread_ts"),
+        }
         self.state.messages.setdefault(channel, []).append(message)
         return {"ok": True, "channel": channel, "ts": message["ts"], "message": _visible(message, True)}
 
@@ -179,8 +194,9 @@ class SlackApiServer:
             return {"ok": False, "error": "channel_not_found"}
         if not params.get("user"):
             return {"ok": False, "error": "user_not_in_channel"}
-        self.state.ephemeral.append({"channel": channel, "user": params["user"], "text": params.get("text", ""),
-                                     "blocks": _json(params.get("blocks"))})
+        self.state.ephemeral.append(
+            {"channel": channel, "user": params["user"], "text": params.get("text", ""), "blocks": _json(params.get("blocks"))}
+        )
         return {"ok": True, "message_ts": self._ts()}
 
     def _views_open(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -245,10 +261,10 @@ def _handler(server: SlackApiServer) -> type[BaseHTTPRequestHandler]:
             if not url.path.startswith("/api/"):
                 self.send_error(404)
                 return
-            method = url.path[len("/api/"):]
+            method = url.path[len("/api/") :]
             auth = self.headers.get("Authorization", "")
             params = self._params()
-            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else params.get("token")
+            token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else params.get("token")
             result = server.handle(method, params, token)
             with server.state.lock:
                 drop = method in server.state.drop_next
@@ -280,7 +296,7 @@ class SocketModeServer:
     to the connected app and returns its id; `ack_for(envelope_id)` waits for the app's acknowledgement."""
 
     def __init__(self) -> None:
-        self._outbox: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        self._outbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.acks: dict[str, dict[str, Any]] = {}
         self.connected = threading.Event()
         self._ids = itertools.count(1)
@@ -307,8 +323,16 @@ class SocketModeServer:
 
     def push(self, type_: str, payload: dict[str, Any], retry_attempt: int = 0) -> str:
         envelope_id = f"env-{next(self._ids)}"
-        self._outbox.put({"envelope_id": envelope_id, "type": type_, "payload": payload, "accepts_response_payload": type_ != "events_api",
-                          "retry_attempt": retry_attempt, "retry_reason": "timeout" if retry_attempt else ""})
+        self._outbox.put(
+            {
+                "envelope_id": envelope_id,
+                "type": type_,
+                "payload": payload,
+                "accepts_response_payload": type_ != "events_api",
+                "retry_attempt": retry_attempt,
+                "retry_reason": "timeout" if retry_attempt else "",
+            }
+        )
         return envelope_id
 
     def ack_for(self, envelope_id: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -322,8 +346,16 @@ class SocketModeServer:
     def _connection(self, conn: Any) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        conn.send(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0FLY"},
-                              "debug_info": {"host": "local", "approximate_connection_time": 3600}}))
+        conn.send(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "num_connections": 1,
+                    "connection_info": {"app_id": "A0FLY"},
+                    "debug_info": {"host": "local", "approximate_connection_time": 3600},
+                }
+            )
+        )
         self.connected.set()
         try:
             while not self._stop.is_set():

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from agent_helpers import seed_project
+from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 from rich.console import Console
 from sqlalchemy import func, select
 
@@ -24,7 +25,6 @@ from flywheel.data.triage import triage
 from flywheel.evals.judge import judge_failures
 from flywheel.settings import load_settings
 from flywheel.store.schema import datasets, jobs
-from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 FIX = "the bot over-promises refunds, fix it"
 PLAN_PROMPT = "yes/no> "
@@ -75,7 +75,9 @@ def test_heuristic_chat_shows_the_plan_and_runs_the_cycle_only_after_yes(project
         assert session.loop(person) == 0
         said = screen.getvalue()
         # the plan, in sentences: the problem type asked about, the labelling budget, method, base model, training budget
-        assert "Here is my plan. I will capture the over_promise failures, where the answer promises something policy does not allow" in said
+        assert (
+            "Here is my plan. I will capture the over_promise failures, where the answer promises something policy does not allow" in said
+        )
         assert "I will ask people to label up to 500 of them, the labelling budget." in said
         assert f"train a LoRA adapter with supervised fine-tuning (SFT) on top of {base}, using at most 2 training runs." in said
         assert "Shall I start? Answer yes to go ahead" in said
@@ -91,8 +93,9 @@ def test_heuristic_chat_shows_the_plan_and_runs_the_cycle_only_after_yes(project
         ctx.close()
 
 
-def test_chat_through_the_cli_starts_nothing_without_a_yes(project: Path, base: Path, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chat_through_the_cli_starts_nothing_without_a_yes(
+    project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed_project(project, base)
     # "no", then anything that is not yes, then an empty line: each ends the request with nothing started
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{FIX}\nno\nrun a cycle please\nmaybe later\nimprove it\n\n"))
@@ -137,9 +140,13 @@ def test_llm_chat_asks_before_the_dataset_and_builds_it_only_after_yes(project: 
     finally:
         offline.close()
     openai_server.handler = _llm_model
-    ctx = Context(settings=load_settings(project, llm={"base_url": openai_server.base_url, "supervisor_model": "supervisor-model", "max_retries": 0}))
+    ctx = Context(
+        settings=load_settings(project, llm={"base_url": openai_server.base_url, "supervisor_model": "supervisor-model", "max_retries": 0})
+    )
     try:
-        person = Person(ctx, ["The bot over-promises refunds. Fix it.", "no", "What did you do?", "Build the dataset now, please.", "yes", "exit"])
+        person = Person(
+            ctx, ["The bot over-promises refunds. Fix it.", "no", "What did you do?", "Build the dataset now, please.", "yes", "exit"]
+        )
         session, screen = _session(ctx, person, "llm")
         assert session.loop(person) == 0
         said = screen.getvalue()
@@ -167,7 +174,9 @@ class _Terminal(io.StringIO):
 
 
 @pytest.mark.slow
-def test_flywheel_run_is_not_asked_about_a_plan(project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flywheel_run_is_not_asked_about_a_plan(
+    project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed_project(project, base)
     # a terminal whose only line answers the approval: had the run asked about a plan, it would have said no
     monkeypatch.setattr("sys.stdin", _Terminal("later\n"))

@@ -50,7 +50,10 @@ class Child:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flywheel.cli", "-C", str(project), *args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_env(pause_at, self.marker, store_url),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_env(pause_at, self.marker, store_url),
             )
 
     def output(self) -> str:
@@ -145,7 +148,13 @@ def test_kill_in_every_kind_of_node_then_resume_finishes_once(project: Path, bas
         assert job.id == job_id and job.status == "succeeded" and job.attempts == 1  # one job, never relaunched
         assert sorted(versions) == ["v1", "v2"]  # registered once
         # one canary start, one promotion (which ends the canary), nothing twice
-        assert [tuple(s) for s in switches] == [("champion", "v1"), ("canary", "v2"), ("champion", "v2"), ("previous", "v1"), ("canary", None)]
+        assert [tuple(s) for s in switches] == [
+            ("champion", "v1"),
+            ("canary", "v2"),
+            ("champion", "v2"),
+            ("previous", "v1"),
+            ("canary", None),
+        ]
         assert _count(ctx, approvals) == 1 and len(launches) == 1
         assert registry.resolve(ctx.store, "v2").status == "champion"
     finally:
@@ -174,7 +183,13 @@ def test_on_postgresql_a_kill_after_launch_and_after_the_switch_changes_nothing_
             job = conn.execute(select(jobs)).one()
             switches = conn.execute(select(alias_events.c.alias, alias_events.c.to_version).order_by(alias_events.c.id)).all()
         assert job.attempts == 1 and job.status == "succeeded"
-        assert [tuple(s) for s in switches] == [("champion", "v1"), ("canary", "v2"), ("champion", "v2"), ("previous", "v1"), ("canary", None)]
+        assert [tuple(s) for s in switches] == [
+            ("champion", "v1"),
+            ("canary", "v2"),
+            ("champion", "v2"),
+            ("previous", "v1"),
+            ("canary", None),
+        ]
         assert _the_run(ctx).state == "done" and _count(ctx, approvals) == 1
     finally:
         ctx.close()

@@ -46,7 +46,7 @@ class ScriptedChatModel(GenericFakeChatModel):
     bound: list[str] = Field(default_factory=list)
     seen: list[list[Any]] = Field(default_factory=list)
 
-    def bind_tools(self, tools: Any, **kwargs: Any) -> "ScriptedChatModel":
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedChatModel:
         self.bound = [t.name for t in tools]
         return self
 
@@ -56,7 +56,9 @@ class ScriptedChatModel(GenericFakeChatModel):
 
 
 def calls(*items: tuple[str, dict[str, Any]], text: str = "") -> AIMessage:
-    return AIMessage(content=text, tool_calls=[{"name": n, "args": a, "id": f"c{i}-{n}", "type": "tool_call"} for i, (n, a) in enumerate(items)])
+    return AIMessage(
+        content=text, tool_calls=[{"name": n, "args": a, "id": f"c{i}-{n}", "type": "tool_call"} for i, (n, a) in enumerate(items)]
+    )
 
 
 def scripted(*replies: AIMessage | str) -> ScriptedChatModel:
@@ -130,7 +132,12 @@ def test_model_mistakes_go_back_as_tool_messages(ctx: Context) -> None:
             ("promote_model", {"version": "v1"}),  # not a tool
             ("pipeline_status", {}),  # fine
         ),
-        AIMessage(content="", invalid_tool_calls=[{"name": "list_failures", "args": "{not json", "id": "bad-1", "error": "bad json", "type": "invalid_tool_call"}]),
+        AIMessage(
+            content="",
+            invalid_tool_calls=[
+                {"name": "list_failures", "args": "{not json", "id": "bad-1", "error": "bad json", "type": "invalid_tool_call"}
+            ],
+        ),
         "done looking",
     )
     outcome = start_run(ctx, "chat", LLMPolicy(ctx.settings, model=model), message="look around")
@@ -232,7 +239,9 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
     return url
 
 
-def test_gate_pass_interrupts_and_an_allowed_approval_promotes_once(project: Path, base: Path, tmp_path: Path, store_url: str | None) -> None:
+def test_gate_pass_interrupts_and_an_allowed_approval_promotes_once(
+    project: Path, base: Path, tmp_path: Path, store_url: str | None
+) -> None:
     ctx, version = _approval_ctx(project, base, tmp_path, store_url)
     try:
         model = scripted(calls(("run_evaluation", {"version": version})), "should not be asked")
@@ -296,7 +305,9 @@ def test_resume_with_a_decision_object_refuses_a_wrong_approver_then_promotes(pr
         ctx.close()
 
 
-def test_rejection_through_the_cli_resumes_the_run_and_records_the_reason(project: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rejection_through_the_cli_resumes_the_run_and_records_the_reason(
+    project: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ctx, version = _approval_ctx(project, base, tmp_path)
     try:
         outcome = start_run(ctx, "run", LLMPolicy(ctx.settings, model=scripted(calls(("run_evaluation", {"version": version})))))
@@ -317,7 +328,9 @@ def test_rejection_through_the_cli_resumes_the_run_and_records_the_reason(projec
         ctx.close()
 
 
-def test_resume_with_yes_approves_as_the_local_user_only_if_allowed(project: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_yes_approves_as_the_local_user_only_if_allowed(
+    project: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import getpass
 
     ctx, version = _approval_ctx(project, base, tmp_path)  # approvers: alice only
@@ -341,7 +354,9 @@ def test_resume_with_yes_approves_as_the_local_user_only_if_allowed(project: Pat
 
 
 @pytest.mark.slow
-def test_flywheel_run_without_a_terminal_waits_then_approve_promotes(project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flywheel_run_without_a_terminal_waits_then_approve_promotes(
+    project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed_project(project, base)
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["-C", str(project), "run"]) == 0  # pytest's stdin is not a terminal

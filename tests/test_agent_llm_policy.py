@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from agent_helpers import seed_project
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 from flywheel.agent import runs
 from flywheel.agent.policies import HeuristicPolicy, LLMPolicy, choose_policy
@@ -17,7 +18,6 @@ from flywheel.agent.runner import resume_run, start_run
 from flywheel.context import Context
 from flywheel.settings import load_settings
 from flywheel.tools.registry import build_tools
-from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 SUPERVISOR = "supervisor-model"
 
@@ -28,8 +28,14 @@ def base(tiny_model_dir: Path) -> Path:
 
 
 def llm_context(project: Path, server: OpenAIServer, **overrides: Any) -> Context:
-    llm = {"base_url": server.base_url, "supervisor_model": SUPERVISOR, "max_retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.02,
-           **overrides.pop("llm", {})}
+    llm = {
+        "base_url": server.base_url,
+        "supervisor_model": SUPERVISOR,
+        "max_retries": 1,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.02,
+        **overrides.pop("llm", {}),
+    }
     return Context(settings=load_settings(project, llm=llm, **overrides))
 
 
@@ -47,8 +53,11 @@ def test_prompt_tools_and_errors_reach_the_model(seeded: Path, openai_server: Op
     ctx = llm_context(seeded, openai_server)
     openai_server.push(
         Reply.tool("list_failures", {"limit": 500}, call_id="call_big"),
-        Reply.tools({"name": "list_failures", "arguments": "{\"limit\": 5", "id": "call_broken"}),  # truncated JSON
-        Reply.tools({"name": "triage_new_logs", "arguments": {}, "id": "call_triage"}, {"name": "failure_counts", "arguments": {"by": ["problem_type", "status"]}, "id": "call_counts"}),
+        Reply.tools({"name": "list_failures", "arguments": '{"limit": 5', "id": "call_broken"}),  # truncated JSON
+        Reply.tools(
+            {"name": "triage_new_logs", "arguments": {}, "id": "call_triage"},
+            {"name": "failure_counts", "arguments": {"by": ["problem_type", "status"]}, "id": "call_counts"},
+        ),
         Reply.text("Three clusters were captured and wait for the judge."),
     )
     try:

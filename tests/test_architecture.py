@@ -124,6 +124,7 @@ def _describe(component: list[str], graph: Graph) -> str:
 def _importers(graph: Graph, target: str, outside: tuple[str, ...] = (), inside: tuple[str, ...] = ()) -> list[str]:
     """`module:line` for each module (optionally only those under `inside`, and not under `outside`)
     that imports `target` or a module under it."""
+
     def under(name: str, prefixes: tuple[str, ...]) -> bool:
         return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -158,7 +159,9 @@ def test_tools_and_agent_do_not_import_the_cli() -> None:
 
 
 def test_no_module_over_the_line_limit() -> None:
-    sizes = {path.relative_to(PACKAGE.parent): len(path.read_text(encoding="utf-8").splitlines()) for path in module_names(PACKAGE).values()}
+    sizes = {
+        path.relative_to(PACKAGE.parent): len(path.read_text(encoding="utf-8").splitlines()) for path in module_names(PACKAGE).values()
+    }
     offenders = sorted(f"{path}: {n} lines" for path, n in sizes.items() if n > MAX_LINES)
     assert not offenders, f"modules over {MAX_LINES} lines; split them along a seam:\n" + "\n".join(offenders)
 
@@ -175,17 +178,20 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_graph_sees_function_level_cycles_and_skips_type_checking(tmp_path: Path) -> None:
-    package = _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "def f():\n    from pkg import b\n",
-        "pkg/b.py": "from . import c\n",
-        "pkg/c.py": "import pkg.a as a\n",
-        "pkg/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.e import X\nelse:\n    X = None\n",
-        "pkg/e.py": "from pkg.d import X\n",
-        "pkg/sub/__init__.py": "from .leaf import Y\n",
-        "pkg/sub/leaf.py": "from ..schema import T\n",
-        "pkg/schema.py": "",
-    })
+    package = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "def f():\n    from pkg import b\n",
+            "pkg/b.py": "from . import c\n",
+            "pkg/c.py": "import pkg.a as a\n",
+            "pkg/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.e import X\nelse:\n    X = None\n",
+            "pkg/e.py": "from pkg.d import X\n",
+            "pkg/sub/__init__.py": "from .leaf import Y\n",
+            "pkg/sub/leaf.py": "from ..schema import T\n",
+            "pkg/schema.py": "",
+        },
+    )
     graph = import_graph(package)
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
     assert graph["pkg.a"] == {"pkg.b": 2}

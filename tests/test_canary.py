@@ -29,7 +29,9 @@ def watched(any_store: Store, tmp_path: Path) -> Store:
 
 
 def _settings(store: Store, min_requests: int = 50, harm_margin: float = 0.05) -> Settings:
-    return store.settings.model_copy(update={"canary": store.settings.canary.model_copy(update={"min_requests": min_requests, "harm_margin": harm_margin})})
+    return store.settings.model_copy(
+        update={"canary": store.settings.canary.model_copy(update={"min_requests": min_requests, "harm_margin": harm_margin})}
+    )
 
 
 def _kinds(store: Store, version: str) -> list[str]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,15 @@ from sqlalchemy import create_engine, text
 
 from flywheel.agent import runs, schedule
 from flywheel.agent.schedule import (
-    JOB_PREFIX, JOB_TABLE, Daemon, build_scheduler, check_schedules, cron_trigger, run_scheduled, stop_scheduler, sync_jobs,
+    JOB_PREFIX,
+    JOB_TABLE,
+    Daemon,
+    build_scheduler,
+    check_schedules,
+    cron_trigger,
+    run_scheduled,
+    stop_scheduler,
+    sync_jobs,
 )
 from flywheel.cli import main
 from flywheel.context import Context
@@ -52,7 +60,7 @@ def _schedule_runs(ctx: Context) -> list[runs.RunRow]:
 
 
 def test_cron_fields_follow_crontab_and_wrong_entries_are_named(project: Path) -> None:
-    sunday = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+    sunday = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
     monday = cron_trigger("0 3 * * 1", "UTC").get_next_fire_time(None, sunday)
     assert (monday.strftime("%A"), monday.hour) == ("Monday", 3)  # crontab 1 is Monday (APScheduler 3 alone says Tuesday)
     weekend = cron_trigger("30 9 * * 0,6", "UTC").get_next_fire_time(None, sunday)
@@ -75,8 +83,9 @@ def test_cron_fields_follow_crontab_and_wrong_entries_are_named(project: Path) -
     assert main(["-C", str(project), "daemon", "--slack", "off"]) == 2  # refused before anything starts
 
 
-def test_the_daemon_refuses_to_start_slack_without_its_tokens_or_channel(project: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_daemon_refuses_to_start_slack_without_its_tokens_or_channel(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
         monkeypatch.delenv(name, raising=False)
     assert main(["-C", str(project), "daemon", "--slack", "socket"]) == 2
@@ -146,7 +155,7 @@ def test_a_firing_missed_while_the_daemon_was_down_runs_once_at_restart(project:
         scheduler = build_scheduler(ctx)
         scheduler.start(paused=True)
         sync_jobs(scheduler, settings)
-        scheduler.modify_job("schedule:nightly", next_run_time=datetime.now(timezone.utc) - timedelta(minutes=10))
+        scheduler.modify_job("schedule:nightly", next_run_time=datetime.now(UTC) - timedelta(minutes=10))
         stop_scheduler(scheduler)
         # APScheduler reports a job executed once its executor has run every firing it was handed for it (one
         # per missed day, were coalescing off); the job's next run time was stored when it was handed over.
@@ -154,8 +163,9 @@ def test_a_firing_missed_while_the_daemon_was_down_runs_once_at_restart(project:
 
         def listening(*args: Any, **kwargs: Any) -> Any:
             built = build_scheduler(*args, **kwargs)
-            built.add_listener(lambda event: finished.set() if event.job_id == "schedule:nightly" else None,
-                               EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+            built.add_listener(
+                lambda event: finished.set() if event.job_id == "schedule:nightly" else None, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
+            )
             return built
 
         monkeypatch.setattr(schedule, "build_scheduler", listening)
@@ -228,13 +238,19 @@ def _child_env(pause: bool, marker: Path) -> dict[str, str]:
 
 def _daemon_process(project: Path, log: Path, pause: bool, marker: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "flywheel.cli", "-C", str(project), "daemon", "--slack", "off"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_child_env(pause, marker))
+        return subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", "-C", str(project), "daemon", "--slack", "off"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_child_env(pause, marker),
+        )
 
 
 def test_the_daemon_process_stops_on_sigterm_and_leaves_a_held_cycle_resumable(project: Path, tmp_path: Path) -> None:
     (project / "flywheel.toml").write_text(
-        f'[daemon]\nshutdown_grace_s = 1\n\n[[daemon.schedules]]\nid = "fast"\ncron = "{EVERY_SECOND}"\n', encoding="utf-8")
+        f'[daemon]\nshutdown_grace_s = 1\n\n[[daemon.schedules]]\nid = "fast"\ncron = "{EVERY_SECOND}"\n', encoding="utf-8"
+    )
     marker, log = tmp_path / "paused", tmp_path / "daemon.log"
     child = _daemon_process(project, log, True, marker)
     try:

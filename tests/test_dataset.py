@@ -61,8 +61,20 @@ def seed_store(store: Store, specs: list[dict[str, Any]], start: int = 0) -> lis
                 content_hash=f"h{n:05d}",
             )
             interaction_repo.insert_ignore(conn, [interaction_repo.to_row(interaction)])
-            insert_failures(conn, [Failure(id=fid, interaction_id=interaction.id, rule="thumbs_down", first_seen_version="v1", intent=interaction.intent)])
-            save_verdict(conn, Verdict(failure_id=fid, is_failure=True, problem_type=s.get("problem_type", "wrong_intent"), severity=s.get("severity", "medium"), judge="rule"))
+            insert_failures(
+                conn,
+                [Failure(id=fid, interaction_id=interaction.id, rule="thumbs_down", first_seen_version="v1", intent=interaction.intent)],
+            )
+            save_verdict(
+                conn,
+                Verdict(
+                    failure_id=fid,
+                    is_failure=True,
+                    problem_type=s.get("problem_type", "wrong_intent"),
+                    severity=s.get("severity", "medium"),
+                    judge="rule",
+                ),
+            )
             save_correction(
                 conn,
                 Correction(
@@ -110,8 +122,13 @@ def test_bucket_cap_leaves_no_bucket_above_the_ratio() -> None:
 
 def test_over_represented_failure_type_is_down_sampled_keeping_high_severity(make_ctx) -> None:
     ctx = make_ctx(problem_type_max_ratio=0.4)
-    seed_store(ctx.store, spec(75, problem_type="format_error", severity="low") + spec(5, problem_type="format_error", severity="critical")
-               + spec(10, problem_type="wrong_intent") + spec(10, problem_type="over_promise", severity="high"))
+    seed_store(
+        ctx.store,
+        spec(75, problem_type="format_error", severity="low")
+        + spec(5, problem_type="format_error", severity="critical")
+        + spec(10, problem_type="wrong_intent")
+        + spec(10, problem_type="over_promise", severity="high"),
+    )
     snap = build_snapshot(ctx, "sft")
     rows = read_rows(snap)
     types = Counter(r["problem_type"] for r in rows)
@@ -125,7 +142,9 @@ def test_over_represented_failure_type_is_down_sampled_keeping_high_severity(mak
 def test_rare_high_risk_type_is_repeated_up_to_the_repeat_limit(make_ctx) -> None:
     ctx = make_ctx(oversample_target_ratio=0.2, max_repeats=3)
     high = seed_store(ctx.store, spec(3, problem_type="over_promise", severity="high"))
-    low = seed_store(ctx.store, spec(2, problem_type="over_promise", severity="low") + spec(90, problem_type="format_error", severity="low"), start=100)
+    low = seed_store(
+        ctx.store, spec(2, problem_type="over_promise", severity="low") + spec(90, problem_type="format_error", severity="low"), start=100
+    )
     rows = read_rows(build_snapshot(ctx, "sft"))
     copies = ids_of(rows)
     # target 0.2 x 95 = 19 rows: the three high-severity rows reach their limit of 3 copies, nothing else repeats
@@ -136,7 +155,9 @@ def test_rare_high_risk_type_is_repeated_up_to_the_repeat_limit(make_ctx) -> Non
 
 def test_rare_type_stops_at_its_target(make_ctx) -> None:
     ctx = make_ctx(oversample_target_ratio=0.1, max_repeats=5)
-    seed_store(ctx.store, spec(4, problem_type="policy_boundary_risk", severity="critical") + spec(96, problem_type="format_error", severity="low"))
+    seed_store(
+        ctx.store, spec(4, problem_type="policy_boundary_risk", severity="critical") + spec(96, problem_type="format_error", severity="low")
+    )
     rows = read_rows(build_snapshot(ctx, "sft"))
     assert Counter(r["problem_type"] for r in rows)["policy_boundary_risk"] == 10  # floor(0.1 x 100)
 
@@ -161,13 +182,20 @@ def test_intent_floor_repeats_small_intents_and_cap_trims_big_ones(make_ctx) -> 
 
 
 def test_loss_weight_is_category_times_tier_times_failure_weight(make_ctx) -> None:
-    ctx = make_ctx(replay_target_share=0.5, loss_weights={"safety": 3.0, "reasoning": 1.5, "format": 0.5}, tier_weights={"core_baseline": 4.0, "secondary_baseline": 2.0, "candidate_baseline": 1.0})
-    seed_store(ctx.store, [
-        {"problem_type": "over_promise"},
-        {"problem_type": "format_error", "weight": 2.0},
-        {"problem_type": "wrong_tool_call", "tier": SampleTier.CORE},
-        {"problem_type": "format_error", "tier": SampleTier.SECONDARY, "weight": 0.5},
-    ])
+    ctx = make_ctx(
+        replay_target_share=0.5,
+        loss_weights={"safety": 3.0, "reasoning": 1.5, "format": 0.5},
+        tier_weights={"core_baseline": 4.0, "secondary_baseline": 2.0, "candidate_baseline": 1.0},
+    )
+    seed_store(
+        ctx.store,
+        [
+            {"problem_type": "over_promise"},
+            {"problem_type": "format_error", "weight": 2.0},
+            {"problem_type": "wrong_tool_call", "tier": SampleTier.CORE},
+            {"problem_type": "format_error", "tier": SampleTier.SECONDARY, "weight": 0.5},
+        ],
+    )
     by_id = {r["failure_id"]: r for r in read_rows(build_snapshot(ctx, "sft"))}
     assert by_id["f00000"]["weight"] == pytest.approx(3.0) and by_id["f00000"]["category"] == "safety"
     assert by_id["f00001"]["weight"] == pytest.approx(0.5 * 2.0)
@@ -177,7 +205,9 @@ def test_loss_weight_is_category_times_tier_times_failure_weight(make_ctx) -> No
 
 def test_replay_share_stays_within_bounds_and_core_is_drawn_most(make_ctx) -> None:
     ctx = make_ctx(replay_min_share=0.1, replay_max_share=0.3, replay_target_share=None)
-    seed_store(ctx.store, spec(40) + spec(300, tier=SampleTier.CORE) + spec(300, tier=SampleTier.SECONDARY) + spec(300, tier=SampleTier.CANDIDATE))
+    seed_store(
+        ctx.store, spec(40) + spec(300, tier=SampleTier.CORE) + spec(300, tier=SampleTier.SECONDARY) + spec(300, tier=SampleTier.CANDIDATE)
+    )
     snap = build_snapshot(ctx, "sft")
     rows = read_rows(snap)
     share = sum(r["tier"] == "problem" for r in rows) / len(rows)
@@ -202,7 +232,11 @@ def test_extra_rows_supply_replay_when_there_is_no_baseline(make_ctx) -> None:
     ctx = make_ctx(replay_min_share=0.1, replay_max_share=0.3, replay_target_share=None)
     seed_store(ctx.store, spec(30))
     stable = [
-        {"messages": [{"role": "user", "content": f"stable question {i}"}, {"role": "assistant", "content": f"fine answer {i}"}], "tier": "core_baseline", "intent": "billing"}
+        {
+            "messages": [{"role": "user", "content": f"stable question {i}"}, {"role": "assistant", "content": f"fine answer {i}"}],
+            "tier": "core_baseline",
+            "intent": "billing",
+        }
         for i in range(200)
     ]
     bad = {"messages": [{"role": "user", "content": "no answer"}], "tier": "core_baseline"}
@@ -211,15 +245,19 @@ def test_extra_rows_supply_replay_when_there_is_no_baseline(make_ctx) -> None:
     extra = [r for r in rows if r["source"] == "extra"]
     assert extra and all(r["failure_id"] is None and r["tier"] == "core_baseline" and r["problem_type"] == "none" for r in extra)
     assert 0.1 <= 30 / len(rows) <= 0.3
-    assert snap.manifest["sources"]["extra_rejected"] == ["extra_rows[200]: messages: List should have at least 2 items after validation, not 1"]
+    assert snap.manifest["sources"]["extra_rejected"] == [
+        "extra_rows[200]: messages: List should have at least 2 items after validation, not 1"
+    ]
 
 
 def test_heldout_never_overlaps_the_test_set_and_keeps_prompts_on_one_side(make_ctx, project: Path) -> None:
     test_set = project / "test.jsonl"
-    test_set.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": text}], "reference": {"intent": "billing"}}) + "\n"
-        for text in ["Question number 3 about BILLING!", "question   number 7 about billing", "something else entirely"]
-    ))
+    test_set.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": text}], "reference": {"intent": "billing"}}) + "\n"
+            for text in ["Question number 3 about BILLING!", "question   number 7 about billing", "something else entirely"]
+        )
+    )
     ctx = make_ctx(heldout_ratio=0.2, eval={"test_set": "test.jsonl"})
     specs = [{"intent": ("billing" if n % 2 else "cards")} for n in range(100)]
     specs[7]["intent"] = "billing"
@@ -249,7 +287,10 @@ def test_defaults_hold_every_rule_together(project: Path) -> None:
     try:
         intents = ["billing"] * 60 + ["cards"] * 30 + ["refunds"] * 30 + ["login"] * 10 + ["travel"] * 20
         types = ["format_error"] * 90 + ["wrong_intent"] * 40 + ["over_promise"] * 14 + ["policy_boundary_risk"] * 6
-        specs = [{"intent": i, "problem_type": t, "severity": "critical" if t == "policy_boundary_risk" else "medium"} for i, t in zip(intents, types)]
+        specs = [
+            {"intent": i, "problem_type": t, "severity": "critical" if t == "policy_boundary_risk" else "medium"}
+            for i, t in zip(intents, types)
+        ]
         tiers = [SampleTier.CORE, SampleTier.SECONDARY, SampleTier.CANDIDATE]
         replay_intents = ["billing"] * 300 + ["cards", "refunds", "login", "shipping"] * 150
         specs += [{"intent": i, "problem_type": "wrong_intent", "tier": tiers[n % 3]} for n, i in enumerate(replay_intents)]
@@ -279,8 +320,11 @@ def test_defaults_hold_every_rule_together(project: Path) -> None:
 
 def test_manifest_composition_matches_the_rows(make_ctx) -> None:
     ctx = make_ctx(heldout_ratio=0.25, replay_target_share=None, replay_min_share=0.2, replay_max_share=0.6)
-    seed_store(ctx.store, [{"intent": ["a", "b", "c"][n % 3], "problem_type": ["over_promise", "format_error"][n % 2]} for n in range(60)]
-               + [{"intent": "a", "tier": SampleTier.CORE} for _ in range(80)])
+    seed_store(
+        ctx.store,
+        [{"intent": ["a", "b", "c"][n % 3], "problem_type": ["over_promise", "format_error"][n % 2]} for n in range(60)]
+        + [{"intent": "a", "tier": SampleTier.CORE} for _ in range(80)],
+    )
     snap = build_snapshot(ctx, "sft")
     for split in ("train", "heldout"):
         rows = read_rows(snap, split)
@@ -293,7 +337,15 @@ def test_manifest_composition_matches_the_rows(make_ctx) -> None:
     steps = snap.manifest["steps"]
     for before, after in zip(steps, steps[1:]):
         assert after["before"] == before["after"]  # the training rows flow from one step to the next
-    assert [s["step"] for s in steps] == ["test_set_filter", "problem_type_cap", "oversample_high_risk", "replay_mix", "heldout_split", "intent_floor", "intent_cap"]
+    assert [s["step"] for s in steps] == [
+        "test_set_filter",
+        "problem_type_cap",
+        "oversample_high_risk",
+        "replay_mix",
+        "heldout_split",
+        "intent_floor",
+        "intent_cap",
+    ]
 
 
 def test_same_state_gives_the_same_snapshot_and_other_config_another(make_ctx) -> None:
@@ -315,7 +367,10 @@ def test_same_state_gives_the_same_snapshot_and_other_config_another(make_ctx) -
 
 def test_dpo_rows_pair_correction_with_the_original_answer(make_ctx) -> None:
     ctx = make_ctx()
-    seed_store(ctx.store, [{"original": "We guarantee a refund.", "correction": "I can open a refund review."}, {"original": "same", "correction": "same"}])
+    seed_store(
+        ctx.store,
+        [{"original": "We guarantee a refund.", "correction": "I can open a refund review."}, {"original": "same", "correction": "same"}],
+    )
     snap = build_snapshot(ctx, "dpo")
     rows = read_rows(snap)
     assert len(rows) == 1 and snap.kind == "dpo" and snap.id.startswith("ds-dpo-")
@@ -329,14 +384,23 @@ def test_dpo_rows_pair_correction_with_the_original_answer(make_ctx) -> None:
 
 def test_sft_row_is_prompt_plus_correction(make_ctx) -> None:
     ctx = make_ctx()
-    seed_store(ctx.store, [{"user": "Where is my card?", "correction": "It ships in 3 days.", "intent": "cards", "problem_type": "missing_knowledge"}])
+    seed_store(
+        ctx.store,
+        [{"user": "Where is my card?", "correction": "It ships in 3 days.", "intent": "cards", "problem_type": "missing_knowledge"}],
+    )
     row = read_rows(build_snapshot(ctx, "sft"))[0]
     assert row["messages"] == [
         {"role": "system", "content": "You are a support agent."},
         {"role": "user", "content": "Where is my card?"},
         {"role": "assistant", "content": "It ships in 3 days."},
     ]
-    assert (row["intent"], row["problem_type"], row["category"], row["tier"], row["failure_id"]) == ("cards", "missing_knowledge", "reasoning", "problem", "f00000")
+    assert (row["intent"], row["problem_type"], row["category"], row["tier"], row["failure_id"]) == (
+        "cards",
+        "missing_knowledge",
+        "reasoning",
+        "problem",
+        "f00000",
+    )
 
 
 def test_a_human_label_sets_the_intent_and_newest_verified_correction_wins(make_ctx) -> None:
@@ -345,8 +409,12 @@ def test_a_human_label_sets_the_intent_and_newest_verified_correction_wins(make_
     ctx = make_ctx()
     (fid,) = seed_store(ctx.store, [{"intent": "billing", "correction": "first fix"}])
     with ctx.store.begin() as conn:
-        save_correction(conn, Correction(failure_id=fid, answer="second fix", generator="kb", verification=Verification(passed=True, verifier="rule")))
-        save_correction(conn, Correction(failure_id=fid, answer="failed fix", generator="kb", verification=Verification(passed=False, verifier="rule")))
+        save_correction(
+            conn, Correction(failure_id=fid, answer="second fix", generator="kb", verification=Verification(passed=True, verifier="rule"))
+        )
+        save_correction(
+            conn, Correction(failure_id=fid, answer="failed fix", generator="kb", verification=Verification(passed=False, verifier="rule"))
+        )
         move_tier(conn, fid, SampleTier.CORE, actor="test")  # a graduated sample trains whatever its status
     add_label(ctx.store, fid, {"intent": "refunds"}, "alice")
     # the failure is now replay; a supplied problem row lets the snapshot build
@@ -387,7 +455,9 @@ def test_snapshot_is_recorded_in_the_store(any_store: Store) -> None:
 
 
 def test_dataset_commands(make_ctx, project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (project / "flywheel.toml").write_text("[dataset]\nheldout_ratio = 0.0\nintent_min_samples = 0\nreplay_min_share = 0.0\nreplay_max_share = 1.0\nreplay_target_share = 0.5\n")
+    (project / "flywheel.toml").write_text(
+        "[dataset]\nheldout_ratio = 0.0\nintent_min_samples = 0\nreplay_min_share = 0.0\nreplay_max_share = 1.0\nreplay_target_share = 0.5\n"
+    )
     seed_store(make_ctx().store, spec(6, intent="billing"))
     assert main(["-C", str(project), "dataset", "build", "--json"]) == 0
     built = json.loads(capsys.readouterr().out)
@@ -437,9 +507,20 @@ def test_counter_replay_protects_the_intents_problem_rows_correct_away_from(proj
 def _sample(key: str, intent: str, text: str, tier: str) -> Any:
     from flywheel.trainer.balance import Sample
 
-    return Sample(key=key, tier=tier, intent=intent, problem_type="wrong_intent" if tier == "problem" else "none", severity=None,
-                  category="reasoning", base_weight=1.0, prompt=[{"role": "user", "content": text}], answer="{}", rejected=None,
-                  group=normalise_text(text), last_user=normalise_text(text))
+    return Sample(
+        key=key,
+        tier=tier,
+        intent=intent,
+        problem_type="wrong_intent" if tier == "problem" else "none",
+        severity=None,
+        category="reasoning",
+        base_weight=1.0,
+        prompt=[{"role": "user", "content": text}],
+        answer="{}",
+        rejected=None,
+        group=normalise_text(text),
+        last_user=normalise_text(text),
+    )
 
 
 def test_boundary_replay_draws_the_neighbours_of_each_correction_first() -> None:
@@ -447,12 +528,22 @@ def test_boundary_replay_draws_the_neighbours_of_each_correction_first() -> None
     boundary replay draws those neighbours (by the real embedding model), where per-intent replay
     shares the same budget out evenly."""
     from flywheel.store.vectors import Embedder
-    from flywheel.trainer.balance import Ledger, boundary_neighbours, mix_replay
+    from flywheel.trainer.balance import Ledger
+    from flywheel.trainer.replay_mix import boundary_neighbours, mix_replay
 
-    problems = [_sample(f"p{i}", "request_refund", text, "problem") for i, text in enumerate([
-        "I want my money back for this order", "Please refund the item I returned", "Can I get a refund for the purchase?"])]
+    problems = [
+        _sample(f"p{i}", "request_refund", text, "problem")
+        for i, text in enumerate(
+            ["I want my money back for this order", "Please refund the item I returned", "Can I get a refund for the purchase?"]
+        )
+    ]
     near = ["My refund still hasn't shown up in my account", "The refund for my order is not showing", "Where is the refund you sent me?"]
-    far = ["When will my new card arrive?", "How do I change my PIN?", "My card was delivered to the wrong address", "Is there a fee for top ups?"]
+    far = [
+        "When will my new card arrive?",
+        "How do I change my PIN?",
+        "My card was delivered to the wrong address",
+        "Is there a fee for top ups?",
+    ]
     replay = [_sample(f"n{i}", "refund_not_showing_up", t, "candidate_baseline") for i, t in enumerate(near)]
     replay += [_sample(f"f{i}", "card_questions", t, "candidate_baseline") for i, t in enumerate(far * 2)]
     embedder = Embedder()

@@ -22,8 +22,15 @@ pytestmark = pytest.mark.slow
 
 def _demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
-    return subprocess.run([sys.executable, "-m", "flywheel", "demo", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-m", "flywheel", "demo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=1800,
+    )
 
 
 def _test_texts(folder: Path) -> set[str]:
@@ -66,10 +73,36 @@ def _tiny_pack(folder: Path) -> Path:
     phrasing = {
         "book_flight": ["I want to fly to {}", "book me a flight to {}", "get a plane ticket for {}", "flights to {} please"],
         "cancel_booking": ["cancel my trip to {}", "I need to cancel the {} booking", "drop my reservation in {}", "undo the {} order"],
-        "baggage_allowance": ["how many bags can I take to {}", "luggage limit for {}", "what is the baggage rule to {}", "can I bring two suitcases to {}"],
-        "seat_upgrade": ["upgrade my seat to {}", "can I get business class to {}", "better seat on the {} flight", "move me to first class for {}"],
+        "baggage_allowance": [
+            "how many bags can I take to {}",
+            "luggage limit for {}",
+            "what is the baggage rule to {}",
+            "can I bring two suitcases to {}",
+        ],
+        "seat_upgrade": [
+            "upgrade my seat to {}",
+            "can I get business class to {}",
+            "better seat on the {} flight",
+            "move me to first class for {}",
+        ],
     }
-    places = ["Paris", "Oslo", "Rome", "Lima", "Cairo", "Tokyo", "Quito", "Accra", "Dubai", "Hanoi", "Perth", "Sofia", "Riga", "Bern", "Kyiv"]
+    places = [
+        "Paris",
+        "Oslo",
+        "Rome",
+        "Lima",
+        "Cairo",
+        "Tokyo",
+        "Quito",
+        "Accra",
+        "Dubai",
+        "Hanoi",
+        "Perth",
+        "Sofia",
+        "Riga",
+        "Bern",
+        "Kyiv",
+    ]
     (folder / "categories.json").write_text(json.dumps(list(phrasing)), encoding="utf-8")
     for name, cities in (("train.csv", places[:12]), ("test.csv", places[12:])):
         with (folder / name).open("w", encoding="utf-8", newline="") as handle:
@@ -132,8 +165,14 @@ def test_a_pack_without_kb_learns_from_the_labels(tmp_path: Path) -> None:
     assert manifest["labels"]["used"] >= 0.8 * manifest["labels"]["labelled"]
     # `flywheel failures` lists the labelled failures as judged wrong_intent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
-    listed = subprocess.run([sys.executable, "-m", "flywheel", "-C", str(work), "failures", "--problem-type", "wrong_intent", "--limit", "1000", "--json"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    listed = subprocess.run(
+        [sys.executable, "-m", "flywheel", "-C", str(work), "failures", "--problem-type", "wrong_intent", "--limit", "1000", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) >= 100
     test_texts = _test_texts(data)

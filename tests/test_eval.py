@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 from flywheel.cli import main
 from flywheel.context import Context
@@ -32,7 +33,6 @@ from flywheel.settings import Settings, load_settings
 from flywheel.store import failures as failure_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
-from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 INTENTS = ["card_arrival", "refund_status", "lost_card", "exchange_rate"]
 SCHEMA = {"type": "object", "required": ["intent", "answer"], "properties": {"intent": {"type": "string"}, "answer": {"type": "string"}}}
@@ -89,7 +89,10 @@ def test_metrics_on_hand_built_outcomes() -> None:
 def row(i: int, intent: str) -> dict[str, Any]:
     return {
         "id": f"t{i}",
-        "messages": [{"role": "system", "content": "Answer as JSON."}, {"role": "user", "content": f"question {i} about {intent.replace('_', ' ')}"}],
+        "messages": [
+            {"role": "system", "content": "Answer as JSON."},
+            {"role": "user", "content": f"question {i} about {intent.replace('_', ' ')}"},
+        ],
         "reference": {"intent": intent, "answer": json.dumps({"intent": intent, "answer": "ok"})},
     }
 
@@ -118,7 +121,10 @@ def test_load_test_set(tmp_path: Path) -> None:
         (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"test\.jsonl:2: reference: Field required"),
         (json.dumps({"messages": [{"role": "robot", "content": "hi"}], "reference": {}}), r"test\.jsonl:2: messages\.0\.role"),
         (json.dumps({"messages": [{"role": "system", "content": "x"}], "reference": {}}), r"test\.jsonl:2: messages hold no user message"),
-        (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "reference": {}}), r"test\.jsonl:2: messages end with an assistant turn"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "reference": {}}),
+            r"test\.jsonl:2: messages end with an assistant turn",
+        ),
         (json.dumps({**row(0, "lost_card")}), r"test\.jsonl:2: id 't0' appears twice"),
         (json.dumps({**row(9, "lost_card"), "extra": 1}), r"test\.jsonl:2: extra: Extra inputs"),
     ],
@@ -149,25 +155,52 @@ def seed_failures(store: Store) -> None:
         ("b2", "lost_card", SampleTier.SECONDARY, False, "format_error"),
         ("c1", "lost_card", SampleTier.CANDIDATE, True, "format_error"),
     ]
-    interaction_repo.insert(store, [
-        Interaction(
-            id=iid, timestamp="2026-01-02T03:04:05Z", model_version="v1", intent=intent, content_hash=f"h-{iid}",
-            messages=[Message(role="user", content=f"help with {intent} ({iid})"), Message(role="assistant", content="We guarantee a refund today")],
-        )
-        for iid, intent, *_ in specs
-    ])
-    with store.begin() as conn:
-        failure_repo.insert_failures(conn, [
-            Failure(id=failure_repo.failure_id_for(iid), interaction_id=iid, rule="thumbs_down", first_seen_version="v1", intent=intent, status=FailureStatus.JUDGED)
+    interaction_repo.insert(
+        store,
+        [
+            Interaction(
+                id=iid,
+                timestamp="2026-01-02T03:04:05Z",
+                model_version="v1",
+                intent=intent,
+                content_hash=f"h-{iid}",
+                messages=[
+                    Message(role="user", content=f"help with {intent} ({iid})"),
+                    Message(role="assistant", content="We guarantee a refund today"),
+                ],
+            )
             for iid, intent, *_ in specs
-        ])
+        ],
+    )
+    with store.begin() as conn:
+        failure_repo.insert_failures(
+            conn,
+            [
+                Failure(
+                    id=failure_repo.failure_id_for(iid),
+                    interaction_id=iid,
+                    rule="thumbs_down",
+                    first_seen_version="v1",
+                    intent=intent,
+                    status=FailureStatus.JUDGED,
+                )
+                for iid, intent, *_ in specs
+            ],
+        )
         for iid, _intent, tier, verified, problem_type in specs:
             fid = failure_repo.failure_id_for(iid)
-            failure_repo.save_verdict(conn, Verdict(failure_id=fid, is_failure=True, problem_type=problem_type, severity="high", judge="rule"))
-            failure_repo.save_correction(conn, Correction(
-                failure_id=fid, answer=f"corrected answer for {iid}", generator="kb",
-                verification=Verification(passed=verified, verifier="rule"),
-            ))
+            failure_repo.save_verdict(
+                conn, Verdict(failure_id=fid, is_failure=True, problem_type=problem_type, severity="high", judge="rule")
+            )
+            failure_repo.save_correction(
+                conn,
+                Correction(
+                    failure_id=fid,
+                    answer=f"corrected answer for {iid}",
+                    generator="kb",
+                    verification=Verification(passed=verified, verifier="rule"),
+                ),
+            )
             if tier != SampleTier.PROBLEM:
                 failure_repo.move_tier(conn, fid, tier, actor="test")
     from flywheel.data.labels import add_label
@@ -265,12 +298,27 @@ def test_a_broken_model_is_an_infrastructure_error(project: Path) -> None:
 def test_llm_judge_adds_what_the_rules_miss(project: Path, tmp_path: Path, openai_server: OpenAIServer) -> None:
     """With an endpoint configured, answers the rules did not settle go to the LLM judge (through the
     real langchain-openai client, against a local server); its failures become `llm` findings."""
-    settings = schema_settings(project, llm={"base_url": openai_server.base_url, "judge_model": "judge-model", "timeout_s": 5.0,
-                                             "max_retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.02})
+    settings = schema_settings(
+        project,
+        llm={
+            "base_url": openai_server.base_url,
+            "judge_model": "judge-model",
+            "timeout_s": 5.0,
+            "max_retries": 1,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.02,
+        },
+    )
     path = tmp_path / "test.jsonl"
     write_test_set(path, 4)
     items = load_test_set(path)
-    vague = {"is_failure": True, "problem_type": "missing_knowledge", "severity": "medium", "acceptance": "Risk", "rationale": "says nothing the KB knows"}
+    vague = {
+        "is_failure": True,
+        "problem_type": "missing_knowledge",
+        "severity": "medium",
+        "acceptance": "Risk",
+        "rationale": "says nothing the KB knows",
+    }
     fine = {"is_failure": False, "problem_type": None, "severity": None, "acceptance": "Accept", "rationale": "ok"}
     openai_server.handler = lambda req: Reply.json(vague if "I am not sure" in req.text else fine)
 
@@ -340,16 +388,21 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
     make_project(project)
     ctx = Context(settings=load_settings(project))
     seed_failures(ctx.store)  # a problem set (p1) and a baseline set (b1) next to the 20-row test set
-    (tiny_model.parent / "curve.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.1, "learning_rate": 1e-4}]}))
+    (tiny_model.parent / "curve.json").write_text(
+        json.dumps({"log_history": [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.1, "learning_rate": 1e-4}]})
+    )
     calls: dict[str, int] = {}
 
-    def load(ref: ModelRef, settings: Settings):  # noqa: ANN202 - the runner's ModelLoader
+    def load(ref: ModelRef, settings: Settings):
         calls[ref.name] = calls.get(ref.name, 0) + 1
         if ref.name == "base":
             return local_generate_fn(ref, settings)  # the real tiny model: untrained, never valid JSON
 
         def better(conversations: list[list[dict[str, Any]]]) -> list[str]:
-            return [answer_for(c) if "question" in c[-1]["content"] else json.dumps({"intent": "refund_status", "answer": "fixed"}) for c in conversations]
+            return [
+                answer_for(c) if "question" in c[-1]["content"] else json.dumps({"intent": "refund_status", "answer": "fixed"})
+                for c in conversations
+            ]
 
         return better, lambda: None
 
@@ -384,7 +437,9 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
         ctx.close()
 
 
-def test_flywheel_eval_registered_versions(project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flywheel_eval_registered_versions(
+    project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flywheel.release import registry
 
     make_project(project, rows=12)
@@ -425,7 +480,9 @@ def test_flywheel_eval_registered_versions(project: Path, tiny_model: Path, tiny
     assert "not in the taxonomy" in capsys.readouterr().err
 
 
-def test_flywheel_eval_unregistered_adapter(project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_flywheel_eval_unregistered_adapter(
+    project: Path, tiny_model: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from flywheel.commands.evaluate import resolve_candidate, resolve_champion
 
     make_project(project, rows=6)

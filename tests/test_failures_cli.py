@@ -10,17 +10,7 @@ import pytest
 from flywheel.cli import main
 from flywheel.data.labels import add_label, count_labels, latest_label
 from flywheel.errors import NotFoundError, UserInputError
-from flywheel.records import (
-    Correction,
-    Failure,
-    FailureStatus,
-    Interaction,
-    Message,
-    SampleTier,
-    Signals,
-    Verdict,
-    Verification,
-)
+from flywheel.records import Correction, Failure, FailureStatus, Interaction, Message, SampleTier, Signals, Verdict, Verification
 from flywheel.store import failures as repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
@@ -48,7 +38,10 @@ def seed(store: Store) -> None:
                 timestamp="2026-01-02T03:04:05Z",
                 model_version=version,
                 intent=intent,
-                messages=[Message(role="user", content=f"question {iid} about {intent}"), Message(role="assistant", content=f"answer {iid} [not markup]")],
+                messages=[
+                    Message(role="user", content=f"question {iid} about {intent}"),
+                    Message(role="assistant", content=f"answer {iid} [not markup]"),
+                ],
                 signals=Signals(feedback="down", user_tier="premium"),
                 content_hash=f"h-{iid}",
                 source=f"log.jsonl:{n + 1}",
@@ -60,13 +53,34 @@ def seed(store: Store) -> None:
         repo.insert_failures(
             conn,
             [
-                Failure(id=fid(iid), interaction_id=iid, rule=rule, rules=[rule], risk=risk, first_seen_version=version, intent=intent, status=FailureStatus.TRIAGED)
+                Failure(
+                    id=fid(iid),
+                    interaction_id=iid,
+                    rule=rule,
+                    rules=[rule],
+                    risk=risk,
+                    first_seen_version=version,
+                    intent=intent,
+                    status=FailureStatus.TRIAGED,
+                )
                 for iid, intent, version, rule, risk, *_rest in ROWS
             ],
         )
         for iid, _intent, _version, _rule, _risk, status, verdict in ROWS:
             if verdict is not None:
-                repo.save_verdict(conn, Verdict(failure_id=fid(iid), is_failure=True, problem_type=verdict[0], severity=verdict[1], acceptance="Reject", rationale="wrong", judge="rule", prompt_version="judge@abc"))
+                repo.save_verdict(
+                    conn,
+                    Verdict(
+                        failure_id=fid(iid),
+                        is_failure=True,
+                        problem_type=verdict[0],
+                        severity=verdict[1],
+                        acceptance="Reject",
+                        rationale="wrong",
+                        judge="rule",
+                        prompt_version="judge@abc",
+                    ),
+                )
             elif status == FailureStatus.NOT_FAILURE:
                 repo.save_verdict(conn, Verdict(failure_id=fid(iid), is_failure=False, judge="rule"))
         repo.save_correction(
@@ -86,7 +100,9 @@ def seed(store: Store) -> None:
                 answer="We guarantee your refund today.",
                 generator="llm:test-model",
                 prompt_version="corrector@123",
-                verification=Verification(passed=False, reasons=["policy:guaranteed_refund: over_promise (high)"], verifier="rule+llm:test-model"),
+                verification=Verification(
+                    passed=False, reasons=["policy:guaranteed_refund: over_promise (high)"], verifier="rule+llm:test-model"
+                ),
             ),
         )
         repo.move_tier(conn, fid("i1"), SampleTier.CANDIDATE, actor="test", reason="fixed in v2", version="v2", weight=1.0)
@@ -198,13 +214,20 @@ def test_unknown_id_exits_3(seeded: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_label_one_and_show_it(seeded: Path, any_store: Store, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, seeded, "label", fid("i0"), "--intent", "lost_card", "--answer", "Freeze the card in the app.", "--by", "ann")
+    code, out, _ = run(
+        capsys, seeded, "label", fid("i0"), "--intent", "lost_card", "--answer", "Freeze the card in the app.", "--by", "ann"
+    )
     assert code == 0 and "labelled" in out and "1 label(s) in all" in out
     with any_store.engine.connect() as conn:
         ref = latest_label(conn, fid("i0"))
     assert ref is not None and ref.intent == "lost_card" and ref.answer == "Freeze the card in the app." and ref.source == "label:ann"
     code, out, _ = run(capsys, seeded, "failures", "show", fid("i0"), "--json")
-    assert json.loads(out)["reference"] == {"intent": "lost_card", "answer": "Freeze the card in the app.", "fine": False, "source": "label:ann"}
+    assert json.loads(out)["reference"] == {
+        "intent": "lost_card",
+        "answer": "Freeze the card in the app.",
+        "fine": False,
+        "source": "label:ann",
+    }
     # the newest label wins; every label counts against the budget
     add_label(any_store, fid("i0"), {"intent": "card_arrival"}, "bob")
     with any_store.engine.connect() as conn:
@@ -217,7 +240,9 @@ def test_label_one_and_show_it(seeded: Path, any_store: Store, capsys: pytest.Ca
     assert code == 2 and "--intent" in err
 
 
-def test_label_file_keeps_good_lines_and_names_bad_ones(seeded: Path, any_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_label_file_keeps_good_lines_and_names_bad_ones(
+    seeded: Path, any_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "labels.jsonl"
     lines = [
         json.dumps({"failure_id": fid("i0"), "intent": "card_arrival", "text": "the request, as the label queue wrote it"}),
@@ -271,18 +296,26 @@ def test_newest_labels_and_uncorrectable_attempts_on_both_stores(any_store: Stor
     add_label(any_store, fid("i1"), {"intent": "c"}, "cat")
     with any_store.engine.connect() as conn:
         refs = latest_labels(conn, [fid("i0"), fid("i1"), fid("i2")])
-    assert {k: (r.intent, r.answer, r.source) for k, r in refs.items()} == {fid("i0"): ("b", "B", "label:bob"), fid("i1"): ("c", None, "label:cat")}
+    assert {k: (r.intent, r.answer, r.source) for k, r in refs.items()} == {
+        fid("i0"): ("b", "B", "label:bob"),
+        fid("i1"): ("c", None, "label:cat"),
+    }
     with any_store.begin() as conn:
         repo.save_uncorrectable(conn, fid("i0"), "kb", "no approved response for intent 'b' in the knowledge base")
     view = repo.show(any_store, fid("i0"))
     assert view.failure.status == FailureStatus.UNCORRECTABLE
-    assert view.correction.answer == "" and not view.correction.verified and view.correction.verification.reasons == ["no approved response for intent 'b' in the knowledge base"]
+    assert (
+        view.correction.answer == ""
+        and not view.correction.verified
+        and view.correction.verification.reasons == ["no approved response for intent 'b' in the knowledge base"]
+    )
     rows = {r.id: r for r in repo.list_failures(any_store, repo.FailureFilter(status="uncorrectable"))}
     assert set(rows) == {fid("i0")} and not rows[fid("i0")].verified
 
 
-def test_commands_outside_a_project_refuse_and_create_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_outside_a_project_refuse_and_create_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty, absent = tmp_path / "empty", tmp_path / "nonexistent"
     empty.mkdir()
     for folder, args in ((empty, ["failures"]), (absent, ["models"]), (absent, ["kb", "add", "x.md"]), (empty, ["slack", "test"])):

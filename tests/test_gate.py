@@ -14,7 +14,13 @@ from flywheel.settings_sections import GateSettings, TaxonomySettings
 
 TYPES = list(TaxonomySettings().problem_types)
 SEVERITY = dict(TaxonomySettings().default_severity)
-GATE = GateSettings(targeted_min_relative_drop=0.3, max_regression=0.02, min_intent_samples=5, block_new_severities=["high", "critical"], intent_rule="point")
+GATE = GateSettings(
+    targeted_min_relative_drop=0.3,
+    max_regression=0.02,
+    min_intent_samples=5,
+    block_new_severities=["high", "critical"],
+    intent_rule="point",
+)
 
 # A block of items: (how many, intent, problem types found in each; a type may be "type@severity")
 Block = tuple[int, str, Sequence[str]]
@@ -38,7 +44,9 @@ CHAMPION_PROBLEM: list[Block] = [(8, "billing", ["over_promise"]), (2, "billing"
 CHAMPION_BASELINE: list[Block] = [(50, "cards", []), (0, "cards", [])]
 
 
-def champion(test: list[Block] = CHAMPION_TEST, problem: list[Block] = CHAMPION_PROBLEM, baseline: list[Block] = CHAMPION_BASELINE) -> dict[str, SetMetrics]:
+def champion(
+    test: list[Block] = CHAMPION_TEST, problem: list[Block] = CHAMPION_PROBLEM, baseline: list[Block] = CHAMPION_BASELINE
+) -> dict[str, SetMetrics]:
     return {"test": build("test", test), "problem": build("problem", problem), "baseline": build("baseline", baseline)}
 
 
@@ -46,7 +54,11 @@ def candidate(
     test: list[Block] | None = None, problem: list[Block] | None = None, baseline: list[Block] | None = None
 ) -> dict[str, SetMetrics]:
     """By default a good candidate: over_promise halves on the test set and falls 8 -> 2 on the problem set."""
-    test = test if test is not None else [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (35, "cards", [])]
+    test = (
+        test
+        if test is not None
+        else [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (35, "cards", [])]
+    )
     problem = problem if problem is not None else [(2, "billing", ["over_promise"]), (8, "billing", [])]
     baseline = baseline if baseline is not None else [(50, "cards", [])]
     return {"test": build("test", test), "problem": build("problem", problem), "baseline": build("baseline", baseline)}
@@ -106,7 +118,13 @@ def test_targeted_type_the_champion_never_had() -> None:
     absent = evaluate_gate(champion(), candidate(), ["over_promise", "wrong_tool_call"], GATE)
     assert not failed(absent, "targeted")
     assert any("targeted wrong_tool_call on the fixed test set: 0.0% (0/100) -> 0.0% (0/100), stays absent" in r for r in absent.reasons)
-    appears = [(10, "billing", ["over_promise"]), (1, "cards", ["wrong_tool_call"]), (9, "cards", ["format_error"]), (45, "billing", []), (35, "cards", [])]
+    appears = [
+        (10, "billing", ["over_promise"]),
+        (1, "cards", ["wrong_tool_call"]),
+        (9, "cards", ["format_error"]),
+        (45, "billing", []),
+        (35, "cards", []),
+    ]
     result = evaluate_gate(champion(), candidate(test=appears), ["over_promise", "wrong_tool_call"], GATE)
     assert any("appears although the champion had none" in r for r in failed(result, "targeted"))
 
@@ -117,7 +135,9 @@ def test_another_problem_type_regressing_fails() -> None:
     result = evaluate_gate(champion(), candidate(test=worse), ["over_promise"], GATE)
     assert not result.passed
     reasons = failed(result, "problem_type")
-    assert reasons == ["format_error on the fixed test set: 10.0% (10/100) -> 13.0% (13/100), a change of +3.0 points, beyond the allowed rise of 2.0"]
+    assert reasons == [
+        "format_error on the fixed test set: 10.0% (10/100) -> 13.0% (13/100), a change of +3.0 points, beyond the allowed rise of 2.0"
+    ]
     # exactly the allowed rise passes
     edge = [(10, "billing", ["over_promise"]), (12, "cards", ["format_error"]), (45, "billing", []), (33, "cards", [])]
     assert not failed(evaluate_gate(champion(), candidate(test=edge), ["over_promise"], GATE), "problem_type")
@@ -126,8 +146,14 @@ def test_another_problem_type_regressing_fails() -> None:
 def test_an_intent_regressing_fails_and_small_intents_are_not_gated() -> None:
     # cards loses 2 of its 35 successes (77.8% -> 73.3%); a 4-item intent "tiny" loses all of its successes
     base = champion(test=[*CHAMPION_TEST, (4, "tiny", [])])
-    worse_cards = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (33, "cards", []),
-                   (2, "cards", ["format_error@low"]), (4, "tiny", ["format_error"])]
+    worse_cards = [
+        (10, "billing", ["over_promise"]),
+        (10, "cards", ["format_error"]),
+        (45, "billing", []),
+        (33, "cards", []),
+        (2, "cards", ["format_error@low"]),
+        (4, "tiny", ["format_error"]),
+    ]
     result = evaluate_gate(base, candidate(test=worse_cards), ["over_promise"], GATE)
     intent_failures = failed(result, "intent")
     assert intent_failures and intent_failures[0].startswith("intent cards on the fixed test set: success 77.8% (35/45) -> 73.3% (33/45)")
@@ -141,8 +167,13 @@ def test_an_intent_regressing_fails_and_small_intents_are_not_gated() -> None:
 def test_the_significant_intent_rule_gates_only_drops_whose_interval_excludes_no_change() -> None:
     significant = GATE.model_copy(update={"intent_rule": "significant"})
     # cards 35/45 -> 33/45: beyond the 2-point margin, but well within noise: reported, passes
-    slight = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (45, "billing", []), (33, "cards", []),
-              (2, "cards", ["format_error@low"])]
+    slight = [
+        (10, "billing", ["over_promise"]),
+        (10, "cards", ["format_error"]),
+        (45, "billing", []),
+        (33, "cards", []),
+        (2, "cards", ["format_error@low"]),
+    ]
     result = evaluate_gate(champion(), candidate(test=slight), ["over_promise"], significant)
     check = next(c for c in result.checks if c.kind == "intent" and c.subject == "cards")
     assert check.passed and "beyond the allowed drop of 2.0, but its 95% interval" in check.reason
@@ -153,14 +184,26 @@ def test_the_significant_intent_rule_gates_only_drops_whose_interval_excludes_no
 
 
 def test_a_new_high_severity_type_fails() -> None:
-    leak = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk"]), (44, "billing", []), (35, "cards", [])]
+    leak = [
+        (10, "billing", ["over_promise"]),
+        (10, "cards", ["format_error"]),
+        (1, "cards", ["policy_boundary_risk"]),
+        (44, "billing", []),
+        (35, "cards", []),
+    ]
     result = evaluate_gate(champion(), candidate(test=leak), ["over_promise"], GATE)
     assert not result.passed
     assert failed(result, "new_severity") == [
         "new high/critical problem type policy_boundary_risk: the candidate has 1 item(s) at high across all sets; the champion had none"
     ]
     # the same type at a severity that is not blocked is not "new at a blocked severity"
-    mild = [(10, "billing", ["over_promise"]), (10, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk@low"]), (44, "billing", []), (35, "cards", [])]
+    mild = [
+        (10, "billing", ["over_promise"]),
+        (10, "cards", ["format_error"]),
+        (1, "cards", ["policy_boundary_risk@low"]),
+        (44, "billing", []),
+        (35, "cards", []),
+    ]
     assert not failed(evaluate_gate(champion(), candidate(test=mild), ["over_promise"], GATE), "new_severity")
     # a blocked-severity type the champion already had (over_promise, high) is not new either
     assert not failed(evaluate_gate(champion(), candidate(), ["over_promise"], GATE), "new_severity")
@@ -217,8 +260,16 @@ def test_nothing_targeted_says_so() -> None:
 
 
 def test_every_failure_reason_at_once() -> None:
-    bad_test = [(18, "billing", ["over_promise"]), (14, "cards", ["format_error"]), (1, "cards", ["policy_boundary_risk"]), (37, "billing", []), (30, "cards", [])]
-    result = evaluate_gate(champion(), candidate(test=bad_test, baseline=[(40, "cards", []), (10, "cards", ["format_error"])]), ["over_promise"], GATE)
+    bad_test = [
+        (18, "billing", ["over_promise"]),
+        (14, "cards", ["format_error"]),
+        (1, "cards", ["policy_boundary_risk"]),
+        (37, "billing", []),
+        (30, "cards", []),
+    ]
+    result = evaluate_gate(
+        champion(), candidate(test=bad_test, baseline=[(40, "cards", []), (10, "cards", ["format_error"])]), ["over_promise"], GATE
+    )
     assert not result.passed
     assert {c.kind for c in result.failed_checks} == {"targeted", "problem_type", "intent", "baseline", "new_severity"}
     n_failed = len(result.failed_checks)

@@ -79,7 +79,7 @@ def test_graduation_with_a_still_failing_function_and_its_checks(any_store: Stor
         graduation.graduate(any_store, any_store.settings, "v1", fixed={"f-a": "yes"}, actor="alice")  # type: ignore[dict-item]
     seen = []
 
-    def still_failing(failure) -> bool:  # noqa: ANN001 - a Failure record
+    def still_failing(failure) -> bool:
         seen.append(failure.id)
         return failure.id == "f-b"
 
@@ -136,12 +136,24 @@ def test_cli_graduate_and_baseline_confirm(project: Path, tmp_path: Path, capsys
         add_samples(store, ["f-1", "f-2"])
         # the version's eval report on disk, with per-item outcomes, recorded under its real hash
         report_path = tmp_path / "report.json"
-        report_path.write_text(json.dumps({"candidate_metrics": {"problem": {"outcomes": [
-            {"id": "f-1", "findings": []}, {"id": "f-2", "findings": [{"problem_type": "over_promise"}]}]}}}))
+        report_path.write_text(
+            json.dumps(
+                {
+                    "candidate_metrics": {
+                        "problem": {
+                            "outcomes": [{"id": "f-1", "findings": []}, {"id": "f-2", "findings": [{"problem_type": "over_promise"}]}]
+                        }
+                    }
+                }
+            )
+        )
         digest = hashlib.sha256(report_path.read_bytes()).hexdigest()
         with store.begin() as conn:
-            conn.execute(model_versions.update().where(model_versions.c.id == version)
-                         .values(eval_report_path=str(report_path), eval_report_hash=digest))
+            conn.execute(
+                model_versions.update()
+                .where(model_versions.c.id == version)
+                .values(eval_report_path=str(report_path), eval_report_hash=digest)
+            )
     finally:
         store.dispose()
     cli = ["-C", str(project)]

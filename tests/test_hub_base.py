@@ -48,7 +48,11 @@ def _init(project: Path, base: str, **env: str) -> subprocess.CompletedProcess[s
     clean = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     return subprocess.run(
         [sys.executable, "-m", "flywheel", "-C", str(project), "init", "--base", base],
-        env={**clean, "HF_HUB_OFFLINE": "1", "COLUMNS": "500", **env}, capture_output=True, text=True, timeout=300, check=False,
+        env={**clean, "HF_HUB_OFFLINE": "1", "COLUMNS": "500", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -83,11 +87,13 @@ def test_a_hub_id_not_in_the_cache_is_refused_in_one_line_saying_how_to_get_it(t
     project = tmp_path / "proj"
     done = _init(project, "acme/not-here", HF_HOME=str(home))
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [(
-        f"error: --base acme/not-here: neither a folder nor in the local Hugging Face cache ({home / 'hub'}); "
-        "download it with `hf download acme/not-here` (older huggingface_hub: `huggingface-cli download acme/not-here`) "
-        "and copy the cache here if this machine has no network, or pass a model folder"
-    )]
+    assert done.stderr.strip().splitlines() == [
+        (
+            f"error: --base acme/not-here: neither a folder nor in the local Hugging Face cache ({home / 'hub'}); "
+            "download it with `hf download acme/not-here` (older huggingface_hub: `huggingface-cli download acme/not-here`) "
+            "and copy the cache here if this machine has no network, or pass a model folder"
+        )
+    ]
     assert not project.exists()  # refused before anything was written
 
 

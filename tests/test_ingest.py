@@ -36,10 +36,18 @@ FULL_LINE = {
     "messages": [
         {"role": "system", "content": "You are ACME's support assistant."},
         {"role": "user", "content": "Refund order 12345 to card 4111 1111 1111 1111 please, mail jane.doe@example.com"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "refund", "arguments": "{\"order_id\": \"12345\", \"email\": \"jane.doe@example.com\"}"}},
-        ]},
-        {"role": "tool", "tool_call_id": "call_1", "name": "refund", "content": "{\"ok\": true, \"amount\": \"$45.10\"}"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "refund", "arguments": '{"order_id": "12345", "email": "jane.doe@example.com"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "name": "refund", "content": '{"ok": true, "amount": "$45.10"}'},
         {"role": "assistant", "content": "Done: $45.10 goes back to your card within 5 days."},
     ],
     "feedback": "down",
@@ -65,8 +73,13 @@ def _write(path: Path, lines: list) -> Path:
 
 
 def _line(i: int, **extra) -> dict:
-    return {"id": f"c{i}", "timestamp": f"2026-02-01T00:00:{i % 60:02d}Z", "model_version": "v1",
-            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}], **extra}
+    return {
+        "id": f"c{i}",
+        "timestamp": f"2026-02-01T00:00:{i % 60:02d}Z",
+        "model_version": "v1",
+        "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+        **extra,
+    }
 
 
 def _quarantine(settings: Settings) -> list[dict]:
@@ -103,9 +116,11 @@ def test_a_full_line_is_scrubbed_stored_and_reads_back_as_a_record(any_store: St
 
 
 def test_metadata_and_signals_may_be_nested_and_ids_and_times_may_be_missing(store: Store, tmp_path: Path) -> None:
-    nested = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-              "metadata": {"intent": "greeting", "user_id": "jane@example.com", "timestamp": 1767225600},
-              "signals": {"feedback": "up", "followups": 1}}
+    nested = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "metadata": {"intent": "greeting", "user_id": "jane@example.com", "timestamp": 1767225600},
+        "signals": {"feedback": "up", "followups": 1},
+    }
     no_time = {"messages": [{"role": "user", "content": "no time"}]}
     path = _write(tmp_path / "a.jsonl", [nested, no_time, no_time])
     summary = ingest_files(store, store.settings, [path])
@@ -118,12 +133,19 @@ def test_metadata_and_signals_may_be_nested_and_ids_and_times_may_be_missing(sto
 
 
 def test_content_hash_is_exactly_the_shared_interaction_hash() -> None:
-    texts = [chr(c) for c in range(128)] + ["é ✓ \u2028 😀", "quote \" back \\ slash", "\x7f"]
+    texts = [chr(c) for c in range(128)] + ["é ✓ \u2028 😀", 'quote " back \\ slash', "\x7f"]
     for text in texts:
-        messages = [{"role": "user", "content": f"a{text}b"}, {"role": "assistant", "tool_calls": [
-            {"id": "x", "type": "function", "function": {"name": "f", "arguments": json.dumps({"k": text})}}]}]
+        messages = [
+            {"role": "user", "content": f"a{text}b"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": json.dumps({"k": text})}}],
+            },
+        ]
         for user in (None, "u1"):
-            assert content_hash(messages, user, "2026-01-01T00:00:00+00:00") == interaction_hash(messages, user, "2026-01-01T00:00:00+00:00")
+            assert content_hash(messages, user, "2026-01-01T00:00:00+00:00") == interaction_hash(
+                messages, user, "2026-01-01T00:00:00+00:00"
+            )
 
 
 # --- idempotency and duplicates ------------------------------------------------------------------------------------
@@ -164,7 +186,10 @@ def test_an_id_reused_with_other_content_is_a_conflict_naming_the_earlier_line(a
     later = _write(tmp_path / "b.jsonl", [{**_line(3), "id": "c4"}])
     f = ingest_files(any_store, any_store.settings, [later]).files[0]
     assert (f.stored, f.duplicates, f.conflicts) == (0, 0, 1)
-    assert _quarantine(any_store.settings)[-1]["reason"] == "id 'c4' is already stored with different content (from a.jsonl:2, an earlier ingest)"
+    assert (
+        _quarantine(any_store.settings)[-1]["reason"]
+        == "id 'c4' is already stored with different content (from a.jsonl:2, an earlier ingest)"
+    )
 
 
 def test_an_id_conflict_with_a_row_of_unknown_origin_says_already_stored(store: Store, tmp_path: Path) -> None:
@@ -200,29 +225,42 @@ def test_reingesting_does_not_quarantine_the_same_bad_lines_again(any_store: Sto
 
 def test_each_kind_of_bad_line_is_quarantined_with_its_line_and_the_rest_is_stored(any_store: Store, tmp_path: Path) -> None:
     settings = _with_max_chars(any_store.settings, 200)
-    path = _write(tmp_path / "mixed.jsonl", [
-        _line(1),                                                                     # 1 good
-        '{"messages": [{"role": "user", "content": "hi"}',                            # 2 malformed JSON
-        _line(3, followups="three"),                                                  # 3 wrong type
-        {"messages": [{"role": "robot", "content": "beep"}]},                         # 4 unknown role
-        {"messages": [{"role": "user", "content": "x" * 201}]},                       # 5 oversized message
-        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',                    # 6 invalid UTF-8
-        "",                                                                           # 7 blank: skipped, not counted
-        "[1, 2, 3]",                                                                  # 8 not an object
-        '{"messages": [{"role": "user", "content": "a\\u0000b"}]}',                   # 9 NUL
-        {"messages": [{"role": "user", "content": "mail me: bob@example.com"}], "feedback": "meh"},  # 10 wrong value
-        {"foo": 1},                                                                   # 11 no known shape
-        _line(12),                                                                    # 12 good
-        _line(13, timestamp=10**30),                                                  # 13 epoch out of range
-        _line(14, prompt_tokens=2**70),                                               # 14 too big for the column
-    ])
+    path = _write(
+        tmp_path / "mixed.jsonl",
+        [
+            _line(1),  # 1 good
+            '{"messages": [{"role": "user", "content": "hi"}',  # 2 malformed JSON
+            _line(3, followups="three"),  # 3 wrong type
+            {"messages": [{"role": "robot", "content": "beep"}]},  # 4 unknown role
+            {"messages": [{"role": "user", "content": "x" * 201}]},  # 5 oversized message
+            b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',  # 6 invalid UTF-8
+            "",  # 7 blank: skipped, not counted
+            "[1, 2, 3]",  # 8 not an object
+            '{"messages": [{"role": "user", "content": "a\\u0000b"}]}',  # 9 NUL
+            {"messages": [{"role": "user", "content": "mail me: bob@example.com"}], "feedback": "meh"},  # 10 wrong value
+            {"foo": 1},  # 11 no known shape
+            _line(12),  # 12 good
+            _line(13, timestamp=10**30),  # 13 epoch out of range
+            _line(14, prompt_tokens=2**70),  # 14 too big for the column
+        ],
+    )
     summary = ingest_files(any_store, settings, [path])
     f = summary.files[0]
     assert (f.read, f.stored, f.quarantined) == (13, 2, 11)
     got = {(q["line"], q["kind"]) for q in _quarantine(settings)}
-    assert got == {(2, "malformed_json"), (3, "wrong_type"), (4, "unknown_role"), (5, "oversized"), (6, "invalid_utf8"),
-                   (8, "wrong_type"), (9, "nul_character"), (10, "wrong_value"), (11, "unmappable"), (13, "bad_timestamp"),
-                   (14, "wrong_type")}
+    assert got == {
+        (2, "malformed_json"),
+        (3, "wrong_type"),
+        (4, "unknown_role"),
+        (5, "oversized"),
+        (6, "invalid_utf8"),
+        (8, "wrong_type"),
+        (9, "nul_character"),
+        (10, "wrong_value"),
+        (11, "unmappable"),
+        (13, "bad_timestamp"),
+        (14, "wrong_type"),
+    }
     by_line = {q["line"]: q for q in _quarantine(settings)}
     assert by_line[3]["reason"] == "followups must be a whole number from 0 to 2147483647, got 'three'"
     assert by_line[4]["reason"].startswith("messages[0].role 'robot'")
@@ -288,19 +326,49 @@ LANGSMITH_RUN = {
     "run_type": "llm",
     "start_time": "2026-01-05T10:00:00.090000",
     "end_time": "2026-01-05T10:00:01.459000",
-    "inputs": {"messages": [[
-        {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "SystemMessage"], "kwargs": {"content": "Be brief.", "type": "system"}},
-        {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "HumanMessage"],
-         "kwargs": {"content": "Where is order 555? Reach me at ann@example.org", "type": "human"}},
-    ]]},
-    "outputs": {"generations": [[{
-        "text": "",
-        "type": "ChatGeneration",
-        "message": {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "AIMessage"],
-                    "kwargs": {"content": "", "type": "ai", "tool_calls": [{"name": "lookup_order", "args": {"order_id": "555"}, "id": "call_9", "type": "tool_call"}]}},
-    }]], "llm_output": {"model_name": "gpt-4o-mini"}},
-    "extra": {"metadata": {"ls_model_name": "gpt-4o-mini", "intent": "order_status", "user_id": "u-7", "user_tier": "pro"},
-              "invocation_params": {"model": "gpt-4o-mini"}},
+    "inputs": {
+        "messages": [
+            [
+                {
+                    "lc": 1,
+                    "type": "constructor",
+                    "id": ["langchain", "schema", "messages", "SystemMessage"],
+                    "kwargs": {"content": "Be brief.", "type": "system"},
+                },
+                {
+                    "lc": 1,
+                    "type": "constructor",
+                    "id": ["langchain", "schema", "messages", "HumanMessage"],
+                    "kwargs": {"content": "Where is order 555? Reach me at ann@example.org", "type": "human"},
+                },
+            ]
+        ]
+    },
+    "outputs": {
+        "generations": [
+            [
+                {
+                    "text": "",
+                    "type": "ChatGeneration",
+                    "message": {
+                        "lc": 1,
+                        "type": "constructor",
+                        "id": ["langchain", "schema", "messages", "AIMessage"],
+                        "kwargs": {
+                            "content": "",
+                            "type": "ai",
+                            "tool_calls": [{"name": "lookup_order", "args": {"order_id": "555"}, "id": "call_9", "type": "tool_call"}],
+                        },
+                    },
+                }
+            ]
+        ],
+        "llm_output": {"model_name": "gpt-4o-mini"},
+    },
+    "extra": {
+        "metadata": {"ls_model_name": "gpt-4o-mini", "intent": "order_status", "user_id": "u-7", "user_tier": "pro"},
+        "invocation_params": {"model": "gpt-4o-mini"},
+    },
     "feedback_stats": {"user_score": {"n": 1, "avg": 0.0}, "qa_verdict": {"n": 2, "avg": None, "values": {"Reject": 2}}},
     "tags": ["prod"],
     "prompt_tokens": 31,
@@ -322,7 +390,14 @@ LANGFUSE_TRACE = {
     "latency": 1.25,
     "scores": [
         {"id": "s1", "traceId": "trace-abc", "name": "user-feedback", "value": 0, "dataType": "NUMERIC", "source": "API"},
-        {"id": "s2", "traceId": "trace-abc", "name": "qa_verdict", "stringValue": "Risk", "dataType": "CATEGORICAL", "source": "ANNOTATION"},
+        {
+            "id": "s2",
+            "traceId": "trace-abc",
+            "name": "qa_verdict",
+            "stringValue": "Risk",
+            "dataType": "CATEGORICAL",
+            "source": "ANNOTATION",
+        },
         {"id": "s3", "traceId": "trace-abc", "name": "escalated", "value": 1, "dataType": "BOOLEAN", "source": "API"},
         {"id": "s4", "traceId": "trace-abc", "name": "complaint", "value": 1, "comment": "Charged after cancelling", "dataType": "BOOLEAN"},
     ],
@@ -347,10 +422,14 @@ def test_a_langsmith_run_maps_onto_the_interaction(any_store: Store, tmp_path: P
 
 
 def test_a_langsmith_run_of_the_openai_wrapper_maps_too() -> None:
-    run = {"id": "r2", "run_type": "llm", "start_time": "2026-01-05T10:00:00",
-           "inputs": {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"},
-           "outputs": {"choices": [{"message": {"role": "assistant", "content": "hello"}}]},
-           "feedback_stats": {"thumbs": {"n": 3, "avg": 1.0}, "escalated_to_human": {"n": 1, "avg": 1.0}}}
+    run = {
+        "id": "r2",
+        "run_type": "llm",
+        "start_time": "2026-01-05T10:00:00",
+        "inputs": {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"},
+        "outputs": {"choices": [{"message": {"role": "assistant", "content": "hello"}}]},
+        "feedback_stats": {"thumbs": {"n": 3, "avg": 1.0}, "escalated_to_human": {"n": 1, "avg": 1.0}},
+    }
     flat = from_langsmith(run)
     assert flat["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert flat["feedback"] == "up" and flat["escalated_to_human"] is True
@@ -363,15 +442,27 @@ def test_a_langfuse_trace_maps_onto_the_interaction(any_store: Store, tmp_path: 
     got = repo.get(any_store, "trace-abc")
     assert [m.role for m in got.messages] == ["system", "user", "assistant"]
     assert got.messages[1].content == "Cancel my plan, card [CARD]"
-    assert (got.model_version, got.intent, got.user_id, got.signals.user_tier) == ("support-v4", "cancel_subscription", "user-99", "enterprise")
+    assert (got.model_version, got.intent, got.user_id, got.signals.user_tier) == (
+        "support-v4",
+        "cancel_subscription",
+        "user-99",
+        "enterprise",
+    )
     assert got.signals.feedback == "down" and got.signals.qa_verdict == "Risk" and got.signals.escalated_to_human
     assert got.signals.complaint == "Charged after cancelling"
     assert got.latency_ms == 1250.0
 
 
 def test_a_langfuse_blob_export_row_maps_too() -> None:
-    row = {"id": "t2", "timestamp": "2024-05-29 13:46:19.963000", "user_id": "u1", "input": "What is the warranty?",
-           "output": "Two years.", "metadata": "{\"intent\": \"product_info\"}", "scores": {"user-feedback": 1}}
+    row = {
+        "id": "t2",
+        "timestamp": "2024-05-29 13:46:19.963000",
+        "user_id": "u1",
+        "input": "What is the warranty?",
+        "output": "Two years.",
+        "metadata": '{"intent": "product_info"}',
+        "scores": {"user-feedback": 1},
+    }
     flat = from_langfuse(row)
     assert flat["messages"] == [{"role": "user", "content": "What is the warranty?"}, {"role": "assistant", "content": "Two years."}]
     assert (flat["user_id"], flat["intent"], flat["feedback"]) == ("u1", "product_info", "up")
@@ -414,8 +505,12 @@ def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_
     script = tmp_path / "child.py"
     script.write_text(_CHILD, encoding="utf-8")
     url = any_store.settings.store.url
-    child = subprocess.Popen([sys.executable, str(script), str(any_store.settings.project_dir), url, str(path)],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(any_store.settings.project_dir), url, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     reported = 0
     for out in child.stdout:
         if out.strip() == "done":
@@ -467,7 +562,15 @@ def test_cli_exit_codes_and_json_summary(project: Path, tmp_path: Path, capsys: 
 
     assert main(["-C", str(project), "ingest", str(good), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["total"] == {"read": 5, "stored": 0, "duplicates": 5, "quarantined": 0, "conflicts": 0, "already_quarantined": 0, "failed_files": 0}
+    assert data["total"] == {
+        "read": 5,
+        "stored": 0,
+        "duplicates": 5,
+        "quarantined": 0,
+        "conflicts": 0,
+        "already_quarantined": 0,
+        "failed_files": 0,
+    }
 
     bad = _write(tmp_path / "bad.jsonl", [_line(10), "{oops"])
     assert main(["-C", str(project), "ingest", str(bad), str(tmp_path / "missing.jsonl"), str(good)]) == 2

@@ -38,7 +38,12 @@ This kind does not exist.
 """
 
 JSONL_ROWS = [
-    {"text": "You can reset your password from the login page.", "intent": "password_reset", "kind": "approved_response", "title": "Password"},
+    {
+        "text": "You can reset your password from the login page.",
+        "intent": "password_reset",
+        "kind": "approved_response",
+        "title": "Password",
+    },
     "this line is not JSON",
     {"intent": "billing"},
     {"text": "Invoices are emailed monthly.", "kind": "faq"},

@@ -55,16 +55,32 @@ def schema_ctx(project: Path) -> Iterator[Context]:
 def log(ctx: Context, iid: str, user: str, said: str, *, down: bool) -> str:
     """One logged interaction; with `down`, also a captured, triaged failure. Returns the failure id."""
     item = Interaction(
-        id=iid, timestamp="2026-01-01T00:00:00Z", model_version="v1", intent=json.loads(said)["intent"],
+        id=iid,
+        timestamp="2026-01-01T00:00:00Z",
+        model_version="v1",
+        intent=json.loads(said)["intent"],
         messages=[Message(role="user", content=user), Message(role="assistant", content=said)],
-        signals=Signals(feedback="down" if down else None), content_hash=f"h-{iid}",
+        signals=Signals(feedback="down" if down else None),
+        content_hash=f"h-{iid}",
     )
     interaction_repo.insert(ctx.store, [item])
     fid = repo.failure_id_for(iid)
     if down:
         with ctx.store.begin() as conn:
-            repo.insert_failures(conn, [Failure(id=fid, interaction_id=iid, rule="thumbs_down", rules=["thumbs_down"], first_seen_version="v1",
-                                                intent=item.intent, status=FailureStatus.TRIAGED)])
+            repo.insert_failures(
+                conn,
+                [
+                    Failure(
+                        id=fid,
+                        interaction_id=iid,
+                        rule="thumbs_down",
+                        rules=["thumbs_down"],
+                        first_seen_version="v1",
+                        intent=item.intent,
+                        status=FailureStatus.TRIAGED,
+                    )
+                ],
+            )
     return fid
 
 
@@ -163,7 +179,9 @@ def test_many_labels_that_give_no_rows_are_an_error_that_says_why(schema_ctx: Co
     assert f"{len(wasted)} uncorrectable: no approved response for intent" in message
 
 
-def test_flywheel_label_file_keeps_good_lines_and_names_each_bad_one(schema_ctx: Context, project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_flywheel_label_file_keeps_good_lines_and_names_each_bad_one(
+    schema_ctx: Context, project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ctx = schema_ctx
     a = log(ctx, "l1", "card?", answer("card_arrival"), down=True)
     b = log(ctx, "l2", "refund?", answer("card_arrival"), down=True)

@@ -28,20 +28,30 @@ from flywheel.trainer.jobs import JobRecord, JobStatus, find_job, get_job, inser
 from flywheel.trainer.recipes import build_spec
 
 QUESTIONS = ["I want a refund", "Where is my order", "Can you waive the fee", "Talk to a human"]
-ANSWERS = ["Refunds take five business days.", "Your order ships on Tuesday.", "The fee cannot be waived.", "I have escalated your request."]
+ANSWERS = [
+    "Refunds take five business days.",
+    "Your order ships on Tuesday.",
+    "The fee cannot be waived.",
+    "I have escalated your request.",
+]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Not the session's tiny_model_dir: its vocabulary covers this module's QUESTIONS and ANSWERS (the SFT rows
     # the jobs train on) on top of the built-in corpus, and the losses these tests train towards are this model's.
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus() + QUESTIONS + ANSWERS, vocab_size=300, hidden=32, layers=1)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "base", tiny_corpus() + QUESTIONS + ANSWERS, vocab_size=300, hidden=32, layers=1
+    )
 
 
 def write_sft(folder: Path, n_train: int = 16) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"messages": [{"role": "user", "content": QUESTIONS[i % 4]}, {"role": "assistant", "content": ANSWERS[i % 4]}], "weight": 1.0 + (i % 4 == 2)}
+        {
+            "messages": [{"role": "user", "content": QUESTIONS[i % 4]}, {"role": "assistant", "content": ANSWERS[i % 4]}],
+            "weight": 1.0 + (i % 4 == 2),
+        }
         for i in range(n_train)
     ]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -51,7 +61,9 @@ def write_sft(folder: Path, n_train: int = 16) -> Path:
 
 
 def hyper(**overrides) -> TrainSettings:
-    values = dict(epochs=2.0, batch_size=4, learning_rate=1e-2, lora_r=4, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0)  # min_steps 0: exact step counts
+    values = dict(
+        epochs=2.0, batch_size=4, learning_rate=1e-2, lora_r=4, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0
+    )  # min_steps 0: exact step counts
     return TrainSettings(**{**values, **overrides})
 
 
@@ -62,7 +74,7 @@ def configure(project: Path) -> TrainSettings:
     return load_settings(project).train
 
 
-def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):  # noqa: ANN001, ANN202
+def _wait_for(predicate, timeout: float = 120.0, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -175,8 +187,14 @@ def test_failing_job_reports_the_log_tail(ctx: Context, base: Path, tmp_path: Pa
 
 def test_job_records_and_guarded_transitions(any_store: Store) -> None:
     record = JobRecord(
-        id="sft-abc", kind="train_sft", status=JobStatus.QUEUED, spec={"method": "sft"},
-        work_dir="/tmp/j", log_path="/tmp/j/train.log", attempts=1, created_at=utcnow(),
+        id="sft-abc",
+        kind="train_sft",
+        status=JobStatus.QUEUED,
+        spec={"method": "sft"},
+        work_dir="/tmp/j",
+        log_path="/tmp/j/train.log",
+        attempts=1,
+        created_at=utcnow(),
     )
     assert insert_job(any_store, record) is True
     assert insert_job(any_store, record) is False  # the id is the idempotency key
@@ -192,7 +210,9 @@ def test_job_records_and_guarded_transitions(any_store: Store) -> None:
     assert got.status == JobStatus.RUNNING and got.pid == 42 and got.progress == {"step": 3, "total": 10}
     assert got.created_at.tzinfo is not None and utcnow() - got.created_at < timedelta(minutes=5)
 
-    assert transition(any_store, "sft-abc", [JobStatus.RUNNING], JobStatus.SUCCEEDED, result={"adapter_sha256": "f" * 64}, finished_at=utcnow())
+    assert transition(
+        any_store, "sft-abc", [JobStatus.RUNNING], JobStatus.SUCCEEDED, result={"adapter_sha256": "f" * 64}, finished_at=utcnow()
+    )
     assert not set_fields(any_store, "sft-abc", only_status=[JobStatus.RUNNING], progress={"step": 10})  # ended: frozen
     insert_job(any_store, record.model_copy(update={"id": "dpo-def", "kind": "train_dpo"}))
     assert {r.id for r in list_jobs(any_store)} == {"sft-abc", "dpo-def"}
@@ -207,7 +227,9 @@ def test_dataset_ids_resolve_through_the_store(ctx: Context, tmp_path: Path) -> 
 
     folder = write_sft(tmp_path / "snap")
     with ctx.store.begin() as conn:
-        conn.execute(insert(datasets).values(id="ds-sft-1", kind="sft", path=str(folder), content_hash="x", manifest={}, created_at=utcnow()))
+        conn.execute(
+            insert(datasets).values(id="ds-sft-1", kind="sft", path=str(folder), content_hash="x", manifest={}, created_at=utcnow())
+        )
     assert launcher.resolve_dataset(ctx, "ds-sft-1") == folder
     assert launcher.resolve_dataset(ctx, str(folder)) == folder.resolve()
     with pytest.raises(NotFoundError, match="neither a folder nor a dataset id"):
@@ -215,7 +237,9 @@ def test_dataset_ids_resolve_through_the_store(ctx: Context, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_base_then_train_registers_v1_champion_and_v2_candidate(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     project = tmp_path / "proj"
     # a bad base folder: one line, exit 2, nothing written
@@ -234,8 +258,16 @@ def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path,
     assert "the champion is already v1" in capsys.readouterr().out
     assert main(["-C", str(project), "init", "--base", str(tmp_path / "missing")]) == 2
     capsys.readouterr()
-    (project / "flywheel.toml").write_text(text.replace("[train]\n", "[train]\n" + "".join(
-        f"{k} = {json.dumps(v)}\n" for k, v in hyper(min_steps=0).model_dump(exclude={"base_model", "target_modules"}).items()), 1))
+    (project / "flywheel.toml").write_text(
+        text.replace(
+            "[train]\n",
+            "[train]\n"
+            + "".join(
+                f"{k} = {json.dumps(v)}\n" for k, v in hyper(min_steps=0).model_dump(exclude={"base_model", "target_modules"}).items()
+            ),
+            1,
+        )
+    )
 
     # --no-wait returns before the job ends; the worker registers the candidate as it finishes
     data = write_sft(tmp_path / "data")
@@ -270,11 +302,15 @@ def test_init_base_then_train_registers_v1_champion_and_v2_candidate(base: Path,
 
 
 @pytest.mark.slow
-def test_first_train_registers_the_base_as_v1_before_the_candidate(ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_first_train_registers_the_base_as_v1_before_the_candidate(
+    ctx: Context, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from flywheel.release import registry
 
     project = str(ctx.settings.project_dir)
-    (ctx.settings.project_dir / "flywheel.toml").write_text("[train]\nepochs = 1.0\nbatch_size = 4\nmin_steps = 0\nearly_stopping_patience = 0\n")
+    (ctx.settings.project_dir / "flywheel.toml").write_text(
+        "[train]\nepochs = 1.0\nbatch_size = 4\nmin_steps = 0\nearly_stopping_patience = 0\n"
+    )
     assert main(["-C", project, "train", "--dataset", str(write_sft(tmp_path / "data", n_train=8)), "--base", str(base), "--json"]) == 0
     captured = capsys.readouterr()
     done = json.loads(captured.out)  # stdout stays one JSON document

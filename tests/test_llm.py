@@ -8,13 +8,24 @@ import socket
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 from flywheel.errors import SettingsError
-from flywheel.llm import Limits, TransientError, async_chat_model, chat_model, classify, retry_after_seconds, run_bounded, run_bounded_sync
-from flywheel.llm import BadReply, ask_until_valid
+from flywheel.llm import (
+    BadReply,
+    Limits,
+    TransientError,
+    ask_until_valid,
+    async_chat_model,
+    chat_model,
+    classify,
+    retry_after_seconds,
+    run_bounded,
+    run_bounded_sync,
+)
 from flywheel.settings import Settings, load_settings
-from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
 
 FAST = Limits(max_in_flight=4, retries=3, timeout_s=5.0, backoff_base_s=0.01, backoff_max_s=0.05)
 
@@ -48,13 +59,15 @@ def test_chat_model_needs_an_endpoint(settings: Settings) -> None:
     assert str(err.value).startswith("setting llm.base_url")
 
 
-def test_chat_model_talks_to_the_endpoint_without_its_own_retries(project: Path, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chat_model_talks_to_the_endpoint_without_its_own_retries(
+    project: Path, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FLYWHEEL_LLM_API_KEY", "sk-test-123")
     settings = llm_settings(project, openai_server)
     model = chat_model(settings, "judge-x")
     assert model.max_retries == 0
     openai_server.push(Reply.server_error(500))
-    with pytest.raises(Exception):
+    with pytest.raises(openai.InternalServerError):  # one request, no retry: the 500 comes straight back
         model.invoke("hi")
     assert model.invoke("hi").content == "ok"
     first, second = openai_server.chat_requests
@@ -195,7 +208,6 @@ def test_limits_from_settings(project: Path) -> None:
     assert Limits.from_settings(settings, max_in_flight=16).max_in_flight == 16
 
 
-
 # --- the shared re-ask loop ------------------------------------------------------------------------------
 
 
@@ -234,17 +246,32 @@ def test_ask_until_valid_re_asks_by_kind_and_counts_calls() -> None:
     model = Replies("words", "-3", "7")
     assert asyncio.run(ask_until_valid(model, first, 2, positive, describe_value_error, "number object")) == (7, "", 3)
     assert model.asked[0] == first
-    assert model.asked[1][:2] == first and model.asked[1][2].content == "Your reply was not a valid number object (kind ValueError). Reply again with only the number object."
+    assert (
+        model.asked[1][:2] == first
+        and model.asked[1][2].content
+        == "Your reply was not a valid number object (kind ValueError). Reply again with only the number object."
+    )
     assert model.asked[2][:2] == first and len(model.asked[2]) == 3  # one re-ask message, never a pile of them
-    assert model.asked[2][2].content == "Your reply was not a valid number object (the number is not positive). Reply again with only the number object."
+    assert (
+        model.asked[2][2].content
+        == "Your reply was not a valid number object (the number is not positive). Reply again with only the number object."
+    )
 
 
 def test_ask_until_valid_gives_up_with_the_last_detail_and_lets_other_errors_through() -> None:
     from langchain_core.messages import HumanMessage, SystemMessage
 
     first = [SystemMessage("system"), HumanMessage("question")]
-    assert asyncio.run(ask_until_valid(Replies("-1", "words"), first, 1, positive, describe_value_error, "number object")) == (None, "detail of ValueError", 2)
-    assert asyncio.run(ask_until_valid(Replies("0"), first, 0, positive, describe_value_error, "number object")) == (None, "the number is not positive", 1)
+    assert asyncio.run(ask_until_valid(Replies("-1", "words"), first, 1, positive, describe_value_error, "number object")) == (
+        None,
+        "detail of ValueError",
+        2,
+    )
+    assert asyncio.run(ask_until_valid(Replies("0"), first, 0, positive, describe_value_error, "number object")) == (
+        None,
+        "the number is not positive",
+        1,
+    )
     boom = Replies(TransientError("endpoint busy"), "5")
     with pytest.raises(TransientError, match="endpoint busy"):  # endpoint errors are run_bounded's, not re-asked here
         asyncio.run(ask_until_valid(boom, first, 3, positive, describe_value_error, "number object"))

@@ -66,7 +66,9 @@ def test_chat_template_and_assistant_mask(model: LocalModel) -> None:
     assert full.startswith(prompt)  # TRL finds the completion where these diverge
     out = tok.apply_chat_template(
         [*CONV, {"role": "assistant", "content": "Refunds take five days."}],
-        tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     masked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(masked) == "Refunds take five days." + EOS  # the answer and its stop token, nothing else

@@ -13,9 +13,8 @@ import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel
-
 from openai_server import ChatRequest, OpenAIServer, Reply, openai_server  # noqa: F401 - fixture
+from pydantic import BaseModel
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -58,7 +57,9 @@ def test_streaming_text_and_tool_calls(openai_server: OpenAIServer) -> None:
     assert len([ch for ch in chunks if ch.choices]) > 3
     assert chunks[-1].usage is not None and not chunks[-1].choices
     chunks = list(c.chat.completions.create(model="m", messages=USER, stream=True))
-    args = "".join(ch.choices[0].delta.tool_calls[0].function.arguments or "" for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls)
+    args = "".join(
+        ch.choices[0].delta.tool_calls[0].function.arguments or "" for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls
+    )
     assert json.loads(args) == {"order_id": "A-17"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert openai_server.chat_requests[0].stream
@@ -157,7 +158,11 @@ def test_bind_tools_tool_calls(openai_server: OpenAIServer) -> None:
         """Look up an order."""
         return order_id
 
-    openai_server.push(Reply.tools({"name": "lookup_order", "arguments": {"order_id": "A-1"}}, {"name": "lookup_order", "arguments": '{"order_id": "B-2"}'}))
+    openai_server.push(
+        Reply.tools(
+            {"name": "lookup_order", "arguments": {"order_id": "A-1"}}, {"name": "lookup_order", "arguments": '{"order_id": "B-2"}'}
+        )
+    )
     message = chat(openai_server).bind_tools([lookup_order]).invoke("where is my order")
     assert [c["args"] for c in message.tool_calls] == [{"order_id": "A-1"}, {"order_id": "B-2"}]
     assert openai_server.chat_requests[0].tool_names == ["lookup_order"]
@@ -187,7 +192,9 @@ def test_requests_are_served_side_by_side() -> None:
         return "together"
 
     with OpenAIServer(handler=handler) as server:
-        threads = [threading.Thread(target=client(server).chat.completions.create, kwargs={"model": "m", "messages": USER}) for _ in range(4)]
+        threads = [
+            threading.Thread(target=client(server).chat.completions.create, kwargs={"model": "m", "messages": USER}) for _ in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -202,7 +209,7 @@ def test_stop_releases_a_delayed_request_quickly() -> None:
     def call() -> None:
         try:
             client(server, timeout=20).chat.completions.create(model="m", messages=USER)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+        except BaseException as exc:
             errors.append(exc)
 
     worker = threading.Thread(target=call)

@@ -22,8 +22,12 @@ LABELLED = DATA / "pii_labelled.jsonl"  # the set the detectors were written and
 HELDOUT = DATA / "pii_heldout.jsonl"  # split off at random from the rows written for PERSON/ADDRESS/DOB; not tuned on
 # (recall, precision) floors per kind, a little under what docs/ingest.md reports, so that a regression fails.
 FLOORS = {
-    LABELLED: {**dict.fromkeys(("EMAIL", "PHONE", "CARD", "IBAN", "NATIONAL_ID", "SECRET"), (0.95, 0.95)),
-               "PERSON": (0.95, 0.95), "ADDRESS": (0.95, 0.95), "DOB": (0.95, 0.95)},
+    LABELLED: {
+        **dict.fromkeys(("EMAIL", "PHONE", "CARD", "IBAN", "NATIONAL_ID", "SECRET"), (0.95, 0.95)),
+        "PERSON": (0.95, 0.95),
+        "ADDRESS": (0.95, 0.95),
+        "DOB": (0.95, 0.95),
+    },
     HELDOUT: {"PERSON": (0.95, 0.93), "ADDRESS": (0.95, 0.95), "DOB": (0.95, 0.95)},
 }
 NEW_KINDS = ("PERSON", "ADDRESS", "DOB")
@@ -140,17 +144,20 @@ def test_placeholders_replace_names_addresses_and_dates_of_birth() -> None:
     assert scrub(text) == "Hi, I'm [PERSON], born [DOB]; ship order 4412 (placed 2026-02-01) to [ADDRESS]."
 
 
-@pytest.mark.parametrize("text", [
-    "Will you ship to Paris on May 5?",
-    "May I ask when the Grace period ends? Bill me on 2026-03-01, please.",
-    "Mark the ticket as resolved; the order date was 12/04/2024.",
-    "Chase Bank declined the card, so I paid with Apple Pay.",
-    "Is the Victoria Station store open on Sunday, or only the one on Oxford Street?",
-    "Happy birthday from ACME! Use code BDAY20 before 2025-12-31.",
-    "I ordered 3 Garden Way planters and the Baker Street mug.",
-    "In the app, choose Cards, then Link a card and follow the steps.",
-    "Hello, Sync fails with error 0x80070005 on Windows.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Will you ship to Paris on May 5?",
+        "May I ask when the Grace period ends? Bill me on 2026-03-01, please.",
+        "Mark the ticket as resolved; the order date was 12/04/2024.",
+        "Chase Bank declined the card, so I paid with Apple Pay.",
+        "Is the Victoria Station store open on Sunday, or only the one on Oxford Street?",
+        "Happy birthday from ACME! Use code BDAY20 before 2025-12-31.",
+        "I ordered 3 Garden Way planters and the Baker Street mug.",
+        "In the app, choose Cards, then Link a card and follow the steps.",
+        "Hello, Sync fails with error 0x80070005 on Windows.",
+    ],
+)
 def test_hard_negatives_for_the_new_kinds_stay_untouched(text: str) -> None:
     assert scrub(text) == text
 
@@ -168,15 +175,43 @@ def test_json_keys_say_what_a_bare_value_is() -> None:
     scrubber = Scrubber()
     args = '{"first_name": "Nkechi", "lastName": "Okafor", "dob": "1990-07-03", "street": "12 Oak Lane", "city": "Leeds", "name": "Blue Widget", "order_date": "2026-02-01"}'
     out = json.loads(scrubber.json_text(args))
-    assert out == {"first_name": "[PERSON]", "lastName": "[PERSON]", "dob": "[DOB]", "street": "[ADDRESS]", "city": "Leeds",
-                   "name": "Blue Widget", "order_date": "2026-02-01"}
+    assert out == {
+        "first_name": "[PERSON]",
+        "lastName": "[PERSON]",
+        "dob": "[DOB]",
+        "street": "[ADDRESS]",
+        "city": "Leeds",
+        "name": "Blue Widget",
+        "order_date": "2026-02-01",
+    }
     assert scrubber.counts == {"PERSON": 2, "DOB": 1, "ADDRESS": 1}
     assert scrubber.json_text('{"dob": "unknown", "street": "n/a"}') == '{"dob": "unknown", "street": "n/a"}'
 
 
-@pytest.mark.parametrize("cue", ["date of birth", "Birth date", "birthdate", "BIRTHDAY", "b-day", "DOB", "D.O.B.", "dob", "born", "Born",
-                                 "née le", "date de naissance", "Geburtsdatum", "geboren", "fecha de nacimiento", "nacido el",
-                                 "data di nascita", "nato il", "Anniversaire"])
+@pytest.mark.parametrize(
+    "cue",
+    [
+        "date of birth",
+        "Birth date",
+        "birthdate",
+        "BIRTHDAY",
+        "b-day",
+        "DOB",
+        "D.O.B.",
+        "dob",
+        "born",
+        "Born",
+        "née le",
+        "date de naissance",
+        "Geburtsdatum",
+        "geboren",
+        "fecha de nacimiento",
+        "nacido el",
+        "data di nascita",
+        "nato il",
+        "Anniversaire",
+    ],
+)
 def test_the_cheap_birth_gate_passes_every_cue_the_scan_knows(cue: str) -> None:
     text = f"{cue}: 12/04/1985"
     assert _CUE.search(text) and may_hold_birth(text)
@@ -188,8 +223,22 @@ def _quarantined(store: Store) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
-RAW_PII = ["Johanna", "Mbeki", "Kwame", "Mensah", "Okafor", "Priya Raman", "Evergreen", "Hauptstraße", "Baker Street",
-           "rue de la Paix", "12 April 1985", "1990-07-03", "03/07/1990", "3 July 1990"]
+RAW_PII = [
+    "Johanna",
+    "Mbeki",
+    "Kwame",
+    "Mensah",
+    "Okafor",
+    "Priya Raman",
+    "Evergreen",
+    "Hauptstraße",
+    "Baker Street",
+    "rue de la Paix",
+    "12 April 1985",
+    "1990-07-03",
+    "03/07/1990",
+    "3 July 1990",
+]
 
 
 def test_each_new_kind_is_scrubbed_from_every_field_on_the_way_into_sqlite(store: Store, tmp_path: Path) -> None:
@@ -198,27 +247,57 @@ def test_each_new_kind_is_scrubbed_from_every_field_on_the_way_into_sqlite(store
         "timestamp": "2026-02-03T10:00:00Z",
         "user_id": "Johanna Mbeki-Larsson",  # a name as user id: pseudonymised like an e-mail
         "messages": [
-            {"role": "user", "content": "Hi, my name is Johanna Mbeki-Larsson, born 12 April 1985. Please ship order 4412 "
-                                        "to 742 Evergreen Terrace, Springfield, OR 97403 by 2026-03-01."},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            {
+                "role": "user",
+                "content": "Hi, my name is Johanna Mbeki-Larsson, born 12 April 1985. Please ship order 4412 "
+                "to 742 Evergreen Terrace, Springfield, OR 97403 by 2026-03-01.",
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {
+                            "name": "update_customer",
+                            "arguments": json.dumps(
+                                {
+                                    "customer_name": "Kwame Mensah",
+                                    "dob": "1990-07-03",
+                                    "street": "Hauptstraße 5, 10115 Berlin",
+                                    "order_date": "2026-02-01",
+                                }
+                            ),
+                        },
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_1",
                 "name": "update_customer",
-                "arguments": json.dumps({"customer_name": "Kwame Mensah", "dob": "1990-07-03",
-                                         "street": "Hauptstraße 5, 10115 Berlin", "order_date": "2026-02-01"})}}]},
-            {"role": "tool", "tool_call_id": "call_1", "name": "update_customer",
-             "content": '{"ok": true, "note": "holder Dr. Amara Okafor, DOB 03/07/1990, 221B Baker Street, London NW1 6XE"}'},
+                "content": '{"ok": true, "note": "holder Dr. Amara Okafor, DOB 03/07/1990, 221B Baker Street, London NW1 6XE"}',
+            },
             {"role": "assistant", "content": "Thanks Johanna! Order 4412 ($45.10) ships on 2026-03-01 from our Paris warehouse."},
         ],
         "complaint": "Agent Priya Raman ignored me. I live at 12 rue de la Paix, 75002 Paris and was born on 3 July 1990.",
     }
     path = tmp_path / "logs.jsonl"
-    path.write_text(json.dumps(line, ensure_ascii=False) + "\n" + json.dumps({"messages": [{"role": "robot", "content": line["complaint"]}]}) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps(line, ensure_ascii=False) + "\n" + json.dumps({"messages": [{"role": "robot", "content": line["complaint"]}]}) + "\n",
+        encoding="utf-8",
+    )
     summary = ingest_files(store, store.settings, [path])
     assert (summary.files[0].stored, summary.files[0].quarantined) == (1, 1)
     got = repo.get(store, "conv-pii")
     assert got.messages[0].content == "Hi, my name is [PERSON], born [DOB]. Please ship order 4412 to [ADDRESS] by 2026-03-01."
     assert json.loads(got.messages[1].tool_calls[0].function.arguments) == {
-        "customer_name": "[PERSON]", "dob": "[DOB]", "street": "[ADDRESS]", "order_date": "2026-02-01"}
+        "customer_name": "[PERSON]",
+        "dob": "[DOB]",
+        "street": "[ADDRESS]",
+        "order_date": "2026-02-01",
+    }
     assert json.loads(got.messages[2].content) == {"ok": True, "note": "holder Dr. [PERSON], DOB [DOB], [ADDRESS]"}
     assert got.messages[3].content == "Thanks [PERSON]! Order 4412 ($45.10) ships on 2026-03-01 from our Paris warehouse."
     assert got.signals.complaint == "Agent [PERSON] ignored me. I live at [ADDRESS] and was born on [DOB]."
@@ -233,8 +312,10 @@ def test_each_new_kind_is_scrubbed_from_every_field_on_the_way_into_sqlite(store
 
 
 def test_text_without_the_new_kinds_is_stored_as_it_came(store: Store, tmp_path: Path) -> None:
-    messages = [{"role": "user", "content": "Will you ship the Galaxy Tab S9 to our Berlin office? The order date was 2024-03-15."},
-                {"role": "assistant", "content": "Yes: order ORD-553201 ships Monday from Paris, delivery by March 5, 2026."}]
+    messages = [
+        {"role": "user", "content": "Will you ship the Galaxy Tab S9 to our Berlin office? The order date was 2024-03-15."},
+        {"role": "assistant", "content": "Yes: order ORD-553201 ships Monday from Paris, delivery by March 5, 2026."},
+    ]
     path = tmp_path / "logs.jsonl"
     path.write_text(json.dumps({"id": "clean", "messages": messages}) + "\n", encoding="utf-8")
     summary = ingest_files(store, store.settings, [path])
@@ -243,8 +324,11 @@ def test_text_without_the_new_kinds_is_stored_as_it_came(store: Store, tmp_path:
 
 
 def test_already_scrubbed_text_keeps_its_content_hash(store: Store, tmp_path: Path) -> None:
-    raw = {"timestamp": "2026-02-03T10:00:00Z", "user_id": "u-7",
-           "messages": [{"role": "user", "content": "This is Kwame Mensah, DOB 1990-07-03, at 45 Station Road, Leeds LS1 4AP."}]}
+    raw = {
+        "timestamp": "2026-02-03T10:00:00Z",
+        "user_id": "u-7",
+        "messages": [{"role": "user", "content": "This is Kwame Mensah, DOB 1990-07-03, at 45 Station Road, Leeds LS1 4AP."}],
+    }
     first = tmp_path / "raw.jsonl"
     first.write_text(json.dumps({**raw, "id": "a"}) + "\n", encoding="utf-8")
     ingest_files(store, store.settings, [first])
@@ -252,15 +336,19 @@ def test_already_scrubbed_text_keeps_its_content_hash(store: Store, tmp_path: Pa
     assert stored.messages[0].content == "This is [PERSON], DOB [DOB], at [ADDRESS]."
     # the stored, scrubbed conversation logged again (an export fed back in) is the same conversation
     again = tmp_path / "scrubbed.jsonl"
-    again.write_text(json.dumps({**raw, "id": "b", "messages": [m.model_dump(exclude_none=True) for m in stored.messages]}) + "\n", encoding="utf-8")
+    again.write_text(
+        json.dumps({**raw, "id": "b", "messages": [m.model_dump(exclude_none=True) for m in stored.messages]}) + "\n", encoding="utf-8"
+    )
     summary = ingest_files(store, store.settings, [again])
     assert (summary.files[0].stored, summary.files[0].duplicates, summary.files[0].pii) == (0, 1, {})
 
 
 def test_live_capture_builds_rows_through_the_same_scrubber() -> None:
     """flywheel.serve.capture stores served turns with build_row and a Scrubber, as ingest does."""
-    flat = {"messages": [{"role": "user", "content": "Dear Mrs. Okonkwo, your parcel for 9 Victoria Crescent, Edinburgh EH1 2JL is late."}],
-            "complaint": "born 14.02.1978"}
+    flat = {
+        "messages": [{"role": "user", "content": "Dear Mrs. Okonkwo, your parcel for 9 Victoria Crescent, Edinburgh EH1 2JL is late."}],
+        "complaint": "born 14.02.1978",
+    }
     row = build_row(flat, Scrubber(), 10_000, "gateway", utcnow())
     assert row["messages"][0]["content"] == "Dear Mrs. [PERSON], your parcel for [ADDRESS] is late."
     assert row["complaint"] == "born [DOB]"

@@ -17,10 +17,11 @@ from flywheel.release import approvals, registry
 from flywheel.settings import load_settings
 from flywheel.store import versions as version_store
 from flywheel.store.db import Store, open_store
-from flywheel.store.schema import alias_events, approvals as approvals_table, tier_moves
+from flywheel.store.schema import alias_events, tier_moves
+from flywheel.store.schema import approvals as approvals_table
 
 
-def _run_threads(count: int, work) -> list:  # noqa: ANN001 - a callable of the thread index
+def _run_threads(count: int, work) -> list:
     results: list = [None] * count
     errors: list[BaseException] = []
     start = threading.Barrier(count)
@@ -29,7 +30,7 @@ def _run_threads(count: int, work) -> list:  # noqa: ANN001 - a callable of the 
         try:
             start.wait()
             results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
@@ -103,9 +104,17 @@ def test_a_succeeded_job_registers_one_candidate_however_often_asked(any_store: 
 
     registry.register_base(any_store, "tiny-base")
     adapter = make_adapter(tmp_path / "adapter", seed=3)
-    job = JobRecord(id="sft-1", kind="train_sft", status=JobStatus.SUCCEEDED, spec={"method": "sft", "base_model": "tiny-base", "dataset_id": "ds1"},
-                    work_dir=str(tmp_path), log_path=str(tmp_path / "train.log"), attempts=1, created_at=utcnow(),
-                    result={"adapter_path": str(adapter), "adapter_sha256": registry.adapter_weights_sha256(adapter)})
+    job = JobRecord(
+        id="sft-1",
+        kind="train_sft",
+        status=JobStatus.SUCCEEDED,
+        spec={"method": "sft", "base_model": "tiny-base", "dataset_id": "ds1"},
+        work_dir=str(tmp_path),
+        log_path=str(tmp_path / "train.log"),
+        attempts=1,
+        created_at=utcnow(),
+        result={"adapter_path": str(adapter), "adapter_sha256": registry.adapter_weights_sha256(adapter)},
+    )
     assert insert_job(any_store, job)
     ctx = Context(settings=load_settings(project), _store=any_store)  # the worker, the CLI and the agent all ask
     first, second = register_candidate(ctx, "sft-1"), register_candidate(ctx, "sft-1")
@@ -225,7 +234,7 @@ def test_promotion_is_atomic(any_store: Store, tmp_path: Path, monkeypatch: pyte
     approvals.record_approval(any_store, "v2", "approved", "alice", "terminal")
     real = registry.set_alias
 
-    def crash_on_previous(conn, alias, version, **kw):  # noqa: ANN001, ANN003
+    def crash_on_previous(conn, alias, version, **kw):
         if alias == "previous":
             raise RuntimeError("crash between the two switches")
         return real(conn, alias, version, **kw)

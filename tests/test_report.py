@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_gate import GATE, TYPES, build, candidate, champion
 
 from flywheel.errors import UserInputError
 from flywheel.evals.charts import nice_ticks
@@ -18,8 +19,6 @@ from flywheel.evals.report import ModelRef, find_curve, load_curve, report_hash_
 from flywheel.records import Finding
 from flywheel.settings import Settings
 
-from test_gate import GATE, TYPES, build, candidate, champion  # noqa: E402 - tests/ is on sys.path under pytest
-
 EVIL = "<script>alert('owned')</script>"
 CANDIDATE = ModelRef(name="v7", base_model="/models/base", adapter_path="/adapters/v7", adapter_sha256="ab" * 32, version="v7")
 CHAMPION = ModelRef(name="v6", base_model="/models/base", version="v6")
@@ -28,7 +27,9 @@ CHAMPION = ModelRef(name="v6", base_model="/models/base", version="v6")
 def with_evil_intent() -> tuple[dict, dict]:
     """Champion and candidate metrics where one intent name and one answer carry markup from a log."""
     before, after = champion(), candidate()
-    evil_before = [ItemOutcome(id=f"e{i}", intent=EVIL, findings=[Finding(problem_type="format_error", severity="low", check="x")]) for i in range(5)]
+    evil_before = [
+        ItemOutcome(id=f"e{i}", intent=EVIL, findings=[Finding(problem_type="format_error", severity="low", check="x")]) for i in range(5)
+    ]
     evil_after = [ItemOutcome(id=f"e{i}", intent=EVIL, answer='<img src=x onerror="alert(1)">') for i in range(5)]
     before["test"] = compute_metrics("test", [*before["test"].outcomes, *evil_before], TYPES)
     after["test"] = compute_metrics("test", [*after["test"].outcomes, *evil_after], TYPES)
@@ -46,7 +47,9 @@ def curve_file(tmp_path: Path) -> Path:
 def test_report_files_numbers_and_hash(settings: Settings, tmp_path: Path) -> None:
     before, after = with_evil_intent()
     gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
-    report = write_report(settings, CANDIDATE, CHAMPION, before, after, gate, curve=load_curve(curve_file(tmp_path)), set_sources={"test": "tests.jsonl"})
+    report = write_report(
+        settings, CANDIDATE, CHAMPION, before, after, gate, curve=load_curve(curve_file(tmp_path)), set_sources={"test": "tests.jsonl"}
+    )
 
     payload = report.path_json.read_bytes()
     assert report.report_hash == hashlib.sha256(payload).hexdigest() == report_hash_of(report.path_json)
@@ -56,7 +59,11 @@ def test_report_files_numbers_and_hash(settings: Settings, tmp_path: Path) -> No
     document = json.loads(payload)
     assert document["candidate"] == CANDIDATE.model_dump(mode="json") and document["champion"]["name"] == "v6"
     assert document["targeted"] == ["over_promise"]
-    assert document["sets"] == {"test": {"size": 105, "source": "tests.jsonl"}, "baseline": {"size": 50, "source": ""}, "problem": {"size": 10, "source": ""}}
+    assert document["sets"] == {
+        "test": {"size": 105, "source": "tests.jsonl"},
+        "baseline": {"size": 50, "source": ""},
+        "problem": {"size": 10, "source": ""},
+    }
     for side, metrics in (("champion_metrics", before), ("candidate_metrics", after)):
         for name, m in metrics.items():
             stored = document[side][name]
@@ -160,8 +167,15 @@ def test_nice_ticks_cover_the_range() -> None:
 def test_flywheel_training_curve_files_load_with_one_series_per_split(tmp_path: Path) -> None:
     # the layout flywheel.trainer.recipes writes next to an adapter
     path = tmp_path / "curve.json"
-    path.write_text(json.dumps({"train": [{"step": 1, "epoch": 0.1, "loss": 2.0}, {"step": 5, "epoch": 0.5, "loss": 1.0}],
-                                "eval": [{"step": 5, "epoch": 0.5, "loss": 1.5}]}), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "train": [{"step": 1, "epoch": 0.1, "loss": 2.0}, {"step": 5, "epoch": 0.5, "loss": 1.0}],
+                "eval": [{"step": 5, "epoch": 0.5, "loss": 1.5}],
+            }
+        ),
+        encoding="utf-8",
+    )
     curve = load_curve(path)
     assert curve == {"train_loss": [(1.0, 2.0), (5.0, 1.0)], "eval_loss": [(5.0, 1.5)]}
 
@@ -170,11 +184,24 @@ def test_every_logged_or_named_string_is_escaped_and_never_rendered_as_a_templat
     before, after = champion(), candidate()
     hostile_detail = '"><script>alert(2)</script>'
     before["test"] = compute_metrics("test", [*before["test"].outcomes, ItemOutcome(id="h1", intent="cards")], TYPES)
-    after["test"] = compute_metrics("test", [*after["test"].outcomes, ItemOutcome(id="h1", intent="cards", answer='{{ "pwn" ~ "ed" }}',
-                                    findings=[Finding(problem_type="format_error", severity="low", check="schema", detail=hostile_detail)])], TYPES)
+    after["test"] = compute_metrics(
+        "test",
+        [
+            *after["test"].outcomes,
+            ItemOutcome(
+                id="h1",
+                intent="cards",
+                answer='{{ "pwn" ~ "ed" }}',
+                findings=[Finding(problem_type="format_error", severity="low", check="schema", detail=hostile_detail)],
+            ),
+        ],
+        TYPES,
+    )
     gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
     name = ModelRef(name=EVIL, base_model="{% raw %}<b>", adapter_path="/a/{{ x }}")
-    report = write_report(settings, name, CHAMPION, before, after, gate, set_sources={"test": EVIL}, notes=[EVIL, '{{ "pwn" ~ "ed" }}', "{# gone? #}"])
+    report = write_report(
+        settings, name, CHAMPION, before, after, gate, set_sources={"test": EVIL}, notes=[EVIL, '{{ "pwn" ~ "ed" }}', "{# gone? #}"]
+    )
     html = report.path_html.read_text()
     assert "<script" not in html.lower() and "<b>" not in html
     assert html.count("&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;") >= 4  # title, header, set source, note

@@ -75,7 +75,11 @@ def test_forbidden_phrases_default_and_custom(project: Path) -> None:
     findings = judge_with(project).check(conv(said("We GUARANTEE you will get a full refund by Friday.")))
     assert kinds(findings) == [("over_promise", "high", "policy:guaranteed_refund")]
     assert "GUARANTEE you will get a full refund" in findings[0].detail
-    custom = {"forbidden_phrases": [{"name": "legal_advice", "pattern": r"\byou should sue\b", "problem_type": "policy_boundary_risk", "severity": "critical"}]}
+    custom = {
+        "forbidden_phrases": [
+            {"name": "legal_advice", "pattern": r"\byou should sue\b", "problem_type": "policy_boundary_risk", "severity": "critical"}
+        ]
+    }
     judge = judge_with(project, policies=custom)
     assert kinds(judge.check(conv(said("Honestly you should sue them.")))) == [("policy_boundary_risk", "critical", "policy:legal_advice")]
     assert judge.check(conv(said("We guarantee a refund."))) == []  # the custom list replaced the defaults
@@ -127,7 +131,11 @@ def test_negation_applies_to_custom_patterns_too(project: Path) -> None:
 @pytest.mark.parametrize(
     "policy, where, problem",
     [
-        ({"name": "bad", "pattern": "(unclosed", "problem_type": "over_promise"}, "forbidden_phrases[0] (bad)", "not a valid regular expression"),
+        (
+            {"name": "bad", "pattern": "(unclosed", "problem_type": "over_promise"},
+            "forbidden_phrases[0] (bad)",
+            "not a valid regular expression",
+        ),
         ({"name": "odd", "pattern": "x", "problem_type": "made_up_type"}, "forbidden_phrases[0] (odd)", "not in taxonomy.problem_types"),
     ],
 )

@@ -167,7 +167,9 @@ def hybrid_pool() -> tuple[Candidates, set[str]]:
 def test_hybrid_moves_from_diversity_to_uncertainty_across_rounds() -> None:
     pool, unsure = hybrid_pool()
     labelled: list[list[str]] = []
-    log = run_rounds(pool, "hybrid", budget=40, round_size=8, label_fn=labelled.append, gain_fn=lambda ids, so_far: 1.0, min_gain=0.0, hybrid_step=0.25)
+    log = run_rounds(
+        pool, "hybrid", budget=40, round_size=8, label_fn=labelled.append, gain_fn=lambda ids, so_far: 1.0, min_gain=0.0, hybrid_step=0.25
+    )
     per_round = [sum(i in unsure for i in r.ids) for r in log.rounds]
     assert [r.uncertainty_share for r in log.rounds] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert per_round[0] <= 1  # round 0: diversity, the clump is one point of space
@@ -177,7 +179,9 @@ def test_hybrid_moves_from_diversity_to_uncertainty_across_rounds() -> None:
 
 def test_rounds_stop_when_the_budget_is_spent() -> None:
     pool, _ = hybrid_pool()
-    log = run_rounds(pool, "least_confidence", budget=25, round_size=10, label_fn=lambda ids: None, gain_fn=lambda ids, so_far: 0.5, min_gain=0.01)
+    log = run_rounds(
+        pool, "least_confidence", budget=25, round_size=10, label_fn=lambda ids: None, gain_fn=lambda ids, so_far: 0.5, min_gain=0.01
+    )
     assert [len(r.ids) for r in log.rounds] == [10, 10, 5]
     assert log.spent == 25 == len(set(log.selected)) and log.stop_reason == "budget"
 
@@ -185,7 +189,9 @@ def test_rounds_stop_when_the_budget_is_spent() -> None:
 def test_rounds_stop_when_a_round_gains_too_little() -> None:
     pool, _ = hybrid_pool()
     gains = iter([0.05, 0.01, 0.001, 0.2])
-    log = run_rounds(pool, "random", budget=100, round_size=5, label_fn=lambda ids: None, gain_fn=lambda ids, so_far: next(gains), min_gain=0.002)
+    log = run_rounds(
+        pool, "random", budget=100, round_size=5, label_fn=lambda ids: None, gain_fn=lambda ids, so_far: next(gains), min_gain=0.002
+    )
     assert [r.gain for r in log.rounds] == [0.05, 0.01, 0.001]
     assert log.stop_reason == "min_gain" and log.spent == 15
 
@@ -198,7 +204,16 @@ def test_rounds_stop_when_candidates_run_out_and_refresh_feeds_new_ones() -> Non
         seen.append(len(selected))
         return make(7, top1=np.linspace(0.9, 0.1, 7))  # the retrained model is now unsure of the others
 
-    log = run_rounds(c, "least_confidence", budget=20, round_size=3, label_fn=lambda ids: None, gain_fn=lambda ids, so_far: 1.0, min_gain=0.0, refresh=refresh)
+    log = run_rounds(
+        c,
+        "least_confidence",
+        budget=20,
+        round_size=3,
+        label_fn=lambda ids: None,
+        gain_fn=lambda ids, so_far: 1.0,
+        min_gain=0.0,
+        refresh=refresh,
+    )
     assert log.rounds[0].ids == ["c0", "c1", "c2"] and log.rounds[1].ids == ["c6", "c5", "c4"]
     assert log.spent == 7 and log.stop_reason == "exhausted" and seen == [3, 6, 7]
 
@@ -211,19 +226,28 @@ def seed_captured(store: Store, texts: list[str]) -> list[str]:
     with store.begin() as conn:
         for n, text in enumerate(texts):
             interaction = Interaction(
-                id=f"i{n}", timestamp="2026-01-01T00:00:00Z", intent="billing", content_hash=f"h{n}",
+                id=f"i{n}",
+                timestamp="2026-01-01T00:00:00Z",
+                intent="billing",
+                content_hash=f"h{n}",
                 messages=[Message(role="user", content=text), Message(role="assistant", content="hm")],
             )
             interaction_repo.insert_ignore(conn, [interaction_repo.to_row(interaction)])
-            insert_failures(conn, [Failure(id=f"f{n}", interaction_id=interaction.id, rule="thumbs_down", first_seen_version="v1", risk=float(n))])
+            insert_failures(
+                conn, [Failure(id=f"f{n}", interaction_id=interaction.id, rule="thumbs_down", first_seen_version="v1", risk=float(n))]
+            )
             ids.append(f"f{n}")
     return ids
 
 
 TEXTS = [
-    "my card was charged twice", "double charge on my card", "card charged two times",
-    "how do I reset my password", "password reset link does not work",
-    "where is my parcel", "the delivery is late",
+    "my card was charged twice",
+    "double charge on my card",
+    "card charged two times",
+    "how do I reset my password",
+    "password reset link does not work",
+    "where is my parcel",
+    "the delivery is late",
 ]
 
 
@@ -256,10 +280,12 @@ def test_select_command_picks_diverse_unlabelled_failures_within_the_budget(proj
     assert "exceeds the labelling budget left (3 of 4)" in capsys.readouterr().err
 
 
-def test_select_command_ranks_by_the_production_model(project: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+def test_select_command_ranks_by_the_production_model(
+    project: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     from flywheel.demo.tiny_model import build_tiny_model, tiny_corpus
     from flywheel.inference.local_model import LocalModel
-    from flywheel.trainer.selection import model_features
+    from flywheel.trainer.candidates import model_features
 
     base = build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tiny_corpus(), vocab_size=300, hidden=32, layers=1, heads=2)
     ctx = Context(settings=load_settings(project))

@@ -39,7 +39,7 @@ def gw(store: Store, upstream: OpenAIServer, tmp_path: Path) -> Iterator[Running
 def test_openai_client_plain_and_streamed(gw: Running, store: Store, upstream: OpenAIServer) -> None:
     client = gw.client()
     raw = client.chat.completions.with_raw_response.create(
-        model="champion", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PII_TEXT}], user="user-1",
+        model="champion", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PII_TEXT}], user="user-1"
     )
     answer = raw.parse()
     interaction_id = raw.headers["x-flywheel-interaction-id"]
@@ -51,8 +51,11 @@ def test_openai_client_plain_and_streamed(gw: Running, store: Store, upstream: O
 
     pieces, usage, ids = [], None, set()
     with client.chat.completions.with_streaming_response.create(
-        model="champion", messages=[{"role": "user", "content": "when is my refund?"}], stream=True,
-        stream_options={"include_usage": True}, user="user-2",
+        model="champion",
+        messages=[{"role": "user", "content": "when is my refund?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        user="user-2",
     ) as response:
         streamed_id = response.headers["x-flywheel-interaction-id"]
         for chunk in response.parse():
@@ -125,7 +128,13 @@ def test_the_upstream_losing_an_adapter_reloads_it(gw: Running, upstream: OpenAI
 def test_missing_invalid_and_revoked_keys_get_401(gw: Running, store: Store) -> None:
     for key in ("", "fw-not-a-key"):
         with gw.http(key) as http:
-            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1/feedback"), ("GET", "/health"), ("GET", "/nowhere")):
+            for method, path in (
+                ("POST", "/v1/chat/completions"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/feedback"),
+                ("GET", "/health"),
+                ("GET", "/nowhere"),
+            ):
                 response = http.request(method, path, json={"model": "champion"})
                 assert response.status_code == 401, (key, path)
                 error = response.json()["error"]
@@ -152,18 +161,41 @@ def test_bad_input_answers_in_openai_shape(gw: Running) -> None:
         (http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json", None),
         (http.post("/v1/chat/completions", content=b"[1, 2]"), 400, "invalid_json", None),
         (http.post("/v1/chat/completions", content=b""), 400, "invalid_json", None),
-        (http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 400, "missing_required_parameter", "model"),
+        (
+            http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}),
+            400,
+            "missing_required_parameter",
+            "model",
+        ),
         (http.post("/v1/chat/completions", json={"model": "champion", "messages": []}), 400, "invalid_value", "messages"),
         (chat(http, stream="yes"), 400, "invalid_value", "stream"),
-        (http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": 5}]}), 400, "invalid_value", "messages[0].content"),
-        (http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "robot", "content": "x"}]}), 400, "invalid_value", "messages[0].role"),
+        (
+            http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": 5}]}),
+            400,
+            "invalid_value",
+            "messages[0].content",
+        ),
+        (
+            http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "invalid_value",
+            "messages[0].role",
+        ),
         (chat(http, max_tokens="5"), 400, "invalid_value", "max_tokens"),
         (chat(http, model="gpt-4o"), 404, "model_not_found", "model"),
         (http.post("/v1/chat/completions", content=b"{" + b" " * 1_100_000 + b"}"), 413, "request_too_large", None),
         (http.get("/v1/nowhere"), 404, "unknown_url", None),
         (http.get("/v1/chat/completions"), 405, "method_not_allowed", None),
-        (http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": "hi"}]},
-                   headers={"x-flywheel-user-tier": "x" * 500}), 400, "invalid_value", "x-flywheel-user-tier"),
+        (
+            http.post(
+                "/v1/chat/completions",
+                json={"model": "champion", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-flywheel-user-tier": "x" * 500},
+            ),
+            400,
+            "invalid_value",
+            "x-flywheel-user-tier",
+        ),
     ]
     for response, status, code, param in cases:
         assert response.status_code == status, (response.status_code, response.text[:200])
@@ -235,4 +267,3 @@ def test_closed_versions_are_not_served(gw: Running, store: Store) -> None:
     approvals.reject(store, "v2", "alice", "worse on refunds")
     response = chat(gw.http(), model="v2")
     assert response.status_code == 404 and "rejected" in response.json()["error"]["message"]
-

@@ -71,7 +71,9 @@ def test_openai_client_gets_the_adapters_answers(gw: Running, store: Store, loca
     raw = client.chat.completions.with_raw_response.create(model="champion", messages=QUESTION, max_tokens=8, user="u1")
     answer = raw.parse()
     assert raw.headers["x-flywheel-model-version"] == "v2" and answer.model == "v2"
-    served = {vid: client.chat.completions.create(model=vid, messages=QUESTION, max_tokens=8).choices[0].message.content for vid in ("v1", "v3")}
+    served = {
+        vid: client.chat.completions.create(model=vid, messages=QUESTION, max_tokens=8).choices[0].message.content for vid in ("v1", "v3")
+    }
     served["v2"] = answer.choices[0].message.content
     # the same model called directly, with each adapter (v3 was loaded by the request that named it)
     expected = {vid: local_model.generate([QUESTION], max_new_tokens=8, adapter=vid)[0].text for vid in ("v2", "v3")}
@@ -94,14 +96,20 @@ def test_openai_client_gets_the_adapters_answers(gw: Running, store: Store, loca
 def test_streaming_and_langchain(gw: Running, local_model: LocalModel) -> None:
     client = gw.client()
     expected = local_model.generate([QUESTION], max_new_tokens=10, adapter="v2")[0].text
-    chunks = list(client.chat.completions.create(model="champion", messages=QUESTION, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="champion", messages=QUESTION, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == expected and chunks[-1].usage is not None and not chunks[-1].choices
     assert len({c.id for c in chunks}) == 1
     model = ChatOpenAI(base_url=gw.base_url, api_key=gw.key, model="champion", max_tokens=10, max_retries=0, timeout=60)
     assert model.invoke(QUESTION[1]["content"]).content == local_model.generate([[QUESTION[1]]], max_new_tokens=10, adapter="v2")[0].text
-    assert "".join(str(c.content) for c in model.stream(QUESTION[1]["content"])).strip() == local_model.generate(
-        [[QUESTION[1]]], max_new_tokens=10, adapter="v2")[0].text
+    assert (
+        "".join(str(c.content) for c in model.stream(QUESTION[1]["content"])).strip()
+        == local_model.generate([[QUESTION[1]]], max_new_tokens=10, adapter="v2")[0].text
+    )
 
 
 def test_concurrent_requests_are_batched(gw: Running, local_model: LocalModel) -> None:
@@ -110,7 +118,9 @@ def test_concurrent_requests_are_batched(gw: Running, local_model: LocalModel) -
     questions = [[{"role": "user", "content": f"Where is my order number {i}?"}] for i in range(8)]
     client = gw.client()
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda q: client.chat.completions.create(model="v3", messages=q, max_tokens=6).choices[0].message.content, questions))
+        answers = list(
+            pool.map(lambda q: client.chat.completions.create(model="v3", messages=q, max_tokens=6).choices[0].message.content, questions)
+        )
     alone = [g.text for g in local_model.generate(questions, max_new_tokens=6, batch_size=1, adapter="v3")]
     assert answers == alone  # batching changes nothing in what each user gets
     assert gw.gateway.backend.describe()["largest_batch"] > 1
@@ -119,7 +129,9 @@ def test_concurrent_requests_are_batched(gw: Running, local_model: LocalModel) -
 def test_unsupported_and_incompatible_requests(gw: Running, store: Store, tmp_path: Path, adapters: tuple[Path, Path]) -> None:
     with pytest.raises(openai.BadRequestError, match="n > 1"):
         gw.client().chat.completions.create(model="champion", messages=QUESTION, n=2)
-    other = registry.register_version(store, base_model=str(tmp_path / "another-base"), adapter_path=adapters[1], notes="same weights, other base")
+    other = registry.register_version(
+        store, base_model=str(tmp_path / "another-base"), adapter_path=adapters[1], notes="same weights, other base"
+    )
     assert other.id == "v3"  # registering the same adapter weights again returns the existing version
     with pytest.raises(UserInputError, match="runs on base model"):
         gw.gateway.backend.prepare(other.model_copy(update={"id": "v9", "base_model": str(tmp_path / "another-base")}))

@@ -37,9 +37,16 @@ def upstream() -> Iterator[OpenAIServer]:
 
 def _served(i: int, text: str = "where is my parcel?", **extra: object) -> Served:
     return Served(
-        id=f"chatcmpl-test-{i}", timestamp=utcnow() - timedelta(seconds=i), model_version="v1",
+        id=f"chatcmpl-test-{i}",
+        timestamp=utcnow() - timedelta(seconds=i),
+        model_version="v1",
         messages=[{"role": "user", "content": f"{text} I am {EMAIL} ({i})"}, {"role": "assistant", "content": "On its way."}],
-        latency_ms=1.5, prompt_tokens=9, completion_tokens=3, user_id=f"user-{i}", client="unit", **extra,  # type: ignore[arg-type]
+        latency_ms=1.5,
+        prompt_tokens=9,
+        completion_tokens=3,
+        user_id=f"user-{i}",
+        client="unit",
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -173,8 +180,13 @@ def test_feedback_sets_the_signals_the_capture_rules_read(any_store: Store, upst
         http = gw.http()
         ids = [chat(http, text=f"question {i}", user=f"user-{i}").headers["x-flywheel-interaction-id"] for i in range(6)]
         events = [
-            (ids[0], "thumbs_down", None), (ids[1], "escalation", None), (ids[2], "followup", None), (ids[2], "followup", None),
-            (ids[3], "qa_verdict", "reject"), (ids[4], "complaint", "It promised a refund! Call me on +1 415 555 0100"), (ids[5], "thumbs_up", None),
+            (ids[0], "thumbs_down", None),
+            (ids[1], "escalation", None),
+            (ids[2], "followup", None),
+            (ids[2], "followup", None),
+            (ids[3], "qa_verdict", "reject"),
+            (ids[4], "complaint", "It promised a refund! Call me on +1 415 555 0100"),
+            (ids[5], "thumbs_up", None),
         ]
         for interaction_id, kind, value in events:
             body = {"interaction_id": interaction_id, "kind": kind, **({"value": value} if value is not None else {})}
@@ -219,7 +231,10 @@ def test_feedback_takes_the_log_vocabulary_too_and_stores_one(store: Store, upst
             response = http.post("/v1/feedback", json={"interaction_id": interaction_id, "kind": kind})
             assert response.status_code == 202, response.text
             assert response.json()["kind"] == ("thumbs_down" if kind.endswith("down") else "thumbs_up")
-        for body, param in (({"interaction_id": ids[0], "kind": "sideways"}, "kind"), ({"interaction_id": ids[0], "kind": "down", "value": 1}, "value")):
+        for body, param in (
+            ({"interaction_id": ids[0], "kind": "sideways"}, "kind"),
+            ({"interaction_id": ids[0], "kind": "down", "value": 1}, "value"),
+        ):
             response = http.post("/v1/feedback", json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
         unknown = http.post("/v1/feedback", json={"interaction_id": ids[0], "kind": "sideways"}).json()["error"]["message"]
@@ -247,7 +262,9 @@ def test_postgres_going_away_slows_no_request_and_loses_nothing(pg_url: str, pro
             with gw.http() as http:
                 before = [chat(http, user=f"a{i}") for i in range(10)]
                 admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+                )
                 during = [chat(http, user=f"b{i}") for i in range(40)]
                 assert all(r.status_code == 200 for r in before + during)
                 assert gw.gateway.capture.wait_idle(timeout=20)

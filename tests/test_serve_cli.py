@@ -75,8 +75,24 @@ def test_serve_command_answers_and_flushes_on_sigterm(project: Path, capsys: pyt
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     with OpenAIServer(default="Hello from upstream") as upstream:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "-C", str(project), "serve", "--backend", "proxy", "--upstream", upstream.base_url, "--port", str(port)],
-            env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "flywheel.cli",
+                "-C",
+                str(project),
+                "serve",
+                "--backend",
+                "proxy",
+                "--upstream",
+                upstream.base_url,
+                "--port",
+                str(port),
+            ],
+            env={**env, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 60
@@ -91,7 +107,9 @@ def test_serve_command_answers_and_flushes_on_sigterm(project: Path, capsys: pyt
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=30) as http:
                 ids = []
                 for i in range(30):
-                    response = http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": f"hi {i}"}]})
+                    response = http.post(
+                        "/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": f"hi {i}"}]}
+                    )
                     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Hello from upstream"
                     ids.append(response.headers["x-flywheel-interaction-id"])
                 assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401

@@ -104,8 +104,11 @@ def test_canary_alias_and_header_user(gw: Running, store: Store) -> None:
     with gw.http() as http:
         assert chat(http, model="canary").headers["x-flywheel-model-version"] == "v3"
         on_canary = next(u for u in (f"h{i}" for i in range(1000)) if bucket(u, "v3") < 0.2)
-        response = http.post("/v1/chat/completions", json={"model": "champion", "messages": [{"role": "user", "content": "x"}]},
-                             headers={"x-flywheel-user": on_canary})
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": "champion", "messages": [{"role": "user", "content": "x"}]},
+            headers={"x-flywheel-user": on_canary},
+        )
         assert response.headers["x-flywheel-model-version"] == "v3"
     gw.settle()
     stored = interaction_repo.get(store, response.headers["x-flywheel-interaction-id"])

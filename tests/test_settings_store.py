@@ -48,8 +48,10 @@ def test_a_list_or_dict_in_the_environment_must_be_json_and_the_error_says_so(pr
     monkeypatch.setenv("FLYWHEEL_GATE__TARGETED", "over_promise")
     with pytest.raises(SettingsError) as err:
         load_settings(project)
-    assert str(err.value) == ("setting gate.targeted: FLYWHEEL_GATE__TARGETED must be a JSON list, "
-                              """e.g. FLYWHEEL_GATE__TARGETED='["over_promise"]' (got 'over_promise')""")
+    assert str(err.value) == (
+        "setting gate.targeted: FLYWHEEL_GATE__TARGETED must be a JSON list, "
+        """e.g. FLYWHEEL_GATE__TARGETED='["over_promise"]' (got 'over_promise')"""
+    )
     monkeypatch.setenv("FLYWHEEL_GATE__TARGETED", '["over_promise"]')
     assert load_settings(project).gate.targeted == ["over_promise"]
 
@@ -66,26 +68,43 @@ def test_a_list_or_dict_in_the_environment_must_be_json_and_the_error_says_so(pr
         load_settings(project)
 
 
-def test_unknown_flywheel_variables_are_warned_about_with_the_close_match(project: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    read_directly = {"FLYWHEEL_LLM_API_KEY": "sk-1", "FLYWHEEL_CONFIG": "", "FLYWHEEL_PROJECT_DIR": "", "FLYWHEEL_UPSTREAM_API_KEY": "k",
-                     "FLYWHEEL_TEST_PAUSE_AT": "", "FLYWHEEL_TEST_PAUSE_FILE": "", "FLYWHEEL_TEST_PAUSE_SECONDS": "", "FLYWHEEL_TEST_PG": ""}
-    settings_names = {"FLYWHEEL_STORE__URL": "", "flywheel_triage__budget": "3", "FLYWHEEL_SERVE__ADAPTER_PATH_MAP__/a": "/b", "FLYWHEEL_STATE_DIR": ""}
+def test_unknown_flywheel_variables_are_warned_about_with_the_close_match(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    read_directly = {
+        "FLYWHEEL_LLM_API_KEY": "sk-1",
+        "FLYWHEEL_CONFIG": "",
+        "FLYWHEEL_PROJECT_DIR": "",
+        "FLYWHEEL_UPSTREAM_API_KEY": "k",
+        "FLYWHEEL_TEST_PAUSE_AT": "",
+        "FLYWHEEL_TEST_PAUSE_FILE": "",
+        "FLYWHEEL_TEST_PAUSE_SECONDS": "",
+        "FLYWHEEL_TEST_PG": "",
+    }
+    settings_names = {
+        "FLYWHEEL_STORE__URL": "",
+        "flywheel_triage__budget": "3",
+        "FLYWHEEL_SERVE__ADAPTER_PATH_MAP__/a": "/b",
+        "FLYWHEEL_STATE_DIR": "",
+    }
     assert unknown_names(Settings, {**read_directly, **settings_names, "PATH": "/bin"}) == []
     assert unknown_names(Settings, {"FLYWHEEL_WIDGETS": "1"}) == [
-        "warning: FLYWHEEL_WIDGETS matches no setting and is ignored (nested keys use two underscores: FLYWHEEL_STORE__URL)"]
+        "warning: FLYWHEEL_WIDGETS matches no setting and is ignored (nested keys use two underscores: FLYWHEEL_STORE__URL)"
+    ]
 
     monkeypatch.setenv("FLYWHEEL_STORE_URL", "postgresql://db/flywheel")
     monkeypatch.setenv("FLYWHEEL_LLM_API_KEY", "sk-1")
     s = load_settings(project)
     assert s.store_url.startswith("sqlite:")  # ignored, as the warning says
-    assert capsys.readouterr().err == ("warning: FLYWHEEL_STORE_URL matches no setting and is ignored; "
-                                       "did you mean FLYWHEEL_STORE__URL?\n")
+    assert capsys.readouterr().err == ("warning: FLYWHEEL_STORE_URL matches no setting and is ignored; did you mean FLYWHEEL_STORE__URL?\n")
     load_settings(project)
     assert capsys.readouterr().err == ""  # once per process, not at every load
     monkeypatch.setenv("FLYWHEEL_TRIAGE_BUDGET", "5")  # and through the CLI
     assert main(["-C", str(project), "failures", "counts", "--json"]) == 0
-    assert capsys.readouterr().err == "warning: FLYWHEEL_TRIAGE_BUDGET matches no setting and is ignored; did you mean FLYWHEEL_TRIAGE__BUDGET?\n"
+    assert (
+        capsys.readouterr().err
+        == "warning: FLYWHEEL_TRIAGE_BUDGET matches no setting and is ignored; did you mean FLYWHEEL_TRIAGE__BUDGET?\n"
+    )
 
 
 def test_migrations_create_every_table(any_store) -> None:

@@ -97,11 +97,21 @@ def waiting(waiting_project: Path, tmp_path: Path, slack: SlackApiServer) -> Ite
 def _pending(run_id: str = "run-test0001", version: str = "v7", report_hash: str = "ab" * 32) -> PendingApproval:
     """An approval payload for posting tests (the deciding tests use a real one)."""
     return PendingApproval(
-        run_id=run_id, version=version, report_hash=report_hash, report_json="/srv/reports/v7/report.json",
-        report_html="/srv/reports/v7/report.html", champion="v6", gate_passed=True,
-        gate_reasons=["targeted over_promise fell from 40.0% to 0.0%"], targeted=["over_promise"], primary_set="problem",
-        task_success_before=0.5, task_success_after=0.75, problem_rates_before={"over_promise": 0.4, "<!channel>": 0.1},
-        problem_rates_after={"over_promise": 0.0, "<!channel>": 0.1}, summary="v7 passed its promotion gate against v6.",
+        run_id=run_id,
+        version=version,
+        report_hash=report_hash,
+        report_json="/srv/reports/v7/report.json",
+        report_html="/srv/reports/v7/report.html",
+        champion="v6",
+        gate_passed=True,
+        gate_reasons=["targeted over_promise fell from 40.0% to 0.0%"],
+        targeted=["over_promise"],
+        primary_set="problem",
+        task_success_before=0.5,
+        task_success_after=0.75,
+        problem_rates_before={"over_promise": 0.4, "<!channel>": 0.1},
+        problem_rates_after={"over_promise": 0.0, "<!channel>": 0.1},
+        summary="v7 passed its promotion gate against v6.",
         requested_at=utcnow(),
     )
 
@@ -109,8 +119,15 @@ def _pending(run_id: str = "run-test0001", version: str = "v7", report_hash: str
 # --- signed requests ------------------------------------------------------------------------------------------------
 
 
-def _post(url: str, body: str, *, secret: str | None = SECRET, age_s: int = 0, headers: dict[str, str] | None = None,
-          content_type: str = "application/x-www-form-urlencoded") -> httpx.Response:
+def _post(
+    url: str,
+    body: str,
+    *,
+    secret: str | None = SECRET,
+    age_s: int = 0,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/x-www-form-urlencoded",
+) -> httpx.Response:
     sent = {"Content-Type": content_type}
     if secret is not None:
         timestamp = str(int(time.time()) - age_s)
@@ -123,13 +140,26 @@ def _post(url: str, body: str, *, secret: str | None = SECRET, age_s: int = 0, h
 def _click_payload(action_id: str, ref: ApprovalRef, user: str, where: tuple[str, str], action_ts: str) -> dict[str, Any]:
     channel, ts = where
     return {
-        "type": "block_actions", "api_app_id": "A0FLY", "token": "legacy", "trigger_id": f"trig-{action_ts}",
-        "user": {"id": user, "username": user.lower(), "team_id": "T0TEAM"}, "team": {"id": "T0TEAM", "domain": "flywheel-test"},
+        "type": "block_actions",
+        "api_app_id": "A0FLY",
+        "token": "legacy",
+        "trigger_id": f"trig-{action_ts}",
+        "user": {"id": user, "username": user.lower(), "team_id": "T0TEAM"},
+        "team": {"id": "T0TEAM", "domain": "flywheel-test"},
         "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False},
-        "channel": {"id": channel, "name": "approvals"}, "message": {"ts": ts, "type": "message"},
+        "channel": {"id": channel, "name": "approvals"},
+        "message": {"ts": ts, "type": "message"},
         "response_url": "https://hooks.slack.com/actions/T0TEAM/1/x",
-        "actions": [{"type": "button", "action_id": action_id, "block_id": "flywheel_approval", "value": ref.value(),
-                     "action_ts": action_ts, "text": {"type": "plain_text", "text": "x"}}],
+        "actions": [
+            {
+                "type": "button",
+                "action_id": action_id,
+                "block_id": "flywheel_approval",
+                "value": ref.value(),
+                "action_ts": action_ts,
+                "text": {"type": "plain_text", "text": "x"},
+            }
+        ],
     }
 
 
@@ -139,8 +169,14 @@ def _form(payload: dict[str, Any]) -> str:
 
 def _view_payload(view: dict[str, Any], user: str, reason: str) -> dict[str, Any]:
     submitted = {**view, "state": {"values": {"reason": {"reason_input": {"type": "plain_text_input", "value": reason}}}}}
-    return {"type": "view_submission", "team": {"id": "T0TEAM"}, "user": {"id": user, "team_id": "T0TEAM"},
-            "api_app_id": "A0FLY", "trigger_id": "trig-view", "view": submitted}
+    return {
+        "type": "view_submission",
+        "team": {"id": "T0TEAM"},
+        "user": {"id": user, "team_id": "T0TEAM"},
+        "api_app_id": "A0FLY",
+        "trigger_id": "trig-view",
+        "view": submitted,
+    }
 
 
 def _count(ctx: Context, table: Any, *where: Any) -> int:
@@ -212,8 +248,10 @@ def test_posting_is_idempotent_and_survives_a_lost_answer(any_store: Any, slack:
         assert report_link(ctx.settings, inside) == "<https://reports.example.com/a/evals/v7/report.html|open the report>"
         [actions] = [b for b in blocks if b["type"] == "actions"]
         buttons = {e["action_id"]: ApprovalRef.parse(e["value"]) for e in actions["elements"]}
-        assert buttons == {ACTION_APPROVE: ApprovalRef(run_id="run-test0001", version="v7", report_hash="ab" * 32),
-                           ACTION_REJECT: ApprovalRef(run_id="run-test0001", version="v7", report_hash="ab" * 32)}
+        assert buttons == {
+            ACTION_APPROVE: ApprovalRef(run_id="run-test0001", version="v7", report_hash="ab" * 32),
+            ACTION_REJECT: ApprovalRef(run_id="run-test0001", version="v7", report_hash="ab" * 32),
+        }
         assert message["metadata"]["event_payload"]["key"] == approval_key(_pending())
 
         again = poster.post(_pending())
@@ -241,8 +279,9 @@ def test_posting_is_idempotent_and_survives_a_lost_answer(any_store: Any, slack:
 
 
 @pytest.mark.slow
-def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context,
-                                                              lazy_work: ThreadPoolExecutor) -> None:
+def test_http_mode_refuses_bad_signatures_and_stale_timestamps(
+    http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context, lazy_work: ThreadPoolExecutor
+) -> None:
     approvals_, server = http_app
     posted = approvals_.post(pending_approvals(waiting)[0])
     ref = ApprovalRef.of(pending_approvals(waiting)[0])
@@ -256,9 +295,16 @@ def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[S
     assert _post(server.url, "{not json", content_type="application/json").status_code == 400  # signed, malformed
     # Bolt's own check stands behind ours: the same app, dispatched directly, refuses a stale request too
     stale = str(int(time.time()) - 6 * 60)
-    bolt_answer = server.app.dispatch(BoltRequest(body=body, headers={
-        "content-type": "application/x-www-form-urlencoded", "x-slack-request-timestamp": stale,
-        "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=stale, body=body) or ""}))
+    bolt_answer = server.app.dispatch(
+        BoltRequest(
+            body=body,
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "x-slack-request-timestamp": stale,
+                "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=stale, body=body) or "",
+            },
+        )
+    )
     assert bolt_answer.status == 401
     assert httpx.get(server.url.replace("/slack/events", "/healthz")).text == "ok"
     _settled(lazy_work)  # whatever these requests could have started has finished
@@ -268,7 +314,11 @@ def test_http_mode_refuses_bad_signatures_and_stale_timestamps(http_app: tuple[S
 
 @pytest.mark.slow
 def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
-    http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    http_app: tuple[SlackApprovals, SlackHttpServer],
+    slack: SlackApiServer,
+    waiting: Context,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     lazy_work: ThreadPoolExecutor,
 ) -> None:
     approvals_, server = http_app
@@ -322,7 +372,9 @@ def test_approve_in_slack_acks_first_promotes_once_and_refuses_the_rest(
 
 
 @pytest.mark.slow
-def test_reject_asks_why_in_a_dialog_then_rejects_with_that_reason(http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context) -> None:
+def test_reject_asks_why_in_a_dialog_then_rejects_with_that_reason(
+    http_app: tuple[SlackApprovals, SlackHttpServer], slack: SlackApiServer, waiting: Context
+) -> None:
     approvals_, server = http_app
     posted = approvals_.post(pending_approvals(waiting)[0])
     ref = ApprovalRef.of(pending_approvals(waiting)[0])
@@ -347,8 +399,9 @@ def test_reject_asks_why_in_a_dialog_then_rejects_with_that_reason(http_app: tup
 # --- Socket Mode ------------------------------------------------------------------------------------------------------
 
 
-def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(project: Path, slack: SlackApiServer,
-                                                                               lazy_work: ThreadPoolExecutor) -> None:
+def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(
+    project: Path, slack: SlackApiServer, lazy_work: ThreadPoolExecutor
+) -> None:
     ctx = Context(settings=_settings(project, slack, slack={"mode": "socket"}))
     handler = None
     try:
@@ -368,9 +421,21 @@ def test_socket_mode_connects_with_the_app_token_and_handles_the_same_payloads(p
         told = slack.wait_for(lambda: slack.ephemeral, what="the refusal over Socket Mode")
         assert told[0]["user"] == MALLORY and "not on the approver list" in told[0]["text"]
 
-        mention = {"type": "event_callback", "team_id": "T0TEAM", "api_app_id": "A0FLY", "event_id": "Ev0001", "event_time": 1700000000,
-                   "event": {"type": "app_mention", "user": ALICE, "text": "<@U0FLYBOT> approvals?", "ts": "1700000030.000100",
-                             "channel": "C0APPROVALS", "event_ts": "1700000030.000100"}}
+        mention = {
+            "type": "event_callback",
+            "team_id": "T0TEAM",
+            "api_app_id": "A0FLY",
+            "event_id": "Ev0001",
+            "event_time": 1700000000,
+            "event": {
+                "type": "app_mention",
+                "user": ALICE,
+                "text": "<@U0FLYBOT> approvals?",
+                "ts": "1700000030.000100",
+                "channel": "C0APPROVALS",
+                "event_ts": "1700000030.000100",
+            },
+        }
         slack.socket.ack_for(slack.socket.push("events_api", mention))
         replies = slack.wait_for(lambda: [m for m in slack.messages() if m.get("thread_ts")], what="the thread reply")
         assert replies[0]["thread_ts"] == "1700000030.000100" and "No approvals pending" in replies[0]["text"]
@@ -420,8 +485,9 @@ def _slack_toml(project: Path, api_url: str, channel: str = "#approvals") -> Non
     (project / "flywheel.toml").write_text(f'[slack]\nchannel = "{channel}"\napi_url = "{api_url}"\n', encoding="utf-8")
 
 
-def test_slack_test_posts_one_message_and_prints_one_line(project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_slack_test_posts_one_message_and_prints_one_line(
+    project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _slack_toml(project, slack.api_url)
     monkeypatch.setenv("SLACK_BOT_TOKEN", TOKENS.bot_token)
     assert main(["-C", str(project), "slack", "test"]) == 0
@@ -433,8 +499,9 @@ def test_slack_test_posts_one_message_and_prints_one_line(project: Path, slack: 
     assert [c.token for c in slack.calls_to("chat.postMessage")] == [TOKENS.bot_token]
 
 
-def test_slack_test_refusals_are_one_line_with_what_to_fix(project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_slack_test_refusals_are_one_line_with_what_to_fix(
+    project: Path, slack: SlackApiServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _slack_toml(project, slack.api_url)
     monkeypatch.delenv("SLACK_BOT_TOKEN", raising=False)
     assert main(["-C", str(project), "slack", "test"]) == 2
@@ -454,8 +521,9 @@ def test_slack_test_refusals_are_one_line_with_what_to_fix(project: Path, slack:
     assert slack.messages() == []
 
 
-def test_slack_test_with_slack_out_of_reach_is_one_line_exit_4(project: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_slack_test_with_slack_out_of_reach_is_one_line_exit_4(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = _closed_port_url()
     _slack_toml(project, url)
     monkeypatch.setenv("SLACK_BOT_TOKEN", TOKENS.bot_token)
@@ -467,7 +535,7 @@ def test_slack_test_with_slack_out_of_reach_is_one_line_exit_4(project: Path, mo
 
 @pytest.mark.slow
 def test_the_daemon_logs_a_refused_token_in_one_line_and_retries_until_slack_takes_it(
-    waiting: Context, slack: SlackApiServer, caplog: pytest.LogCaptureFixture,
+    waiting: Context, slack: SlackApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="flywheel")
     rotated = SlackTokens(bot_token="xoxb-rotated", app_token="", signing_secret=SECRET)

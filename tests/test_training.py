@@ -35,7 +35,12 @@ def write_snapshot(folder: Path, method: str, n_train: int = 16, n_heldout: int 
         user = [{"role": "user", "content": QUESTIONS[k]}]
         if method == "sft":
             return {"messages": [*user, {"role": "assistant", "content": ANSWERS[k]}], "weight": 1.0, "intent": "x"}
-        return {"prompt": user, "chosen": [{"role": "assistant", "content": ANSWERS[k]}], "rejected": [{"role": "assistant", "content": BAD}], "weight": 1.0}
+        return {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": ANSWERS[k]}],
+            "rejected": [{"role": "assistant", "content": BAD}],
+            "weight": 1.0,
+        }
 
     for split, n in (("train", n_train), ("heldout", n_heldout)):
         lines = [json.dumps(row(i)) for i in range(n)]
@@ -54,13 +59,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def hyper(**overrides) -> TrainSettings:
     # min_steps 0: these runs count their steps and epochs exactly (the small-snapshot rule has its own test)
-    values = dict(epochs=6.0, batch_size=4, learning_rate=2e-2, lora_r=8, lora_dropout=0.0, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0)
+    values = dict(
+        epochs=6.0, batch_size=4, learning_rate=2e-2, lora_r=8, lora_dropout=0.0, early_stopping_patience=0, warmup_ratio=0.0, min_steps=0
+    )
     return TrainSettings(**{**values, **overrides})
 
 
 @pytest.mark.slow
 def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Path) -> None:
-    data = write_snapshot(tmp_path / "sft", "sft", extra_rows=["not json", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})])
+    data = write_snapshot(
+        tmp_path / "sft", "sft", extra_rows=["not json", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]
+    )
     spec = recipes.build_spec(hyper(early_stopping_patience=2), data, base_model=base)  # best model kept at the end
     assert spec.method == "sft" and spec.dataset_id == "ds-sft"
     result = recipes.run(spec, tmp_path / "work")
@@ -116,8 +125,12 @@ def test_dpo_run_prefers_chosen(base: Path, tmp_path: Path) -> None:
 
     model = LocalModel(base, adapter_path=result.adapter_path)
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    margin = lambda adapter: [c - r for c, r in zip(  # noqa: E731
-        model.sequence_logprob(prompts, ANSWERS, adapter=adapter), model.sequence_logprob(prompts, [BAD] * 4, adapter=adapter))]
+
+    def margin(adapter: str | None) -> list[float]:
+        chosen = model.sequence_logprob(prompts, ANSWERS, adapter=adapter)
+        rejected = model.sequence_logprob(prompts, [BAD] * 4, adapter=adapter)
+        return [c - r for c, r in zip(chosen, rejected)]
+
     assert all(after > before for after, before in zip(margin("default"), margin(None)))
 
 
@@ -171,17 +184,23 @@ def test_bad_rows_are_skipped_and_an_empty_snapshot_refused(base: Path, tmp_path
     data = tmp_path / "bad"
     data.mkdir()
     (data / "train.jsonl").write_text(
-        "\n".join([
-            "{not json",
-            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
-            json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
-            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "weight": -1}),
-        ]) + "\n"
+        "\n".join(
+            [
+                "{not json",
+                json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+                json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
+                json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "weight": -1}),
+            ]
+        )
+        + "\n"
     )
     examples, skipped = load_examples(data, "train", "sft")
     assert examples == []
     assert [(s.where, s.why.split()[0]) for s in skipped] == [
-        ("train.jsonl:1", "not"), ("train.jsonl:2", "messages"), ("train.jsonl:3", "a"), ("train.jsonl:4", "weight"),
+        ("train.jsonl:1", "not"),
+        ("train.jsonl:2", "messages"),
+        ("train.jsonl:3", "a"),
+        ("train.jsonl:4", "weight"),
     ]
     spec = recipes.build_spec(hyper(), data, method="sft", base_model=base)
     with pytest.raises(UserInputError, match="no usable training rows"):

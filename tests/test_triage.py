@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from flywheel.store.db import Store
 from flywheel.store.failures import failure_from_row, failure_id_for
 from flywheel.store.schema import failures
 
-T0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
 
 # Distinct mistakes on distinct topics: none of these is a near-duplicate of another.
 TOPICS = [
@@ -43,14 +43,7 @@ TOPICS = [
 ]
 
 
-def make(
-    n: int,
-    user: str,
-    answer: str,
-    version: str = "v1",
-    intent: str | None = "support",
-    **signals: object,
-) -> Interaction:
+def make(n: int, user: str, answer: str, version: str = "v1", intent: str | None = "support", **signals: object) -> Interaction:
     messages = [Message(role="user", content=user), Message(role="assistant", content=answer)]
     ts = T0 + timedelta(minutes=n)
     return Interaction(
@@ -97,7 +90,12 @@ def all_failures(store: Store) -> dict[str, Failure]:
         ({"complaint": "   "}, None, [], 0.0),
         ({"feedback": "down", "user_tier": "Enterprise"}, "high_value_negative", ["high_value_negative", "thumbs_down"], 8.0),
         ({"followups": 3, "user_tier": "vip"}, "repeated_followups", ["repeated_followups"], 4.0),
-        ({"feedback": "down", "qa_verdict": "Reject", "escalated_to_human": True}, "qa_reject", ["qa_reject", "escalation", "thumbs_down"], 5.0),
+        (
+            {"feedback": "down", "qa_verdict": "Reject", "escalated_to_human": True},
+            "qa_reject",
+            ["qa_reject", "escalation", "thumbs_down"],
+            5.0,
+        ),
         ({"user_tier": "premium"}, None, [], 0.0),
     ],
 )
@@ -194,7 +192,9 @@ def test_triage_captures_clusters_and_is_idempotent(tctx: Context, monkeypatch: 
         make(1, *TOPICS[0], feedback="down"),
         make(2, "I forgot my password, how can I reset it?", "Please send me your current password and I will reset it.", feedback="down"),
         make(3, "how do i reset my password", "send me your current password and i will reset it", escalated_to_human=True, version="v2"),
-        make(4, "I was charged twice for order 1234, can I get a refund?", "We guarantee a full refund within 24 hours.", qa_verdict="Reject"),
+        make(
+            4, "I was charged twice for order 1234, can I get a refund?", "We guarantee a full refund within 24 hours.", qa_verdict="Reject"
+        ),
         # Same question, a different mistake: not a duplicate.
         make(5, "I was charged twice for order 1234, can I get a refund?", "Your package ships tomorrow.", complaint="wrong answer"),
         make(6, *TOPICS[2], followups=2, user_tier="enterprise"),
@@ -229,7 +229,9 @@ def test_triage_captures_clusters_and_is_idempotent(tctx: Context, monkeypatch: 
     assert all_failures(store) == found
 
     # A later paraphrase joins the cluster of an earlier triage and grows its frequency.
-    interaction_repo.insert(store, [make(20, "Hi, how can I reset my password please?", "Send me your current password and I'll reset it.", feedback="down")])
+    interaction_repo.insert(
+        store, [make(20, "Hi, how can I reset my password please?", "Send me your current password and I'll reset it.", feedback="down")]
+    )
     later = triage(tctx)
     assert (later.captured, later.clusters, later.duplicates, later.taken) == (1, 0, 1, 0)
     now = all_failures(store)

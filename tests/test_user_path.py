@@ -39,12 +39,30 @@ ANSWERS = {
 PRODUCTS = ["jacket", "phone case", "lamp", "blender", "headset", "backpack", "kettle", "monitor", "printer", "tent", "camera", "scarf"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 TEMPLATES = {
-    "refund_status": ["where is my refund for the {}", "I want my money back for the {}", "can I get a refund on the {}",
-                      "refund the {} please", "when will the {} refund arrive", "how long does a refund for the {} take"],
-    "order_status": ["where is my {}", "when does the {} ship", "has my {} shipped yet", "track the {} for me",
-                     "when will the {} arrive", "is the {} on its way"],
-    "opening_hours": ["are you open on {}", "what are your support hours on {}", "is support open on {}",
-                      "what time does support close on {}", "can I call support on {}", "when can I reach an agent on {}"],
+    "refund_status": [
+        "where is my refund for the {}",
+        "I want my money back for the {}",
+        "can I get a refund on the {}",
+        "refund the {} please",
+        "when will the {} refund arrive",
+        "how long does a refund for the {} take",
+    ],
+    "order_status": [
+        "where is my {}",
+        "when does the {} ship",
+        "has my {} shipped yet",
+        "track the {} for me",
+        "when will the {} arrive",
+        "is the {} on its way",
+    ],
+    "opening_hours": [
+        "are you open on {}",
+        "what are your support hours on {}",
+        "is support open on {}",
+        "what time does support close on {}",
+        "can I call support on {}",
+        "when can I reach an agent on {}",
+    ],
 }
 FILLS = {"refund_status": PRODUCTS, "order_status": PRODUCTS, "opening_hours": DAYS}
 
@@ -61,9 +79,15 @@ def prompt(n: int, intent: str, question: str) -> list[dict]:
     and refunds the bot's order lookup and its result."""
     messages: list[dict] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     if intent != "opening_hours":
-        call = {"id": f"call_{n}", "type": "function", "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": f"A-{1100 + n}"})}}
-        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                     {"role": "tool", "tool_call_id": f"call_{n}", "content": json.dumps({"status": "delivered"})}]
+        call = {
+            "id": f"call_{n}",
+            "type": "function",
+            "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": f"A-{1100 + n}"})},
+        }
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{n}", "content": json.dumps({"status": "delivered"})},
+        ]
     return messages
 
 
@@ -83,7 +107,9 @@ def build_support_bot(folder: Path) -> Path:
     for n, (intent, question) in enumerate((i, q) for i in TEMPLATES for q in questions(i, logged=True)):
         messages = prompt(n, intent, question)
         start = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        ids = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": ANSWERS[intent]}], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": ANSWERS[intent]}], tokenize=True, return_dict=True
+        )["input_ids"]
         examples.append((ids, start))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
@@ -109,8 +135,16 @@ def build_support_bot(folder: Path) -> Path:
 def write_logs(path: Path) -> None:
     """Production logs: every refund answer breaks the policy and users react to many; order and hours
     answers are right, with the odd false alarm; personal data in the text; two broken lines."""
-    reactions = [{"feedback": "down"}, {"escalated_to_human": True}, {"qa_verdict": "Reject"}, {}, {"complaint": "promised a refund that never came"},
-                 {"followups": 2}, {"feedback": "down", "user_tier": "premium"}, {}]
+    reactions = [
+        {"feedback": "down"},
+        {"escalated_to_human": True},
+        {"qa_verdict": "Reject"},
+        {},
+        {"complaint": "promised a refund that never came"},
+        {"followups": 2},
+        {"feedback": "down", "user_tier": "premium"},
+        {},
+    ]
     lines: list[str] = []
     n = 0
     for intent in TEMPLATES:
@@ -120,8 +154,19 @@ def write_logs(path: Path) -> None:
                 question += ", my email is jane.doe@example.com and my phone is +1 415 555 0134"
             signals = reactions[k % len(reactions)] if intent == "refund_status" else {"feedback": "down"} if k % 7 == 3 else {}
             messages = [*prompt(n, intent, question), {"role": "assistant", "content": ANSWERS[intent]}]
-            lines.append(json.dumps({"id": f"conv-{n:03d}", "timestamp": f"2026-11-02T09:{n // 60:02d}:{n % 60:02d}Z", "model_version": "support-bot-v7",
-                                     "intent": intent, "user_id": f"u-{n % 9}", "messages": messages, **signals}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": f"conv-{n:03d}",
+                        "timestamp": f"2026-11-02T09:{n // 60:02d}:{n % 60:02d}Z",
+                        "model_version": "support-bot-v7",
+                        "intent": intent,
+                        "user_id": f"u-{n % 9}",
+                        "messages": messages,
+                        **signals,
+                    }
+                )
+            )
     lines.insert(5, '{"id": "conv-broken", "messages": [')  # cut off mid-write
     lines.insert(9, json.dumps({"id": "conv-empty", "intent": "order_status"}))  # no messages
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -129,8 +174,19 @@ def write_logs(path: Path) -> None:
 
 def write_kb(path: Path) -> None:
     entries = [
-        {"id": "refund-status", "kind": "approved_response", "intent": "refund_status", "title": "Where is my refund?", "text": APPROVED_REFUND},
-        {"kind": "policy", "intent": "refund_status", "title": "Refund policy", "text": "Never promise a refund before the return is inspected."},
+        {
+            "id": "refund-status",
+            "kind": "approved_response",
+            "intent": "refund_status",
+            "title": "Where is my refund?",
+            "text": APPROVED_REFUND,
+        },
+        {
+            "kind": "policy",
+            "intent": "refund_status",
+            "title": "Refund policy",
+            "text": "Never promise a refund before the return is inspected.",
+        },
         {"id": "order-status", "kind": "approved_response", "intent": "order_status", "title": "Shipping", "text": ANSWERS["order_status"]},
         {"text": "Support is open 9 to 5 on weekdays."},
     ]
@@ -140,8 +196,10 @@ def write_kb(path: Path) -> None:
 def write_test_set(path: Path) -> None:
     """The fixed test set: traffic of the same shape as the logs, about products and days they never name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": f"t{n}", "messages": prompt(900 + n, intent, q), "reference": {"intent": intent}}
-            for n, (intent, q) in enumerate((i, q) for i in TEMPLATES for q in questions(i, logged=False))]
+    rows = [
+        {"id": f"t{n}", "messages": prompt(900 + n, intent, q), "reference": {"intent": intent}}
+        for n, (intent, q) in enumerate((i, q) for i in TEMPLATES for q in questions(i, logged=False))
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -163,7 +221,9 @@ def readme_commands() -> list[str]:
     return [line for line in lines if line]
 
 
-def test_the_readme_path_from_logs_to_a_served_champion(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_readme_path_from_logs_to_a_served_champion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     # One thread for torch here and in the training worker and the gateway: a tiny model gains nothing from
@@ -226,7 +286,10 @@ def walk(project: Path, base: Path, capsys: pytest.CaptureFixture[str], monkeypa
     assert len(picked) == 4, out
     # The person reads each picked conversation: a refund promise is wrong (the intent is right and the
     # knowledge base has the answer); the order and opening-hours answers were right as logged.
-    labels = [{"failure_id": fid, "intent": "refund_status"} if intent == "refund_status" else {"failure_id": fid, "fine": True} for fid, intent in picked]
+    labels = [
+        {"failure_id": fid, "intent": "refund_status"} if intent == "refund_status" else {"failure_id": fid, "fine": True}
+        for fid, intent in picked
+    ]
     (project / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels), encoding="utf-8")
     out = step("label", "--file", "labels.jsonl", next_step="flywheel judge")
     assert "stored 4 of 4 label(s)" in out
@@ -269,8 +332,9 @@ def serve_and_ask(project: Path, key: str) -> None:
 
     port = _free_port()
     env = {**os.environ, "FLYWHEEL_SERVE__PORT": str(port)}
-    gateway = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], cwd=project, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "flywheel.cli", "serve"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -283,7 +347,9 @@ def serve_and_ask(project: Path, key: str) -> None:
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         question = questions("refund_status", logged=True)[1]
-        completion = client.chat.completions.create(model="champion", messages=prompt(1, "refund_status", question), user="u-1931", max_tokens=64)
+        completion = client.chat.completions.create(
+            model="champion", messages=prompt(1, "refund_status", question), user="u-1931", max_tokens=64
+        )
         answer = completion.choices[0].message.content or ""
         assert completion.model == "v2"
         assert answer.startswith(APPROVED_REFUND) and "guarantee" not in answer, answer

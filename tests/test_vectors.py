@@ -15,7 +15,17 @@ import pytest
 
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.settings import Settings, load_settings
-from flywheel.store.vectors import MODEL_SHA256, Embedder, Hit, VectorIndex, clean_metadata, embedding_function, model_dir, open_index, sha256_file
+from flywheel.store.vectors import (
+    MODEL_SHA256,
+    Embedder,
+    Hit,
+    VectorIndex,
+    clean_metadata,
+    embedding_function,
+    model_dir,
+    open_index,
+    sha256_file,
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +167,9 @@ def chroma_server(tmp_path: Path) -> Iterator[int]:
         pytest.skip("the chroma CLI is not installed")
     port = _free_port()
     log = (tmp_path / "chroma.log").open("w")
-    proc = subprocess.Popen([exe, "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [exe, "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -4,7 +4,6 @@ Until the first release the schema lives in one migration, 0001. After a release
 with `alembic revision --autogenerate` instead of running this.
 """
 
-import os
 import tempfile
 from pathlib import Path
 

@@ -121,11 +121,20 @@ class ChatSession:
     def send(self, text: str) -> RunOutcome:
         if self.run_id is None:
             self.run_id = new_run_id()
-            self.last = start_run(self.ctx, "chat", self.policy, message=text, ask=self.view.ask, on_event=self.view.on_event,
-                                  run_id=self.run_id, confirm=self.view.confirm)
+            self.last = start_run(
+                self.ctx,
+                "chat",
+                self.policy,
+                message=text,
+                ask=self.view.ask,
+                on_event=self.view.on_event,
+                run_id=self.run_id,
+                confirm=self.view.confirm,
+            )
         else:
-            self.last = send_message(self.ctx, self.run_id, text, self.policy, ask=self.view.ask, on_event=self.view.on_event,
-                                     confirm=self.view.confirm)
+            self.last = send_message(
+                self.ctx, self.run_id, text, self.policy, ask=self.view.ask, on_event=self.view.on_event, confirm=self.view.confirm
+            )
         if self.last.state == runs.FAILED:
             self.view.console.print(f"[red]{escape(self.last.error or 'failed')}[/]")
         return self.last

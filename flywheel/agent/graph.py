@@ -234,13 +234,25 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
         name, call_id = call["name"], call.get("id") or ""
         if name not in tools:
             refused.append(name)
-            replies.append(ToolMessage(content=f"error: there is no tool named {name!r}; use only these: {', '.join(tools.names)}",
-                                       tool_call_id=call_id, name=name, status="error"))
+            replies.append(
+                ToolMessage(
+                    content=f"error: there is no tool named {name!r}; use only these: {', '.join(tools.names)}",
+                    tool_call_id=call_id,
+                    name=name,
+                    status="error",
+                )
+            )
             continue
         spec = tools.spec(name)
         if name == "launch_training" and len(jobs) >= settings.agent.max_training_runs:
-            replies.append(ToolMessage(content=f"error: the training budget of this cycle is spent ({settings.agent.max_training_runs} run(s): {', '.join(jobs) or 'none'})",
-                                       tool_call_id=call_id, name=name, status="error"))
+            replies.append(
+                ToolMessage(
+                    content=f"error: the training budget of this cycle is spent ({settings.agent.max_training_runs} run(s): {', '.join(jobs) or 'none'})",
+                    tool_call_id=call_id,
+                    name=name,
+                    status="error",
+                )
+            )
             continue
         key = tool_effect_key(run_id, position, call_id)
         pause_point(f"tools:{name}:start")
@@ -257,11 +269,19 @@ def run_tool_calls(state: AgentState, tools: ToolRegistry, settings: Settings) -
                 jobs.append(recorded["facts"]["job_id"])
         else:
             errors[name] = recorded["content"]
-        replies.append(ToolMessage(content=recorded["content"], tool_call_id=call_id, name=name, status="success" if recorded["ok"] else "error"))
+        replies.append(
+            ToolMessage(content=recorded["content"], tool_call_id=call_id, name=name, status="success" if recorded["ok"] else "error")
+        )
 
     for bad in ai.invalid_tool_calls:
-        replies.append(ToolMessage(content=f"error: the arguments of {bad.get('name')!r} are not valid JSON ({bad.get('error') or 'unparsable'}); send a JSON object",
-                                   tool_call_id=bad.get("id") or "", name=bad.get("name") or "invalid", status="error"))
+        replies.append(
+            ToolMessage(
+                content=f"error: the arguments of {bad.get('name')!r} are not valid JSON ({bad.get('error') or 'unparsable'}); send a JSON object",
+                tool_call_id=bad.get("id") or "",
+                name=bad.get("name") or "invalid",
+                status="error",
+            )
+        )
 
     update_cycle = {"done": done, "errors": errors, "refused": refused, "jobs": jobs, **facts}
     if "candidate" in facts and "gate_passed" not in facts:

@@ -55,7 +55,7 @@ def is_plan(value: Any) -> bool:
     return isinstance(value, dict) and value.get("kind") == "plan"
 
 
-def needs_plan(state: "AgentState") -> bool:
+def needs_plan(state: AgentState) -> bool:
     """A chat request whose next calls include a costly one, with no yes for this request yet."""
     if state.get("trigger") != "chat" or (state.get("cycle") or {}).get("plan_accepted"):
         return False
@@ -68,14 +68,21 @@ def accepted(resume: Any) -> bool:
     return str(answer or "").strip().lower().rstrip(".! ") in YES
 
 
-def propose(ctx: "Context", run_id: str, state: "AgentState") -> ProposedPlan:
+def propose(ctx: Context, run_id: str, state: AgentState) -> ProposedPlan:
     """The plan for this request, from the request's words, the store and the settings."""
     s = ctx.settings
     problem = asked_problem_type(_request(state), s.taxonomy.problem_types) or _most_frequent_problem(ctx)
     labels = labelling_budget_left(ctx)
     base = s.train.base_model or _champion_base(ctx)
-    plan = ProposedPlan(run_id=run_id, problem_type=problem, labels=labels, method=s.train.method, base_model=base,
-                        max_training_runs=s.agent.max_training_runs, text="")
+    plan = ProposedPlan(
+        run_id=run_id,
+        problem_type=problem,
+        labels=labels,
+        method=s.train.method,
+        base_model=base,
+        max_training_runs=s.agent.max_training_runs,
+        text="",
+    )
     plan.text = describe(plan, s.taxonomy.problem_types.get(problem or ""), s.selection.labelling_budget)
     return plan
 
@@ -97,18 +104,22 @@ def describe(plan: ProposedPlan, meaning: str | None, budget: int) -> str:
         train = "The training budget allows no training run in this cycle, so I will stop after building the dataset."
     else:
         runs = "one training run" if plan.max_training_runs == 1 else f"{plan.max_training_runs} training runs"
-        train = f"Then I will build a dataset from the verified corrections and train a LoRA adapter with {method} {on}, using at most {runs}."
+        train = (
+            f"Then I will build a dataset from the verified corrections and train a LoRA adapter with {method} {on}, using at most {runs}."
+        )
     return f"Here is my plan. {capture} {label} {train} {QUESTION}"
 
 
-def declined(state: "AgentState", resume: Any) -> dict[str, Any]:
+def declined(state: AgentState, resume: Any) -> dict[str, Any]:
     """The request ends: every requested call is answered "not run" (so the conversation stays one the
     LLM accepts on the next turn), and the person is told that nothing started."""
     last = next(m for m in reversed(state.get("messages", [])) if isinstance(m, AIMessage))
     answer = resume.get("answer") if isinstance(resume, dict) else resume
     why = "the person did not agree to the plan" if answer is not None else "nobody was there to agree to the plan"
-    replies: list[Any] = [ToolMessage(content=f"error: not run: {why}", tool_call_id=call.get("id") or "", name=call["name"], status="error")
-                          for call in last.tool_calls]
+    replies: list[Any] = [
+        ToolMessage(content=f"error: not run: {why}", tool_call_id=call.get("id") or "", name=call["name"], status="error")
+        for call in last.tool_calls
+    ]
     if answer is None:
         text = f"I need your yes before I spend labels or training time, and nobody could answer here, so I have not started anything: {NOTHING_STARTED}."
     else:
@@ -126,18 +137,18 @@ def asked_problem_type(request: str, problem_types: dict[str, str]) -> str | Non
     return None
 
 
-def _most_frequent_problem(ctx: "Context") -> str | None:
+def _most_frequent_problem(ctx: Context) -> str | None:
     rows = [r for r in failure_repo.counts(ctx.store, by=("problem_type",)) if r.get("problem_type")]
     return max(rows, key=lambda r: int(r["frequency"] or 0))["problem_type"] if rows else None
 
 
-def _champion_base(ctx: "Context") -> str | None:
+def _champion_base(ctx: Context) -> str | None:
     try:
         return registry.resolve(ctx.store, registry.CHAMPION).base_model
     except NotFoundError:
         return None
 
 
-def _request(state: "AgentState") -> str:
+def _request(state: AgentState) -> str:
     last = next((m for m in reversed(state.get("messages", [])) if isinstance(m, HumanMessage)), None)
     return str(last.content) if last is not None else ""

@@ -45,7 +45,7 @@ class Policy(Protocol):
     name: str
     uses_llm: bool
 
-    def decide(self, state: "AgentState", tools: "ToolRegistry") -> AIMessage:
+    def decide(self, state: AgentState, tools: ToolRegistry) -> AIMessage:
         """The supervisor's next message: tool calls to run, or text that ends this request."""
 
 
@@ -73,7 +73,7 @@ def _since_request(messages: list[BaseMessage]) -> tuple[str, list[ToolMessage]]
     """The newest human request and the tool results that came after it."""
     for index in range(len(messages) - 1, -1, -1):
         if isinstance(messages[index], HumanMessage):
-            results = [m for m in messages[index + 1:] if isinstance(m, ToolMessage)]
+            results = [m for m in messages[index + 1 :] if isinstance(m, ToolMessage)]
             return str(messages[index].content), results
     return "", []
 
@@ -87,9 +87,9 @@ CHAT_INTENTS = (
     ("status", re.compile(r"\b(status|state|where|progress|jobs?|candidates?)\b", re.I)),
 )
 HELP = (
-    "I run offline with the heuristic policy, so I can: run an improvement cycle (\"fix it\", \"run a cycle\"), "
-    "count failures (\"what failed most?\"), say where things stand (\"status\"), and explain a version's gate "
-    "(\"why did v3 fail its gate?\"). Configure llm.base_url for free-form conversation."
+    'I run offline with the heuristic policy, so I can: run an improvement cycle ("fix it", "run a cycle"), '
+    'count failures ("what failed most?"), say where things stand ("status"), and explain a version\'s gate '
+    '("why did v3 fail its gate?"). Configure llm.base_url for free-form conversation.'
 )
 
 
@@ -102,7 +102,7 @@ class HeuristicPolicy:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def decide(self, state: "AgentState", tools: "ToolRegistry") -> AIMessage:
+    def decide(self, state: AgentState, tools: ToolRegistry) -> AIMessage:
         step = len(state.get("messages", []))
         if state.get("trigger") == "chat":
             request, results = _since_request(list(state.get("messages", [])))
@@ -118,7 +118,9 @@ class HeuristicPolicy:
         if not results:
             if intent == "report":
                 version = re.search(r"\bv\d+\b", request, re.I)
-                return AIMessage(content="", tool_calls=[_call("read_eval_report", step, version=version.group().lower() if version else "candidate")])
+                return AIMessage(
+                    content="", tool_calls=[_call("read_eval_report", step, version=version.group().lower() if version else "candidate")]
+                )
             tool = {"counts": "failure_counts", "status": "pipeline_status"}[intent]
             return AIMessage(content="", tool_calls=[_call(tool, step)])
         last = results[-1]
@@ -129,18 +131,23 @@ class HeuristicPolicy:
             rows = [r for r in data if r.get("problem_type")][:5] or data[:5]
             if not rows:
                 return AIMessage(content="No failures are recorded yet. Ingest logs and run a cycle.")
-            parts = [f"{r.get('problem_type') or 'not judged yet'} ({r.get('severity') or '-'}): {r['failures']} failures, seen {r.get('frequency') or r['failures']} times"
-                     for r in rows]
+            parts = [
+                f"{r.get('problem_type') or 'not judged yet'} ({r.get('severity') or '-'}): {r['failures']} failures, seen {r.get('frequency') or r['failures']} times"
+                for r in rows
+            ]
             return AIMessage(content="Most frequent problems: " + "; ".join(parts) + ".")
         if intent == "report":
             verdict = "passed" if data["gate_passed"] else "failed"
             why = data["failed_checks"] or data["reasons"][:3]
-            return AIMessage(content=f"{data['version']} {verdict} its gate against {data['champion']}: " + " ".join(why)
-                             + f" (report {data.get('report_html') or data['report_json']})")
+            return AIMessage(
+                content=f"{data['version']} {verdict} its gate against {data['champion']}: "
+                + " ".join(why)
+                + f" (report {data.get('report_html') or data['report_json']})"
+            )
         return AIMessage(content=_status_sentence(PipelineStatus.model_validate(data)))
 
     # the cycle
-    def _cycle_step(self, state: "AgentState", tools: "ToolRegistry", step: int) -> AIMessage:
+    def _cycle_step(self, state: AgentState, tools: ToolRegistry, step: int) -> AIMessage:
         cycle = dict(state.get("cycle") or {})
         done, errors = set(cycle.get("done", [])), dict(cycle.get("errors", {}))
         if state.get("outcome"):
@@ -161,14 +168,18 @@ class HeuristicPolicy:
         if not cycle.get("dataset_id"):
             if status.awaiting_decision:
                 # the same samples would train the same candidate again: a person decides first
-                return AIMessage(content=_finish(cycle, f"{', '.join(status.awaiting_decision)} waits for a person's decision; answer it first"))
+                return AIMessage(
+                    content=_finish(cycle, f"{', '.join(status.awaiting_decision)} waits for a person's decision; answer it first")
+                )
             if status.verified_problem_samples == 0:
                 return AIMessage(content=_finish(cycle, "Nothing to train on: no verified corrections in the problem tier"))
             return AIMessage(content="", tool_calls=[_call("build_dataset", step)])
         job_id, job_status = cycle.get("job_id"), cycle.get("job_status")
         if not job_id:
             if int(state.get("training_runs", 0)) >= self.settings.agent.max_training_runs:
-                return AIMessage(content=_finish(cycle, f"The training budget ({self.settings.agent.max_training_runs} per cycle) is spent"))
+                return AIMessage(
+                    content=_finish(cycle, f"The training budget ({self.settings.agent.max_training_runs} per cycle) is spent")
+                )
             return AIMessage(content="", tool_calls=[_call("launch_training", step, dataset_id=cycle["dataset_id"])])
         if job_status in ("queued", "running"):
             return AIMessage(content="", tool_calls=[_call("training_status", step, job_id=job_id, wait_seconds=TRAINING_WAIT_S)])
@@ -184,7 +195,9 @@ class HeuristicPolicy:
             return AIMessage(content="", tool_calls=[_call("run_evaluation", step, version=cycle["candidate"])])
         if cycle.get("gate_passed") and self.settings.canary.before_approval:
             if cycle.get("canary_state") == "rolled_back":
-                return AIMessage(content=_finish(cycle, f"The canary of {cycle['candidate']} was rolled back: {cycle.get('canary_reason', '')}"))
+                return AIMessage(
+                    content=_finish(cycle, f"The canary of {cycle['candidate']} was rolled back: {cycle.get('canary_reason', '')}")
+                )
             if cycle.get("canary") != cycle["candidate"]:
                 return AIMessage(content="", tool_calls=[_call("start_canary", step, version=cycle["candidate"])])
             if not cycle.get("canary_state"):
@@ -194,11 +207,19 @@ class HeuristicPolicy:
 
 def _status_sentence(s: PipelineStatus) -> str:
     waiting = ", ".join(f"{count} {name}" for name, count in sorted(s.failures_by_status.items())) or "no failures"
-    cands = ", ".join(f"{c.version} ({c.status}, gate {'passed' if c.gate_passed else 'not passed' if c.gate_passed is False else 'not run'})" for c in s.candidates) or "none"
+    cands = (
+        ", ".join(
+            f"{c.version} ({c.status}, gate {'passed' if c.gate_passed else 'not passed' if c.gate_passed is False else 'not run'})"
+            for c in s.candidates
+        )
+        or "none"
+    )
     jobs = ", ".join(s.active_jobs) or "none"
     asks = f" Waiting for a person's decision: {', '.join(s.awaiting_decision)}." if s.awaiting_decision else ""
-    return (f"{s.interactions} interactions logged; failures: {waiting}; {s.verified_problem_samples} verified samples "
-            f"ready to train on. Champion: {s.champion or 'none'}. Undecided candidates: {cands}. Running jobs: {jobs}.{asks}")
+    return (
+        f"{s.interactions} interactions logged; failures: {waiting}; {s.verified_problem_samples} verified samples "
+        f"ready to train on. Champion: {s.champion or 'none'}. Undecided candidates: {cands}. Running jobs: {jobs}.{asks}"
+    )
 
 
 def _finish(cycle: dict[str, Any], why: str) -> str:
@@ -240,16 +261,18 @@ class LLMPolicy:
             self._model = chat_model(self.settings, self.settings.llm.supervisor_model)
         return self._model
 
-    def system_prompt(self, tools: "ToolRegistry") -> str:
+    def system_prompt(self, tools: ToolRegistry) -> str:
         s = self.settings
         taxonomy = "\n".join(f"- {name}: {text}" for name, text in s.taxonomy.problem_types.items())
         gate = "\n".join(f"- {key}: {value}" for key, value in s.gate.model_dump().items())
         return self.prompt.render(
-            taxonomy=taxonomy, gate=gate, status=_status_sentence(pipeline_status(tools.ctx)),
+            taxonomy=taxonomy,
+            gate=gate,
+            status=_status_sentence(pipeline_status(tools.ctx)),
             max_training_runs=str(s.agent.max_training_runs),
         )
 
-    def decide(self, state: "AgentState", tools: "ToolRegistry") -> AIMessage:
+    def decide(self, state: AgentState, tools: ToolRegistry) -> AIMessage:
         bound = self.model().bind_tools(tools.langchain_tools())
         messages: list[BaseMessage] = [SystemMessage(content=self.system_prompt(tools)), *state.get("messages", [])]
         return self._invoke(bound, messages)
@@ -282,8 +305,14 @@ class LLMPolicy:
             raise InfrastructureError(f"the supervisor's LLM at {where} failed: {one_line(exc)}") from exc
         if not isinstance(reply, AIMessage):
             raise InfrastructureError(f"the supervisor's LLM returned {type(reply).__name__}, not a message")
-        return AIMessage(content=reply.content, tool_calls=reply.tool_calls, invalid_tool_calls=reply.invalid_tool_calls,
-                         id=reply.id, response_metadata=reply.response_metadata, usage_metadata=reply.usage_metadata)
+        return AIMessage(
+            content=reply.content,
+            tool_calls=reply.tool_calls,
+            invalid_tool_calls=reply.invalid_tool_calls,
+            id=reply.id,
+            response_metadata=reply.response_metadata,
+            usage_metadata=reply.usage_metadata,
+        )
 
 
 def _endpoint_error(exc: BaseException) -> bool:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
 from flywheel.agent import runs
@@ -42,7 +43,7 @@ from flywheel.errors import InfrastructureError, NotFoundError, PolicyViolation,
 from flywheel.records import Record
 from flywheel.release import approvals, registry
 from flywheel.release.decisions import PendingApproval
-from flywheel.release.records import Decision
+from flywheel.release.records import Channel, Decision, DecisionKind
 from flywheel.settings import Settings
 from flywheel.tools.registry import build_tools
 
@@ -147,9 +148,13 @@ def _events(mode: str, chunk: Any) -> Iterator[AgentEvent]:
                 if message.content and not update.get("stop_reason"):
                     yield AgentEvent("say", str(message.content))
                 for call in message.tool_calls:
-                    yield AgentEvent("call", f"{call['name']}({', '.join(f'{k}={v!r}' for k, v in (call.get('args') or {}).items())})", dict(call))
+                    yield AgentEvent(
+                        "call", f"{call['name']}({', '.join(f'{k}={v!r}' for k, v in (call.get('args') or {}).items())})", dict(call)
+                    )
             elif isinstance(message, ToolMessage):
-                yield AgentEvent("result", f"{message.name}: {str(message.content)[:300]}", {"tool": message.name, "error": message.status == "error"})
+                yield AgentEvent(
+                    "result", f"{message.name}: {str(message.content)[:300]}", {"tool": message.name, "error": message.status == "error"}
+                )
 
 
 def _last_said(values: dict[str, Any]) -> str:
@@ -159,15 +164,16 @@ def _last_said(values: dict[str, Any]) -> str:
     return ""
 
 
-def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask | None, on_event: OnEvent | None,
-           confirm: Confirm | None = None) -> RunOutcome:
+def _drive(
+    ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask | None, on_event: OnEvent | None, confirm: Confirm | None = None
+) -> RunOutcome:
     """Stream the graph until it ends or waits for a decision nobody here gives; keep `runs` in step."""
     settings, store = ctx.settings, ctx.store
     emit = on_event or (lambda _event: None)
     tools = build_tools(ctx)
     with open_checkpointer(settings) as saver:
         graph = build_graph(settings, policy, tools).compile(checkpointer=saver)
-        config = {"configurable": {"thread_id": run_id}, "recursion_limit": 6 * settings.agent.max_steps + 50}
+        config: RunnableConfig = {"configurable": {"thread_id": run_id}, "recursion_limit": 6 * settings.agent.max_steps + 50}
         asked = 0
         while True:
             try:
@@ -199,15 +205,23 @@ def _drive(ctx: Context, run_id: str, graph_input: Any, policy: Policy, ask: Ask
                 asked += 1
                 decision = ask(pending) if ask is not None and asked <= MAX_ASKS else None
                 if decision is None:
-                    return RunOutcome(run_id=run_id, state=runs.WAITING, message=_last_said(values), pending=pending, cycle=values.get("cycle") or {})
+                    return RunOutcome(
+                        run_id=run_id, state=runs.WAITING, message=_last_said(values), pending=pending, cycle=values.get("cycle") or {}
+                    )
                 if not runs.claim_run(store, run_id, [runs.WAITING]):
                     raise UserInputError(f"run {run_id} was answered elsewhere meanwhile (see `flywheel runs`)")
                 graph_input = Command(resume=_bound(decision, pending).as_dict())
                 continue
             state = runs.STOPPED if values.get("stop_reason") else runs.DONE
             runs.update_run(store, run_id, state=state, pending=None, summary=_summary(values))
-            return RunOutcome(run_id=run_id, state=state, message=_last_said(values), outcome=values.get("outcome"),
-                              stop_reason=values.get("stop_reason"), cycle=values.get("cycle") or {})
+            return RunOutcome(
+                run_id=run_id,
+                state=state,
+                message=_last_said(values),
+                outcome=values.get("outcome"),
+                stop_reason=values.get("stop_reason"),
+                cycle=values.get("cycle") or {},
+            )
 
 
 def _bound(decision: Decision, pending: PendingApproval) -> Decision:
@@ -268,8 +282,16 @@ def start_run(
     return _drive(ctx, run_id, new_request(run_id, trigger, message), chosen, auto_approve if yes else ask, on_event, confirm)
 
 
-def send_message(ctx: Context, run_id: str, text: str, policy: Policy, *, ask: Ask | None = None, on_event: OnEvent | None = None,
-                 confirm: Confirm | None = None) -> RunOutcome:
+def send_message(
+    ctx: Context,
+    run_id: str,
+    text: str,
+    policy: Policy,
+    *,
+    ask: Ask | None = None,
+    on_event: OnEvent | None = None,
+    confirm: Confirm | None = None,
+) -> RunOutcome:
     """A new request in an existing run (the next turn of a chat)."""
     run = runs.get_run(ctx.store, run_id)
     # A failed or interrupted step must finish first (resume_run): a new request would leave it behind.
@@ -294,8 +316,9 @@ def resume_run(
     counters. A done run is left alone."""
     run = runs.get_run(ctx.store, run_id)
     if run.state == runs.DONE:
-        return RunOutcome(run_id=run_id, state=runs.DONE, message=str(run.summary.get("last_message", "")),
-                          outcome=run.summary.get("outcome"))
+        return RunOutcome(
+            run_id=run_id, state=runs.DONE, message=str(run.summary.get("last_message", "")), outcome=run.summary.get("outcome")
+        )
     if run.state == runs.RUNNING:
         raise UserInputError(f"run {run_id} is running in process {run.pid}; it cannot be resumed twice")
     if not runs.claim_run(ctx.store, run_id, [run.state]):
@@ -323,10 +346,10 @@ def waiting_run(ctx: Context, run_id_or_version: str) -> runs.RunRow | None:
 def decide(
     ctx: Context,
     run_id_or_version: str,
-    decision: str,
+    decision: DecisionKind,
     approver: str,
     reason: str = "",
-    channel: str = "terminal",
+    channel: Channel = "terminal",
     *,
     on_event: OnEvent | None = None,
 ) -> RunOutcome:
@@ -339,15 +362,17 @@ def decide(
     if run is None:
         raise NotFoundError(f"no run waits for a decision on {run_id_or_version!r} (see `flywheel approvals`)")
     pending = PendingApproval.model_validate(run.pending)
-    answer = Decision(decision, approver, reason, channel, pending.report_hash)  # type: ignore[arg-type]
+    answer = Decision(decision, approver, reason, channel, pending.report_hash)
     current = registry.resolve(ctx.store, pending.version)
     if current.eval_report_hash != pending.report_hash:
-        raise PolicyViolation(f"{pending.version}'s report changed since the request ({pending.report_hash[:12]} -> "
-                              f"{(current.eval_report_hash or '')[:12]}); nothing was decided")
+        raise PolicyViolation(
+            f"{pending.version}'s report changed since the request ({pending.report_hash[:12]} -> "
+            f"{(current.eval_report_hash or '')[:12]}); nothing was decided"
+        )
     if answer.decision == "approved":
-        approvals.record_approval(ctx.store, pending.version, "approved", approver, channel, reason, run_id=run.id)  # type: ignore[arg-type]
+        approvals.record_approval(ctx.store, pending.version, "approved", approver, channel, reason, run_id=run.id)
     else:
-        approvals.reject(ctx.store, pending.version, approver, reason, channel, run_id=run.id)  # type: ignore[arg-type]
+        approvals.reject(ctx.store, pending.version, approver, reason, channel, run_id=run.id)
     if not runs.claim_run(ctx.store, run.id, [runs.WAITING, runs.INTERRUPTED, runs.FAILED]):
         raise UserInputError(f"run {run.id} is being resumed by another process; the decision is recorded")
     return _drive(ctx, run.id, Command(resume=answer.as_dict()), choose_policy(ctx.settings, run.policy), None, on_event)

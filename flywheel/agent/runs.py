@@ -27,7 +27,7 @@ from flywheel.records import Record, utcnow
 from flywheel.store import runs as run_repo
 from flywheel.store.db import Store
 
-RUNNING, WAITING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "waiting_approval", "done", "stopped", "failed", "interrupted"
+RUNNING, WAITING, DONE, STOPPED, FAILED, INTERRUPTED = ("running", "waiting_approval", "done", "stopped", "failed", "interrupted")
 RESUMABLE = (WAITING, DONE, STOPPED, FAILED, INTERRUPTED)
 
 
@@ -56,8 +56,15 @@ def _row(values: dict[str, Any]) -> RunRow:
 def create_run(store: Store, run_id: str, trigger: str, policy: str) -> RunRow:
     now = utcnow()
     run_repo.insert_run(
-        store, id=run_id, trigger=trigger, state=RUNNING, policy=policy, summary={"host": socket.gethostname()},
-        pid=os.getpid(), created_at=now, updated_at=now,
+        store,
+        id=run_id,
+        trigger=trigger,
+        state=RUNNING,
+        policy=policy,
+        summary={"host": socket.gethostname()},
+        pid=os.getpid(),
+        created_at=now,
+        updated_at=now,
     )
     return get_run(store, run_id)
 
@@ -92,7 +99,11 @@ def list_runs(store: Store, limit: int = 50, states: Iterable[str] | None = None
 
 def waiting_on(store: Store, version: str) -> list[RunRow]:
     """Runs whose pending approval is about `version`, oldest first."""
-    found = [r for r in list_runs(store, limit=500) if r.pending and r.pending.get("version") == version and r.state in (WAITING, INTERRUPTED, FAILED)]
+    found = [
+        r
+        for r in list_runs(store, limit=500)
+        if r.pending and r.pending.get("version") == version and r.state in (WAITING, INTERRUPTED, FAILED)
+    ]
     return sorted(found, key=lambda r: r.created_at)
 
 

@@ -88,8 +88,9 @@ def cron_trigger(expr: str, timezone: str) -> Any:
         raise ValueError(f"expected 5 fields (minute hour day month weekday) or 6 (second first), got {len(fields)}")
     second = fields.pop(0) if len(fields) == 6 else "0"
     minute, hour, day, month, weekday = fields
-    return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
-                       day_of_week=_crontab_weekdays(weekday), timezone=timezone)
+    return CronTrigger(
+        second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_weekdays(weekday), timezone=timezone
+    )
 
 
 def check_schedules(settings: Settings) -> list[tuple[Schedule, Any]]:
@@ -157,14 +158,20 @@ def sync_jobs(scheduler: Any, settings: Settings) -> list[str]:
         job_id = JOB_PREFIX + item.id
         wanted[job_id] = trigger
         current = scheduler.get_job(job_id, jobstore="default")
-        if current is not None and repr(current.trigger) == repr(trigger) and list(current.args) == [key, item.id] \
-                and current.func_ref == FIRE_REF and current.misfire_grace_time == settings.daemon.misfire_grace_s:
+        if (
+            current is not None
+            and repr(current.trigger) == repr(trigger)
+            and list(current.args) == [key, item.id]
+            and current.func_ref == FIRE_REF
+            and current.misfire_grace_time == settings.daemon.misfire_grace_s
+        ):
             continue
-        scheduler.add_job(FIRE_REF, trigger, args=[key, item.id], id=job_id, name=f"flywheel cycle ({item.id})",
-                          jobstore="default", replace_existing=True)
+        scheduler.add_job(
+            FIRE_REF, trigger, args=[key, item.id], id=job_id, name=f"flywheel cycle ({item.id})", jobstore="default", replace_existing=True
+        )
     for job in scheduler.get_jobs(jobstore="default"):
         if job.id.startswith(JOB_PREFIX) and job.id not in wanted:
-            log.info("schedule %s is no longer configured; its job is removed", job.id[len(JOB_PREFIX):])
+            log.info("schedule %s is no longer configured; its job is removed", job.id[len(JOB_PREFIX) :])
             job.remove()
     return sorted(wanted)
 
@@ -207,8 +214,9 @@ def run_scheduled(ctx: Context, schedule_id: str, busy: threading.Lock, on_waiti
         except FlywheelError as exc:
             log.error("schedule %s: the cycle failed: %s", schedule_id, exc)
             return None
-        log.info("schedule %s: run %s ended %s%s", schedule_id, outcome.run_id, outcome.state,
-                 f" ({outcome.error})" if outcome.error else "")
+        log.info(
+            "schedule %s: run %s ended %s%s", schedule_id, outcome.run_id, outcome.state, f" ({outcome.error})" if outcome.error else ""
+        )
         if outcome.state == "waiting_approval" and outcome.pending is not None and on_waiting is not None:
             try:
                 on_waiting(outcome.pending)
@@ -226,8 +234,7 @@ class Daemon:
     """The scheduler and (unless off) the Slack app, around one Context. `start()`, then `stop()`;
     `serve_until_signalled()` does both around SIGTERM/SIGINT."""
 
-    def __init__(self, ctx: Context, slack_mode: str | None = None, port: int | None = None, table: str = JOB_TABLE,
-                 tokens: Any = None):
+    def __init__(self, ctx: Context, slack_mode: str | None = None, port: int | None = None, table: str = JOB_TABLE, tokens: Any = None):
         self.ctx, self.settings = ctx, ctx.settings
         self.slack_mode = slack_mode or self.settings.slack.mode
         if self.slack_mode not in ("off", "socket", "http"):
@@ -249,7 +256,7 @@ class Daemon:
         self.slack_sync_rounds = 0  # Slack sync rounds completed: a test waits on it to know later rounds ran
 
     # --- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         self.ctx.store  # noqa: B018 - open (and migrate) the store once, before threads share it
         if self.slack_mode != "off":
             self._prepare_slack()
@@ -300,13 +307,26 @@ class Daemon:
                 delay = self._slack_retry_s
                 self._slack_retry_s = min(delay * 2, SLACK_RETRY_MAX_S)
                 log.warning("slack: %s; retrying in %g s", exc, delay)
-                self.scheduler.add_job(self._connect_slack, "date", run_date=datetime.now(self.scheduler.timezone) + timedelta(seconds=delay),
-                                       id=SLACK_CONNECT_JOB, jobstore="volatile", replace_existing=True)
+                self.scheduler.add_job(
+                    self._connect_slack,
+                    "date",
+                    run_date=datetime.now(self.scheduler.timezone) + timedelta(seconds=delay),
+                    id=SLACK_CONNECT_JOB,
+                    jobstore="volatile",
+                    replace_existing=True,
+                )
                 return
             if not first:
                 log.info("slack: connected, %s", self.describe_slack())
-            self.scheduler.add_job(self._sync_slack, "interval", seconds=self.settings.slack.sync_interval_s, id=SYNC_JOB,
-                                   jobstore="volatile", replace_existing=True, next_run_time=datetime.now(self.scheduler.timezone))
+            self.scheduler.add_job(
+                self._sync_slack,
+                "interval",
+                seconds=self.settings.slack.sync_interval_s,
+                id=SYNC_JOB,
+                jobstore="volatile",
+                replace_existing=True,
+                next_run_time=datetime.now(self.scheduler.timezone),
+            )
 
     def _open_slack(self) -> None:
         from flywheel.agent.slack_app import build_app
@@ -320,7 +340,7 @@ class Daemon:
         handler = socket_mode_handler(app, tokens)
         try:
             handler.connect()
-        except Exception as exc:  # noqa: BLE001 - slack_sdk raises its own types; the user sees one line
+        except Exception as exc:  # slack_sdk raises its own types; the user sees one line
             with contextlib.suppress(Exception):  # its threads go; the next attempt makes a new handler
                 handler.close()
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -32,17 +32,16 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flywheel.agent import runs
-from flywheel.agent.slack_blocks import (
-    EVENT_TYPE, ApprovalRef, MessageRef, approval_blocks, escape, fallback_text, mention,
-)
+from flywheel.agent.slack_blocks import EVENT_TYPE, ApprovalRef, MessageRef, approval_blocks, escape, fallback_text, mention
 from flywheel.context import Context
 from flywheel.errors import FlywheelError, InfrastructureError, NotFoundError, PolicyViolation, SettingsError, UserInputError
 from flywheel.records import stable_hash
 from flywheel.release.decisions import DecisionOutcome, PendingApproval
+from flywheel.release.records import DecisionKind
 from flywheel.settings import Settings
 from flywheel.store import runs as run_repo
 
@@ -65,16 +64,18 @@ class SlackTokens:
     signing_secret: str
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SlackTokens":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SlackTokens:
         env = os.environ if environ is None else environ
         return cls(env.get("SLACK_BOT_TOKEN", ""), env.get("SLACK_APP_TOKEN", ""), env.get("SLACK_SIGNING_SECRET", ""))
 
-    def require(self, mode: str) -> "SlackTokens":
+    def require(self, mode: str) -> SlackTokens:
         """Refuse to start a mode whose tokens are missing, naming the variable to set."""
         if not self.bot_token:
             raise SettingsError("slack.mode", f"{mode} mode needs SLACK_BOT_TOKEN (an xoxb- token) in the environment")
         if mode == "socket" and not self.app_token:
-            raise SettingsError("slack.mode", "socket mode needs SLACK_APP_TOKEN (an xapp- token with connections:write) in the environment")
+            raise SettingsError(
+                "slack.mode", "socket mode needs SLACK_APP_TOKEN (an xapp- token with connections:write) in the environment"
+            )
         if mode == "http" and not self.signing_secret:
             raise SettingsError("slack.mode", "http mode needs SLACK_SIGNING_SECRET in the environment")
         return self
@@ -85,8 +86,9 @@ def web_client(settings: Settings, token: str) -> Any:
     from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
     base_url = settings.slack.api_url or WebClient.BASE_URL
-    return WebClient(token=token, base_url=base_url.rstrip("/") + "/", timeout=15,
-                     retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)])
+    return WebClient(
+        token=token, base_url=base_url.rstrip("/") + "/", timeout=15, retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)]
+    )
 
 
 _BAD_TOKEN = "SLACK_BOT_TOKEN was refused: use the app's Bot User OAuth Token (xoxb-...) of this workspace"
@@ -120,6 +122,7 @@ def _api_error(what: str, exc: Exception, url: str = "") -> FlywheelError:
     response = getattr(exc, "response", None)
     code = response.get("error") if response is not None and hasattr(response, "get") else None
     if code in _REFUSALS:
+        assert response is not None  # the code came from it
         needed = response.get("needed") if code == "missing_scope" else None
         return UserInputError(f"Slack refused {what}: {code}{f' (needs {needed})' if needed else ''}: {_REFUSALS[code]}")
     if code:
@@ -139,15 +142,17 @@ def send_test_message(settings: Settings, tokens: SlackTokens) -> str:
     client = web_client(settings, tokens.bot_token)
     try:
         who = client.auth_test()
-    except Exception as exc:  # noqa: BLE001 - slack_sdk and urllib raise their own types; the user sees one line
+    except Exception as exc:  # slack_sdk and urllib raise their own types; the user sees one line
         raise _api_error("auth.test", exc, client.base_url) from exc
     text = f"flywheel test message from project {settings.project_dir.name}: approval requests will be posted here."
     try:
         answer = client.chat_postMessage(channel=channel, text=text, unfurl_links=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _api_error("chat.postMessage", exc, client.base_url) from exc
-    return (f"ok: posted to {channel} (channel {answer['channel']}, message {answer['ts']}) as {who.get('user')} "
-            f"in {who.get('team')}; slack.mode is {settings.slack.mode}")
+    return (
+        f"ok: posted to {channel} (channel {answer['channel']}, message {answer['ts']}) as {who.get('user')} "
+        f"in {who.get('team')}; slack.mode is {settings.slack.mode}"
+    )
 
 
 # --- table `effects`: claims and posted requests ----------------------------------------------------------------
@@ -199,7 +204,7 @@ class SlackApprovals:
         """Post the request once. A second call, after a crash or from a second path, returns the first post."""
         key = approval_key(pending)
         with self._lock:
-            record = {"state": POSTING, "channel": self.settings.slack.channel, "pending": pending.model_dump(mode="json")}
+            record: dict[str, Any] = {"state": POSTING, "channel": self.settings.slack.channel, "pending": pending.model_dump(mode="json")}
             found = None if claim(self.ctx, key, POST_KIND, record) else _effect(self.ctx, key)
             if found is not None:  # claimed before (rows in `effects` are never deleted)
                 record, claimed_at = found
@@ -213,11 +218,16 @@ class SlackApprovals:
                     return PostedApproval(key=key, channel=channel, ts=ts, replayed=True)
             try:
                 answer = self.client.chat_postMessage(
-                    channel=record.get("channel") or self.settings.slack.channel, text=fallback_text(pending),
-                    blocks=approval_blocks(self.settings, pending), unfurl_links=False,
-                    metadata={"event_type": EVENT_TYPE, "event_payload": {"key": key, "run_id": pending.run_id, "version": pending.version}},
+                    channel=record.get("channel") or self.settings.slack.channel,
+                    text=fallback_text(pending),
+                    blocks=approval_blocks(self.settings, pending),
+                    unfurl_links=False,
+                    metadata={
+                        "event_type": EVENT_TYPE,
+                        "event_payload": {"key": key, "run_id": pending.run_id, "version": pending.version},
+                    },
                 )
-            except Exception as exc:  # noqa: BLE001 - any client failure leaves the claim for the recovery above
+            except Exception as exc:  # any client failure leaves the claim for the recovery above
                 raise _api_error("chat.postMessage", exc) from exc
             _set_effect(self.ctx, key, {**record, "state": POSTED, "channel": answer["channel"], "ts": answer["ts"]})
             log.info("posted the approval request for %s (run %s) to %s", pending.version, pending.run_id, answer["channel"])
@@ -231,8 +241,10 @@ class SlackApprovals:
             name, cursor = channel.lstrip("#"), None
             while True:
                 try:
-                    page = self.client.conversations_list(types="public_channel,private_channel", limit=200, cursor=cursor, exclude_archived=True)
-                except Exception as exc:  # noqa: BLE001
+                    page = self.client.conversations_list(
+                        types="public_channel,private_channel", limit=200, cursor=cursor, exclude_archived=True
+                    )
+                except Exception as exc:
                     raise _api_error("conversations.list", exc) from exc
                 for item in page.get("channels", []):
                     self._channel_ids[item["name"]] = item["id"]
@@ -246,14 +258,15 @@ class SlackApprovals:
 
     def _find_posted(self, channel: str, key: str, since: datetime) -> str | None:
         if since.tzinfo is None:  # SQLite hands back the stored UTC time without its zone
-            since = since.replace(tzinfo=timezone.utc)
+            since = since.replace(tzinfo=UTC)
         oldest = (since - timedelta(minutes=2)).timestamp()  # the claim precedes the post; allow for clock skew
         cursor = None
         for _page in range(10):
             try:
-                page = self.client.conversations_history(channel=channel, oldest=f"{oldest:.6f}", limit=200,
-                                                         include_all_metadata=True, cursor=cursor)
-            except Exception as exc:  # noqa: BLE001
+                page = self.client.conversations_history(
+                    channel=channel, oldest=f"{oldest:.6f}", limit=200, include_all_metadata=True, cursor=cursor
+                )
+            except Exception as exc:
                 raise _api_error("conversations.history", exc) from exc
             for message in page.get("messages", []):
                 meta = message.get("metadata") or {}
@@ -287,11 +300,13 @@ class SlackApprovals:
         if waiting is None:
             return f"Run {ref.run_id} no longer waits for a decision (see `flywheel runs`); nothing was decided."
         if waiting.version != ref.version or waiting.report_hash != ref.report_hash:
-            return (f"This request is outdated: run {ref.run_id} now waits on {waiting.version} with report "
-                    f"{waiting.report_hash[:12]}; answer the newer request.")
+            return (
+                f"This request is outdated: run {ref.run_id} now waits on {waiting.version} with report "
+                f"{waiting.report_hash[:12]}; answer the newer request."
+            )
         return None
 
-    def decide(self, user: str, decision: str, ref: ApprovalRef, reason: str, where: MessageRef | None) -> str:
+    def decide(self, user: str, decision: DecisionKind, ref: ApprovalRef, reason: str, where: MessageRef | None) -> str:
         """Apply a click: refuse (ephemeral, to `user` only) or decide, resume the run, close the message.
         Returns what happened, in a sentence."""
         from flywheel.agent.runner import decide
@@ -326,7 +341,7 @@ class SlackApprovals:
             return
         try:
             self.client.chat_postEphemeral(channel=where.channel, user=user, text=text)
-        except Exception as exc:  # noqa: BLE001 - telling is best effort; the decision state is in the store
+        except Exception as exc:
             log.warning("could not tell %s: %s", user, _api_error("chat.postEphemeral", exc))
 
     def close(self, ref: ApprovalRef, text: str, where: MessageRef | None = None) -> None:
@@ -340,12 +355,20 @@ class SlackApprovals:
         pending = PendingApproval.model_validate(record["pending"]) if record.get("pending") else None
         try:
             if pending is not None:
-                self.client.chat_update(channel=target.channel, ts=target.ts, text=f"{ref.version}: {_plain(text)}",
-                                        blocks=approval_blocks(self.settings, pending, outcome=text))
+                self.client.chat_update(
+                    channel=target.channel,
+                    ts=target.ts,
+                    text=f"{ref.version}: {_plain(text)}",
+                    blocks=approval_blocks(self.settings, pending, outcome=text),
+                )
             else:
-                self.client.chat_update(channel=target.channel, ts=target.ts, text=f"{ref.version}: {_plain(text)}",
-                                        blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": text}}])
-        except Exception as exc:  # noqa: BLE001
+                self.client.chat_update(
+                    channel=target.channel,
+                    ts=target.ts,
+                    text=f"{ref.version}: {_plain(text)}",
+                    blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
+                )
+        except Exception as exc:
             raise _api_error("chat.update", exc) from exc
         if found:
             _set_effect(self.ctx, key, {**record, "state": CLOSED, "outcome": text})
@@ -373,8 +396,13 @@ class SlackApprovals:
                     continue  # being decided right now, or still open
                 earlier = self.decided(ref)
                 outcome = run.summary.get("outcome")
-                text = (_outcome_text(outcome, "", run.state, run.error, ref.run_id) if outcome
-                        else f"{ref.version} was {earlier}." if earlier else f"No longer pending: run {escape(ref.run_id)} is {run.state}.")
+                text = (
+                    _outcome_text(outcome, "", run.state, run.error, ref.run_id)
+                    if outcome
+                    else f"{ref.version} was {earlier}."
+                    if earlier
+                    else f"No longer pending: run {escape(ref.run_id)} is {run.state}."
+                )
                 self.close(ref, text)
                 closed += 1
         return {"posted": posted, "closed": closed}

@@ -45,7 +45,7 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
         )
     except BoltError as exc:
         raise InfrastructureError(f"Slack refused the bot token (auth.test): {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - auth.test could not reach Slack (urllib's errors): one line
+    except Exception as exc:  # auth.test could not reach Slack (urllib's errors): one line
         raise _api_error("auth.test", exc, getattr(approvals.client, "base_url", "")) from exc
 
     def ack_click(ack: Any, body: dict[str, Any], context: Any) -> None:
@@ -64,7 +64,7 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
             if approvals.refusal(user, ref) is None:
                 approvals.client.views_open(trigger_id=body["trigger_id"], view=reject_dialog(ref, where))
                 context["flywheel_dialog"] = True
-        except Exception as exc:  # noqa: BLE001 - the lazy function tells the user what went wrong
+        except Exception as exc:
             log.warning("could not open the reject dialog: %s", exc)
 
     def work_click(body: dict[str, Any], context: Any) -> None:
@@ -95,7 +95,9 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
             return
         ack()
         user = (body.get("user") or {}).get("id", "")
-        if not claim(approvals.ctx, request_key("view", view.get("id"), view.get("hash")), REQUEST_KIND, {"user": user, "view": VIEW_REJECT}):
+        if not claim(
+            approvals.ctx, request_key("view", view.get("id"), view.get("hash")), REQUEST_KIND, {"user": user, "view": VIEW_REJECT}
+        ):
             context["flywheel_repeat"] = True
 
     def work_reason(body: dict[str, Any], view: dict[str, Any], context: Any) -> None:
@@ -113,9 +115,10 @@ def build_app(approvals: SlackApprovals, tokens: SlackTokens, mode: str, executo
         if context.get("flywheel_repeat"):
             return
         try:
-            approvals.client.chat_postMessage(channel=event["channel"], thread_ts=event.get("thread_ts") or event["ts"],
-                                              text=approvals.pending_summary())
-        except Exception as exc:  # noqa: BLE001
+            approvals.client.chat_postMessage(
+                channel=event["channel"], thread_ts=event.get("thread_ts") or event["ts"], text=approvals.pending_summary()
+            )
+        except Exception as exc:
             log.warning("%s", _api_error("chat.postMessage", exc))
 
     app.action(ACTION_APPROVE)(ack=ack_click, lazy=[work_click])

@@ -39,7 +39,7 @@ class ApprovalRef(Record):
         return json.dumps({"run": self.run_id, "version": self.version, "hash": self.report_hash}, separators=(",", ":"))
 
     @classmethod
-    def parse(cls, value: str | None) -> "ApprovalRef":
+    def parse(cls, value: str | None) -> ApprovalRef:
         try:
             data = json.loads(value or "")
             return cls(run_id=str(data["run"]), version=str(data["version"]), report_hash=str(data["hash"]))
@@ -47,7 +47,7 @@ class ApprovalRef(Record):
             raise UserInputError(f"not a flywheel approval button value: {str(value)[:80]!r}") from None
 
     @classmethod
-    def of(cls, pending: PendingApproval) -> "ApprovalRef":
+    def of(cls, pending: PendingApproval) -> ApprovalRef:
         return cls(run_id=pending.run_id, version=pending.version, report_hash=pending.report_hash)
 
 
@@ -85,10 +85,15 @@ def report_link(settings: Settings, pending: PendingApproval) -> str:
 
 
 def _rates(pending: PendingApproval) -> str:
-    names = sorted(set(pending.problem_rates_before) | set(pending.problem_rates_after),
-                   key=lambda n: (n not in pending.targeted, -pending.problem_rates_before.get(n, 0.0), n))
-    lines = [f"• {escape(n)}{' (targeted)' if n in pending.targeted else ''}: "
-             f"{_pct(pending.problem_rates_before.get(n))} → {_pct(pending.problem_rates_after.get(n))}" for n in names[:MAX_RATES]]
+    names = sorted(
+        set(pending.problem_rates_before) | set(pending.problem_rates_after),
+        key=lambda n: (n not in pending.targeted, -pending.problem_rates_before.get(n, 0.0), n),
+    )
+    lines = [
+        f"• {escape(n)}{' (targeted)' if n in pending.targeted else ''}: "
+        f"{_pct(pending.problem_rates_before.get(n))} → {_pct(pending.problem_rates_after.get(n))}"
+        for n in names[:MAX_RATES]
+    ]
     if len(names) > MAX_RATES:
         lines.append(f"… and {len(names) - MAX_RATES} more in the report")
     return "\n".join(lines)
@@ -124,21 +129,51 @@ def approval_blocks(settings: Settings, pending: PendingApproval, outcome: str |
     if pending.gate_reasons:
         checks = "\n".join(f"• {escape(r)}" for r in pending.gate_reasons[:5])
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Gate checks*\n{checks}"[:MAX_TEXT]}})
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": (
-        f"Report: {report_link(settings, pending)} · hash `{pending.report_hash[:12]}` · run `{escape(pending.run_id)}`")[:MAX_TEXT]}]})
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [
+                {
+                    "type": "mrkdwn",
+                    "text": (
+                        f"Report: {report_link(settings, pending)} · hash `{pending.report_hash[:12]}` · run `{escape(pending.run_id)}`"
+                    )[:MAX_TEXT],
+                }
+            ],
+        }
+    )
     if outcome is not None:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": outcome[:MAX_TEXT]}})
         return blocks
     value = ApprovalRef.of(pending).value()
-    blocks.append({"type": "actions", "block_id": ACTIONS_BLOCK, "elements": [
-        {"type": "button", "action_id": ACTION_APPROVE, "style": "primary", "value": value,
-         "text": {"type": "plain_text", "text": "Approve"},
-         "confirm": {"title": {"type": "plain_text", "text": f"Promote {pending.version[:60]}?"},
-                     "text": {"type": "mrkdwn", "text": f"{escape(pending.version)} becomes the champion and serves all traffic."},
-                     "confirm": {"type": "plain_text", "text": "Approve"}, "deny": {"type": "plain_text", "text": "Cancel"}}},
-        {"type": "button", "action_id": ACTION_REJECT, "style": "danger", "value": value,
-         "text": {"type": "plain_text", "text": "Reject"}},
-    ]})
+    blocks.append(
+        {
+            "type": "actions",
+            "block_id": ACTIONS_BLOCK,
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": ACTION_APPROVE,
+                    "style": "primary",
+                    "value": value,
+                    "text": {"type": "plain_text", "text": "Approve"},
+                    "confirm": {
+                        "title": {"type": "plain_text", "text": f"Promote {pending.version[:60]}?"},
+                        "text": {"type": "mrkdwn", "text": f"{escape(pending.version)} becomes the champion and serves all traffic."},
+                        "confirm": {"type": "plain_text", "text": "Approve"},
+                        "deny": {"type": "plain_text", "text": "Cancel"},
+                    },
+                },
+                {
+                    "type": "button",
+                    "action_id": ACTION_REJECT,
+                    "style": "danger",
+                    "value": value,
+                    "text": {"type": "plain_text", "text": "Reject"},
+                },
+            ],
+        }
+    )
     return blocks
 
 
@@ -153,10 +188,20 @@ def reject_dialog(ref: ApprovalRef, where: MessageRef | None) -> dict[str, Any]:
         "submit": {"type": "plain_text", "text": "Reject"},
         "close": {"type": "plain_text", "text": "Cancel"},
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"Reject *{escape(ref.version)}* (run `{escape(ref.run_id)}`)."
-                                         " Its samples go back to the pool for the next cycle."}},
-            {"type": "input", "block_id": REASON_BLOCK, "label": {"type": "plain_text", "text": "Why?"},
-             "element": {"type": "plain_text_input", "action_id": REASON_INPUT, "multiline": True, "max_length": 2000}},
+            {
+                "type": "section",
+                "text": {
+                    "type": "mrkdwn",
+                    "text": f"Reject *{escape(ref.version)}* (run `{escape(ref.run_id)}`)."
+                    " Its samples go back to the pool for the next cycle.",
+                },
+            },
+            {
+                "type": "input",
+                "block_id": REASON_BLOCK,
+                "label": {"type": "plain_text", "text": "Why?"},
+                "element": {"type": "plain_text_input", "action_id": REASON_INPUT, "multiline": True, "max_length": 2000},
+            },
         ],
     }
 

@@ -72,7 +72,7 @@ class SlackHttpServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{EVENTS_PATH}"
 
-    def start(self, timeout: float = 10.0) -> "SlackHttpServer":
+    def start(self, timeout: float = 10.0) -> SlackHttpServer:
         self._server.start(timeout)
         return self
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,8 +23,10 @@ from flywheel.cli import app, context, out_console
 from flywheel.errors import InfrastructureError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
-PolicyOption = Annotated[Optional[str], typer.Option("--policy", help="auto | heuristic | llm (default: agent.policy)")]
-YesFlag = Annotated[bool, typer.Option("--yes", "-y", help="approve a candidate that passes its gate, as you (the approver list still applies)")]
+PolicyOption = Annotated[str | None, typer.Option("--policy", help="auto | heuristic | llm (default: agent.policy)")]
+YesFlag = Annotated[
+    bool, typer.Option("--yes", "-y", help="approve a candidate that passes its gate, as you (the approver list still applies)")
+]
 
 
 def _out() -> Console:
@@ -55,7 +57,9 @@ def _finish(outcome: Any, view: Any, as_json: bool) -> None:
             view.show_pending(outcome.pending)
             out.print(f"\n{escape(outcome.pending.version)} waits for a decision. Answer with:\n  {escape(outcome.pending.answer_hint())}")
         elif outcome.state == "stopped":
-            out.print(f"run {outcome.run_id} stopped: {escape(outcome.stop_reason or '')}; continue with `flywheel resume {outcome.run_id}`")
+            out.print(
+                f"run {outcome.run_id} stopped: {escape(outcome.stop_reason or '')}; continue with `flywheel resume {outcome.run_id}`"
+            )
         elif outcome.state == "done":
             out.print(f"run {outcome.run_id} done.")
     if outcome.state == "failed":
@@ -88,8 +92,14 @@ def resume_command(
     c = context(ctx)
     may_ask = _interactive() and not as_json
     view = _view(c, as_json, may_ask)
-    outcome = resume_run(c, run_id, yes=yes, ask=view.ask if may_ask else None, on_event=None if as_json else view.on_event,
-                         confirm=view.confirm if may_ask else None)  # a chat stopped at its plan asks again
+    outcome = resume_run(
+        c,
+        run_id,
+        yes=yes,
+        ask=view.ask if may_ask else None,
+        on_event=None if as_json else view.on_event,
+        confirm=view.confirm if may_ask else None,
+    )  # a chat stopped at its plan asks again
     _finish(outcome, view, as_json)
 
 
@@ -97,7 +107,7 @@ def resume_command(
 def chat_command(
     ctx: typer.Context,
     policy: PolicyOption = None,
-    run_id: Annotated[Optional[str], typer.Option("--run", help="continue an earlier chat run")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="continue an earlier chat run")] = None,
 ) -> None:
     """Talk with the manager: ask what failed, why a version failed its gate, or ask it to fix something."""
     from flywheel.agent.chat import ChatSession
@@ -135,8 +145,11 @@ def runs_command(
         candidate = cycle.get("candidate") or "-"
         if cycle.get("candidate") and cycle.get("gate_passed") is not None:
             candidate += " (gate passed)" if cycle["gate_passed"] else " (gate failed)"
-        note = r.error or (f"waits: flywheel approve {r.pending['version']}" if r.pending and r.state == "waiting_approval" else "") \
+        note = (
+            r.error
+            or (f"waits: flywheel approve {r.pending['version']}" if r.pending and r.state == "waiting_approval" else "")
             or str(r.summary.get("last_message") or "")[:80]
+        )
         table.add_row(r.id, r.trigger, r.state, r.policy, candidate, r.updated_at.strftime("%Y-%m-%d %H:%M"), escape(note))
     _out().print(table)
 

@@ -13,14 +13,17 @@ import logging
 import os
 import sys
 from datetime import datetime
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from flywheel.cli import app, context
 
-SlackOption = Annotated[Optional[str], typer.Option("--slack", help="socket | http | off (default: slack.mode)")]
-PortOption = Annotated[Optional[int], typer.Option("--port", min=0, max=65535, help="HTTP mode: the port Slack posts to (default: slack.http_port; 0: any free port)")]
+SlackOption = Annotated[str | None, typer.Option("--slack", help="socket | http | off (default: slack.mode)")]
+PortOption = Annotated[
+    int | None,
+    typer.Option("--port", min=0, max=65535, help="HTTP mode: the port Slack posts to (default: slack.http_port; 0: any free port)"),
+]
 
 
 def _log_to_stderr() -> None:
@@ -30,7 +33,7 @@ def _log_to_stderr() -> None:
         if not any(getattr(h, "_flywheel_daemon", False) for h in logger.handlers):
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            handler._flywheel_daemon = True  # type: ignore[attr-defined]
+            handler._flywheel_daemon = True  # type: ignore[attr-defined]  # our marker on a stdlib handler, read back by getattr above
             logger.addHandler(handler)
         logger.setLevel(level)
 
@@ -66,8 +69,15 @@ def schedules_command(ctx: typer.Context, as_json: Annotated[bool, typer.Option(
     rows = []
     for item, trigger in check_schedules(settings):
         upcoming = trigger.get_next_fire_time(None, datetime.now(trigger.timezone))
-        rows.append({"id": item.id, "job_id": JOB_PREFIX + item.id, "cron": item.cron, "timezone": settings.daemon.timezone,
-                     "next_run": upcoming.isoformat() if upcoming else None})
+        rows.append(
+            {
+                "id": item.id,
+                "job_id": JOB_PREFIX + item.id,
+                "cron": item.cron,
+                "timezone": settings.daemon.timezone,
+                "next_run": upcoming.isoformat() if upcoming else None,
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

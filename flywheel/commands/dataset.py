@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.jsonl import json_objects
 from flywheel.cli import app, context, err_console, out_console
 from flywheel.errors import NotFoundError, UserInputError
+from flywheel.jsonl import json_objects
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Build, list and show versioned dataset snapshots.")
 app.add_typer(dataset_app, name="dataset")
@@ -56,8 +56,10 @@ def dataset_build(
     ctx: typer.Context,
     kind: Annotated[str, typer.Option(help="sft (answers) or dpo (corrected vs original answer)")] = "sft",
     replay: Annotated[
-        Optional[Path],
-        typer.Option(help="JSONL of replay rows to mix in, each {\"messages\": [... ending with the answer], \"tier\": \"core_baseline\", \"intent\": ...}"),
+        Path | None,
+        typer.Option(
+            help='JSONL of replay rows to mix in, each {"messages": [... ending with the answer], "tier": "core_baseline", "intent": ...}'
+        ),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -87,9 +89,7 @@ def dataset_build(
 
 @dataset_app.command("list")
 def dataset_list(
-    ctx: typer.Context,
-    kind: Annotated[Optional[str], typer.Option(help="only sft or dpo snapshots")] = None,
-    as_json: JsonFlag = False,
+    ctx: typer.Context, kind: Annotated[str | None, typer.Option(help="only sft or dpo snapshots")] = None, as_json: JsonFlag = False
 ) -> None:
     """Recorded snapshots, newest first."""
     from flywheel.trainer.dataset import KINDS, list_snapshots
@@ -98,7 +98,16 @@ def dataset_list(
         raise UserInputError(f"--kind {kind!r} is not one of: {', '.join(KINDS)}")
     snapshots = list_snapshots(context(ctx).store, kind)
     if as_json:
-        _echo_json([{**s.model_dump(mode="json", exclude={"manifest"}), "train_rows": _rows(s.manifest, "train"), "heldout_rows": _rows(s.manifest, "heldout")} for s in snapshots])
+        _echo_json(
+            [
+                {
+                    **s.model_dump(mode="json", exclude={"manifest"}),
+                    "train_rows": _rows(s.manifest, "train"),
+                    "heldout_rows": _rows(s.manifest, "heldout"),
+                }
+                for s in snapshots
+            ]
+        )
         return
     table = Table(title=f"{len(snapshots)} dataset snapshot(s)", title_justify="left")
     for name in ("id", "kind", "created", "train", "heldout", "problem share", "warnings"):
@@ -122,7 +131,11 @@ def _rows(manifest: dict[str, Any], split: str) -> int:
 
 
 @dataset_app.command("show")
-def dataset_show(ctx: typer.Context, snapshot_id: Annotated[str, typer.Argument(help="a snapshot id from `flywheel dataset list`")], as_json: JsonFlag = False) -> None:
+def dataset_show(
+    ctx: typer.Context,
+    snapshot_id: Annotated[str, typer.Argument(help="a snapshot id from `flywheel dataset list`")],
+    as_json: JsonFlag = False,
+) -> None:
     """A snapshot's manifest: composition, the counts before and after each balancing step, checks, warnings."""
     from flywheel.trainer.dataset import get_snapshot
 
@@ -141,13 +154,18 @@ def _print_snapshot(manifest: dict[str, Any], path: str) -> None:
     for name in ("step", "before", "after", "detail"):
         steps.add_column(name)
     for step in manifest.get("steps", []):
-        detail = {k: v for k, v in step.items() if k not in ("step", "before", "after") and not k.startswith("by_") and not k.endswith("_by_type")}
+        detail = {
+            k: v for k, v in step.items() if k not in ("step", "before", "after") and not k.startswith("by_") and not k.endswith("_by_type")
+        }
         steps.add_row(step["step"], str(step["before"]), str(step["after"]), json.dumps(detail, default=str)[:120])
     out.print(steps)
     comp = manifest.get("composition", {})
     for split in ("train", "heldout"):
         part = comp.get(split, {})
-        table = Table(title=f"{split}: {part.get('rows', 0)} rows ({part.get('unique', 0)} unique), problem share {part.get('problem_share', 0):.0%}", title_justify="left")
+        table = Table(
+            title=f"{split}: {part.get('rows', 0)} rows ({part.get('unique', 0)} unique), problem share {part.get('problem_share', 0):.0%}",
+            title_justify="left",
+        )
         table.add_column("by")
         table.add_column("counts")
         for key in ("by_intent", "by_problem_type", "by_tier", "by_category", "by_origin"):
@@ -162,8 +180,11 @@ def _print_snapshot(manifest: dict[str, Any], path: str) -> None:
     out.print(sources)
     labels = manifest.get("labels")
     if labels and (labels.get("labelled") or labels.get("confirmed_fine")):
-        out.print(f"labels: {labels['used']} of {labels['labelled']} labelled failures became rows; "
-                  f"{labels['fine_used']} of {labels['confirmed_fine']} answers people confirmed are positive rows", highlight=False)
+        out.print(
+            f"labels: {labels['used']} of {labels['labelled']} labelled failures became rows; "
+            f"{labels['fine_used']} of {labels['confirmed_fine']} answers people confirmed are positive rows",
+            highlight=False,
+        )
         for reason, n in labels.get("left_out", {}).items():
             out.print(f"  left out: {n} {reason}", highlight=False, markup=False)
     checks = manifest.get("checks", {})
@@ -179,16 +200,34 @@ def _print_snapshot(manifest: dict[str, Any], path: str) -> None:
 @app.command("select")
 def select_command(
     ctx: typer.Context,
-    strategy: Annotated[Optional[str], typer.Option(help="random, least_confidence, margin, entropy, kcenter, kmeans, expected_change or hybrid (default: selection.strategy)")] = None,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="how many to pick now (default: selection.round_size, within the labelling budget left)")] = None,
-    candidates: Annotated[Optional[Path], typer.Option(help="JSONL of candidates {id, embedding, top1?, top2?, entropy?, mean_logprob?} instead of the store's failures")] = None,
-    model: Annotated[Optional[str], typer.Option(help="production model for token probabilities: a registered version/alias or a base model folder (default: champion, else train.base_model)")] = None,
-    round_index: Annotated[Optional[int], typer.Option(min=0, help="hybrid: which round this is (default: labels given so far // round size)")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="random, least_confidence, margin, entropy, kcenter, kmeans, expected_change or hybrid (default: selection.strategy)"
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="how many to pick now (default: selection.round_size, within the labelling budget left)")
+    ] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(help="JSONL of candidates {id, embedding, top1?, top2?, entropy?, mean_logprob?} instead of the store's failures"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="production model for token probabilities: a registered version/alias or a base model folder (default: champion, else train.base_model)"
+        ),
+    ] = None,
+    round_index: Annotated[
+        int | None, typer.Option(min=0, help="hybrid: which round this is (default: labels given so far // round size)")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="at most this many store failures are considered, highest risk first")] = 20_000,
     as_json: JsonFlag = False,
 ) -> None:
     """Pick which failures people should label next, under the labelling budget."""
-    from flywheel.trainer.selection import STRATEGIES, Candidates, candidates_from_store, needs_model, select
+    from flywheel.trainer.candidates import candidates_from_store, needs_model
+    from flywheel.trainer.selection import STRATEGIES, Candidates, select
 
     c = context(ctx)
     sel = c.settings.selection
@@ -237,7 +276,9 @@ def select_command(
     for row in result["selected"]:
         table.add_row(row["id"], str(row.get("intent") or "-"), str(row.get("text", ""))[:80])
     _out().print(table)
-    _out().print("next: flywheel label FAILURE_ID --intent INTENT (or --fine, or --file labels.jsonl), then flywheel judge", highlight=False)
+    _out().print(
+        "next: flywheel label FAILURE_ID --intent INTENT (or --fine, or --file labels.jsonl), then flywheel judge", highlight=False
+    )
 
 
 def _production_model(c: Any, ref: str | None) -> Any:
@@ -261,4 +302,6 @@ def _production_model(c: Any, ref: str | None) -> Any:
             raise
     if c.settings.train.base_model:
         return LocalModel(c.settings.train.base_model)
-    raise UserInputError("this strategy needs the production model's token probabilities: pass --model (a version or folder), set train.base_model, or use --candidates")
+    raise UserInputError(
+        "this strategy needs the production model's token probabilities: pass --model (a version or folder), set train.base_model, or use --candidates"
+    )

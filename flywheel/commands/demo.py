@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,18 +16,27 @@ from flywheel.cli import app
 
 @app.command()
 def demo(
-    data: Annotated[Optional[Path], typer.Option(help="dataset folder: train.csv, test.csv, categories.json (+ kb.jsonl, demo.toml); default: the bundled Banking77 pack")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="dataset folder: train.csv, test.csv, categories.json (+ kb.jsonl, demo.toml); default: the bundled Banking77 pack"
+        ),
+    ] = None,
     workdir: Annotated[Path, typer.Option(help="project folder the demo writes (store, models, reports)")] = Path("flywheel-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="a small slice, for CI: the same path in a few minutes")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="approve the candidate at the approval step")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object on the last line")] = False,
-    strategy: Annotated[Optional[str], typer.Option(help="selection strategy for labelling (random, least_confidence, margin, entropy, kcenter, kmeans, expected_change, hybrid)")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="selection strategy for labelling (random, least_confidence, margin, entropy, kcenter, kmeans, expected_change, hybrid)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed for sampling, simulation and training")] = 0,
 ) -> None:
     """Run the whole loop on real data with no network and no LLM endpoint, and leave the HTML report."""
-    from flywheel.demo.run import DemoOptions, run_demo
-
     from flywheel.agent.chat import TerminalView
+    from flywheel.demo.run import DemoOptions, run_demo
     from flywheel.settings import load_settings
 
     console = Console(stderr=as_json, highlight=False, soft_wrap=True)
@@ -38,20 +47,24 @@ def demo(
     result = run_demo(options, say=lambda line: console.print(line, markup=False), on_event=view.on_event, ask=view.ask)
     _print_table(console, result)
     if as_json:
-        typer.echo(json.dumps({
-            "before": result.before.model_dump(),
-            "after": result.after.model_dump(),
-            "candidate": result.candidate.model_dump(),
-            "paired": {name: {**test.model_dump(), "change": round(test.change, 6)} for name, test in result.paired.items()},
-            "promoted": result.promoted,
-            "report": result.report,
-            "state": result.state,
-            "snapshot": result.steps.get("snapshot"),
-            "timings": result.timings,
-        }))
+        typer.echo(
+            json.dumps(
+                {
+                    "before": result.before.model_dump(),
+                    "after": result.after.model_dump(),
+                    "candidate": result.candidate.model_dump(),
+                    "paired": {name: {**test.model_dump(), "change": round(test.change, 6)} for name, test in result.paired.items()},
+                    "promoted": result.promoted,
+                    "report": result.report,
+                    "state": result.state,
+                    "snapshot": result.steps.get("snapshot"),
+                    "timings": result.timings,
+                }
+            )
+        )
 
 
-def _print_table(console: Console, result) -> None:  # noqa: ANN001 - DemoResult
+def _print_table(console: Console, result) -> None:
     table = Table(title="fixed test set: before and after")
     table.add_column("metric")
     table.add_column(f"before ({result.before.version})", justify="right")
@@ -69,8 +82,11 @@ def _print_table(console: Console, result) -> None:  # noqa: ANN001 - DemoResult
     for name in ("task_success", "wrong_intent"):
         test = result.paired.get(name)
         if test is not None and test.n:
-            console.print(f"candidate {result.candidate.version} vs {result.before.version}, {name.replace('_', ' ')} on the same {test.n} test items: "
-                          f"{test.fixed} fixed, {test.broken} broken, McNemar p = {test.p_value:.2g}", highlight=False)
+            console.print(
+                f"candidate {result.candidate.version} vs {result.before.version}, {name.replace('_', ' ')} on the same {test.n} test items: "
+                f"{test.fixed} fixed, {test.broken} broken, McNemar p = {test.p_value:.2g}",
+                highlight=False,
+            )
     console.print(f"state: {result.state}; promoted: {result.promoted}; report: {result.report}", highlight=False)
     if result.how_to_approve:
         console.print(f"approve with: {result.how_to_approve}", highlight=False)

@@ -7,8 +7,9 @@ usual error statuses for bad input or broken infrastructure.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -59,7 +60,9 @@ def resolve_candidate(ctx: Context, candidate: str | None, candidate_adapter: Pa
             raise UserInputError("give --candidate or --candidate-adapter, not both")
         return _folder_ref(candidate_adapter, default_base, "--candidate-adapter")
     if candidate is None:
-        raise UserInputError("name the model to evaluate: --candidate VERSION (or an adapter folder), or --candidate-adapter PATH --base PATH")
+        raise UserInputError(
+            "name the model to evaluate: --candidate VERSION (or an adapter folder), or --candidate-adapter PATH --base PATH"
+        )
     found = _resolve_version(ctx, candidate)
     if found is not None:
         return found
@@ -149,12 +152,25 @@ def print_gate(console: Console, gate: GateResult) -> None:
 @app.command("eval")
 def eval_command(
     ctx: typer.Context,
-    candidate: Annotated[Optional[str], typer.Option("--candidate", help="a registered version (v3, canary) or an adapter/model folder")] = None,
-    champion: Annotated[Optional[str], typer.Option("--champion", help="version to compare against (default: the champion alias, else the base model)")] = None,
-    candidate_adapter: Annotated[Optional[Path], typer.Option("--candidate-adapter", help="an adapter folder to evaluate without registering it")] = None,
-    base: Annotated[Optional[Path], typer.Option("--base", help="base model folder for --candidate-adapter (default: train.base_model)")] = None,
-    targeted: Annotated[Optional[str], typer.Option("--targeted", help="comma-separated problem types the candidate must reduce (default: the problem set's types)")] = None,
-    curve: Annotated[Optional[Path], typer.Option("--curve", help="training curve JSON to chart (default: curve.json beside the adapter)")] = None,
+    candidate: Annotated[
+        str | None, typer.Option("--candidate", help="a registered version (v3, canary) or an adapter/model folder")
+    ] = None,
+    champion: Annotated[
+        str | None, typer.Option("--champion", help="version to compare against (default: the champion alias, else the base model)")
+    ] = None,
+    candidate_adapter: Annotated[
+        Path | None, typer.Option("--candidate-adapter", help="an adapter folder to evaluate without registering it")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="base model folder for --candidate-adapter (default: train.base_model)")
+    ] = None,
+    targeted: Annotated[
+        str | None,
+        typer.Option("--targeted", help="comma-separated problem types the candidate must reduce (default: the problem set's types)"),
+    ] = None,
+    curve: Annotated[
+        Path | None, typer.Option("--curve", help="training curve JSON to chart (default: curve.json beside the adapter)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report JSON instead of tables")] = False,
 ) -> int:
     """Evaluate a candidate against the champion on the test, baseline and problem sets; gate; report."""
@@ -164,17 +180,25 @@ def eval_command(
     cand = resolve_candidate(c, candidate, candidate_adapter, base)
     champ = resolve_champion(c, champion, cand)
     wanted = [t.strip() for t in (targeted or "").split(",") if t.strip()]
-    progress: Callable[[str], None] = (lambda _msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False, markup=False))
+    progress: Callable[[str], None] = (
+        (lambda _msg: None) if as_json else (lambda msg: err_console.print(msg, highlight=False, markup=False))
+    )
     report = run_eval(c, cand, champ, wanted, curve_path=curve, progress=progress)
     attached = record_on_version(c.store, report)
     if as_json:
-        typer.echo(json.dumps({
-            "report_hash": report.report_hash,
-            "path_json": str(report.path_json),
-            "path_html": str(report.path_html),
-            "attached_to": attached,
-            "report": json.loads(report.path_json.read_text(encoding="utf-8")),
-        }, indent=2, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {
+                    "report_hash": report.report_hash,
+                    "path_json": str(report.path_json),
+                    "path_html": str(report.path_html),
+                    "attached_to": attached,
+                    "report": json.loads(report.path_json.read_text(encoding="utf-8")),
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
         console = _out()
         console.print(metrics_table(report))

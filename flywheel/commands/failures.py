@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -51,13 +51,13 @@ def _one_of(flag: str, value: str | None, allowed: list[str] | tuple[str, ...]) 
 @failures_app.callback(invoke_without_command=True)
 def failures_list(
     ctx: typer.Context,
-    problem_type: Annotated[Optional[str], typer.Option("--problem-type", help="latest verdict's problem type")] = None,
-    severity: Annotated[Optional[str], typer.Option(help="low | medium | high | critical")] = None,
-    intent: Annotated[Optional[str], typer.Option(help="the logged intent")] = None,
-    version: Annotated[Optional[str], typer.Option(help="model version the failure was first seen in")] = None,
-    status: Annotated[Optional[str], typer.Option(help="captured | triaged | judged | verified | ...")] = None,
-    rule: Annotated[Optional[str], typer.Option(help="the capture rule, e.g. qa_reject")] = None,
-    tier: Annotated[Optional[str], typer.Option(help="problem | candidate_baseline | secondary_baseline | core_baseline")] = None,
+    problem_type: Annotated[str | None, typer.Option("--problem-type", help="latest verdict's problem type")] = None,
+    severity: Annotated[str | None, typer.Option(help="low | medium | high | critical")] = None,
+    intent: Annotated[str | None, typer.Option(help="the logged intent")] = None,
+    version: Annotated[str | None, typer.Option(help="model version the failure was first seen in")] = None,
+    status: Annotated[str | None, typer.Option(help="captured | triaged | judged | verified | ...")] = None,
+    rule: Annotated[str | None, typer.Option(help="the capture rule, e.g. qa_reject")] = None,
+    tier: Annotated[str | None, typer.Option(help="problem | candidate_baseline | secondary_baseline | core_baseline")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="at most this many rows")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
@@ -134,9 +134,7 @@ def failures_counts(
 
 @failures_app.command("show")
 def failures_show(
-    ctx: typer.Context,
-    failure_id: Annotated[str, typer.Argument(help="the failure's id, e.g. f-0123456789ab")],
-    as_json: JsonFlag = False,
+    ctx: typer.Context, failure_id: Annotated[str, typer.Argument(help="the failure's id, e.g. f-0123456789ab")], as_json: JsonFlag = False
 ) -> None:
     """One failure: its conversation, verdict, correction and where each came from."""
     from flywheel.data.labels import failure_view
@@ -165,7 +163,9 @@ def _print_view(view: FailureView) -> None:
         f"complaint={s.complaint!r}" if s.complaint else "",
         f"tier={s.user_tier}" if s.user_tier else "",
     ]
-    out.print(f"interaction {i.id} ({i.source or 'unknown source'}) at {i.timestamp:%Y-%m-%d %H:%M:%S}, model {i.model_version}, intent {i.intent or '-'}")
+    out.print(
+        f"interaction {i.id} ({i.source or 'unknown source'}) at {i.timestamp:%Y-%m-%d %H:%M:%S}, model {i.model_version}, intent {i.intent or '-'}"
+    )
     out.print("signals: " + (", ".join(x for x in signals if x) or "none"))
     out.rule("conversation")
     for m in i.messages:
@@ -240,7 +240,9 @@ def _print_summary(title: str, summary: Any, as_json: bool) -> None:
 @app.command()
 def judge(
     ctx: typer.Context,
-    failure_ids: Annotated[Optional[list[str]], typer.Option("--id", help="judge exactly these failures (may repeat), whatever their status")] = None,
+    failure_ids: Annotated[
+        list[str] | None, typer.Option("--id", help="judge exactly these failures (may repeat), whatever their status")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Judge triaged failures: problem type, severity and acceptance for each."""
@@ -254,7 +256,9 @@ def judge(
 @app.command()
 def correct(
     ctx: typer.Context,
-    failure_ids: Annotated[Optional[list[str]], typer.Option("--id", help="only these failures (may repeat); retries corrected/uncorrectable ones")] = None,
+    failure_ids: Annotated[
+        list[str] | None, typer.Option("--id", help="only these failures (may repeat); retries corrected/uncorrectable ones")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Write and verify a corrected answer for every judged failure."""
@@ -280,12 +284,12 @@ def correct(
 @app.command()
 def label(
     ctx: typer.Context,
-    failure_id: Annotated[Optional[str], typer.Argument(help="the failure to label")] = None,
-    intent: Annotated[Optional[str], typer.Option(help="the right intent of the user's request")] = None,
-    answer: Annotated[Optional[str], typer.Option(help="the right answer, when you know it")] = None,
+    failure_id: Annotated[str | None, typer.Argument(help="the failure to label")] = None,
+    intent: Annotated[str | None, typer.Option(help="the right intent of the user's request")] = None,
+    answer: Annotated[str | None, typer.Option(help="the right answer, when you know it")] = None,
     fine: Annotated[bool, typer.Option("--fine", help="the logged answer was right as it stands")] = False,
-    by: Annotated[Optional[str], typer.Option(help="who labels (default: your user name)")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", help='JSONL: {"failure_id", "intent", "answer"?, "by"?} per line')] = None,
+    by: Annotated[str | None, typer.Option(help="who labels (default: your user name)")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help='JSONL: {"failure_id", "intent", "answer"?, "by"?} per line')] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Record a human label for a failure: the right intent (optionally the right answer), or --fine."""

@@ -67,16 +67,23 @@ def ingest(
         if len(summary.files) > 1:
             total = summary_dict(summary)["total"]
             already = f", already quarantined {total['already_quarantined']}" if total["already_quarantined"] else ""
-            typer.echo(f"total: read {total['read']}, stored {total['stored']}, duplicates {total['duplicates']}, quarantined {total['quarantined']}{already}")
+            typer.echo(
+                f"total: read {total['read']}, stored {total['stored']}, duplicates {total['duplicates']}, quarantined {total['quarantined']}{already}"
+            )
         typer.echo("next: flywheel triage")
     for f in summary.files:
         if f.error:
             err_console.print(f"[bold red]error:[/] {f.path}: {f.error}", highlight=False, soft_wrap=True)
     if summary.quarantined:
         conflicts = f" ({summary.conflicts} reuse a stored id with different content)" if summary.conflicts else ""
-        err_console.print(f"{summary.quarantined} line(s) quarantined{conflicts}; see {summary.quarantine_path}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"{summary.quarantined} line(s) quarantined{conflicts}; see {summary.quarantine_path}", highlight=False, soft_wrap=True
+        )
     if summary.already_quarantined:
-        err_console.print(f"{summary.already_quarantined} bad line(s) already quarantined earlier (see {summary.quarantine_path}); not written again",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"{summary.already_quarantined} bad line(s) already quarantined earlier (see {summary.quarantine_path}); not written again",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not summary.clean:
         raise typer.Exit(EXIT_QUARANTINED)

@@ -7,7 +7,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,13 @@ _BASE_LINE = re.compile(r"^# base_model = .*$", re.MULTILINE)
 def init(
     ctx: typer.Context,
     force: bool = typer.Option(False, help="overwrite an existing flywheel.toml"),
-    base: Annotated[Optional[str], typer.Option("--base", help="base model: a folder, or a Hugging Face id (org/name) in the local cache; set as train.base_model and registered as v1, the champion")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="base model: a folder, or a Hugging Face id (org/name) in the local cache; set as train.base_model and registered as v1, the champion",
+        ),
+    ] = None,
 ) -> None:
     """Create flywheel.toml and the .flywheel state folder here (or in --project)."""
     base_path = _check_base(base) if base is not None else None  # before anything is written
@@ -77,8 +83,8 @@ def _with_base(template: str, base_path: Path) -> str:
 
 
 def _register_base(settings: Settings, target: Path, base_path: Path) -> str:
-    from flywheel.release import registry
     from flywheel.context import Context
+    from flywheel.release import registry
 
     configured = settings.train.base_model
     if not configured or Path(configured).expanduser().resolve() != base_path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,9 +21,10 @@ from flywheel.cli import app, context, out_console
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.release import approvals, canary, graduation, registry
 from flywheel.release.evaluation import verified_report
+from flywheel.release.records import DecisionKind
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
-ByOption = Annotated[Optional[str], typer.Option("--by", help="who decides (default: your OS user name)")]
+ByOption = Annotated[str | None, typer.Option("--by", help="who decides (default: your OS user name)")]
 
 canary_app = typer.Typer(no_args_is_help=True, help="Serve a candidate to a share of users and watch its problem rates.")
 baseline_app = typer.Typer(no_args_is_help=True, help="Confirm graduated samples as baselines.")
@@ -109,7 +110,7 @@ def approve(
     _print_promotion(done)
 
 
-def _answer_waiting_run(ctx: typer.Context, name: str, decision: str, who: str, reason: str) -> bool:
+def _answer_waiting_run(ctx: typer.Context, name: str, decision: DecisionKind, who: str, reason: str) -> bool:
     """If an agent run waits for a decision on `name` (a run id, a version or an alias), record the
     decision and resume the run to its promotion or rejection; False when no run waits on it."""
     from flywheel.agent.runner import decide, waiting_run
@@ -132,11 +133,7 @@ def _answer_waiting_run(ctx: typer.Context, name: str, decision: str, who: str, 
 
 
 @app.command()
-def promote(
-    ctx: typer.Context,
-    version: Annotated[str, typer.Argument(help="an approved version")],
-    by: ByOption = None,
-) -> None:
+def promote(ctx: typer.Context, version: Annotated[str, typer.Argument(help="an approved version")], by: ByOption = None) -> None:
     """Promote a version that a person already approved (e.g. on Slack) to champion."""
     c = context(ctx)
     _print_promotion(approvals.promote(c.store, c.settings, _version_id(ctx, version), actor=_who(by)))
@@ -176,9 +173,7 @@ def reject(
 
 @app.command()
 def rollback(
-    ctx: typer.Context,
-    reason: Annotated[str, typer.Option("--reason", help="why, kept with the event")] = "",
-    by: ByOption = None,
+    ctx: typer.Context, reason: Annotated[str, typer.Option("--reason", help="why, kept with the event")] = "", by: ByOption = None
 ) -> None:
     """Return the champion to the previous version."""
     done = approvals.rollback(context(ctx).store, actor=_who(by), reason=reason or "manual rollback")
@@ -194,7 +189,7 @@ def rollback(
 def canary_start(
     ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="a candidate that passed its gate")],
-    share: Annotated[Optional[float], typer.Option("--share", help="share of users it serves (default canary.share)")] = None,
+    share: Annotated[float | None, typer.Option("--share", help="share of users it serves (default canary.share)")] = None,
     by: ByOption = None,
 ) -> None:
     """Start serving a candidate to a share of users."""
@@ -218,7 +213,9 @@ def canary_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     if status.state == "none":
         console.print(status.reason)
         return
-    console.print(f"canary {status.version} at {status.share:.0%} vs champion {status.champion} since {status.started_at:%Y-%m-%d %H:%M}: [bold]{status.state}[/]")
+    console.print(
+        f"canary {status.version} at {status.share:.0%} vs champion {status.champion} since {status.started_at:%Y-%m-%d %H:%M}: [bold]{status.state}[/]"
+    )
     table = Table(title_justify="left")
     for column in ("rate", status.champion or "champion", status.version or "canary"):
         table.add_column(column, justify="right" if column != "rate" else "left")
@@ -237,9 +234,7 @@ def canary_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 @canary_app.command("stop")
 def canary_stop(
-    ctx: typer.Context,
-    reason: Annotated[str, typer.Option("--reason", help="why, kept with the event")] = "",
-    by: ByOption = None,
+    ctx: typer.Context, reason: Annotated[str, typer.Option("--reason", help="why, kept with the event")] = "", by: ByOption = None
 ) -> None:
     """Stop the canary; the version goes back to candidate."""
     switch = canary.stop_canary(context(ctx).store, actor=_who(by), reason=reason)
@@ -253,7 +248,7 @@ def canary_stop(
 def graduate(
     ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="the promoted version (the champion)")],
-    results: Annotated[Optional[Path], typer.Option("--results", help="JSON {failure_id: fixed} (default: the version's eval report)")] = None,
+    results: Annotated[Path | None, typer.Option("--results", help="JSON {failure_id: fixed} (default: the version's eval report)")] = None,
     by: ByOption = None,
     as_json: JsonFlag = False,
 ) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -63,11 +63,16 @@ def keys_revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(help="th
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Annotated[Optional[str], typer.Option("--host", help="address to listen on (default serve.host: 127.0.0.1)")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535, help="port (default serve.port: 8080)")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="builtin (transformers + PEFT here) or proxy (an OpenAI-compatible upstream)")] = None,
-    upstream: Annotated[Optional[str], typer.Option("--upstream", help="proxy: the upstream's URL, e.g. http://127.0.0.1:8000/v1")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="builtin: the base model folder (default: serve.base_model, train.base_model, the champion's)")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="address to listen on (default serve.host: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=1, max=65535, help="port (default serve.port: 8080)")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="builtin (transformers + PEFT here) or proxy (an OpenAI-compatible upstream)")
+    ] = None,
+    upstream: Annotated[str | None, typer.Option("--upstream", help="proxy: the upstream's URL, e.g. http://127.0.0.1:8000/v1")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="builtin: the base model folder (default: serve.base_model, train.base_model, the champion's)"),
+    ] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="do not store interactions (feedback is still recorded)")] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="log every request")] = False,
 ) -> None:
@@ -99,7 +104,7 @@ def serve(
         gateway_ctx.close()
 
 
-def _backend(ctx: Context):  # noqa: ANN202 - a flywheel.serve.backends.Backend
+def _backend(ctx: Context):
     from flywheel.serve.backends import BuiltinBackend, ProxyBackend
 
     cfg = ctx.settings.serve
@@ -114,15 +119,17 @@ def _backend(ctx: Context):  # noqa: ANN202 - a flywheel.serve.backends.Backend
             max_connections=cfg.upstream_max_connections,
             adapter_path_map=cfg.adapter_path_map,
         )
-    from flywheel.release import registry
     from flywheel.inference.local_model import LocalModel
+    from flywheel.release import registry
 
     path = cfg.base_model or ctx.settings.train.base_model
     if not path:
         try:
             path = registry.resolve(ctx.store, "champion").base_model
         except NotFoundError:
-            raise UserInputError("the built-in backend needs a base model: --base-model FOLDER (or serve.base_model), or a champion in the registry") from None
+            raise UserInputError(
+                "the built-in backend needs a base model: --base-model FOLDER (or serve.base_model), or a champion in the registry"
+            ) from None
     return BuiltinBackend(LocalModel(path), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -74,10 +74,14 @@ def _first_champion(c: Any, base_model: str, as_json: bool) -> None:
     is then v2 and `flywheel eval --candidate v2` has a champion to compare it with."""
     from flywheel.release import registry
 
-    version, registered = registry.first_champion(c.store, base_model, actor="flywheel train", notes="base model, registered by flywheel train")
+    version, registered = registry.first_champion(
+        c.store, base_model, actor="flywheel train", notes="base model, registered by flywheel train"
+    )
     if registered:
         # stderr under --json, so that stdout stays one JSON document
-        (err_console if as_json else _out()).print(f"registered the base model {base_model} as {version.id}, the champion", soft_wrap=True, highlight=False)
+        (err_console if as_json else _out()).print(
+            f"registered the base model {base_model} as {version.id}, the champion", soft_wrap=True, highlight=False
+        )
 
 
 def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
@@ -99,7 +103,13 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
         def show(record: Any) -> None:
             progress = record.progress or {}
             losses = " ".join(f"{k} {progress[k]:.4f}" for k in ("loss", "eval_loss") if progress.get(k) is not None)
-            bar.update(task, description=f"{job_id} {record.status}", total=progress.get("total") or None, completed=progress.get("step", 0), losses=losses)
+            bar.update(
+                task,
+                description=f"{job_id} {record.status}",
+                total=progress.get("total") or None,
+                completed=progress.get("step", 0),
+                losses=losses,
+            )
 
         record = launcher.wait(c, job_id, on_progress=show)
     version = _candidate(c, record)
@@ -117,8 +127,8 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
 def train(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", help="a dataset snapshot folder, a dataset id, or latest")],
-    method: Annotated[Optional[str], typer.Option(help="sft | dpo (default: the snapshot's kind, then train.method)")] = None,
-    base: Annotated[Optional[Path], typer.Option(help="base model folder (default: train.base_model)")] = None,
+    method: Annotated[str | None, typer.Option(help="sft | dpo (default: the snapshot's kind, then train.method)")] = None,
+    base: Annotated[Path | None, typer.Option(help="base model folder (default: train.base_model)")] = None,
     wait: WaitFlag = True,
     restart: Annotated[bool, typer.Option("--restart", help="if this job failed or was killed, start it again from scratch")] = False,
     as_json: JsonFlag = False,
@@ -157,7 +167,7 @@ def train(
 @jobs_app.callback(invoke_without_command=True)
 def jobs_list(
     ctx: typer.Context,
-    status: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | killed")] = None,
+    status: Annotated[str | None, typer.Option(help="queued | running | succeeded | failed | killed")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: JsonFlag = False,
 ) -> None:
@@ -170,7 +180,7 @@ def jobs_list(
 @jobs_app.command("list")
 def jobs_list_cmd(
     ctx: typer.Context,
-    status: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | killed")] = None,
+    status: Annotated[str | None, typer.Option(help="queued | running | succeeded | failed | killed")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: JsonFlag = False,
 ) -> None:
@@ -222,7 +232,9 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="th
         out.print(f"error: {record.error}")
     if record.result:
         out.print(f"adapter {record.result.get('adapter_path')} (sha256 {record.result.get('adapter_sha256')})")
-        out.print(f"steps {record.result.get('steps')}  train_loss {record.result.get('train_loss')}  best_eval_loss {record.result.get('best_eval_loss')}")
+        out.print(
+            f"steps {record.result.get('steps')}  train_loss {record.result.get('train_loss')}  best_eval_loss {record.result.get('best_eval_loss')}"
+        )
     version = _candidate(c, record)
     if version:
         _print_next(version)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -25,7 +25,7 @@ def _echo_json(obj: Any) -> None:
 @app.command("triage")
 def triage_command(
     ctx: typer.Context,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="clusters to send to the judge (default: triage.budget)")] = None,
+    budget: Annotated[int | None, typer.Option(min=1, help="clusters to send to the judge (default: triage.budget)")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Capture failures from new interactions, group near-duplicates, sample within the budget."""
@@ -84,8 +84,8 @@ def kb_search(
     ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="what to look for")],
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="how many results")] = 5,
-    kind: Annotated[Optional[str], typer.Option(help="approved_response | policy | doc")] = None,
-    intent: Annotated[Optional[str], typer.Option(help="only sections for this intent")] = None,
+    kind: Annotated[str | None, typer.Option(help="approved_response | policy | doc")] = None,
+    intent: Annotated[str | None, typer.Option(help="only sections for this intent")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The KB sections nearest in meaning to QUERY."""

@@ -104,7 +104,9 @@ def load_cases(store: Store, failure_ids: Sequence[str] | None = None) -> tuple[
             if missing:
                 raise NotFoundError(f"no failure with id {', '.join(repr(m) for m in missing)}")
             for f in [f for f in found if f.status not in RETRYABLE]:
-                skipped.append(CorrectOutcome(failure_id=f.id, status="skipped", reasons=[f"status is {f.status}; only judged failures are corrected"]))
+                skipped.append(
+                    CorrectOutcome(failure_id=f.id, status="skipped", reasons=[f"status is {f.status}; only judged failures are corrected"])
+                )
             found = [f for f in found if f.status in RETRYABLE]
         cases, no_verdict = cases_for(conn, found)
     return cases, skipped + no_verdict
@@ -160,7 +162,7 @@ def correction_text(request: str, answer: str) -> str:
     return f"{request}\n{answer}"
 
 
-def index_corrections(index: "VectorIndex", items: Sequence[tuple[Case, str]]) -> int:
+def index_corrections(index: VectorIndex, items: Sequence[tuple[Case, str]]) -> int:
     """Add verified corrections to the "corrections" collection (upsert by failure id: idempotent)."""
     if not items:
         return 0

@@ -47,11 +47,11 @@ def _first_sentence(text: str, limit: int = 300) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
 
 
-def nearest_by_intent(index: "VectorIndex", intents: Sequence[str], vectors: "np.ndarray", kind: str, k: int) -> list[list["Hit"]]:
+def nearest_by_intent(index: VectorIndex, intents: Sequence[str], vectors: np.ndarray, kind: str, k: int) -> list[list[Hit]]:
     """For each row, the `k` KB entries of `kind` written for that row's intent nearest to its vector.
     One Chroma query per distinct intent, over vectors embedded once by the caller (kb.search embeds
     per call, which costs a model forward pass per failure)."""
-    out: list[list["Hit"]] = [[] for _ in intents]
+    out: list[list[Hit]] = [[] for _ in intents]
     rows_of: dict[str, list[int]] = {}
     for row, intent in enumerate(intents):
         rows_of.setdefault(intent, []).append(row)
@@ -62,7 +62,7 @@ def nearest_by_intent(index: "VectorIndex", intents: Sequence[str], vectors: "np
     return out
 
 
-def _compose(approved: "Hit", policies: Sequence["Hit"], settings: Settings) -> Attempt:
+def _compose(approved: Hit, policies: Sequence[Hit], settings: Settings) -> Attempt:
     text = approved.text.strip()
     context = [f"kb/{approved.id}"]
     if not is_full_answer(text, settings):
@@ -73,7 +73,9 @@ def _compose(approved: "Hit", policies: Sequence["Hit"], settings: Settings) -> 
     return Attempt(answer=text, generator=KB_GENERATOR, context_ids=context)
 
 
-def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case], policies_per_answer: int = 2, store: Store | None = None) -> list[Attempt]:
+def kb_attempts(
+    index: VectorIndex, settings: Settings, cases: Sequence[Case], policies_per_answer: int = 2, store: Store | None = None
+) -> list[Attempt]:
     """The KB corrector for many cases: for each, the approved response for its intent with the policies
     written for that intent cited; for a safety problem (over-promise, policy boundary) with none, the
     nearest general policy (one with no intent). Where the KB has no approved response for the intent,
@@ -82,14 +84,20 @@ def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case],
     attempts: list[Attempt | None] = [label_attempt(case) for case in cases]
     for row, case in enumerate(cases):
         if attempts[row] is None and not case.intent:
-            attempts[row] = Attempt(reason="the failure has no intent and no label names one, so no approved response can be looked up", generator=KB_GENERATOR)
+            attempts[row] = Attempt(
+                reason="the failure has no intent and no label names one, so no approved response can be looked up", generator=KB_GENERATOR
+            )
     todo = [row for row, attempt in enumerate(attempts) if attempt is None]
     if todo:
         intents = [cases[row].intent or "" for row in todo]
         vectors = index.embedder.embed([cases[row].request or cases[row].intent or "" for row in todo])
         approved = nearest_by_intent(index, intents, vectors, "approved_response", 1)
         policies = nearest_by_intent(index, intents, vectors, "policy", policies_per_answer)
-        safety = [n for n, row in enumerate(todo) if not policies[n] and approved[n] and settings.taxonomy.categories.get(cases[row].verdict.problem_type or "") == "safety"]
+        safety = [
+            n
+            for n, row in enumerate(todo)
+            if not policies[n] and approved[n] and settings.taxonomy.categories.get(cases[row].verdict.problem_type or "") == "safety"
+        ]
         if safety:
             for n, hits in zip(safety, index.query_embeddings(KB, vectors[safety], k=5, where={"kind": "policy"})):
                 policies[n] = [h for h in hits if not h.metadata.get("intent")][:1]
@@ -101,7 +109,9 @@ def kb_attempts(index: "VectorIndex", settings: Settings, cases: Sequence[Case],
             elif book is not None:
                 attempts[row] = _from_reply_book(book, intents[n])
             else:
-                attempts[row] = Attempt(reason=f"no approved response for intent {intents[n]!r} in the knowledge base", generator=KB_GENERATOR)
+                attempts[row] = Attempt(
+                    reason=f"no approved response for intent {intents[n]!r} in the knowledge base", generator=KB_GENERATOR
+                )
     return [a for a in attempts if a is not None]
 
 
@@ -112,16 +122,9 @@ def _from_reply_book(book: ReplyBook, intent: str) -> Attempt:
     return Attempt(answer=adapt(reply.text, intent), generator=f"{REPLY_GENERATOR}:{reply.source}", context_ids=reply.context_ids)
 
 
-def kb_attempt(index: "VectorIndex", settings: Settings, case: Case) -> Attempt:
+def kb_attempt(index: VectorIndex, settings: Settings, case: Case) -> Attempt:
     """`kb_attempts` for one case."""
     return kb_attempts(index, settings, [case])[0]
 
 
-__all__ = [
-    "KB_GENERATOR",
-    "REPLY_GENERATOR",
-    "is_full_answer",
-    "kb_attempt",
-    "kb_attempts",
-    "nearest_by_intent",
-]
+__all__ = ["KB_GENERATOR", "REPLY_GENERATOR", "is_full_answer", "kb_attempt", "kb_attempts", "nearest_by_intent"]

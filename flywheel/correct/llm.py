@@ -63,7 +63,7 @@ class Retrieved(BaseModel):
 # --- retrieval ---------------------------------------------------------------------------------------------
 
 
-def retrieve(index: "VectorIndex", settings: Settings, cases: Sequence[Case]) -> dict[str, Retrieved]:
+def retrieve(index: VectorIndex, settings: Settings, cases: Sequence[Case]) -> dict[str, Retrieved]:
     """Context for every case, embedded in one batch: the approved response for its intent, the nearest
     KB sections, and similar verified corrections of other failures."""
     out = {case.failure.id: Retrieved() for case in cases}
@@ -94,7 +94,7 @@ def context_ids(found: Retrieved) -> list[str]:
 # --- prompts -----------------------------------------------------------------------------------------------
 
 
-def chat_messages(prompt: Prompt, nonce: str, system_values: dict[str, str], user_values: dict[str, str]) -> list["BaseMessage"]:
+def chat_messages(prompt: Prompt, nonce: str, system_values: dict[str, str], user_values: dict[str, str]) -> list[BaseMessage]:
     """The prompt file split at the user marker (flywheel.prompts.fence.USER_MARKER): instructions as
     the system message, the (fenced) material as the user message."""
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -121,7 +121,7 @@ def _verdict_text(case: Case, settings: Settings, nonce: str) -> str:
     return f"problem type: {v.problem_type} ({meaning})\nseverity: {v.severity}\n{_facts_block(case, nonce)}"
 
 
-def _kb_text(hits: Sequence["Hit"]) -> str:
+def _kb_text(hits: Sequence[Hit]) -> str:
     if not hits:
         return "(nothing relevant in the knowledge base)"
     parts = []
@@ -132,13 +132,16 @@ def _kb_text(hits: Sequence["Hit"]) -> str:
     return "\n\n".join(parts)
 
 
-def _examples_text(hits: Sequence["Hit"], nonce: str) -> str:
+def _examples_text(hits: Sequence[Hit], nonce: str) -> str:
     if not hits:
         return "(none yet)"
     parts = []
     for h in hits:
         meta = h.metadata
-        parts.append(f"[corrections/{h.id}] {meta.get('problem_type', '?')}, intent {meta.get('intent', '?')}\n" + untrusted_block("example", h.text, nonce))
+        parts.append(
+            f"[corrections/{h.id}] {meta.get('problem_type', '?')}, intent {meta.get('intent', '?')}\n"
+            + untrusted_block("example", h.text, nonce)
+        )
     return "\n\n".join(parts)
 
 
@@ -158,7 +161,7 @@ def _conversation_blocks(case: Case, settings: Settings, nonce: str) -> dict[str
     }
 
 
-def corrector_messages(prompt: Prompt, settings: Settings, case: Case, found: Retrieved) -> list["BaseMessage"]:
+def corrector_messages(prompt: Prompt, settings: Settings, case: Case, found: Retrieved) -> list[BaseMessage]:
     nonce = new_nonce()
     return chat_messages(
         prompt,
@@ -173,7 +176,7 @@ def corrector_messages(prompt: Prompt, settings: Settings, case: Case, found: Re
     )
 
 
-def verifier_messages(prompt: Prompt, settings: Settings, case: Case, answer: str) -> list["BaseMessage"]:
+def verifier_messages(prompt: Prompt, settings: Settings, case: Case, answer: str) -> list[BaseMessage]:
     nonce = new_nonce()
     reference = "(none)"
     if case.reference is not None and (case.reference.intent or case.reference.answer):
@@ -203,7 +206,7 @@ def _answer(reply: Any) -> str:
     return parsed.answer.strip()
 
 
-async def ask_answer(model: Any, messages: list["BaseMessage"], retries: int) -> tuple[str | None, str]:
+async def ask_answer(model: Any, messages: list[BaseMessage], retries: int) -> tuple[str | None, str]:
     """The corrector's answer, re-asked when the reply does not parse or is blank. Endpoint errors
     propagate for the bounded runner to retry."""
     answer, problem, calls = await ask_until_valid(model, messages, retries, _answer, reply_problem, "answer object")
@@ -242,7 +245,13 @@ def correct_with_llm(ctx: Context, cases: list[Case]) -> CorrectSummary:
                 attempt = label_attempt(case)
                 if attempt is None:
                     answer, problem = await ask_answer(writer, corrector_messages(prompt, settings, case, found[case.failure.id]), retries)
-                    attempt = Attempt(answer=answer, reason=problem, generator=generator, prompt_version=prompt.version, context_ids=context_ids(found[case.failure.id]))
+                    attempt = Attempt(
+                        answer=answer,
+                        reason=problem,
+                        generator=generator,
+                        prompt_version=prompt.version,
+                        context_ids=context_ids(found[case.failure.id]),
+                    )
                 if attempt.answer is None:
                     return attempt, None
                 messages = verifier_messages(check_prompt, settings, case, attempt.answer)
@@ -251,17 +260,25 @@ def correct_with_llm(ctx: Context, cases: list[Case]) -> CorrectSummary:
             def saved(result: ItemResult) -> None:
                 case: Case = result.item
                 if result.ok:
+                    assert result.value is not None  # one() returns (attempt, verification)
                     attempt, verification = result.value
                     outcome = save_attempt(ctx.store, case, attempt, verification)
                     if outcome.status == "verified":
                         verified.append((case, attempt.answer or ""))
                 elif isinstance(result.exception, (openai.BadRequestError, openai.UnprocessableEntityError)):
                     # the endpoint refused this request (e.g. too long): asking again gives the same answer
-                    refused = Attempt(reason=f"the LLM endpoint refused the request: {result.error}", generator=generator, prompt_version=prompt.version)
+                    refused = Attempt(
+                        reason=f"the LLM endpoint refused the request: {result.error}", generator=generator, prompt_version=prompt.version
+                    )
                     outcome = save_attempt(ctx.store, case, refused, None)
                 elif result.transient or isinstance(result.exception, openai.APIError):
                     # down, or misconfigured (401, 404): the failure stays judged for the next run
-                    outcome = CorrectOutcome(failure_id=case.failure.id, status="error", generator=generator, reasons=[f"{result.error} (after {result.attempts} attempt(s))"])
+                    outcome = CorrectOutcome(
+                        failure_id=case.failure.id,
+                        status="error",
+                        generator=generator,
+                        reasons=[f"{result.error} (after {result.attempts} attempt(s))"],
+                    )
                 else:
                     bugs.append(result.exception or RuntimeError(result.error))
                     return
@@ -276,5 +293,7 @@ def correct_with_llm(ctx: Context, cases: list[Case]) -> CorrectSummary:
         raise bugs[0]  # not the endpoint's fault: keep the traceback
     errors = [o for o in summary.outcomes if o.status == "error"]
     if errors and len(errors) == len(cases):
-        raise InfrastructureError(f"the LLM corrector at {settings.llm.base_url} failed for all {len(cases)} failure(s) ({errors[0].reasons[0]}); they stay judged")
+        raise InfrastructureError(
+            f"the LLM corrector at {settings.llm.base_url} failed for all {len(cases)} failure(s) ({errors[0].reasons[0]}); they stay judged"
+        )
     return summary

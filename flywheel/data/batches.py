@@ -60,7 +60,9 @@ class BatchReader:
         batch = Batch()
         now = utcnow()
         with open_binary(self.path) as handle:
-            reader = read_json_array(handle, self.max_line_bytes) if looks_like_array(self.path) else read_lines(handle, self.max_line_bytes)
+            reader = (
+                read_json_array(handle, self.max_line_bytes) if looks_like_array(self.path) else read_lines(handle, self.max_line_bytes)
+            )
             try:
                 for line_no, raw in reader:
                     row = self._row(batch, line_no, raw, now)

@@ -28,9 +28,21 @@ FORMATS = ("auto", "openai", "langfuse", "langsmith")
 SIGNAL_KEYS = ("feedback", "escalated_to_human", "followups", "qa_verdict", "complaint", "user_tier")
 META_KEYS = ("id", "timestamp", "model_version", "intent", "task", "user_id", "latency_ms", "prompt_tokens", "completion_tokens")
 
-_LC_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "system",
-             "HumanMessage": "user", "AIMessage": "assistant", "SystemMessage": "system", "ToolMessage": "tool",
-             "HumanMessageChunk": "user", "AIMessageChunk": "assistant", "user": "user", "assistant": "assistant"}
+_LC_ROLES = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "developer": "system",
+    "HumanMessage": "user",
+    "AIMessage": "assistant",
+    "SystemMessage": "system",
+    "ToolMessage": "tool",
+    "HumanMessageChunk": "user",
+    "AIMessageChunk": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+}
 
 
 class MappingError(ValueError):
@@ -45,7 +57,9 @@ def detect(obj: dict[str, Any]) -> str:
         return "langsmith"
     if "input" in obj or "output" in obj:
         return "langfuse"
-    raise MappingError("unknown record shape: expected 'messages' (OpenAI chat), 'inputs' (LangSmith run) or 'input'/'output' (Langfuse trace)")
+    raise MappingError(
+        "unknown record shape: expected 'messages' (OpenAI chat), 'inputs' (LangSmith run) or 'input'/'output' (Langfuse trace)"
+    )
 
 
 def to_flat(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -105,8 +119,13 @@ def _lc_tool_calls(fields: dict[str, Any]) -> list[dict[str, Any]] | None:
             if "function" in call:  # already OpenAI-shaped
                 out.append(call)
             else:
-                out.append({"id": call.get("id") or "", "type": "function",
-                            "function": {"name": call.get("name"), "arguments": json.dumps(call.get("args") or {}, ensure_ascii=False)}})
+                out.append(
+                    {
+                        "id": call.get("id") or "",
+                        "type": "function",
+                        "function": {"name": call.get("name"), "arguments": json.dumps(call.get("args") or {}, ensure_ascii=False)},
+                    }
+                )
         return out
     extra = fields.get("additional_kwargs") or {}
     return extra.get("tool_calls") or None

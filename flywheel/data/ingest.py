@@ -294,7 +294,7 @@ class _Quarantine:
         self._known.add(key)  # the same file named twice in one run is quarantined once too
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._handle = open(self.path, "a", encoding="utf-8")
         record = {"file": file, "line": bad.line, "kind": bad.kind, "reason": bad.reason, "raw": bad.raw, "at": utcnow().isoformat()}
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         return True
@@ -304,7 +304,7 @@ class _Quarantine:
         # A cheap substring test skips the entries of other files before they are parsed.
         needles = [f'"file": {json.dumps(name, ensure_ascii=False)}' for name in self._files]
         try:
-            handle = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+            handle = open(self.path, encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return known
         with handle:

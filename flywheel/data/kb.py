@@ -32,7 +32,7 @@ Metadata keys written (the KB corrector filters on them): `kind`, `intent` (abse
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -251,15 +251,10 @@ def add_entries(index: VectorIndex, entries: list[KbEntry], summary: KbSummary) 
         else:
             summary.updated += 1
             changed.append(entry_id)
-    index.upsert(
-        KB,
-        changed,
-        [by_id[i].text for i in changed],
-        [by_id[i].metadata() for i in changed],
-    )
+    index.upsert(KB, changed, [by_id[i].text for i in changed], [by_id[i].metadata() for i in changed])
 
 
-def add_files(index: VectorIndex, paths: list[Path | str]) -> KbSummary:
+def add_files(index: VectorIndex, paths: Iterable[Path | str]) -> KbSummary:
     """Load Markdown and JSONL files into the "kb" collection. Bad entries land in `summary.errors`,
     paths that do not exist in `summary.missing` (the other files are still added)."""
     summary = KbSummary()

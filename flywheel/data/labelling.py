@@ -20,7 +20,8 @@ from flywheel.context import Context
 from flywheel.data.labels import add_label, count_labels
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record
-from flywheel.trainer.selection import candidates_from_store, needs_model, run_rounds
+from flywheel.trainer.candidates import candidates_from_store, needs_model
+from flywheel.trainer.selection import run_rounds
 
 
 class LabelRequest(Record):
@@ -68,7 +69,9 @@ class LabellingLog(Record):
     rejected: list[str] = []  # labels the labeller gave that were refused, with the reason
 
 
-def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = None, budget: int | None = None, model: Any = None) -> LabellingLog:
+def label_failures(
+    ctx: Context, labeller: Labeller, *, strategy: str | None = None, budget: int | None = None, model: Any = None
+) -> LabellingLog:
     """Pick failures by `strategy` within what is left of the labelling budget and get them labelled.
 
     `model` is the production model (a LocalModel) for the uncertainty strategies; without one they
@@ -85,7 +88,10 @@ def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = N
     rejected: list[str] = []
 
     def ask(round_ids: list[str]) -> None:
-        requests = [LabelRequest(failure_id=i, intent=info[i]["intent"], text=info[i]["text"], logged_answer=info[i].get("answer", "")) for i in round_ids]
+        requests = [
+            LabelRequest(failure_id=i, intent=info[i]["intent"], text=info[i]["text"], logged_answer=info[i].get("answer", ""))
+            for i in round_ids
+        ]
         for failure_id, label in labeller.label(requests).items():
             try:
                 add_label(ctx.store, failure_id, label, labeller.name, settings=ctx.settings)
@@ -122,7 +128,9 @@ def label_failures(ctx: Context, labeller: Labeller, *, strategy: str | None = N
         already_used=used,
         requested=log.spent,
         labelled=len(stored),
-        rounds=[{"round": r.index, "picked": len(r.ids), "gain": round(r.gain, 4), "uncertainty_share": r.uncertainty_share} for r in log.rounds],
+        rounds=[
+            {"round": r.index, "picked": len(r.ids), "gain": round(r.gain, 4), "uncertainty_share": r.uncertainty_share} for r in log.rounds
+        ],
         stop_reason=log.stop_reason,
         rejected=rejected[:20],
     )

@@ -49,7 +49,7 @@ class Label(Record):
     fine: bool = False  # the person says the logged answer was right as it stands
 
     @model_validator(mode="after")
-    def _says_something(self) -> "Label":
+    def _says_something(self) -> Label:
         if not self.fine and self.intent is None:
             raise ValueError('a label names the right "intent" (optionally an "answer"), or says "fine": true')
         if self.fine and self.answer is not None:
@@ -183,7 +183,9 @@ def latest_label(conn: Connection, failure_id: str) -> Reference | None:
 
 def latest_labels(conn: Connection, failure_ids: list[str]) -> dict[str, Reference]:
     """The newest label of each of many failures (those without a label are absent)."""
-    return {fid: Label.model_validate(found.label).reference(found.labeller) for fid, found in label_repo.latest_many(conn, failure_ids).items()}
+    return {
+        fid: Label.model_validate(found.label).reference(found.labeller) for fid, found in label_repo.latest_many(conn, failure_ids).items()
+    }
 
 
 def failure_view(store: Store, failure_id: str) -> FailureView:

@@ -55,8 +55,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from stdnum import iban as _iban
 from stdnum import luhn as _luhn
@@ -88,7 +89,9 @@ class Span:
 
 
 # --- e-mail: found from the '@', the local part is then read backwards ----------------------------------------
-_EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?![\w-])")
+_EMAIL_DOMAIN = re.compile(
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?![\w-])"
+)
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]+(?:'[A-Za-z0-9._%+-]+)*$")
 
 
@@ -137,7 +140,12 @@ _LETTERED_KINDS: list[tuple[str, str, str, int]] = [
     # UK NINO AB123456C / AB 12 34 56 C: prefix letters (D, F, I, Q, U, V never; O never second; BG GB NK KN
     # TN NT ZZ never, checked below), six digits, suffix A-D
     ("nino", r"(?<=[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9])(?<![\w][A-Z]{2}[0-9])", r"[0-9] ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])", 2),
-    ("nino_spaced", r"(?<=[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] [0-9])(?<![\w][A-Z]{2} [0-9])", r"[0-9] ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])", 3),
+    (
+        "nino_spaced",
+        r"(?<=[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] [0-9])(?<![\w][A-Z]{2} [0-9])",
+        r"[0-9] ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])",
+        3,
+    ),
     # Spanish NIE X1234567L, Italian codice fiscale RSSMRA85T10A562S
     ("es_nie", r"(?<=[XYZ][0-9])(?<![\w][XYZ][0-9])", r"[0-9]{6}-?[A-Z](?![\w])", 1),
     ("it_cf", r"(?<=[A-Z]{6}[0-9])(?<![\w][A-Z]{6}[0-9])", r"[0-9][A-EHLMPR-T][0-9]{2}[A-Z][0-9]{3}[A-Z](?![\w])", 6),
@@ -169,7 +177,9 @@ _STDNUM_CHECKS: dict[str, Callable[[str], bool]] = {
     "it_cf": _it_cf.is_valid,
 }
 _PHONE_DIGITS = {"intl": (8, 15), "paren": (10, 11), "nanp": (10, 11), "domestic": (10, 11)}
-_PHONE_WORDS = re.compile(r"(?:phone|tel|telephone|call|call me|mobile|cell|whatsapp|sms|text me|fax)(?: at| on| number| no\.?)?[^0-9\n\x00]{0,6}$")
+_PHONE_WORDS = re.compile(
+    r"(?:phone|tel|telephone|call|call me|mobile|cell|whatsapp|sms|text me|fax)(?: at| on| number| no\.?)?[^0-9\n\x00]{0,6}$"
+)
 _SSN_WORDS = re.compile(r"(?:ssn|social security(?: number| no\.?)?)[^0-9\n\x00]{0,6}$")
 
 
@@ -227,7 +237,9 @@ def _numbers(text: str, spans: list[Span]) -> None:
         m = search(text, pos)
         if m is None:
             return
-        kind = m.lastgroup if m.lastgroup != "sep" else "ssn"
+        group = m.lastgroup
+        assert group is not None  # every alternative of _NUMBERS is a named group
+        kind = group if group != "sep" else "ssn"
         span = _check_number(kind, m, text)
         if span is None:  # the kinds after it, at the same place
             for other in _NUMBER_ORDER[_NUMBER_ORDER.index(kind) + 1 :]:
@@ -289,7 +301,9 @@ def places_and_people(text: str) -> tuple[list[tuple[int, int]], list[tuple[int,
             if " " in run or run not in pii_names.never_alone():  # most runs are one common word: "Please", "Settings"
                 people += pii_names.names_in_run(text, start, run)
         else:
-            found = pii_address.address_at_number(text, start, end) if kind == "house" else pii_address.address_at_postcode(text, start, end)
+            found = (
+                pii_address.address_at_number(text, start, end) if kind == "house" else pii_address.address_at_postcode(text, start, end)
+            )
             if found is not None:
                 addresses.append(found)
     if "name" in text:
@@ -433,11 +447,15 @@ class Scrubber:
 # JSON keys that say what their value is, for values without a cue of their own: {"dob": "1985-04-12"},
 # {"last_name": "Okafor"}, {"street": "12 Oak Lane"}. Compared lower-cased without '_' and '-', so that
 # "first_name", "firstName" and "First-Name" are one key. A plain "name" is left out: tools name products.
-_NAME_KEYS = frozenset("""firstname lastname fullname middlename givenname familyname surname customername
-    cardholder cardholdername holdername accountholder accountholdername contactname recipientname recipient""".split())
+_NAME_KEYS = frozenset(
+    """firstname lastname fullname middlename givenname familyname surname customername
+    cardholder cardholdername holdername accountholder accountholdername contactname recipientname recipient""".split()
+)
 _BIRTH_KEYS = frozenset("dob dateofbirth birthdate birthday birthdt".split())
-_ADDRESS_KEYS = frozenset("""address street streetaddress addressline1 addressline2 address1 address2 line1 line2
-    shippingaddress billingaddress deliveryaddress homeaddress postaladdress mailingaddress""".split())
+_ADDRESS_KEYS = frozenset(
+    """address street streetaddress addressline1 addressline2 address1 address2 line1 line2
+    shippingaddress billingaddress deliveryaddress homeaddress postaladdress mailingaddress""".split()
+)
 _NAME_VALUE = re.compile(r"[^\W\d_][^\W\d_'’.-]*(?:[ '’.-]+[^\W\d_]+){0,4}\.?")
 
 
@@ -457,7 +475,16 @@ def _key_kind(key: str, value: str) -> str | None:
 
 def _may_hold_pii_key(text: str) -> bool:
     lower = text.lower()
-    return "name" in lower or "birth" in lower or "dob" in lower or "address" in lower or "street" in lower or "holder" in lower or "recipient" in lower or "line1" in lower
+    return (
+        "name" in lower
+        or "birth" in lower
+        or "dob" in lower
+        or "address" in lower
+        or "street" in lower
+        or "holder" in lower
+        or "recipient" in lower
+        or "line1" in lower
+    )
 
 
 def scrub(text: str) -> str:

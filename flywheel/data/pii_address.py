@@ -50,30 +50,106 @@ _NUMBER_FIRST_EN = re.compile(
     rf" (?:(?:N|S|E|W|North|South|East|West)\.? )?(?:{_CAP} ){{0,4}}(?:{_EN_TYPES})\b\.?(?: (?:N|S|E|W|NE|NW|SE|SW)\b)?"
 )
 # The same in lower case, two words at most and no little words: "12 church street".
-_NUMBER_FIRST_LOWER = re.compile(r" (?!(?:the|a|an|on|in|at|of|to|my|your|our|and|or|for|from|with|by) )[a-z]+ (?:street|road|avenue|lane|drive)\b")
+_NUMBER_FIRST_LOWER = re.compile(
+    r" (?!(?:the|a|an|on|in|at|of|to|my|your|our|and|or|for|from|with|by) )[a-z]+ (?:street|road|avenue|lane|drive)\b"
+)
 # Number first, French (also Swiss and Belgian) street types, then the street's name: "12 rue de la Paix".
 _NUMBER_FIRST_FR = re.compile(
     r"(?: (?:bis|ter))?,? (?i:rue|avenue|av\.|boulevard|bd|place|allée|chemin|impasse|quai|cours|route|passage|square|voie)"
     rf"(?: (?:de|du|des|de la|d'|l'|la|le|les|aux?)?{_CAP}|(?: (?:de|du|des|la|le|les|aux?))(?= )){{1,5}}"
 )
 # Street before the number: the word just before it ends in one of these ("Hauptstraße", "Keizersgracht").
-_SUFFIXES = ("straße", "strasse", "str.", "weg", "gasse", "allee", "platz", "damm", "ufer", "chaussee", "gracht",
-             "straat", "laan", "kade", "plein", "singel", "dijk", "kai", "markt", "steig", "pfad", "vej", "vägen",
-             "gatan", "gata", "veien")
+_SUFFIXES = (
+    "straße",
+    "strasse",
+    "str.",
+    "weg",
+    "gasse",
+    "allee",
+    "platz",
+    "damm",
+    "ufer",
+    "chaussee",
+    "gracht",
+    "straat",
+    "laan",
+    "kade",
+    "plein",
+    "singel",
+    "dijk",
+    "kai",
+    "markt",
+    "steig",
+    "pfad",
+    "vej",
+    "vägen",
+    "gatan",
+    "gata",
+    "veien",
+)
 # ... or is a whole street word of its own, after a name ("Wiener Straße 18", "Nordre gate 14").
 _SUFFIX_WORDS = frozenset(("straße", "strasse", "str.", "weg", "gasse", "allee", "platz", "gate", "gata", "vej", "vei", "ring"))
 # ... or the street's name follows one of these types ("Via Roma 15", "Calle de Alcalá 45", "Rua Augusta 120").
-_TYPES_BEFORE = frozenset(("via", "viale", "piazza", "corso", "largo", "calle", "avenida", "av.", "plaza", "paseo",
-                           "carrer", "rua", "travessa", "praça", "ul.", "ulica", "al.", "aleja", "boulevard", "rue",
-                           "avenue", "chemin", "place", "box"))
+_TYPES_BEFORE = frozenset(
+    (
+        "via",
+        "viale",
+        "piazza",
+        "corso",
+        "largo",
+        "calle",
+        "avenida",
+        "av.",
+        "plaza",
+        "paseo",
+        "carrer",
+        "rua",
+        "travessa",
+        "praça",
+        "ul.",
+        "ulica",
+        "al.",
+        "aleja",
+        "boulevard",
+        "rue",
+        "avenue",
+        "chemin",
+        "place",
+        "box",
+    )
+)
 _GERMAN_PREFIX = frozenset(("Am", "An", "Auf", "Im", "In", "Zum", "Zur", "Unter", "Hinter"))
 _NAME_PARTICLES = frozenset(("de", "da", "del", "della", "di", "do", "dos", "das", "la", "las", "los", "le", "des", "du", "y", "e"))
 # A quantity, not a house number: "order 3 Garden Way planters" (unless a city or postcode follows).
-_QUANTITY_WORDS = frozenset(("order", "ordered", "buy", "bought", "need", "want", "get", "got", "add", "added", "have",
-                             "has", "had", "x", "qty", "quantity", "pack", "set", "sets", "with"))
+_QUANTITY_WORDS = frozenset(
+    (
+        "order",
+        "ordered",
+        "buy",
+        "bought",
+        "need",
+        "want",
+        "get",
+        "got",
+        "add",
+        "added",
+        "have",
+        "has",
+        "had",
+        "x",
+        "qty",
+        "quantity",
+        "pack",
+        "set",
+        "sets",
+        "with",
+    )
+)
 
-_US_STATES = frozenset("""AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ
-NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY PR""".split())
+_US_STATES = frozenset(
+    """AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ
+NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY PR""".split()
+)
 # A city's words are letters only, so that a postcode after it ("London NW1 6XE") is not taken for a word.
 _CITY_WORD = r"[A-ZÀ-ÖØ-ÞĀ-Ž][a-zß-öø-ÿĀ-ž'’.]+(?:-[A-ZÀ-ÖØ-ÞĀ-Ža-z][a-zß-öø-ÿĀ-ž'’.]+)*"
 _CITY = rf"{_CITY_WORD}(?: (?:(?:am|an|der|de|la|le|sur|upon|on|del|di) )?{_CITY_WORD}){{0,2}}"
@@ -87,15 +163,57 @@ _TAIL = re.compile(
     rf"|,? (?:[0-9]{{4,5}}|[0-9]{{4}} ?[A-Z]{{2}}|[0-9]{{4}}-[0-9]{{3}}|[0-9]{{2}}-[0-9]{{3}}) {_CITY})"
     rf"|(?P<city>, {_CITY}(?: [0-9]{{1,4}}(?![\w.,/:-]))?)"
 )
-_NOT_CITY = frozenset(("Thanks", "Thank", "Please", "Regards", "Cheers", "Best", "Hi", "Hello", "Dear", "The", "I", "We",
-                       "My", "Our", "It", "This", "That", "Is", "Was", "Can", "Could", "Would", "Will", "And", "But",
-                       "Or", "So", "Also", "Not", "No", "Yes", "If", "When", "Since", "As", "Sent", "Kind", "Ok", "OK"))
+_NOT_CITY = frozenset(
+    (
+        "Thanks",
+        "Thank",
+        "Please",
+        "Regards",
+        "Cheers",
+        "Best",
+        "Hi",
+        "Hello",
+        "Dear",
+        "The",
+        "I",
+        "We",
+        "My",
+        "Our",
+        "It",
+        "This",
+        "That",
+        "Is",
+        "Was",
+        "Can",
+        "Could",
+        "Would",
+        "Will",
+        "And",
+        "But",
+        "Or",
+        "So",
+        "Also",
+        "Not",
+        "No",
+        "Yes",
+        "If",
+        "When",
+        "Since",
+        "As",
+        "Sent",
+        "Kind",
+        "Ok",
+        "OK",
+    )
+)
 # Before the number: "Flat 3, ", "Apartment 5, ", "Level 4, ", "Flat 12B, Marlowe House, ".
 _UNIT_BEFORE = re.compile(
     r"(?:(?:Flat|Unit|Apt\.?|Apartment|Suite|Level|Floor|Room) [0-9A-Za-z]+, )?(?:[A-Z][\w'’-]+ (?:House|Court|Building|Tower|Mansions|Lodge|Hall|Centre|Center|Estate), )?$"
 )
 # Before a postcode found alone: capitalised places and a unit ("Unit 3, Riverside Industrial Estate, Dartford").
-_PLACES_BEFORE = re.compile(rf"(?:(?:Flat|Unit|Apt\.?|Apartment|Suite) [0-9A-Za-z]+, )?(?:{_CAP}(?: {_CAP}){{0,3}}, ){{0,2}}(?:{_CAP}(?: {_CAP}){{0,2}} )?$")
+_PLACES_BEFORE = re.compile(
+    rf"(?:(?:Flat|Unit|Apt\.?|Apartment|Suite) [0-9A-Za-z]+, )?(?:{_CAP}(?: {_CAP}){{0,3}}, ){{0,2}}(?:{_CAP}(?: {_CAP}){{0,2}} )?$"
+)
 
 
 def _street_before(text: str, start: int) -> int:

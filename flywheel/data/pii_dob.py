@@ -47,7 +47,10 @@ _CUE = re.compile(
 # (Nor a placeholder: "birthday as [DOB] but it shows February 1st" must not find a second date once the
 # first is scrubbed, or scrubbing twice would differ from scrubbing once.)
 _GAP = re.compile(r"[^.!?\n0-9\[\]]{0,40}?(?=[0-9]|(?:the )?(?:" + _MONTHS + r")\b)", re.IGNORECASE)
-_NOT_BIRTH = re.compile(r"\b(?:until|till|valid|expir\w*|before|ends?|sale|off|coupon|discount|voucher|offer|order\w*|deliver\w*|ship\w*|renew\w*)\b", re.IGNORECASE)
+_NOT_BIRTH = re.compile(
+    r"\b(?:until|till|valid|expir\w*|before|ends?|sale|off|coupon|discount|voucher|offer|order\w*|deliver\w*|ship\w*|renew\w*)\b",
+    re.IGNORECASE,
+)
 _DATE_AT = re.compile(_DATE, re.IGNORECASE)
 _NEXT = re.compile(r"[^.!?\n0-9\[\]]{1,20}?(?=[0-9])")
 

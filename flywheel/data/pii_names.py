@@ -47,8 +47,34 @@ _LETTER = "A-Za-zÀ-ÖØ-öø-ÿĀ-ſ"
 _WORD_REST = rf"(?:['’][{_UPPER}])?[a-zß-öø-ÿĀ-ſ][{_LETTER}]*(?:[-'’][{_LETTER}]+)*"  # not "I", "ACME", "USB-C"
 _WORD = rf"[{_UPPER}]" + _WORD_REST
 # Lower-case particles inside a name: "Pieter van der Berg", "Yusuf bin Ahmad", "Maximilian von Hohenberg".
-_PARTICLES = frozenset(("van", "von", "der", "den", "de", "del", "della", "di", "da", "das", "dos", "du", "le", "la",
-                        "bin", "binti", "bint", "ibn", "al", "el", "ter", "ten", "zu", "y"))
+_PARTICLES = frozenset(
+    (
+        "van",
+        "von",
+        "der",
+        "den",
+        "de",
+        "del",
+        "della",
+        "di",
+        "da",
+        "das",
+        "dos",
+        "du",
+        "le",
+        "la",
+        "bin",
+        "binti",
+        "bint",
+        "ibn",
+        "al",
+        "el",
+        "ter",
+        "ten",
+        "zu",
+        "y",
+    )
+)
 # A run of capitalised words, after its first capital: flywheel.data.pii scans for a capital (or a digit)
 # right after a space or a line break, one scan for names and addresses, and hands each run found here.
 # One word alone at the start of the text or after a sentence ("Thanks", "Please", "Your": most capitalised
@@ -68,19 +94,51 @@ NONE, ROLE, GREET, STRONG = 0, 1, 2, 3
 
 # The cues, as the last words before a name (lower case, punctuation after them stripped).
 _CUES: dict[str, int] = {
-    **dict.fromkeys("""mr mrs ms miss mx dr prof sir dame madam mme mlle herr frau sr sra señor señora name names
-        named m'appelle llamo heiße""".split(), STRONG),
+    **dict.fromkeys(
+        """mr mrs ms miss mx dr prof sir dame madam mme mlle herr frau sr sra señor señora name names
+        named m'appelle llamo heiße""".split(),
+        STRONG,
+    ),
     **dict.fromkeys(("name is", "name's", "name was", "name on the card is", "mein name ist", "je m'appelle", "me llamo"), STRONG),
-    **dict.fromkeys("""dear hi hello hey hiya morning afternoon evening thanks thx cheers regards best wishes sincerely
-        yours signed soon merci danke gracias bonjour hola hallo ciao""".split(), GREET),
+    **dict.fromkeys(
+        """dear hi hello hey hiya morning afternoon evening thanks thx cheers regards best wishes sincerely
+        yours signed soon merci danke gracias bonjour hola hallo ciao""".split(),
+        GREET,
+    ),
     **dict.fromkeys(("thank you", "many thanks", "speak soon"), GREET),
-    **dict.fromkeys("""i'm i’m im it's it’s agent rep representative customer cardholder holder owner contact recipient
+    **dict.fromkeys(
+        """i'm i’m im it's it’s agent rep representative customer cardholder holder owner contact recipient
         attn attention user member client patient guest passenger subscriber employee technician driver courier
         wife husband partner son daughter brother sister mother father mom mum dad colleague manager boss
-        neighbour neighbor accountant assistant friend cfo ceo soy""".split(), ROLE),
-    **dict.fromkeys(("i am", "this is", "it is", "ask for", "spoke to", "spoke with", "talked to", "speak to",
-                     "speak with", "helped by", "signed for by", "filed by", "placed by", "called by", "message from",
-                     "fwd from", "contact person", "wife is", "husband is", "son is", "daughter is"), ROLE),
+        neighbour neighbor accountant assistant friend cfo ceo soy""".split(),
+        ROLE,
+    ),
+    **dict.fromkeys(
+        (
+            "i am",
+            "this is",
+            "it is",
+            "ask for",
+            "spoke to",
+            "spoke with",
+            "talked to",
+            "speak to",
+            "speak with",
+            "helped by",
+            "signed for by",
+            "filed by",
+            "placed by",
+            "called by",
+            "message from",
+            "fwd from",
+            "contact person",
+            "wife is",
+            "husband is",
+            "son is",
+            "daughter is",
+        ),
+        ROLE,
+    ),
 }
 _CUE_WORDS_MAX = max(len(cue.split()) for cue in _CUES)
 _CUE_LAST_WORDS = frozenset(cue.split()[-1] for cue in _CUES)
@@ -94,7 +152,8 @@ _NAMING_LOWER = re.compile(r"(?:\bmy name is|\bname is|\bname:|\bname's)[ \t]+(?
 
 # Words of place, organisation, brand and product names: a capitalised word right beside one belongs to that
 # name ("Baker Street", "Santa Clara", "New York", "Jade Garden", "Chase Bank", "Galaxy Tab"), not a person's.
-_THING_WORDS = frozenset("""
+_THING_WORDS = frozenset(
+    """
 street st road rd avenue ave lane drive boulevard court place square park beach station bank tech energy pay plan
 prime pro max plus ultra mini air edition collection series group corp inc ltd llc gmbh plc company co hub center
 centre city county university college school hospital hotel airport mall bridge island valley hills hill lake river
@@ -106,10 +165,12 @@ virginia carolina dakota jordan chad israel kenya india china chase alexa siri c
 lexus jaguar martens clean pepper muscle hilton marriott hyatt visa amex mastercard paypal apple google microsoft
 amazon samsung sony galaxy pixel windows android iphone ipad mac macbook chrome firefox safari edge teams slack zoom
 excel word outlook app apps cloud online portal dashboard
-""".split())
+""".split()
+)
 # Other capitalised words that are no name without a cue: months, days, greetings, function words. (Faker's
 # common English words come on top.)
-_NOT_NAME = _THING_WORDS | frozenset("""
+_NOT_NAME = _THING_WORDS | frozenset(
+    """
 january february march april may june july august september october november december jan feb mar apr jun jul aug
 sep sept oct nov dec monday tuesday wednesday thursday friday saturday sunday mon tue tues wed thu thur thurs fri sat
 sun today tomorrow yesterday spring summer autumn fall winter christmas easter customer customers client billing
@@ -119,7 +180,8 @@ thanks thank please sorry urgent important re fw fwd subject attachment invoice 
 error issue problem update version i'm i'd i'll i've does did is are was were has have had here where when why how
 what which who whose this that these those my your our their his her its we you they he she it the an and or but so
 if then also just still any some every each
-""".split())
+""".split()
+)
 
 
 @functools.cache
@@ -133,8 +195,10 @@ def _lists() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     surnames: set[str] = set()
     for module in pkgutil.iter_modules(person.__path__):
         provider = importlib.import_module(f"{person.__name__}.{module.name}").Provider
-        for attrs, into in ((("first_names", "first_names_male", "first_names_female", "first_names_nonbinary", "first_romanized_names"), given),
-                            (("last_names", "last_romanized_names"), surnames)):
+        for attrs, into in (
+            (("first_names", "first_names_male", "first_names_female", "first_names_nonbinary", "first_romanized_names"), given),
+            (("last_names", "last_romanized_names"), surnames),
+        ):
             for attr in attrs:
                 values = provider.__dict__.get(attr)
                 if isinstance(values, (tuple, list, dict, set, frozenset)):
@@ -224,8 +288,10 @@ def _accept(strength: int, segment: _Segment, initial: bool, alone: bool, given:
 # A capitalised word in an instruction is a button or a menu, not a person ("choose Cards, then Link a card",
 # "tap Mark as read"), and one after an article is a thing ("the Grace period"): the word before it is a UI
 # verb or a determiner, or an article follows it.
-_UI_VERBS = frozenset("""click tap select choose press open then hit enable disable toggle under via use using the a an
-    this that our your their its""".split())
+_UI_VERBS = frozenset(
+    """click tap select choose press open then hit enable disable toggle under via use using the a an
+    this that our your their its""".split()
+)
 _ARTICLE_AFTER = re.compile(r" (?:a|an|the|your|my|as)\b")
 
 
@@ -278,7 +344,7 @@ def names_in_run(text: str, start: int, run: str) -> list[tuple[int, int]]:
     j = start - 1
     while j >= 0 and text[j] in " \t":
         j -= 1
-    run_initial = j < 0 or text[j] in ".!?\n\"“(:;-–•*>"
+    run_initial = j < 0 or text[j] in '.!?\n"“(:;-–•*>'
     found = []
     for segment in _segments(run, start, given, surnames, common):
         strength = segment.cue

@@ -32,9 +32,26 @@ _KEY_VALUE = re.compile(r"[:=][ \t]*[\"']?(?P<value>[^\s\"'`,;<>()\[\]{}:=\x00]{
 # The key names, as the endings of the word just before the separator ("stripe_api_key", "X-Auth-Token").
 KEY_SUFFIXES = tuple(
     f"{a}{sep}{b}" if b else a
-    for a, b in (("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("client", "secret"), ("access", "token"),
-                 ("auth", "token"), ("refresh", "token"), ("apikey", ""), ("secret", ""), ("token", ""), ("password", ""), ("passwd", ""),
-                 ("pwd", ""), ("credential", ""), ("credentials", ""), ("auth", ""), ("key", ""))
+    for a, b in (
+        ("api", "key"),
+        ("access", "key"),
+        ("secret", "key"),
+        ("private", "key"),
+        ("client", "secret"),
+        ("access", "token"),
+        ("auth", "token"),
+        ("refresh", "token"),
+        ("apikey", ""),
+        ("secret", ""),
+        ("token", ""),
+        ("password", ""),
+        ("passwd", ""),
+        ("pwd", ""),
+        ("credential", ""),
+        ("credentials", ""),
+        ("auth", ""),
+        ("key", ""),
+    )
     for sep in ("_", "-", "")
 )
 _WORDISH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -44,7 +61,14 @@ def looks_random(value: str) -> bool:
     """A value after key= counts as a secret when it is long and mixed enough not to be a word."""
     if value.startswith("[") or value.isalpha() and value.islower():
         return False
-    classes = sum((any(c.islower() for c in value), any(c.isupper() for c in value), any(c.isdigit() for c in value), any(not c.isalnum() for c in value)))
+    classes = sum(
+        (
+            any(c.islower() for c in value),
+            any(c.isupper() for c in value),
+            any(c.isdigit() for c in value),
+            any(not c.isalnum() for c in value),
+        )
+    )
     if len(value) >= 16:
         counts = Counter(value)
         entropy = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
@@ -65,7 +89,15 @@ def may_hold_key_value(text: str) -> bool:
     if ":" not in text and "=" not in text:
         return False
     lower = text.lower()
-    return "key" in lower or "token" in lower or "secret" in lower or "passw" in lower or "pwd" in lower or "auth" in lower or "credential" in lower
+    return (
+        "key" in lower
+        or "token" in lower
+        or "secret" in lower
+        or "passw" in lower
+        or "pwd" in lower
+        or "auth" in lower
+        or "credential" in lower
+    )
 
 
 def secret_spans(text: str) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from flywheel.data.rows import BadLine
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115 - closed by caller
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # the caller closes it
 
 
 CHUNK_BYTES = 1 << 20
@@ -85,7 +85,7 @@ def read_json_array(handle: io.BufferedIOBase, max_bytes: int) -> Iterator[tuple
     fill()
     while pos < len(buffer) and buffer[pos].isspace():
         pos += 1
-    if not buffer[pos:pos + 1] == "[":
+    if not buffer[pos : pos + 1] == "[":
         raise BadLine("malformed_json", "the file starts with neither a JSON object per line nor a JSON array")
     pos += 1
     while True:

@@ -53,7 +53,9 @@ class ReplyBook:
         return self.replies.get(intent)
 
     def why_missing(self, intent: str) -> str:
-        return self.missing.get(intent, f"no approved response for intent {intent!r} in the knowledge base, and no verified reply for it elsewhere")
+        return self.missing.get(
+            intent, f"no approved response for intent {intent!r} in the knowledge base, and no verified reply for it elsewhere"
+        )
 
 
 def build_reply_book(store: Store, settings: Settings, intents: Iterable[str]) -> ReplyBook:
@@ -75,8 +77,11 @@ def build_reply_book(store: Store, settings: Settings, intents: Iterable[str]) -
             seen = counts.get(intent, 0)
             book.missing[intent] = (
                 f"no approved response for intent {intent!r} in the knowledge base, and no verified reply for it elsewhere: no verified correction, "
-                + (f"and its {seen} stable production answer(s) do not agree on one reply (at least {settings.correct.reply_min_support} must)"
-                   if seen else "no stable production answer")
+                + (
+                    f"and its {seen} stable production answer(s) do not agree on one reply (at least {settings.correct.reply_min_support} must)"
+                    if seen
+                    else "no stable production answer"
+                )
                 + "; give the answer in the label or add it to the knowledge base"
             )
     return book
@@ -97,7 +102,9 @@ def adapt(reply: str, intent: str) -> str:
 # --- the sources --------------------------------------------------------------------------------------------
 
 
-def _verified_corrections(store: Store, intents: Sequence[str]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[tuple[str, str]]]]:
+def _verified_corrections(
+    store: Store, intents: Sequence[str]
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[tuple[str, str]]]]:
     """Verified correction answers per intent: (written in a person's label, every other generator),
     each a list of (answer, failure id). A failure's intent is its newest label's, else its own."""
     wanted = set(intents)

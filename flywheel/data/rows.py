@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -65,7 +65,7 @@ def _timestamp(value: Any) -> datetime | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = value / 1000.0 if value > 1e11 else value  # epoch milliseconds are common in logs
         try:
-            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+            return datetime.fromtimestamp(seconds, tz=UTC)
         except (OverflowError, OSError, ValueError):
             raise BadLine("bad_timestamp", f"timestamp {value!r} is out of range") from None
     if not isinstance(value, str):
@@ -74,7 +74,7 @@ def _timestamp(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise BadLine("bad_timestamp", f"timestamp {value[:40]!r} is not ISO 8601") from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _feedback(value: Any) -> str | None:
@@ -160,7 +160,9 @@ def _tool_calls(value: Any, where: str, scrubber: Scrubber, max_chars: int) -> l
         elif not isinstance(arguments, str):
             raise BadLine("wrong_type", f"{at}.function.arguments must be JSON text, got {type(arguments).__name__}")
         if len(arguments) > max_chars:
-            raise BadLine("oversized", f"{at}.function.arguments is {len(arguments)} characters, over policies.max_message_chars ({max_chars})")
+            raise BadLine(
+                "oversized", f"{at}.function.arguments is {len(arguments)} characters, over policies.max_message_chars ({max_chars})"
+            )
         call_id = _ident(call.get("id"), f"{at}.id")
         if not call_id:
             raise BadLine("missing_field", f"{at}.id is missing")
@@ -193,7 +195,9 @@ def _messages(value: Any, scrubber: Scrubber, max_chars: int) -> list[dict[str, 
                 # content parts: keep the text ones
                 content = "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             if len(content) > max_chars:
-                raise BadLine("oversized", f"messages[{i}].content is {len(content)} characters, over policies.max_message_chars ({max_chars})")
+                raise BadLine(
+                    "oversized", f"messages[{i}].content is {len(content)} characters, over policies.max_message_chars ({max_chars})"
+                )
             if "\x00" in content:
                 raise BadLine("nul_character", f"messages[{i}].content contains a NUL character, which PostgreSQL cannot store")
             row["content"] = content

@@ -21,12 +21,7 @@ from flywheel.store.db import Store
 
 
 def stable_answers(
-    store: Store,
-    settings: Settings,
-    limit: int,
-    *,
-    version: str | None = None,
-    intents: Sequence[str] | None = None,
+    store: Store, settings: Settings, limit: int, *, version: str | None = None, intents: Sequence[str] | None = None
 ) -> list[Interaction]:
     """Up to `limit` stable interactions (of `version`, of `intents`, if given): thumbs-up first, then
     in id order, so the same store gives the same answers."""

@@ -275,7 +275,9 @@ def reindex_missing(store: Store, index: VectorIndex, summary: TriageSummary) ->
 # --- risk-weighted sampling -------------------------------------------------------------------------------
 
 
-def select_within_budget(clusters: Sequence[tuple[str, float]], budget: int, must_take_risk: float, seed: int) -> tuple[list[str], list[str]]:
+def select_within_budget(
+    clusters: Sequence[tuple[str, float]], budget: int, must_take_risk: float, seed: int
+) -> tuple[list[str], list[str]]:
     """Split (id, risk) clusters into (taken, skipped). At most `budget` taken: every cluster with
     risk >= must_take_risk first, highest first; then a weighted sample without replacement, each
     remaining cluster drawn with probability proportional to its risk (Efraimidis-Spirakis: the

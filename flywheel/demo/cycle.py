@@ -92,11 +92,29 @@ class CanaryTraffic:
             model.load_adapter(champion.id, champion.adapter_path, expected_sha256=champion.adapter_sha256)
         say(f"canary: {len(to_canary)} requests to {canary.id}, {len(to_champion)} to {champion.id}")
         settings = self.ctx.settings
-        self.truth.update(serve_traffic(model, to_champion, self.pack, settings, log, version=champion.id, seed=self.seed + 1, adapter=champion.id if champion.adapter_path else None))
-        self.truth.update(serve_traffic(model, to_canary, self.pack, settings, log, version=canary.id, seed=self.seed + 2, adapter=canary.id))
+        self.truth.update(
+            serve_traffic(
+                model,
+                to_champion,
+                self.pack,
+                settings,
+                log,
+                version=champion.id,
+                seed=self.seed + 1,
+                adapter=champion.id if champion.adapter_path else None,
+            )
+        )
+        self.truth.update(
+            serve_traffic(model, to_canary, self.pack, settings, log, version=canary.id, seed=self.seed + 2, adapter=canary.id)
+        )
         summary = ingest_files(self.ctx.store, settings, [log])
         captured = triage(self.ctx)
-        return {"champion_requests": len(to_champion), "canary_requests": len(to_canary), "stored": summary.stored, "captured": captured.captured}
+        return {
+            "champion_requests": len(to_champion),
+            "canary_requests": len(to_canary),
+            "stored": summary.stored,
+            "captured": captured.captured,
+        }
 
 
 def _bucket(user_id: str) -> float:

@@ -17,7 +17,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ def traffic_records(
 ) -> Iterator[tuple[dict[str, Any], str]]:
     """Interactions in flywheel's JSONL format, with the truth for each (the human label, if asked)."""
     rng = random.Random(seed)
-    clock = start or datetime(2026, 11, 1, tzinfo=timezone.utc)
+    clock = start or datetime(2026, 11, 1, tzinfo=UTC)
     tiers = ["free"] * 8 + ["premium"] * 2
     for index, (row, answer) in enumerate(zip(rows, answers, strict=True)):
         correct = parse_intent(answer) == row.intent

@@ -81,7 +81,9 @@ def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize
     test_rows = pack.test if not size.test else pack.test[:: max(1, len(pack.test) // size.test)][: size.test]
     write_test_set(Path(settings.eval.test_set), test_rows)
     repeats = f" ({pack.train_repeats_dropped} repeating a test row left out)" if pack.train_repeats_dropped else ""
-    say(f"data: {pack.name}: {len(pack.intents)} intents, {len(pack.train)} train rows{repeats}, fixed test set {len(test_rows)} rows from test.csv")
+    say(
+        f"data: {pack.name}: {len(pack.intents)} intents, {len(pack.train)} train rows{repeats}, fixed test set {len(test_rows)} rows from test.csv"
+    )
 
     model_dir, traffic, _info = build_production_model(workdir, pack, size, options.seed, say)
     champion = register_base(ctx.store, str(model_dir), notes="production model before flywheel")
@@ -152,7 +154,7 @@ def run_demo(options: DemoOptions, say: Say = print, on_event: Callable[[Any], N
         ctx.labeller = TruthLabeller(ctx, truth, written)
         ctx.canary_traffic = CanaryTraffic(ctx, pack, canary_rows, options.workdir.resolve(), options.seed, truth)
         if options.strategy:
-            ctx.settings.selection.strategy = options.strategy  # type: ignore[assignment]
+            ctx.settings.selection.strategy = options.strategy  # type: ignore[assignment]  # the CLI's text; selection.select refuses an unknown name (UserInputError)
         started = time.monotonic()
         outcome = start_run(ctx, "demo", policy="heuristic", yes=options.yes, ask=None if options.yes else ask, on_event=on_event)
         timings["cycle"] = time.monotonic() - started

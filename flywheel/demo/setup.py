@@ -73,7 +73,13 @@ def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int) -> S
             "seed": seed,
         },
         "eval": {"test_set": str(workdir / "test_set.jsonl"), "max_new_tokens": 72, "batch_size": 64},
-        "gate": {"targeted_min_relative_drop": 0.3, "targeted_min_count": 10, "max_regression": 0.05, "min_intent_samples": 20, **pack.gate},
+        "gate": {
+            "targeted_min_relative_drop": 0.3,
+            "targeted_min_count": 10,
+            "max_regression": 0.05,
+            "min_intent_samples": 20,
+            **pack.gate,
+        },
         "canary": {"share": 0.25, "min_requests": 50, "harm_margin": 0.05},
     }
     (workdir / CONFIG_FILE).write_text(_toml(config), encoding="utf-8")
@@ -108,7 +114,9 @@ def write_test_set(path: Path, rows: list[Row]) -> int:
     """The fixed test set in flywheel's format; it comes from test.csv only."""
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
-            out.write(json.dumps({"id": f"test-{row.line}", "messages": conversation(row.text), "reference": {"intent": row.intent}}) + "\n")
+            out.write(
+                json.dumps({"id": f"test-{row.line}", "messages": conversation(row.text), "reference": {"intent": row.intent}}) + "\n"
+            )
     return len(rows)
 
 
@@ -117,7 +125,9 @@ def build_production_model(workdir: Path, pack: DemoPack, size: DemoSize, seed: 
     the traffic rows (train rows it never saw) and what was trained."""
     answers = approved_replies(pack)
     sample, traffic, learned = production_sample(pack, answers, seed)
-    key = stable_hash({"pack": [r.line for r in sample], "answers": learned, "epochs": size.production_epochs, "shape": MODEL_SHAPE, "seed": seed})
+    key = stable_hash(
+        {"pack": [r.line for r in sample], "answers": learned, "epochs": size.production_epochs, "shape": MODEL_SHAPE, "seed": seed}
+    )
     folder = workdir / "production-model"
     stamp = folder / "flywheel-demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
@@ -127,8 +137,10 @@ def build_production_model(workdir: Path, pack: DemoPack, size: DemoSize, seed: 
 
     if folder.exists():
         shutil.rmtree(folder)
-    say(f"production model: {len(sample)} training examples over {len(pack.intents)} intents (a long tail), "
-        f"{len(pack.production.promise_intents)} intents taught a policy-breaking promise")
+    say(
+        f"production model: {len(sample)} training examples over {len(pack.intents)} intents (a long tail), "
+        f"{len(pack.production.promise_intents)} intents taught a policy-breaking promise"
+    )
     corpus = [r.text for r in pack.train] + list(learned.values()) + list(answers.values())
     # standard initialisation: this model is trained from scratch, not only adapted
     build_tiny_model(folder, corpus, vocab_size=TOKENIZER_VOCAB, max_len=256, seed=seed, init_std=0.02, **MODEL_SHAPE)

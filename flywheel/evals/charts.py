@@ -115,12 +115,19 @@ def grouped_bars(rows: Sequence[BarPair], title: str, legend: tuple[str, str] = 
         label = f"{row.label} ({row.note})" if row.note else row.label
         weight = 'font-weight="700"' if row.emphasis else ""
         body.append(_label(label, left - 8, y + bar_h + 5, label_chars, extra=weight))
-        for offset, value, ci, colour in ((0, row.before, row.before_ci, CHAMPION_COLOUR), (bar_h + gap, row.after, row.after_ci, CANDIDATE_COLOUR)):
+        for offset, value, ci, colour in (
+            (0, row.before, row.before_ci, CHAMPION_COLOUR),
+            (bar_h + gap, row.after, row.after_ci, CANDIDATE_COLOUR),
+        ):
             by = y + offset
-            body.append(f'<rect x="{left:.1f}" y="{by:.1f}" width="{max(value * scale, 0.8):.1f}" height="{bar_h}" rx="2" fill="{colour}"/>')
+            body.append(
+                f'<rect x="{left:.1f}" y="{by:.1f}" width="{max(value * scale, 0.8):.1f}" height="{bar_h}" rx="2" fill="{colour}"/>'
+            )
             if ci is not None:
                 x1, x2, cy = left + ci[0] * scale, left + ci[1] * scale, by + bar_h / 2
-                body.append(f'<path d="M{x1:.1f} {cy:.1f}H{x2:.1f}M{x1:.1f} {cy - 3:.1f}v6M{x2:.1f} {cy - 3:.1f}v6" stroke="#334" stroke-width="1" fill="none" opacity="0.55"/>')
+                body.append(
+                    f'<path d="M{x1:.1f} {cy:.1f}H{x2:.1f}M{x1:.1f} {cy - 3:.1f}v6M{x2:.1f} {cy - 3:.1f}v6" stroke="#334" stroke-width="1" fill="none" opacity="0.55"/>'
+                )
             end = left + max(value, ci[1] if ci else value) * scale
             body.append(f'<text x="{end + 5:.1f}" y="{by + bar_h - 2:.1f}" fill="#334" style="font-size:11px">{value:.1%}</text>')
     body.append(f'<line x1="{left:.1f}" y1="{top - 4}" x2="{left:.1f}" y2="{axis_bottom:.1f}" stroke="#889"/>')
@@ -166,27 +173,39 @@ def diverging_bars(rows: Sequence[Change], title: str, width: int = 760, max_row
     for tick in sorted({-t for t in ticks} | set(ticks)):
         x = centre + tick * scale
         body.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_bottom:.1f}" stroke="#e6e9ee"/>')
-        body.append(f'<text x="{x:.1f}" y="{axis_bottom + 16:.1f}" text-anchor="middle" fill="#667">{f"{tick * 100:+.0f}" if abs(tick) > 1e-12 else "0"}</text>')
-    body.append(f'<text x="{centre:.1f}" y="{axis_bottom + 33:.1f}" text-anchor="middle" fill="#667">change in success, points (worse \u2190 \u2192 better)</text>')
+        body.append(
+            f'<text x="{x:.1f}" y="{axis_bottom + 16:.1f}" text-anchor="middle" fill="#667">{f"{tick * 100:+.0f}" if abs(tick) > 1e-12 else "0"}</text>'
+        )
+    body.append(
+        f'<text x="{centre:.1f}" y="{axis_bottom + 33:.1f}" text-anchor="middle" fill="#667">change in success, points (worse \u2190 \u2192 better)</text>'
+    )
     if not ordered:
         body.append(f'<text x="{left:.1f}" y="{top + 14}" fill="#667">nothing to show</text>')
     for index, row in enumerate(ordered):
         y = top + index * row_h
         if row is None:
-            body.append(f'<line x1="0" y1="{y + row_h / 2:.1f}" x2="{width}" y2="{y + row_h / 2:.1f}" stroke="#b0b6c0" stroke-dasharray="4 4"/>')
-            body.append(f'<text x="{width - 12}" y="{y + row_h - 5:.1f}" text-anchor="end" fill="#667" style="font-style:italic;paint-order:stroke;stroke:#fff;stroke-width:5px">'
-                        f"{hidden} smaller changes not drawn</text>")
+            body.append(
+                f'<line x1="0" y1="{y + row_h / 2:.1f}" x2="{width}" y2="{y + row_h / 2:.1f}" stroke="#b0b6c0" stroke-dasharray="4 4"/>'
+            )
+            body.append(
+                f'<text x="{width - 12}" y="{y + row_h - 5:.1f}" text-anchor="end" fill="#667" style="font-style:italic;paint-order:stroke;stroke:#fff;stroke-width:5px">'
+                f"{hidden} smaller changes not drawn</text>"
+            )
             continue
         flat = points(row.delta) == "+0.0"
         colour = MUTED_COLOUR if row.muted or flat else (BETTER_COLOUR if row.delta > 0 else WORSE_COLOUR)
         length = abs(row.delta) * scale
         x = centre if row.delta >= 0 else centre - length
         tip = f"<title>{esc(row.label)}: {points(row.delta)} points {esc(row.detail)}</title>"
-        body.append(f'<rect x="{x:.1f}" y="{y + 3:.1f}" width="{max(length, 1.0):.1f}" height="{row_h - 6}" rx="2" fill="{colour}">{tip}</rect>')
+        body.append(
+            f'<rect x="{x:.1f}" y="{y + 3:.1f}" width="{max(length, 1.0):.1f}" height="{row_h - 6}" rx="2" fill="{colour}">{tip}</rect>'
+        )
         body.append(_label(row.label, left - 8, y + row_h - 6, label_chars, extra='fill="#889"' if row.muted else ""))
         value_x = x + length + 5 if row.delta >= 0 else x - 5
         anchor = "start" if row.delta >= 0 else "end"
-        body.append(f'<text x="{value_x:.1f}" y="{y + row_h - 6:.1f}" text-anchor="{anchor}" fill="#334" style="font-size:11px">{points(row.delta)}</text>')
+        body.append(
+            f'<text x="{value_x:.1f}" y="{y + row_h - 6:.1f}" text-anchor="{anchor}" fill="#334" style="font-size:11px">{points(row.delta)}</text>'
+        )
     body.append(f'<line x1="{centre:.1f}" y1="{top - 4}" x2="{centre:.1f}" y2="{axis_bottom:.1f}" stroke="#556"/>')
     return _svg(width, height, body, title)
 
@@ -194,7 +213,14 @@ def diverging_bars(rows: Sequence[Change], title: str, width: int = 760, max_row
 # --- line chart: training curves ----------------------------------------------------------------------------
 
 
-def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, x_label: str = "step", y_label: str = "loss", width: int = 760, height: int = 300) -> str:
+def line_chart(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str = "step",
+    y_label: str = "loss",
+    width: int = 760,
+    height: int = 300,
+) -> str:
     """One polyline per series with round axes; a single point draws as a dot."""
     points = [p for values in series.values() for p in values]
     left, right, top, bottom = 58, 20, 44, 44
@@ -222,7 +248,9 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
         body.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="#667">{tick:g}</text>')
     body.append(f'<path d="M{left} {top}V{top + plot_h}H{left + plot_w}" stroke="#889" fill="none"/>')
     body.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" fill="#667">{esc(x_label)}</text>')
-    body.append(f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" fill="#667">{esc(y_label)}</text>')
+    body.append(
+        f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" fill="#667">{esc(y_label)}</text>'
+    )
     for index, (name, values) in enumerate(series.items()):
         colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
         ordered = sorted(values)
@@ -230,5 +258,8 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, 
         if len(ordered) > 1:
             body.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2" stroke-linejoin="round"/>')
         if len(ordered) <= 40:
-            body += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"><title>{esc(name)} at {x:g}: {y:.4g}</title></circle>' for x, y in ordered]
+            body += [
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"><title>{esc(name)} at {x:g}: {y:.4g}</title></circle>'
+                for x, y in ordered
+            ]
     return _svg(width, height, body, title)

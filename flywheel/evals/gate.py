@@ -70,10 +70,7 @@ class GateResult(BaseModel):
 
 
 def evaluate_gate(
-    before: Mapping[str, SetMetrics],
-    after: Mapping[str, SetMetrics],
-    targeted: Sequence[str],
-    settings: GateSettings,
+    before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], targeted: Sequence[str], settings: GateSettings
 ) -> GateResult:
     """Compare the champion's metrics (`before`) with the candidate's (`after`), set by set."""
     targeted = list(dict.fromkeys(targeted))
@@ -92,8 +89,15 @@ def evaluate_gate(
     checks.append(_baseline(_pair(before, after, BASELINE), settings))
     checks.extend(_new_severities(before, after, settings))
     if not targeted:
-        checks.append(Check(kind="targeted", subject="", passed=True, skipped=True,
-                            reason="no targeted problem types were named, so no drop was required"))
+        checks.append(
+            Check(
+                kind="targeted",
+                subject="",
+                passed=True,
+                skipped=True,
+                reason="no targeted problem types were named, so no drop was required",
+            )
+        )
     reasons = [c.reason for c in checks if not c.passed] + [c.reason for c in checks if c.passed]
     return GateResult(passed=all(c.passed for c in checks), reasons=reasons, checks=checks, targeted=targeted)
 
@@ -123,27 +127,44 @@ def _fmt(rate: Rate) -> str:
 def _targeted(problem_type: str, set_name: str, pair: tuple[SetMetrics, SetMetrics] | None, gs: GateSettings) -> Check:
     label = SET_LABELS[set_name]
     if pair is None:
-        return Check(kind="targeted", subject=problem_type, set=set_name, passed=True, skipped=True,
-                     reason=f"targeted {problem_type} not checked on the {label}: the set is empty")
+        return Check(
+            kind="targeted",
+            subject=problem_type,
+            set=set_name,
+            passed=True,
+            skipped=True,
+            reason=f"targeted {problem_type} not checked on the {label}: the set is empty",
+        )
     b, a = _rate(pair[0], problem_type), _rate(pair[1], problem_type)
-    common = dict(kind="targeted", subject=problem_type, set=set_name, before=b.rate, after=a.rate,
-                  ci_change=difference_interval(b, a))
+    common = dict(kind="targeted", subject=problem_type, set=set_name, before=b.rate, after=a.rate, ci_change=difference_interval(b, a))
     if b.count == 0:
         ok = a.count == 0
         verdict = "stays absent" if ok else "appears although the champion had none"
-        return Check(**common, passed=ok, limit=0.0,
-                     reason=f"targeted {problem_type} on the {label}: {_fmt(b)} -> {_fmt(a)}, {verdict}")
+        return Check(**common, passed=ok, limit=0.0, reason=f"targeted {problem_type} on the {label}: {_fmt(b)} -> {_fmt(a)}, {verdict}")
     if b.count < gs.targeted_min_count:
         # A relative drop of two occurrences is noise: a rare targeted type only must not get worse.
         regression = _type_regression(problem_type, set_name, pair, gs)
-        return regression.model_copy(update={"kind": "targeted", "reason": regression.reason + (
-            f" (targeted, but the champion had only {b.count}: fewer than targeted_min_count {gs.targeted_min_count} to demand a drop)")})
+        return regression.model_copy(
+            update={
+                "kind": "targeted",
+                "reason": regression.reason
+                + (
+                    f" (targeted, but the champion had only {b.count}: fewer than targeted_min_count {gs.targeted_min_count} to demand a drop)"
+                ),
+            }
+        )
     limit = b.rate * (1 - gs.targeted_min_relative_drop)
     drop = (b.rate - a.rate) / b.rate
     ok = a.rate <= limit + EPS
-    return Check(**common, passed=ok, limit=limit,
-                 reason=(f"targeted {problem_type} on the {label}: {_fmt(b)} -> {_fmt(a)}, a relative drop of "
-                         f"{drop:.0%} {'meets' if ok else 'misses'} the required {gs.targeted_min_relative_drop:.0%}"))
+    return Check(
+        **common,
+        passed=ok,
+        limit=limit,
+        reason=(
+            f"targeted {problem_type} on the {label}: {_fmt(b)} -> {_fmt(a)}, a relative drop of "
+            f"{drop:.0%} {'meets' if ok else 'misses'} the required {gs.targeted_min_relative_drop:.0%}"
+        ),
+    )
 
 
 def _type_regression(problem_type: str, set_name: str, pair: tuple[SetMetrics, SetMetrics], gs: GateSettings) -> Check:
@@ -151,10 +172,20 @@ def _type_regression(problem_type: str, set_name: str, pair: tuple[SetMetrics, S
     rise = a.rate - b.rate
     ok = rise <= gs.max_regression + EPS
     how = "within" if ok else "beyond"
-    return Check(kind="problem_type", subject=problem_type, set=set_name, passed=ok, before=b.rate, after=a.rate,
-                 limit=b.rate + gs.max_regression, ci_change=difference_interval(b, a),
-                 reason=(f"{problem_type} on the {SET_LABELS[set_name]}: {_fmt(b)} -> {_fmt(a)}, a change of "
-                         f"{points(rise)} points, {how} the allowed rise of {gs.max_regression * 100:.1f}"))
+    return Check(
+        kind="problem_type",
+        subject=problem_type,
+        set=set_name,
+        passed=ok,
+        before=b.rate,
+        after=a.rate,
+        limit=b.rate + gs.max_regression,
+        ci_change=difference_interval(b, a),
+        reason=(
+            f"{problem_type} on the {SET_LABELS[set_name]}: {_fmt(b)} -> {_fmt(a)}, a change of "
+            f"{points(rise)} points, {how} the allowed rise of {gs.max_regression * 100:.1f}"
+        ),
+    )
 
 
 def _intent_checks(set_name: str, pair: tuple[SetMetrics, SetMetrics], gs: GateSettings) -> list[Check]:
@@ -174,35 +205,69 @@ def _intent_checks(set_name: str, pair: tuple[SetMetrics, SetMetrics], gs: GateS
         if not ok and gs.intent_rule == "significant" and interval[1] >= 0:
             # With ~40 items an intent moves by 2.5 points per answer: a drop whose 95% interval still
             # includes no change is reported, not gated on.
-            ok, note = True, f", but its 95% interval ({points(interval[0])} to {points(interval[1])}) includes no change"
-        checks.append(Check(
-            kind="intent", subject=intent, set=set_name, passed=ok, before=b.rate, after=a.rate,
-            limit=b.rate - gs.max_regression, ci_change=interval,
-            reason=(f"intent {intent} on the {SET_LABELS[set_name]}: success {_fmt(b)} -> {_fmt(a)}, "
+            ok, note = (True, f", but its 95% interval ({points(interval[0])} to {points(interval[1])}) includes no change")
+        checks.append(
+            Check(
+                kind="intent",
+                subject=intent,
+                set=set_name,
+                passed=ok,
+                before=b.rate,
+                after=a.rate,
+                limit=b.rate - gs.max_regression,
+                ci_change=interval,
+                reason=(
+                    f"intent {intent} on the {SET_LABELS[set_name]}: success {_fmt(b)} -> {_fmt(a)}, "
                     f"{points(-drop)} points, {'within' if drop <= gs.max_regression + EPS else 'beyond'} the allowed drop of "
-                    f"{gs.max_regression * 100:.1f}{note}"),
-        ))
+                    f"{gs.max_regression * 100:.1f}{note}"
+                ),
+            )
+        )
     if small:
         shown = ", ".join(small[:8]) + (f" and {len(small) - 8} more" if len(small) > 8 else "")
-        checks.append(Check(
-            kind="intent", subject=f"{len(small)} small intents", set=set_name, passed=True, skipped=True,
-            reason=(f"{len(small)} intent(s) on the {SET_LABELS[set_name]} have fewer than "
-                    f"{gs.min_intent_samples} items and are not gated: {shown}"),
-        ))
+        checks.append(
+            Check(
+                kind="intent",
+                subject=f"{len(small)} small intents",
+                set=set_name,
+                passed=True,
+                skipped=True,
+                reason=(
+                    f"{len(small)} intent(s) on the {SET_LABELS[set_name]} have fewer than "
+                    f"{gs.min_intent_samples} items and are not gated: {shown}"
+                ),
+            )
+        )
     return checks
 
 
 def _baseline(pair: tuple[SetMetrics, SetMetrics] | None, gs: GateSettings) -> Check:
     if pair is None:
-        return Check(kind="baseline", subject=BASELINE, set=BASELINE, passed=True, skipped=True,
-                     reason="the baseline-regression set is empty: no graduated samples to protect yet")
+        return Check(
+            kind="baseline",
+            subject=BASELINE,
+            set=BASELINE,
+            passed=True,
+            skipped=True,
+            reason="the baseline-regression set is empty: no graduated samples to protect yet",
+        )
     b, a = pair[0].task_success, pair[1].task_success
     drop = b.rate - a.rate
     ok = drop <= gs.max_regression + EPS
-    return Check(kind="baseline", subject=BASELINE, set=BASELINE, passed=ok, before=b.rate, after=a.rate,
-                 limit=b.rate - gs.max_regression, ci_change=difference_interval(b, a),
-                 reason=(f"baseline-regression success: {_fmt(b)} -> {_fmt(a)}, {points(-drop)} points, "
-                         f"{'within' if ok else 'beyond'} the allowed drop of {gs.max_regression * 100:.1f}"))
+    return Check(
+        kind="baseline",
+        subject=BASELINE,
+        set=BASELINE,
+        passed=ok,
+        before=b.rate,
+        after=a.rate,
+        limit=b.rate - gs.max_regression,
+        ci_change=difference_interval(b, a),
+        reason=(
+            f"baseline-regression success: {_fmt(b)} -> {_fmt(a)}, {points(-drop)} points, "
+            f"{'within' if ok else 'beyond'} the allowed drop of {gs.max_regression * 100:.1f}"
+        ),
+    )
 
 
 def _blocked_types(metrics: Mapping[str, SetMetrics], blocked: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -220,22 +285,43 @@ def _blocked_types(metrics: Mapping[str, SetMetrics], blocked: Sequence[str]) ->
 def _new_severities(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], gs: GateSettings) -> list[Check]:
     blocked = list(gs.block_new_severities)
     if not blocked:
-        return [Check(kind="new_severity", subject="", passed=True, skipped=True,
-                      reason="no severities are blocked (gate.block_new_severities is empty)")]
+        return [
+            Check(
+                kind="new_severity",
+                subject="",
+                passed=True,
+                skipped=True,
+                reason="no severities are blocked (gate.block_new_severities is empty)",
+            )
+        ]
     had = _blocked_types(before, blocked)
     has = _blocked_types(after, blocked)
     new = {t: sev for t, sev in has.items() if t not in had}
     names = "/".join(blocked)
     if not new:
         present = ", ".join(sorted(has))
-        return [Check(kind="new_severity", subject="", passed=True,
-                      reason=(f"no new problem type at {names} severity: "
-                              + (f"the candidate's ({present}) were already the champion's" if has
-                                 else "the candidate has none")))]
+        return [
+            Check(
+                kind="new_severity",
+                subject="",
+                passed=True,
+                reason=(
+                    f"no new problem type at {names} severity: "
+                    + (f"the candidate's ({present}) were already the champion's" if has else "the candidate has none")
+                ),
+            )
+        ]
     return [
-        Check(kind="new_severity", subject=t, passed=False, after=float(sum(sev.values())),
-              reason=(f"new {names} problem type {t}: the candidate has "
-                      + ", ".join(f"{n} item(s) at {s}" for s, n in sorted(sev.items()))
-                      + " across all sets; the champion had none"))
+        Check(
+            kind="new_severity",
+            subject=t,
+            passed=False,
+            after=float(sum(sev.values())),
+            reason=(
+                f"new {names} problem type {t}: the candidate has "
+                + ", ".join(f"{n} item(s) at {s}" for s, n in sorted(sev.items()))
+                + " across all sets; the champion had none"
+            ),
+        )
         for t, sev in new.items()
     ]

@@ -28,48 +28,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError
-from flywheel.evals.rule_judge import (
-    ACCEPTANCE_FOR_SEVERITY,
-    SEVERITY_RANK,
-    RuleJudge,
-    summarize,
-    verdict_from_findings,
-    worst,
-)
-from flywheel.llm import (
-    BadReply,
-    ItemResult,
-    Limits,
-    ask_until_valid,
-    async_chat_model,
-    run_bounded,
-    run_sync,
-)
+from flywheel.evals.rule_judge import ACCEPTANCE_FOR_SEVERITY, SEVERITY_RANK, RuleJudge, summarize, verdict_from_findings, worst
+from flywheel.llm import BadReply, ItemResult, Limits, ask_until_valid, async_chat_model, run_bounded, run_sync
 from flywheel.prompts import Prompt, load_prompt
-from flywheel.prompts.fence import (
-    USER_MARKER,
-    clip,
-    new_nonce,
-    render_messages,
-    untrusted_block,
-)
-from flywheel.records import (
-    Failure,
-    FailureStatus,
-    Finding,
-    Interaction,
-    Message,
-    Record,
-    Reference,
-    Verdict,
-    utcnow,
-)
+from flywheel.prompts.fence import USER_MARKER, clip, new_nonce, render_messages, untrusted_block
+from flywheel.records import Acceptance, Failure, FailureStatus, Finding, Interaction, Message, Record, Reference, Verdict, utcnow
 from flywheel.settings import SEVERITIES, Settings
 
 __all__ = [
@@ -102,15 +71,16 @@ def verdict_schema(settings: Settings) -> type[BaseModel]:
     Every field is required (nullable where it may be empty) so the schema is valid in OpenAI's strict
     structured-output mode. The rationale's length is enforced after parsing (strict mode has no
     maxLength): an over-long rationale is cut, not a reason to re-ask."""
-    problem_type = Literal[tuple(settings.taxonomy.problem_types)]  # type: ignore[valid-type]
+    problem_type: Any = Literal[tuple(settings.taxonomy.problem_types)]  # a type built at run time: a value to mypy
+    severity: Any = Literal[SEVERITIES]
     return create_model(
         "JudgeVerdict",
         __config__=ConfigDict(extra="forbid"),
         __doc__="The judge's verdict on one logged answer.",
         is_failure=(bool, Field(description="true when the final answer was a failure")),
-        problem_type=(Optional[problem_type], Field(description="the one problem type that fits best; null when not a failure")),
-        severity=(Optional[Literal[SEVERITIES]], Field(description="null when not a failure")),  # type: ignore[valid-type]
-        acceptance=(Literal["Accept", "Risk", "Reject"], Field(description="whether the answer can be sent")),
+        problem_type=(problem_type | None, Field(description="the one problem type that fits best; null when not a failure")),
+        severity=(severity | None, Field(description="null when not a failure")),
+        acceptance=(Acceptance, Field(description="whether the answer can be sent")),
         rationale=(str, Field(description=f"why, in at most {settings.judge.rationale_max_chars} characters")),
     )
 
@@ -185,7 +155,11 @@ class LLMJudge:
             untrusted_block("conversation", render_messages(inter.prompt_messages(), limit), nonce),
             untrusted_block("final_answer", render_messages([case.answer] if case.answer else [], limit), nonce),
             untrusted_block("signals", "\n".join(facts) or "(none)", nonce),
-            untrusted_block("rule_findings", "\n".join(f"- {f.problem_type} ({f.severity}) {f.check}: {f.detail}" for f in case.findings) or "(none)", nonce),
+            untrusted_block(
+                "rule_findings",
+                "\n".join(f"- {f.problem_type} ({f.severity}) {f.check}: {f.detail}" for f in case.findings) or "(none)",
+                nonce,
+            ),
         ]
         if case.reference is not None:
             ref = [f"right intent: {case.reference.intent}"] if case.reference.intent else []
@@ -295,9 +269,7 @@ class JudgeSummary(Record):
 
 
 def judge_failures(
-    ctx: Context,
-    failure_ids: list[str] | None = None,
-    reference_for: Callable[[str], Reference | None] | None = None,
+    ctx: Context, failure_ids: list[str] | None = None, reference_for: Callable[[str], Reference | None] | None = None
 ) -> JudgeSummary:
     """Judge every TRIAGED failure (or exactly `failure_ids`, whatever their status) and store one
     verdict each. With an LLM endpoint configured, failures the rule judge alone left unjudged are
@@ -318,8 +290,10 @@ def judge_failures(
             # queue after the cycle that asked); with an LLM, what the rules alone left open goes to it.
             relabelled = set(latest_labels(conn, [f.id for f in unjudged]))
             items += [
-                f for f in unjudged
-                if f.id in relabelled or (settings.llm.enabled and (v := failure_repo.latest_verdict(conn, f.id)) is not None and v.judge == "rule")
+                f
+                for f in unjudged
+                if f.id in relabelled
+                or (settings.llm.enabled and (v := failure_repo.latest_verdict(conn, f.id)) is not None and v.judge == "rule")
             ]
         else:
             items = failure_repo.get_failures(conn, ids=list(dict.fromkeys(failure_ids)))
@@ -340,11 +314,15 @@ def judge_failures(
     ask: list[JudgeCase] = []
     for case in cases:
         top = worst(case.findings)
-        settled = (top is not None and SEVERITY_RANK[top.severity] >= SEVERITY_RANK["high"]) or (top is None and rules.confirms(case.answer, case.reference))
+        settled = (top is not None and SEVERITY_RANK[top.severity] >= SEVERITY_RANK["high"]) or (
+            top is None and rules.confirms(case.answer, case.reference)
+        )
         if settings.llm.enabled and not settled:
             ask.append(case)
         else:
-            confirmed = case.reference if rules.confirms(case.answer, case.reference) or rules.intent_agrees(case.answer, case.reference) else None
+            confirmed = (
+                case.reference if rules.confirms(case.answer, case.reference) or rules.intent_agrees(case.answer, case.reference) else None
+            )
             keep(verdict_from_findings(case.failure_id, case.findings, settings, confirmed_by=confirmed))
     try:
         if ask:
@@ -394,7 +372,13 @@ class _VerdictWriter:
             future.result()
 
 
-def _case(failure: Failure, interaction: Interaction, rules: RuleJudge, label: Reference | None, reference_for: Callable[[str], Reference | None] | None) -> JudgeCase:
+def _case(
+    failure: Failure,
+    interaction: Interaction,
+    rules: RuleJudge,
+    label: Reference | None,
+    reference_for: Callable[[str], Reference | None] | None,
+) -> JudgeCase:
     reference = (reference_for(failure.id) if reference_for is not None else None) or label
     findings = rules.label_findings(interaction.last_assistant(), reference, rules.check(interaction, reference=reference))
     return JudgeCase(failure_id=failure.id, interaction=interaction, findings=findings, reference=reference)
@@ -413,6 +397,7 @@ async def _ask_llm(settings: Settings, cases: list[JudgeCase], summary: JudgeSum
         def done(result: ItemResult) -> None:
             case: JudgeCase = result.item
             if result.ok:
+                assert result.value is not None  # llm.ajudge returns an LLMOutcome
                 outcome: LLMOutcome = result.value
             elif isinstance(result.exception, (openai.BadRequestError, openai.UnprocessableEntityError)):
                 outcome = LLMOutcome(verdict=None, reason=f"the endpoint refused the request: {result.error}")
@@ -467,4 +452,3 @@ def judge_answer(
     interaction = Interaction(id="answer", timestamp=utcnow(), messages=[*messages, *([message] if message else [])])
     findings = judge.check(interaction, answer=message, reference=reference) if message else judge.check_answer(None, reference)
     return bool(findings), findings
-

@@ -37,7 +37,7 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def difference_interval(before: "Rate", after: "Rate") -> tuple[float, float]:
+def difference_interval(before: Rate, after: Rate) -> tuple[float, float]:
     """Newcombe's hybrid score interval of after.rate - before.rate from the two Wilson intervals.
 
     It treats the two samples as independent; both models answer the same items, so the true
@@ -93,7 +93,9 @@ def mcnemar(before_ok: Sequence[bool], after_ok: Sequence[bool]) -> Paired:
         raise ValueError("paired outcomes must have the same length")
     fixed = sum(1 for b, a in zip(before_ok, after_ok) if not b and a)
     broken = sum(1 for b, a in zip(before_ok, after_ok) if b and not a)
-    return Paired(n=len(before_ok), before=sum(before_ok), after=sum(after_ok), fixed=fixed, broken=broken, p_value=sign_test_p(fixed, broken))
+    return Paired(
+        n=len(before_ok), before=sum(before_ok), after=sum(after_ok), fixed=fixed, broken=broken, p_value=sign_test_p(fixed, broken)
+    )
 
 
 class Metric(BaseModel):
@@ -110,7 +112,7 @@ class Rate(Metric):
     high: float
 
     @classmethod
-    def of(cls, count: int, n: int) -> "Rate":
+    def of(cls, count: int, n: int) -> Rate:
         low, high = wilson_interval(count, n)
         return cls(count=count, n=n, rate=count / n if n else 0.0, low=low, high=high)
 
@@ -184,4 +186,3 @@ def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: I
         generation_errors=sum(1 for o in outcomes if o.error),
         outcomes=list(outcomes),
     )
-

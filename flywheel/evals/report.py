@@ -16,7 +16,7 @@ import html
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -101,8 +101,11 @@ def load_curve(path: Path | str) -> Curve:
                 break
     if isinstance(data, dict) and data and all(isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in data.values()):
         # flywheel's own curve.json: {"train": [log records], "eval": [log records]}; name each series by its split
-        data = [{"step": r.get("step"), **{f"{split}_{k}": v for k, v in r.items() if k != "step"}}
-                for split, records in data.items() for r in records]
+        data = [
+            {"step": r.get("step"), **{f"{split}_{k}": v for k, v in r.items() if k != "step"}}
+            for split, records in data.items()
+            for r in records
+        ]
     series: Curve = {}
     if isinstance(data, list):
         for record in data:
@@ -159,8 +162,7 @@ def report_document(
         "champion": champion.model_dump(mode="json"),
         "targeted": gate.targeted,
         "sets": {
-            name: {"size": after[name].size if name in after else 0, "source": (set_sources or {}).get(name, "")}
-            for name in SET_ORDER
+            name: {"size": after[name].size if name in after else 0, "source": (set_sources or {}).get(name, "")} for name in SET_ORDER
         },
         "champion_metrics": {name: m.model_dump(mode="json") for name, m in before.items()},
         "candidate_metrics": {name: m.model_dump(mode="json") for name, m in after.items()},
@@ -239,7 +241,7 @@ def render_html(document: Mapping[str, Any], report_hash: str) -> str:
         candidate=_describe(candidate),
         champion=_describe(champion),
         report_hash=report_hash,
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         gate=gate,
         cards=[(SET_LABELS[name], before.get(name), after.get(name)) for name in SET_ORDER],
         problem_charts=_problem_charts(before, after, targeted),
@@ -274,7 +276,9 @@ def _tone(delta: float, lower_is_better: bool) -> str:
 def _template() -> Any:
     from jinja2 import Environment, StrictUndefined
 
-    env = Environment(autoescape=True, finalize=_escape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = Environment(
+        autoescape=True, finalize=_escape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
+    )
     env.filters.update(pct=lambda share: f"{share:.1%}", points=points)
     env.globals["tone"] = _tone
     return env.from_string(resources.files("flywheel.evals").joinpath("report.html").read_text(encoding="utf-8"))
@@ -299,15 +303,17 @@ def _problem_charts(before: Mapping[str, SetMetrics], after: Mapping[str, SetMet
         rows = []
         for problem_type in _problem_types(b, a):
             rb, ra = b.problem_rates.get(problem_type), a.problem_rates.get(problem_type)
-            rows.append(BarPair(
-                label=problem_type,
-                before=rb.rate if rb else 0.0,
-                after=ra.rate if ra else 0.0,
-                before_ci=(rb.low, rb.high) if rb else None,
-                after_ci=(ra.low, ra.high) if ra else None,
-                emphasis=problem_type in targeted,
-                note="targeted" if problem_type in targeted else "",
-            ))
+            rows.append(
+                BarPair(
+                    label=problem_type,
+                    before=rb.rate if rb else 0.0,
+                    after=ra.rate if ra else 0.0,
+                    before_ci=(rb.low, rb.high) if rb else None,
+                    after_ci=(ra.low, ra.high) if ra else None,
+                    emphasis=problem_type in targeted,
+                    note="targeted" if problem_type in targeted else "",
+                )
+            )
         charts.append(Markup(grouped_bars(rows, f"Problem rate per type, {SET_LABELS[name]} ({a.size} items; lower is better)")))
     return charts
 
@@ -322,7 +328,9 @@ def _intent_chart(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetri
         rb = b.per_intent.get(intent)
         if rb is None:
             continue
-        rows.append(Change(label=intent, delta=ra.rate - rb.rate, detail=f"({rb.count}/{rb.n} -> {ra.count}/{ra.n})", muted=ra.n < min_samples))
+        rows.append(
+            Change(label=intent, delta=ra.rate - rb.rate, detail=f"({rb.count}/{rb.n} -> {ra.count}/{ra.n})", muted=ra.n < min_samples)
+        )
     return Markup(diverging_bars(rows, f"Success change per intent, {SET_LABELS[name]} (grey: fewer than {min_samples} items, not gated)"))
 
 
@@ -333,7 +341,9 @@ def _curve_chart(curve: Mapping[str, Sequence[Sequence[float]]] | None) -> Marku
     return Markup(line_chart(series, "Loss by training step"))
 
 
-def _intent_order(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]) -> tuple[str, SetMetrics, SetMetrics, list[str]] | None:
+def _intent_order(
+    before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics]
+) -> tuple[str, SetMetrics, SetMetrics, list[str]] | None:
     """The per-intent table's set and its intents, the biggest drop in success first."""
     name = next((n for n in (TEST, PROBLEM) if n in after and not after[n].empty), None)
     if name is None:

@@ -91,7 +91,9 @@ class RuleJudge:
         turn = _final_turn(interaction) if own else ([answer] if answer is not None else [])
         return self.check_answer(answer, reference, tool_messages=turn)
 
-    def check_answer(self, answer: Message | str | None, reference: Reference | None = None, tool_messages: list[Message] | None = None) -> list[Finding]:
+    def check_answer(
+        self, answer: Message | str | None, reference: Reference | None = None, tool_messages: list[Message] | None = None
+    ) -> list[Finding]:
         """Findings for one answer alone (an evaluation output, a correction)."""
         if isinstance(answer, str):
             answer = Message(role="assistant", content=answer)
@@ -108,7 +110,14 @@ class RuleJudge:
             for policy, pattern in self._patterns:
                 match = _affirmed_match(pattern, text)
                 if match:
-                    findings.append(Finding(problem_type=policy.problem_type, severity=policy.severity, check=f"policy:{policy.name}", detail=f"matched {_clip(match.group(0))!r}"))
+                    findings.append(
+                        Finding(
+                            problem_type=policy.problem_type,
+                            severity=policy.severity,
+                            check=f"policy:{policy.name}",
+                            detail=f"matched {_clip(match.group(0))!r}",
+                        )
+                    )
         for message in tool_messages if tool_messages is not None else ([answer] if answer is not None else []):
             for call in message.tool_calls or []:
                 self._check_tool_call(findings, call.function.name, call.function.arguments)
@@ -206,11 +215,7 @@ def summarize(findings: list[Finding], limit: int = 1000) -> str:
 
 
 def verdict_from_findings(
-    failure_id: str,
-    findings: list[Finding],
-    settings: Settings,
-    confirmed_by: Reference | None = None,
-    judge: str = "rule",
+    failure_id: str, findings: list[Finding], settings: Settings, confirmed_by: Reference | None = None, judge: str = "rule"
 ) -> Verdict:
     """The rule judge's verdict on a captured failure.
 

@@ -22,23 +22,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flywheel.context import Context
-from flywheel.jsonl import json_objects
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.evals.gate import BASELINE, PROBLEM, TEST, evaluate_gate
 from flywheel.evals.judge import judge_answer
 from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
 from flywheel.evals.report import Curve, EvalReport, ModelRef, find_curve, load_curve, write_report
 from flywheel.evals.rule_judge import RuleJudge
-from flywheel.records import (
-    Failure,
-    FailureStatus,
-    Finding,
-    Interaction,
-    Message,
-    Reference,
-    SampleTier,
-    utcnow,
-)
+from flywheel.jsonl import json_objects
+from flywheel.records import Failure, FailureStatus, Finding, Interaction, Message, Reference, SampleTier, utcnow
 from flywheel.settings import Settings
 from flywheel.store.db import Store
 
@@ -133,13 +124,15 @@ def _failure_items(store: Store, tiers: Sequence[SampleTier], status: FailureSta
             interaction = interactions[failure.interaction_id]
             label = labelled.get(failure.id)
             intent = (label.intent if label else None) or failure.intent or interaction.intent
-            items.append(EvalItem(
-                id=failure.id,
-                messages=interaction.prompt_messages(),
-                reference=Reference(intent=intent, answer=correction.answer, source="correction"),
-                intent=intent,
-                problem_type=verdict.problem_type if verdict else None,
-            ))
+            items.append(
+                EvalItem(
+                    id=failure.id,
+                    messages=interaction.prompt_messages(),
+                    reference=Reference(intent=intent, answer=correction.answer, source="correction"),
+                    intent=intent,
+                    problem_type=verdict.problem_type if verdict else None,
+                )
+            )
     return items
 
 
@@ -161,11 +154,7 @@ def _as_message(answer: Answer) -> Message | None:
 
 
 def evaluate_model(
-    generate_fn: GenerateFn,
-    items: Sequence[EvalItem],
-    judge: RuleJudge,
-    settings: Settings,
-    name: str = TEST,
+    generate_fn: GenerateFn, items: Sequence[EvalItem], judge: RuleJudge, settings: Settings, name: str = TEST
 ) -> SetMetrics:
     """Answer every item with `generate_fn` and judge each answer; success means no finding.
 
@@ -181,7 +170,7 @@ def evaluate_model(
         conversations = [[m.model_dump(exclude_none=True) for m in item.messages] for item in batch]
         try:
             answers = list(generate_fn(conversations))
-        except Exception as exc:  # noqa: BLE001 - any failure inside the model is infrastructure
+        except Exception as exc:  # any failure inside the model is infrastructure
             raise InfrastructureError(f"generation failed on the {name} set at item {batch[0].id}: {exc}") from exc
         if len(answers) != len(batch):
             raise InfrastructureError(f"the model returned {len(answers)} answers for {len(batch)} prompts on the {name} set")
@@ -201,7 +190,9 @@ def evaluate_model(
     return metrics.model_copy(update={"judge": judge_name, "llm_unjudged": unjudged})
 
 
-def _add_llm_findings(settings: Settings, rules: RuleJudge, answered: list[tuple[int, EvalItem, Message]], outcomes: list[ItemOutcome], set_name: str) -> int:
+def _add_llm_findings(
+    settings: Settings, rules: RuleJudge, answered: list[tuple[int, EvalItem, Message]], outcomes: list[ItemOutcome], set_name: str
+) -> int:
     """Ask the LLM judge about each answer the rules did not settle (no high/critical finding, not
     equal to the reference answer) and add what it finds as `llm` findings. The LLM can add a problem,
     never remove or soften a rule finding (`judge.combine`). Returns how many answers stayed unjudged
@@ -218,9 +209,18 @@ def _add_llm_findings(settings: Settings, rules: RuleJudge, answered: list[tuple
     for index, item, message in answered:
         findings = outcomes[index].findings
         top = worst(findings)
-        if (top is not None and SEVERITY_RANK[top.severity] >= SEVERITY_RANK["high"]) or (top is None and rules.confirms(message, item.reference)):
+        if (top is not None and SEVERITY_RANK[top.severity] >= SEVERITY_RANK["high"]) or (
+            top is None and rules.confirms(message, item.reference)
+        ):
             continue
-        interaction = Interaction(id=f"eval:{item.id}", timestamp=utcnow(), model_version="eval", intent=item.intent, messages=[*item.messages, message], source="eval")
+        interaction = Interaction(
+            id=f"eval:{item.id}",
+            timestamp=utcnow(),
+            model_version="eval",
+            intent=item.intent,
+            messages=[*item.messages, message],
+            source="eval",
+        )
         cases[index] = JudgeCase(failure_id=item.id, interaction=interaction, findings=findings, reference=item.reference, answer=message)
     if not cases:
         return 0
@@ -245,16 +245,23 @@ def _add_llm_findings(settings: Settings, rules: RuleJudge, answered: list[tuple
     judge_name = f"rule+llm:{settings.llm.judge_model}"
     unjudged = 0
     for index, result in zip(cases, results):
-        outcome: LLMOutcome = result.value if result.ok else LLMOutcome(verdict=None, reason=f"the endpoint refused the request: {result.error}")
+        outcome: LLMOutcome = (
+            result.value if result.ok else LLMOutcome(verdict=None, reason=f"the endpoint refused the request: {result.error}")
+        )
         verdict = combine(cases[index], outcome, settings, judge_name)
         if verdict.status == "unjudged":
             unjudged += 1
             continue
         findings = outcomes[index].findings
-        if verdict.is_failure and verdict.problem_type and verdict.severity and not any(
-            (f.problem_type, f.severity) == (verdict.problem_type, verdict.severity) for f in findings
+        if (
+            verdict.is_failure
+            and verdict.problem_type
+            and verdict.severity
+            and not any((f.problem_type, f.severity) == (verdict.problem_type, verdict.severity) for f in findings)
         ):
-            findings.append(Finding(problem_type=verdict.problem_type, severity=verdict.severity, check="llm", detail=verdict.rationale[:200]))
+            findings.append(
+                Finding(problem_type=verdict.problem_type, severity=verdict.severity, check="llm", detail=verdict.rationale[:200])
+            )
     return unjudged
 
 
@@ -271,7 +278,9 @@ def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Ca
     holder: dict[str, Any] = {"model": LocalModel(ref.base_model, ref.adapter_path)}
 
     def generate(conversations: list[list[dict[str, Any]]]) -> list[Any]:
-        return list(holder["model"].generate(conversations, max_new_tokens=settings.eval.max_new_tokens, batch_size=settings.eval.batch_size))
+        return list(
+            holder["model"].generate(conversations, max_new_tokens=settings.eval.max_new_tokens, batch_size=settings.eval.batch_size)
+        )
 
     def release() -> None:
         holder.clear()
@@ -313,7 +322,9 @@ def default_targeted(sets: Mapping[str, Sequence[EvalItem]]) -> list[str]:
     return [name for name, _ in counts.most_common()]
 
 
-def evaluate_all(generate_fn: GenerateFn, sets: Mapping[str, Sequence[EvalItem]], judge: RuleJudge, settings: Settings) -> dict[str, SetMetrics]:
+def evaluate_all(
+    generate_fn: GenerateFn, sets: Mapping[str, Sequence[EvalItem]], judge: RuleJudge, settings: Settings
+) -> dict[str, SetMetrics]:
     return {name: evaluate_model(generate_fn, items, judge, settings, name=name) for name, items in sets.items()}
 
 

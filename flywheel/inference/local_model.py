@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     class _CausalLM(PreTrainedModel, GenerationMixin):
         """What AutoModelForCausalLM loads: a model with generate() (transformers' own hints do the same)."""
 
+
 BASE = None  # adapter name meaning "the base model, every adapter off"
 
 
@@ -93,9 +94,7 @@ class LocalModel:
         self._lock = threading.RLock()
         try:
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(self.base_path), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(self.base_path), local_files_only=True, use_safetensors=True, dtype=dtype
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(self.base_path), local_files_only=True, use_safetensors=True, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise InfrastructureError(f"cannot load the model at {self.base_path}: {str(exc).splitlines()[0]}") from exc
         if self.tokenizer.chat_template is None:
@@ -196,12 +195,7 @@ class LocalModel:
         return text
 
     def generate(
-        self,
-        conversations: Sequence[Sequence[dict[str, Any]]],
-        max_new_tokens: int = 64,
-        batch_size: int = 8,
-        *,
-        adapter: Any = CURRENT,
+        self, conversations: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 64, batch_size: int = 8, *, adapter: Any = CURRENT
     ) -> list[Generation]:
         """Greedy answers to each conversation (the next assistant turn), in order."""
         import torch
@@ -233,7 +227,7 @@ class LocalModel:
                     results.append(self._summarise(new_tokens[row], logprobs[row], eos_ids))
         return results
 
-    def _summarise(self, tokens: "torch.Tensor", logprobs: "torch.Tensor", eos_ids: list[int]) -> Generation:
+    def _summarise(self, tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: list[int]) -> Generation:
         import torch
 
         ids = tokens.tolist()
@@ -261,12 +255,7 @@ class LocalModel:
         )
 
     def sequence_logprob(
-        self,
-        conversations: Sequence[Sequence[dict[str, Any]]],
-        answers: Sequence[str],
-        batch_size: int = 8,
-        *,
-        adapter: Any = CURRENT,
+        self, conversations: Sequence[Sequence[dict[str, Any]]], answers: Sequence[str], batch_size: int = 8, *, adapter: Any = CURRENT
     ) -> list[float]:
         """Total log-probability (nats) of each answer, with its end-of-turn token, as the next assistant turn."""
         import torch
@@ -298,11 +287,7 @@ class LocalModel:
         return totals
 
     def embed_last_hidden(
-        self,
-        conversations: Sequence[Sequence[dict[str, Any]]],
-        batch_size: int = 8,
-        *,
-        adapter: Any = CURRENT,
+        self, conversations: Sequence[Sequence[dict[str, Any]]], batch_size: int = 8, *, adapter: Any = CURRENT
     ) -> np.ndarray:
         """Mean-pooled last hidden state of each rendered conversation: (n, hidden) float32."""
         import torch
@@ -323,7 +308,7 @@ class LocalModel:
     @property
     def hidden_size(self) -> int:
         config = self.model.config
-        return int(getattr(config.get_text_config(), "hidden_size"))
+        return int(config.get_text_config().hidden_size)
 
     def _eos_ids(self) -> list[int]:
         ids: set[int] = set()

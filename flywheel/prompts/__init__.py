@@ -14,7 +14,6 @@ from importlib import resources
 
 from flywheel.errors import SettingsError
 
-
 _SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 

@@ -66,13 +66,17 @@ def check_approver(settings: Settings, approver: str, channel: str) -> None:
     if channel == "slack":
         allowed = settings.approvals.slack_approvers
         if approver not in allowed:
-            raise PolicyViolation(f"Slack user {approver!r} is not in approvals.slack_approvers" + ("" if allowed else " (the list is empty)"))
+            raise PolicyViolation(
+                f"Slack user {approver!r} is not in approvals.slack_approvers" + ("" if allowed else " (the list is empty)")
+            )
         return
     allowed = settings.approvals.approvers
     if channel == "terminal" and not allowed:
         return
     if approver not in allowed:
-        raise PolicyViolation(f"{approver!r} is not in approvals.approvers" + ("" if allowed else f" (the list is empty, so {channel} approvals are off)"))
+        raise PolicyViolation(
+            f"{approver!r} is not in approvals.approvers" + ("" if allowed else f" (the list is empty, so {channel} approvals are off)")
+        )
 
 
 def approvals_for(store: Store, version: str) -> list[Approval]:
@@ -84,13 +88,7 @@ def approvals_for(store: Store, version: str) -> list[Approval]:
 
 
 def record_approval(
-    store: Store,
-    version: str,
-    decision: DecisionKind,
-    approver: str,
-    channel: Channel,
-    reason: str = "",
-    run_id: str | None = None,
+    store: Store, version: str, decision: DecisionKind, approver: str, channel: Channel, reason: str = "", run_id: str | None = None
 ) -> Approval:
     """Store a person's decision on `version`, bound to its current eval report hash.
 
@@ -105,7 +103,9 @@ def record_approval(
         return _decide(conn, version, decision, approver, channel, reason, run_id)[0]
 
 
-def _record(conn: Connection, version: str, decision: DecisionKind, approver: str, channel: str, reason: str, run_id: str | None) -> Approval:
+def _record(
+    conn: Connection, version: str, decision: DecisionKind, approver: str, channel: str, reason: str, run_id: str | None
+) -> Approval:
     target = registry.get_version(conn, version)
     if not target.eval_report_hash:
         raise PolicyViolation(f"{version} has no eval report; evaluate it before deciding (flywheel eval --candidate {version})")
@@ -150,15 +150,22 @@ def promote(store: Store, settings: Settings, version: str, actor: str, effect_k
         current = version_store.alias_map(conn)
         champion = current.get(CHAMPION, (None, None))[0]
         if champion == target.id:
-            return Promotion(version=target.id, previous=current.get(PREVIOUS, (None, None))[0], approval_id=approval.id,
-                             effect_key=effect_key or "", replayed=True)
+            return Promotion(
+                version=target.id,
+                previous=current.get(PREVIOUS, (None, None))[0],
+                approval_id=approval.id,
+                effect_key=effect_key or "",
+                replayed=True,
+            )
         key = effect_key or registry.effect_key("promote", target.id, (target.eval_report_hash or "")[:16], version_store.epoch(conn))
         reason = f"promoted: {approval.decision} by {approval.approver} ({approval.channel})"
         old_previous = current.get(PREVIOUS, (None, None))[0]
         # The champion switch carries the caller's key; the companion switches derive theirs from it.
         registry.set_alias(conn, CHAMPION, target.id, actor=actor, reason=reason, key=key)
         if champion is not None:
-            registry.set_alias(conn, PREVIOUS, champion, actor=actor, reason=f"replaced by {target.id}", key=registry.effect_key(key, "previous"))
+            registry.set_alias(
+                conn, PREVIOUS, champion, actor=actor, reason=f"replaced by {target.id}", key=registry.effect_key(key, "previous")
+            )
             version_store.set_status(conn, champion, VersionStatus.PREVIOUS)
         if old_previous is not None and old_previous not in (champion, target.id):
             version_store.set_status(conn, old_previous, VersionStatus.RETIRED)
@@ -196,18 +203,16 @@ def _promotion_from(conn: Connection, event: AliasSwitch) -> Promotion:
         raise UserInputError(f"effect key {event.effect_key!r} belongs to a {event.alias} switch, not a promotion")
     target = registry.get_version(conn, event.to_version)
     approval = approval_store.decision_on(conn, target.id, target.eval_report_hash or "")
-    return Promotion(version=target.id, previous=event.from_version, approval_id=approval.id if approval else 0,
-                     effect_key=event.effect_key, replayed=True)
+    return Promotion(
+        version=target.id,
+        previous=event.from_version,
+        approval_id=approval.id if approval else 0,
+        effect_key=event.effect_key,
+        replayed=True,
+    )
 
 
-def reject(
-    store: Store,
-    version: str,
-    approver: str,
-    reason: str,
-    channel: Channel = "terminal",
-    run_id: str | None = None,
-) -> Rejection:
+def reject(store: Store, version: str, approver: str, reason: str, channel: Channel = "terminal", run_id: str | None = None) -> Rejection:
     """Record a person's rejection of `version` (the same as `record_approval(..., "rejected", ...)`,
     with a required reason) and say which samples stay in the pool."""
     if not reason.strip():
@@ -231,8 +236,14 @@ def _decide(
         return approval, None
     target = registry.get_version(conn, version)
     if version_store.alias_map(conn).get(CANARY, (None, None))[0] == version:
-        registry.set_alias(conn, CANARY, None, actor=approver, reason=f"{version} rejected",
-                           key=registry.effect_key("reject", version, approval.id, "canary"))
+        registry.set_alias(
+            conn,
+            CANARY,
+            None,
+            actor=approver,
+            reason=f"{version} rejected",
+            key=registry.effect_key("reject", version, approval.id, "canary"),
+        )
     version_store.set_status(conn, version, VersionStatus.REJECTED)
     returned, note = return_to_pool(conn, target, actor=approval.approver, reason=f"{version} rejected: {approval.reason}")
     return approval, Rejection(approval=approval, returned_to_pool=returned, pool_note=note)
@@ -249,7 +260,9 @@ def rollback(store: Store, actor: str, reason: str = "", effect_key: str | None 
         if effect_key is not None:
             earlier = version_store.recorded_switch(conn, effect_key)
             if earlier is not None:
-                return Rollback(rolled_back=earlier.from_version or "", champion=earlier.to_version or "", effect_key=effect_key, replayed=True)
+                return Rollback(
+                    rolled_back=earlier.from_version or "", champion=earlier.to_version or "", effect_key=effect_key, replayed=True
+                )
         current = version_store.alias_map(conn)
         champion = current.get(CHAMPION, (None, None))[0]
         previous = current.get(PREVIOUS, (None, None))[0]

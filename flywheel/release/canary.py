@@ -80,12 +80,7 @@ class CanaryStatus(Record):
 
 
 def start_canary(
-    store: Store,
-    version: str,
-    share: float | None = None,
-    *,
-    actor: str = "flywheel",
-    effect_key: str | None = None,
+    store: Store, version: str, share: float | None = None, *, actor: str = "flywheel", effect_key: str | None = None
 ) -> AliasSwitch:
     """Serve `version` to `share` of users (default canary.share). It must have passed its gate.
 
@@ -216,20 +211,27 @@ def observe_canary(store: Store, settings: Settings, actor: str = "canary-monito
     else:
         status.harms = find_harms(stats[champion], stats[version], cfg.harm_margin)
         status.state = "rolled_back" if status.harms else "healthy"
-        status.reason = "; ".join(h.sentence for h in status.harms) if status.harms else "no problem rate above the champion's by more than the margin"
+        status.reason = (
+            "; ".join(h.sentence for h in status.harms) if status.harms else "no problem rate above the champion's by more than the margin"
+        )
     with store.begin() as conn:
         version_store.release_lock(conn)
         # Someone may have promoted, stopped or restarted the canary while we counted: then this
         # observation is about a canary that no longer runs, and it changes nothing.
-        if version_store.alias_map(conn).get(CANARY, (None, None))[0] != version or (events.last_started(conn, version) or (0,))[0] != started[0]:
-            status.state, status.reason, status.harms = "none", "the canary changed while it was observed; observe again", []
+        if (
+            version_store.alias_map(conn).get(CANARY, (None, None))[0] != version
+            or (events.last_started(conn, version) or (0,))[0] != started[0]
+        ):
+            status.state, status.reason, status.harms = ("none", "the canary changed while it was observed; observe again", [])
             return status
         events.add_event(conn, version, "observation", status.model_dump(mode="json"))
         if status.state == "rolled_back":
             key = registry.effect_key("canary-harm", version, started[0])
             registry.set_alias(conn, CANARY, None, actor=actor, reason=f"canary harmed: {status.reason}", key=key)
             version_store.set_status(conn, version, VersionStatus.ROLLED_BACK)
-            events.add_event(conn, version, "rolled_back", {"reason": status.reason, "harms": [h.model_dump() for h in status.harms], "actor": actor})
+            events.add_event(
+                conn, version, "rolled_back", {"reason": status.reason, "harms": [h.model_dump() for h in status.harms], "actor": actor}
+            )
     return status
 
 

@@ -54,8 +54,7 @@ class PendingApproval(Record):
     requested_at: datetime
 
     def answer_hint(self) -> str:
-        return (f"flywheel approve {self.version}   or   flywheel reject {self.version} --reason TEXT"
-                f"   (run {self.run_id})")
+        return f"flywheel approve {self.version}   or   flywheel reject {self.version} --reason TEXT   (run {self.run_id})"
 
 
 # --- before asking ------------------------------------------------------------------------------------------
@@ -77,7 +76,7 @@ def stored_decision(ctx: Context, target: ModelVersion) -> tuple[Decision | None
     way in, or before a crash), and the run it was recorded for."""
     for row in approvals.approvals_for(ctx.store, target.id):
         if row.report_hash == target.eval_report_hash:
-            decision = Decision(row.decision, row.approver, row.reason or "recorded earlier", row.channel, row.report_hash)  # type: ignore[arg-type]
+            decision = Decision(row.decision, row.approver, row.reason or "recorded earlier", row.channel, row.report_hash)
             return decision, row.run_id
     return None, None
 
@@ -89,8 +88,11 @@ def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str
     primary = next(iter(report.sets), None)
     numbers = report.sets.get(primary) if primary else None
     targeted = ", ".join(report.targeted) or "none named"
-    headline = (f"task success {numbers.task_success_before:.1%} -> {numbers.task_success_after:.1%} on the {primary} set"
-                if numbers else "no set had items to measure")
+    headline = (
+        f"task success {numbers.task_success_before:.1%} -> {numbers.task_success_after:.1%} on the {primary} set"
+        if numbers
+        else "no set had items to measure"
+    )
     failed = len(report.failed_checks)
     return PendingApproval(
         run_id=run_id,
@@ -109,8 +111,10 @@ def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str
         task_success_after=numbers.task_success_after if numbers else None,
         problem_rates_before=numbers.problem_rates_before if numbers else {},
         problem_rates_after=numbers.problem_rates_after if numbers else {},
-        summary=(f"{target.id} passed its promotion gate against {champion or 'the base model'} "
-                 f"({failed} failed checks; targeted: {targeted}); {headline}."),
+        summary=(
+            f"{target.id} passed its promotion gate against {champion or 'the base model'} "
+            f"({failed} failed checks; targeted: {targeted}); {headline}."
+        ),
         refused=refused,
         requested_at=utcnow(),
     )
@@ -124,8 +128,10 @@ def refusal(ctx: Context, target: ModelVersion, decision: Decision) -> str | Non
     except (PolicyViolation, UserInputError) as exc:
         return str(exc)
     if decision.report_hash and decision.report_hash != target.eval_report_hash:
-        return (f"the decision was made on report {decision.report_hash[:12]}, but {target.id}'s report is now "
-                f"{(target.eval_report_hash or '')[:12]}; decide again on the new report")
+        return (
+            f"the decision was made on report {decision.report_hash[:12]}, but {target.id}'s report is now "
+            f"{(target.eval_report_hash or '')[:12]}; decide again on the new report"
+        )
     return None
 
 
@@ -154,7 +160,9 @@ class DecisionOutcome(Record):
             return f"{self.version} rejected by {self.approver}{pool}."
         extra = f" (previous: {self.previous})" if self.previous else ""
         again = " It already was: nothing changed." if self.replayed else ""
-        grads = f" {self.graduated} samples graduated, {self.down_weighted} down-weighted." if (self.graduated or self.down_weighted) else ""
+        grads = (
+            f" {self.graduated} samples graduated, {self.down_weighted} down-weighted." if (self.graduated or self.down_weighted) else ""
+        )
         return f"{self.version} promoted to champion, approved by {self.approver} ({self.channel}){extra}.{again}{grads}"
 
 
@@ -180,8 +188,9 @@ def apply_decision(ctx: Context, run_id: str, version: str, decision: Decision) 
             outcome.note = rejection.pool_note
             return outcome
         approvals.record_approval(store, version, "approved", decision.approver, decision.channel, decision.reason, run_id=run_id)
-        done = approvals.promote(store, settings, version, actor=decision.approver,
-                                 effect_key=promotion_key(run_id, version, target.eval_report_hash or ""))
+        done = approvals.promote(
+            store, settings, version, actor=decision.approver, effect_key=promotion_key(run_id, version, target.eval_report_hash or "")
+        )
     except (PolicyViolation, UserInputError) as exc:
         outcome.error = str(exc)
         return outcome

@@ -100,8 +100,15 @@ def graduate(
                 result.graduated.append(failure.id)
             elif failure.tier == SampleTier.PROBLEM:
                 weight = round(max(floor, failure.weight * factor), 6)
-                move_tier(conn, failure.id, SampleTier.PROBLEM, actor,
-                          f"{GRADUATE} {version} still fails it (weight {failure.weight:g} -> {weight:g})", version, weight=weight)
+                move_tier(
+                    conn,
+                    failure.id,
+                    SampleTier.PROBLEM,
+                    actor,
+                    f"{GRADUATE} {version} still fails it (weight {failure.weight:g} -> {weight:g})",
+                    version,
+                    weight=weight,
+                )
                 result.down_weighted[failure.id] = weight
             elif ok:
                 result.unchanged.append(failure.id)

@@ -84,7 +84,7 @@ class Approval(Record):
     report_hash: str
     decision: DecisionKind
     approver: str
-    channel: str
+    channel: Channel  # checked against CHANNELS before it is stored (approvals.check_approver)
     reason: str = ""
     run_id: str | None = None
     created_at: datetime
@@ -113,7 +113,7 @@ class Decision:
         return asdict(self)
 
     @classmethod
-    def parse(cls, value: Any) -> "Decision":
+    def parse(cls, value: Any) -> Decision:
         """A Decision from a Decision or a dict (what a checkpoint gives back); UserInputError if invalid."""
         if isinstance(value, Decision):
             return value

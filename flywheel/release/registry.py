@@ -99,8 +99,8 @@ def _next_id(conn: Connection) -> str:
 
 def adapter_weights_sha256(adapter_path: str | Path) -> str:
     """sha256 of a PEFT adapter folder's safetensors weights: the hash the registry records and checks."""
-    from flywheel.store.vectors import sha256_file
     from flywheel.inference.folders import ADAPTER_WEIGHTS, check_adapter_folder
+    from flywheel.store.vectors import sha256_file
 
     return sha256_file(check_adapter_folder(adapter_path) / ADAPTER_WEIGHTS)
 
@@ -184,7 +184,9 @@ def first_champion(store: Store, base_model: str, *, actor: str, notes: str = ""
         return register_base(store, base_model, actor=actor, notes=notes), True
 
 
-def attach_eval(store: Store, version: str, report_path: str | Path, report_hash: str, gate_passed: bool, metrics: dict[str, Any] | None = None) -> ModelVersion:
+def attach_eval(
+    store: Store, version: str, report_path: str | Path, report_hash: str, gate_passed: bool, metrics: dict[str, Any] | None = None
+) -> ModelVersion:
     """Record a version's evaluation report. A new report (another hash) replaces the old one, and an
     approval given for the old report no longer lets the version be promoted."""
     if not report_hash:
@@ -213,14 +215,7 @@ def verify_adapter(version: ModelVersion) -> Path | None:
 
 
 def set_alias(
-    conn: Connection,
-    alias: str,
-    version: str | None,
-    *,
-    actor: str,
-    reason: str,
-    key: str,
-    share: float | None = None,
+    conn: Connection, alias: str, version: str | None, *, actor: str, reason: str, key: str, share: float | None = None
 ) -> AliasSwitch:
     """Point `alias` at `version` (None removes it) and record the event. Inside a locked transaction."""
     if alias not in ALIASES:
@@ -237,14 +232,7 @@ def set_alias(
 
 
 def switch_alias(
-    store: Store,
-    alias: AliasName,
-    version: str | None,
-    *,
-    actor: str,
-    reason: str,
-    effect_key: str,
-    share: float | None = None,
+    store: Store, alias: AliasName, version: str | None, *, actor: str, reason: str, effect_key: str, share: float | None = None
 ) -> AliasSwitch:
     """Point an alias at a version (None removes it), atomically with its event row.
 

@@ -75,8 +75,10 @@ RECENT_IDS = 100_000  # interaction ids feedback may name without a store lookup
 MAX_TIER = 100  # interactions.user_tier width
 MAX_INTENT = 200
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read to its end before the 413
-HOW_TO_GET_A_KEY = ("create one with `flywheel keys create NAME` in the gateway's project (it prints the key once) "
-                    "and send it as 'Authorization: Bearer <key>' (docs/serving.md)")
+HOW_TO_GET_A_KEY = (
+    "create one with `flywheel keys create NAME` in the gateway's project (it prints the key once) "
+    "and send it as 'Authorization: Bearer <key>' (docs/serving.md)"
+)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Gateway:
     capture: Capture
     capture_interactions: bool = True
     recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    _poller: "_Poller | None" = None
+    _poller: _Poller | None = None
 
     def served(self, item: Served) -> None:
         self.recent[item.id] = None
@@ -154,8 +156,11 @@ class _ApiKeyAuth:
             client = self.keys.client_for(key)
         if client is None:
             # The body says how to get a key: a first request is often the first time anyone hears of keys.
-            message = (f"Incorrect API key provided (unknown or revoked): {HOW_TO_GET_A_KEY}" if key else
-                       f"You didn't provide an API key: {HOW_TO_GET_A_KEY}")
+            message = (
+                f"Incorrect API key provided (unknown or revoked): {HOW_TO_GET_A_KEY}"
+                if key
+                else f"You didn't provide an API key: {HOW_TO_GET_A_KEY}"
+            )
             error = ApiError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
             await error.response()(scope, receive, send)
             return
@@ -192,7 +197,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
             parts.append(part)
     if too_big:
         shown = declared if declared is not None and declared.isdigit() else f"over {limit}"
-        raise ApiError(413, f"The request body is {shown} bytes, over this gateway's limit of {limit} bytes (serve.max_body_bytes)", code="request_too_large")
+        raise ApiError(
+            413,
+            f"The request body is {shown} bytes, over this gateway's limit of {limit} bytes (serve.max_body_bytes)",
+            code="request_too_large",
+        )
     return b"".join(parts)
 
 
@@ -219,8 +228,12 @@ async def chat_completions(request: Request) -> Response:
     payload = parse_json_object(await _read_body(request, gw.settings.serve.max_body_bytes))
     chat: ChatRequest = validate(ChatRequest, payload)
     user = chat.user or _header(request, USER_HEADER, 10_000)
-    meta = {"user_id": user, "user_tier": _header(request, TIER_HEADER, MAX_TIER), "intent": _header(request, INTENT_HEADER, MAX_INTENT),
-            "client": request.scope["state"].get("client")}
+    meta = {
+        "user_id": user,
+        "user_tier": _header(request, TIER_HEADER, MAX_TIER),
+        "intent": _header(request, INTENT_HEADER, MAX_INTENT),
+        "client": request.scope["state"].get("client"),
+    }
     version = gw.router.route(chat.model, user)
     if version is None:  # a version id asked for by name: look it up and prepare it off the event loop
         version = await anyio.to_thread.run_sync(gw.router.load_version, chat.model)
@@ -234,13 +247,32 @@ async def chat_completions(request: Request) -> Response:
     latency_ms = (time.perf_counter() - started) * 1000.0
     body = result.body
     body["id"], body["model"] = interaction_id, version.id
-    gw.served(Served(id=interaction_id, timestamp=timestamp, model_version=version.id, messages=[*payload["messages"], result.message],
-                     latency_ms=latency_ms, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, **meta))
+    gw.served(
+        Served(
+            id=interaction_id,
+            timestamp=timestamp,
+            model_version=version.id,
+            messages=[*payload["messages"], result.message],
+            latency_ms=latency_ms,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            **meta,
+        )
+    )
     return _json(body, headers=headers)
 
 
-async def _stream(gw: Gateway, payload: dict[str, Any], chat: ChatRequest, version: ModelVersion, interaction_id: str,
-                  timestamp: Any, started: float, headers: dict[str, str], meta: dict[str, Any]) -> Response:
+async def _stream(
+    gw: Gateway,
+    payload: dict[str, Any],
+    chat: ChatRequest,
+    version: ModelVersion,
+    interaction_id: str,
+    timestamp: Any,
+    started: float,
+    headers: dict[str, str],
+    meta: dict[str, Any],
+) -> Response:
     chunks = await gw.backend.stream(payload, chat, version)  # raises before the first byte: a real status code
 
     async def events() -> AsyncIterator[bytes]:
@@ -266,16 +298,33 @@ async def _stream(gw: Gateway, payload: dict[str, Any], chat: ChatRequest, versi
             # An answer the client did not receive to the end (it disconnected, the upstream broke) is not stored.
             if finished:
                 prompt_tokens, completion_tokens = answer.tokens()
-                gw.served(Served(id=interaction_id, timestamp=timestamp, model_version=version.id,
-                                 messages=[*payload["messages"], answer.message()], latency_ms=(time.perf_counter() - started) * 1000.0,
-                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, **meta))
+                gw.served(
+                    Served(
+                        id=interaction_id,
+                        timestamp=timestamp,
+                        model_version=version.id,
+                        messages=[*payload["messages"], answer.message()],
+                        latency_ms=(time.perf_counter() - started) * 1000.0,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        **meta,
+                    )
+                )
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+    )
 
 
 def _model_card(name: str, version: ModelVersion) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(version.created_at.timestamp()), "owned_by": "flywheel",
-            "version": version.id, "status": str(version.status)}
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(version.created_at.timestamp()),
+        "owned_by": "flywheel",
+        "version": version.id,
+        "status": str(version.status),
+    }
 
 
 async def list_models(request: Request) -> Response:
@@ -300,10 +349,17 @@ async def post_feedback(request: Request) -> Response:
     if item.interaction_id not in gw.recent:
         known = await anyio.to_thread.run_sync(gw.interaction_exists, item.interaction_id)
         if known is False:
-            raise ApiError(404, f"No interaction {item.interaction_id!r}: use the id this gateway returned (x-flywheel-interaction-id)",
-                           param="interaction_id", code="interaction_not_found")
+            raise ApiError(
+                404,
+                f"No interaction {item.interaction_id!r}: use the id this gateway returned (x-flywheel-interaction-id)",
+                param="interaction_id",
+                code="interaction_not_found",
+            )
     gw.capture.submit(item)
-    return _json({"object": "feedback", "interaction_id": item.interaction_id, "kind": item.kind, "value": item.value, "status": "accepted"}, status=202)
+    return _json(
+        {"object": "feedback", "interaction_id": item.interaction_id, "kind": item.kind, "value": item.value, "status": "accepted"},
+        status=202,
+    )
 
 
 async def health(request: Request) -> Response:
@@ -311,7 +367,15 @@ async def health(request: Request) -> Response:
     routing = gw.router.describe()
     capture = gw.capture.stats()
     ok = routing["champion"] is not None and routing["registry_reachable"] and capture["store_ok"]
-    return _json({"status": "ok" if ok else "degraded", "backend": gw.backend.describe(), "routing": routing, "capture": capture, "keys": len(gw.keys)})
+    return _json(
+        {
+            "status": "ok" if ok else "degraded",
+            "backend": gw.backend.describe(),
+            "routing": routing,
+            "capture": capture,
+            "keys": len(gw.keys),
+        }
+    )
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------------------------
@@ -328,7 +392,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"Unknown route {request.method} {request.url.path} (this gateway serves /v1/chat/completions, /v1/models, /v1/feedback, /health)"
         return ApiError(404, message, code="unknown_url").response()
     if exc.status_code == 405:
-        return ApiError(405, f"Method {request.method} is not allowed on {request.url.path}", code="method_not_allowed", headers=dict(exc.headers or {})).response()
+        return ApiError(
+            405, f"Method {request.method} is not allowed on {request.url.path}", code="method_not_allowed", headers=dict(exc.headers or {})
+        ).response()
     return ApiError(exc.status_code, str(exc.detail)).response()
 
 

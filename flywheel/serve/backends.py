@@ -20,7 +20,7 @@ import logging
 import queue
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,7 +59,9 @@ class Backend(Protocol):
 
     async def complete(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> Completion: ...
 
-    async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncIterator[dict[str, Any]]: ...
+    async def stream(
+        self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -113,8 +115,13 @@ class BuiltinBackend:
             self.model.load_adapter(version.id, folder)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "base_model": str(self.model.base_path), "adapters": sorted(self.model.adapters),
-                "batches": self.batches, "largest_batch": self.largest_batch}
+        return {
+            "kind": self.kind,
+            "base_model": str(self.model.base_path),
+            "adapters": sorted(self.model.adapters),
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+        }
 
     async def complete(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> Completion:
         text, finish, prompt_tokens, completion_tokens = await self._generate(request, version)
@@ -122,13 +129,13 @@ class BuiltinBackend:
         body = protocol.completion(version.id, message, finish, protocol.usage(prompt_tokens, completion_tokens))
         return Completion(body=body, message=message, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
-    async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncGenerator[dict[str, Any], None]:
         # LocalModel generates whole answers: the stream carries it in word-sized pieces once it is ready.
         text, finish, prompt_tokens, completion_tokens = await self._generate(request, version)
         return self._chunks(version.id, text, finish, protocol.usage(prompt_tokens, completion_tokens))
 
     @staticmethod
-    async def _chunks(model: str, text: str, finish: str, token_usage: dict[str, int]) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(model: str, text: str, finish: str, token_usage: dict[str, int]) -> AsyncGenerator[dict[str, Any], None]:
         yield protocol.chunk(model, {"role": "assistant", "content": ""})
         for piece in re.findall(r"\s*\S+|\s+", text):
             yield protocol.chunk(model, {"content": piece})
@@ -137,9 +144,13 @@ class BuiltinBackend:
 
     async def _generate(self, request: ChatRequest, version: ModelVersion) -> tuple[str, str, int, int]:
         if request.n not in (None, 1):
-            raise ApiError(400, "n > 1 is not supported by the built-in backend (its answers are greedy)", param="n", code="unsupported_value")
+            raise ApiError(
+                400, "n > 1 is not supported by the built-in backend (its answers are greedy)", param="n", code="unsupported_value"
+            )
         limit = min(request.token_limit or self.max_new_tokens, self.max_new_tokens)
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)} for m in request.messages]
+        conversation = [
+            {"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)} for m in request.messages
+        ]
         job = _Job(conversation, limit, version.id if version.adapter_path is not None else None)
         if self._thread is None:
             raise ApiError(503, "the built-in backend is not started", type="server_error", code="backend_unavailable")
@@ -277,12 +288,14 @@ class ProxyBackend:
             log.info("proxy: %s is loaded at the upstream as %s", version.id, name)
             return
         hint = " (start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)" if response.status_code in (404, 405) else ""
-        raise InfrastructureError(f"the upstream refused to load {version.id}'s adapter from {path}: HTTP {response.status_code} {response.text[:200]}{hint}")
+        raise InfrastructureError(
+            f"the upstream refused to load {version.id}'s adapter from {path}: HTTP {response.status_code} {response.text[:200]}{hint}"
+        )
 
     def _upstream_path(self, local: str) -> str:
         for prefix, remote in self.adapter_path_map.items():
             if local.startswith(prefix):
-                return remote + local[len(prefix):]
+                return remote + local[len(prefix) :]
         return local
 
     def _name(self, version: ModelVersion) -> str:
@@ -305,14 +318,26 @@ class ProxyBackend:
             data = orjson.loads(content)
             message = data["choices"][0]["message"]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise ApiError(502, f"the upstream answered with a body that is not a chat completion: {content[:200]!r}", type="server_error", code="bad_upstream_response") from None
+            raise ApiError(
+                502,
+                f"the upstream answered with a body that is not a chat completion: {content[:200]!r}",
+                type="server_error",
+                code="bad_upstream_response",
+            ) from None
         token_usage = data.get("usage") or {}
-        return Completion(body=data, message=message, prompt_tokens=token_usage.get("prompt_tokens"), completion_tokens=token_usage.get("completion_tokens"))
+        return Completion(
+            body=data,
+            message=message,
+            prompt_tokens=token_usage.get("prompt_tokens"),
+            completion_tokens=token_usage.get("completion_tokens"),
+        )
 
-    async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, payload: dict[str, Any], request: ChatRequest, version: ModelVersion) -> AsyncGenerator[dict[str, Any], None]:
         # The gateway always asks for usage (it stores token counts); the app drops that chunk for clients
         # that did not ask for it.
-        body = orjson.dumps({**payload, "model": self._name(version), "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}})
+        body = orjson.dumps(
+            {**payload, "model": self._name(version), "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}
+        )
         response = await self._open(body)
         if response.status == 404 and version.adapter_path is not None:
             response.release()
@@ -328,7 +353,7 @@ class ProxyBackend:
             raise _upstream_error(response.status, content, response.headers)
         return self._chunks(response)
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for raw in response.content:
                 line = raw.strip()
@@ -340,12 +365,19 @@ class ProxyBackend:
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    raise ApiError(502, f"the upstream sent an event that is not JSON: {data[:120]!r}", type="server_error", code="bad_upstream_response") from None
+                    raise ApiError(
+                        502,
+                        f"the upstream sent an event that is not JSON: {data[:120]!r}",
+                        type="server_error",
+                        code="bad_upstream_response",
+                    ) from None
                 if "error" in obj:
                     raise ApiError(502, f"the upstream failed mid-stream: {_message_of(obj)}", type="server_error", code="upstream_error")
                 yield obj
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ApiError(502, f"the upstream stream broke: {type(exc).__name__}: {exc}", type="server_error", code="upstream_error") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ApiError(
+                502, f"the upstream stream broke: {type(exc).__name__}: {exc}", type="server_error", code="upstream_error"
+            ) from exc
         finally:
             response.release()
 
@@ -358,7 +390,7 @@ class ProxyBackend:
         try:
             async with self._session_or_503().post(self._chat_url, data=body) as response:
                 return response.status, await response.read(), response.headers
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise _timeout(exc) from exc
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
@@ -366,23 +398,32 @@ class ProxyBackend:
     async def _open(self, body: bytes) -> aiohttp.ClientResponse:
         try:
             return await self._session_or_503().post(self._chat_url, data=body)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise _timeout(exc) from exc
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: Exception) -> ApiError:
-        return ApiError(502, f"cannot reach the upstream model server at {self.base_url}: {type(exc).__name__}: {exc}", type="server_error", code="upstream_unavailable")
+        return ApiError(
+            502,
+            f"cannot reach the upstream model server at {self.base_url}: {type(exc).__name__}: {exc}",
+            type="server_error",
+            code="upstream_unavailable",
+        )
 
     async def _reload(self, version: ModelVersion) -> None:
         try:
             await anyio.to_thread.run_sync(self._load, version)
         except InfrastructureError as exc:
-            raise ApiError(503, f"{version.id} cannot be served now: {exc}", type="server_error", param="model", code="model_unavailable") from exc
+            raise ApiError(
+                503, f"{version.id} cannot be served now: {exc}", type="server_error", param="model", code="model_unavailable"
+            ) from exc
 
 
 def _timeout(exc: Exception) -> ApiError:
-    return ApiError(504, f"the upstream model server did not answer in time ({type(exc).__name__})", type="server_error", code="upstream_timeout")
+    return ApiError(
+        504, f"the upstream model server did not answer in time ({type(exc).__name__})", type="server_error", code="upstream_timeout"
+    )
 
 
 def _message_of(body: Any) -> str:
@@ -406,12 +447,21 @@ def _upstream_error(status: int, content: bytes, headers: Any) -> ApiError:
         body = content[:300].decode("utf-8", "replace")
     message = _message_of(body)
     if status in (401, 403):
-        return ApiError(502, f"the upstream refused the gateway's credentials (HTTP {status}): {message}", type="server_error", code="upstream_auth")
+        return ApiError(
+            502, f"the upstream refused the gateway's credentials (HTTP {status}): {message}", type="server_error", code="upstream_auth"
+        )
     if status == 404:
-        return ApiError(502, f"the upstream does not serve the model the gateway asked for (set serve.upstream_model?): {message}", type="server_error", code="upstream_model_not_found")
+        return ApiError(
+            502,
+            f"the upstream does not serve the model the gateway asked for (set serve.upstream_model?): {message}",
+            type="server_error",
+            code="upstream_model_not_found",
+        )
     if status == 429:
         retry = {"retry-after": headers["retry-after"]} if "retry-after" in headers else None
-        return ApiError(429, f"the upstream is rate limiting: {message}", type="rate_limit_error", code="rate_limit_exceeded", headers=retry)
+        return ApiError(
+            429, f"the upstream is rate limiting: {message}", type="rate_limit_error", code="rate_limit_exceeded", headers=retry
+        )
     if 400 <= status < 500:
         kind = body.get("error", {}).get("type") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
         return ApiError(status, message, type=kind or "invalid_request_error", code="upstream_rejected")

@@ -151,7 +151,7 @@ class Capture:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self) -> "Capture":
+    def start(self) -> Capture:
         self._thread = threading.Thread(target=self._run, name="flywheel-capture", daemon=True)
         self._thread.start()
         return self
@@ -261,8 +261,12 @@ class Capture:
     def _store_failed(self, exc: Exception) -> None:
         self.store_errors += 1
         self._down_until = time.monotonic() + self.retry_s
-        log.warning("capture: the store failed (%s); spilling to %s and retrying in %.1f s",
-                    str(exc).splitlines()[0][:200], self.spill.folder, self.retry_s)
+        log.warning(
+            "capture: the store failed (%s); spilling to %s and retrying in %.1f s",
+            str(exc).splitlines()[0][:200],
+            self.spill.folder,
+            self.retry_s,
+        )
 
     # --- building rows -----------------------------------------------------------------------------------
 
@@ -285,7 +289,9 @@ class Capture:
         source = f"gateway:{item.client}" if item.client else "gateway"
         return build_row(flat, scrubber, self.max_chars, source, utcnow())
 
-    def _split(self, items: list[Served | FeedbackItem], scrubber: Scrubber) -> tuple[list[dict[str, Any]], list[FeedbackItem], list[tuple[Served, BadLine]]]:
+    def _split(
+        self, items: list[Served | FeedbackItem], scrubber: Scrubber
+    ) -> tuple[list[dict[str, Any]], list[FeedbackItem], list[tuple[Served, BadLine]]]:
         rows: list[dict[str, Any]] = []
         feedbacks: list[FeedbackItem] = []
         rejected: list[tuple[Served, BadLine]] = []
@@ -308,8 +314,19 @@ class Capture:
     @staticmethod
     def _lines(rows: list[dict[str, Any]], feedbacks: list[FeedbackItem]) -> list[bytes]:
         lines = [encode("i", row) for row in rows]
-        lines += [encode("f", {"interaction_id": f.interaction_id, "kind": f.kind, "value": f.value, "client": f.client,
-                                "created_at": f.created_at.isoformat()}) for f in feedbacks]
+        lines += [
+            encode(
+                "f",
+                {
+                    "interaction_id": f.interaction_id,
+                    "kind": f.kind,
+                    "value": f.value,
+                    "client": f.client,
+                    "created_at": f.created_at.isoformat(),
+                },
+            )
+            for f in feedbacks
+        ]
         return lines
 
     # --- the store -----------------------------------------------------------------------------------------
@@ -349,7 +366,9 @@ class Capture:
                     feedback.record(conn, [item])
                 self.feedback_stored += 1
             except (DataError, IntegrityError) as exc:
-                self._append_rejected({"kind": "store_refused", "reason": str(exc).splitlines()[0][:300], "feedback": self._lines([], [item])[0].decode()})
+                self._append_rejected(
+                    {"kind": "store_refused", "reason": str(exc).splitlines()[0][:300], "feedback": self._lines([], [item])[0].decode()}
+                )
 
     # --- spilling and replaying ------------------------------------------------------------------------------
 
@@ -392,7 +411,7 @@ class Capture:
         """Replay one spill file into the store. False when the store failed (the file stays, with its offset)."""
         offset_path = path.with_name(path.name + ".offset")
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below
+            handle = open(path, "rb")
         except FileNotFoundError:
             return True  # another process replayed it meanwhile
         with handle:
@@ -424,7 +443,13 @@ class Capture:
             try:
                 kind, value = decode(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash mid-write
-                self._append_rejected({"kind": "corrupt_spill_line", "reason": f"unreadable line in {path.name}", "raw": line[:2000].decode("utf-8", "replace")})
+                self._append_rejected(
+                    {
+                        "kind": "corrupt_spill_line",
+                        "reason": f"unreadable line in {path.name}",
+                        "raw": line[:2000].decode("utf-8", "replace"),
+                    }
+                )
                 continue
             (rows if kind == "i" else feedbacks).append(value)
             if len(rows) + len(feedbacks) >= self.batch_size:
@@ -438,8 +463,12 @@ class Capture:
     def _reject(self, rejected: list[tuple[Served, BadLine]]) -> None:
         for item, exc in rejected:
             scrub = Scrubber()
-            messages = [{"role": m.get("role"), "content": scrub.text(message_text(m.get("content")))} for m in item.messages if isinstance(m, dict)]
-            self._append_rejected({"kind": exc.kind, "reason": str(exc), "id": item.id, "model_version": item.model_version, "messages": messages})
+            messages = [
+                {"role": m.get("role"), "content": scrub.text(message_text(m.get("content")))} for m in item.messages if isinstance(m, dict)
+            ]
+            self._append_rejected(
+                {"kind": exc.kind, "reason": str(exc), "id": item.id, "model_version": item.model_version, "messages": messages}
+            )
 
     def _reject_row(self, row: dict[str, Any], kind: str, reason: str) -> None:
         self._append_rejected({"kind": kind, "reason": reason, "id": row.get("id"), "row": row})

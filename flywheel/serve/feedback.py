@@ -65,7 +65,12 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
     """The event with its value checked and normalised, or a 400 naming what is wrong."""
     kind, value = ALIASES.get(request.kind, request.kind), request.value
     if kind not in KINDS:
-        raise ApiError(400, f"Invalid value for 'kind': {request.kind[:50]!r} is not one of {', '.join((*KINDS, *ALIASES))}", param="kind", code="invalid_value")
+        raise ApiError(
+            400,
+            f"Invalid value for 'kind': {request.kind[:50]!r} is not one of {', '.join((*KINDS, *ALIASES))}",
+            param="kind",
+            code="invalid_value",
+        )
     if kind in ("thumbs_up", "thumbs_down"):
         if value is not None:
             raise ApiError(400, f"'{request.kind}' takes no value", param="value", code="invalid_value")
@@ -78,11 +83,18 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
         if value is None:
             value = 1
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_FOLLOWUPS_PER_EVENT:
-            raise ApiError(400, f"'followup' value must be a whole number of follow-ups from 1 to {MAX_FOLLOWUPS_PER_EVENT}", param="value", code="invalid_value")
+            raise ApiError(
+                400,
+                f"'followup' value must be a whole number of follow-ups from 1 to {MAX_FOLLOWUPS_PER_EVENT}",
+                param="value",
+                code="invalid_value",
+            )
     elif kind == "qa_verdict":
         verdict = value.strip().capitalize() if isinstance(value, str) else None
         if verdict not in QA_VERDICTS:
-            raise ApiError(400, f"'qa_verdict' value must be one of {', '.join(QA_VERDICTS)}, got {value!r}"[:200], param="value", code="invalid_value")
+            raise ApiError(
+                400, f"'qa_verdict' value must be one of {', '.join(QA_VERDICTS)}, got {value!r}"[:200], param="value", code="invalid_value"
+            )
         value = verdict
     elif kind == "complaint":
         if value is None:
@@ -90,7 +102,12 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
         if not isinstance(value, str) or not value.strip() or "\x00" in value:
             raise ApiError(400, "'complaint' value must be a non-empty text without NUL characters", param="value", code="invalid_value")
         if len(value) > max_chars:
-            raise ApiError(400, f"'complaint' value is {len(value)} characters, over policies.max_message_chars ({max_chars})", param="value", code="invalid_value")
+            raise ApiError(
+                400,
+                f"'complaint' value is {len(value)} characters, over policies.max_message_chars ({max_chars})",
+                param="value",
+                code="invalid_value",
+            )
         value = Scrubber().text(value)  # the complaint is stored: scrubbed like everything ingest stores
     return FeedbackItem(interaction_id=request.interaction_id, kind=kind, value=value, client=client)
 

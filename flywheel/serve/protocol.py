@@ -32,7 +32,7 @@ class ApiError(Exception):
         self,
         status: int,
         message: str,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
@@ -201,7 +201,14 @@ def chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None, c
 
 def usage_chunk(model: str, token_usage: dict[str, int], created: int | None = None) -> dict[str, Any]:
     """The last chunk of a stream when the client asked for `stream_options.include_usage`: no choices, the usage."""
-    return {"id": "", "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model, "choices": [], "usage": token_usage}
+    return {
+        "id": "",
+        "object": "chat.completion.chunk",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": token_usage,
+    }
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -228,7 +235,9 @@ class StreamAccumulator:
             if delta.get("content"):
                 self.content.append(delta["content"])
             for call in delta.get("tool_calls") or ():
-                slot = self.tool_calls.setdefault(call.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                slot = self.tool_calls.setdefault(
+                    call.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                )
                 if call.get("id"):
                     slot["id"] = call["id"]
                 function = call.get("function") or {}

@@ -45,7 +45,7 @@ MAX_EXPLICIT = 64  # versions requested by id kept prepared besides the aliases
 
 def bucket(user: str, salt: str) -> float:
     """A user's stable position in [0, 1) for the canary keyed by `salt`."""
-    digest = hashlib.sha256(f"{salt}\x00{user}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\x00{user}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -132,8 +132,12 @@ class Router:
                 routing = routing.model_copy(update={"champion": aliases[CHAMPION].id})
             snapshot = Snapshot(routing=routing if CHAMPION in aliases else None, aliases=aliases, versions=versions)
             if _changed(old, snapshot):
-                log.info("routing: champion %s, canary %s at %.0f%%", _id(snapshot.aliases.get(CHAMPION)),
-                         _id(snapshot.aliases.get(CANARY)), 100 * snapshot.canary_share)
+                log.info(
+                    "routing: champion %s, canary %s at %.0f%%",
+                    _id(snapshot.aliases.get(CHAMPION)),
+                    _id(snapshot.aliases.get(CANARY)),
+                    100 * snapshot.canary_share,
+                )
             self._snapshot = snapshot
         self.refreshed_at = time.monotonic()
         return snapshot
@@ -192,7 +196,13 @@ class Router:
         """A 503 when the registry names a version for `alias` that cannot be served (its adapter failed)."""
         if alias in self._unservable:
             version_id, why = self._unservable[alias]
-            raise ApiError(503, f"{alias} is {version_id}, which cannot be served now: {why}", type="server_error", param="model", code="model_unavailable")
+            raise ApiError(
+                503,
+                f"{alias} is {version_id}, which cannot be served now: {why}",
+                type="server_error",
+                param="model",
+                code="model_unavailable",
+            )
 
     def load_version(self, version_id: str) -> ModelVersion:
         """Look a version up by id and prepare it (blocking: run it in a worker thread). A 404 when the
@@ -206,7 +216,9 @@ class Router:
             self._unknown[version_id] = time.monotonic() + UNKNOWN_TTL_S
             raise not_found_model(version_id) from None
         except SQLAlchemyError as exc:
-            raise ApiError(503, f"cannot look up {version_id}: the registry is not reachable", type="server_error", code="registry_unavailable") from exc
+            raise ApiError(
+                503, f"cannot look up {version_id}: the registry is not reachable", type="server_error", code="registry_unavailable"
+            ) from exc
         if version.status in CLOSED:
             raise not_found_model(version_id, f"it is {version.status} and no longer serves")
         with self._write_lock:
@@ -214,7 +226,9 @@ class Router:
             ready = self._ready(version, old)
             if ready is None:
                 why = self._broken.get((version.id, version.adapter_sha256), (0.0, "it failed to load"))[1]
-                raise ApiError(503, f"{version_id} cannot be served now: {why}", type="server_error", param="model", code="model_unavailable")
+                raise ApiError(
+                    503, f"{version_id} cannot be served now: {why}", type="server_error", param="model", code="model_unavailable"
+                )
             if version_id not in self._explicit:
                 self._explicit.append(version_id)
                 del self._explicit[:-MAX_EXPLICIT]

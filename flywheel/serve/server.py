@@ -28,8 +28,9 @@ def serve_forever(app: Any, host: str, port: int, *, access_log: bool = False, l
     sys.setswitchinterval(0.001)
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=30)
+    config = uvicorn.Config(
+        app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30
+    )
     uvicorn.Server(config).run()
 
 
@@ -39,7 +40,9 @@ class ServerThread:
     The socket is bound by `bind()` (or by `start()`), before the thread starts, so that port 0 gives a
     known port and a taken port is an OSError in the caller's thread. `what` names the server in errors."""
 
-    def __init__(self, app: Any, host: str = LOOPBACK, port: int = 0, *, name: str = "flywheel-gateway", what: str = "the gateway", **config: Any):
+    def __init__(
+        self, app: Any, host: str = LOOPBACK, port: int = 0, *, name: str = "flywheel-gateway", what: str = "the gateway", **config: Any
+    ):
         self.app = app
         self.host = host
         self.name = name
@@ -76,7 +79,7 @@ class ServerThread:
             self._socket = sock
         return self
 
-    def start(self, timeout: float = 60.0) -> "ServerThread":
+    def start(self, timeout: float = 60.0) -> ServerThread:
         self.bind()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, **self._config))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, name=self.name, daemon=True)
@@ -101,7 +104,7 @@ class ServerThread:
             self._socket.close()
             self._socket = None
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

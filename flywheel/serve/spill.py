@@ -23,7 +23,7 @@ from flywheel.serve.feedback import FeedbackItem
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux/macOS: no cross-process spill locking
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # None marks "no fcntl here", checked in lock_nonblocking
 
 ROW_TIMES = ("timestamp", "ingested_at")
 
@@ -44,7 +44,7 @@ class SpillFiles:
             if self._active is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self._active_path = self.folder / f"spill-{time.time_ns()}-{os.getpid()}.jsonl"
-                self._active = open(self._active_path, "ab")  # noqa: SIM115 - closed in rotate()
+                self._active = open(self._active_path, "ab")
                 lock_nonblocking(self._active)
             self._active.write(b"".join(lines))
             self._active.flush()  # in the OS's hands: survives a crash of this process

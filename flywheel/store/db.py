@@ -40,7 +40,7 @@ class Store:
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers (the CLI, the gateway) work while a writer ingests; NORMAL sync is durable in WAL
     # mode against process crashes, which is what "an interrupted ingest loses nothing" needs.

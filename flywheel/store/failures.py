@@ -13,18 +13,7 @@ from sqlalchemy import Connection, and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel.errors import NotFoundError
-from flywheel.records import (
-    Correction,
-    Failure,
-    FailureStatus,
-    FailureView,
-    Record,
-    SampleTier,
-    Verdict,
-    Verification,
-    stable_hash,
-    utcnow,
-)
+from flywheel.records import Correction, Failure, FailureStatus, FailureView, Record, SampleTier, Verdict, Verification, stable_hash, utcnow
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
 from flywheel.store.schema import corrections, failures, labels, tier_moves, verdicts
@@ -307,7 +296,10 @@ def show(store: Store, failure_id: str) -> FailureView:
             raise NotFoundError(f"no failure with id {failure_id!r}")
         failure = failure_from_row(row)
         interaction = interaction_repo.get_many(conn, [failure.interaction_id])[failure.interaction_id]
-        moves = [dict(r._mapping) for r in conn.execute(select(tier_moves).where(tier_moves.c.failure_id == failure_id).order_by(tier_moves.c.id))]
+        moves = [
+            dict(r._mapping)
+            for r in conn.execute(select(tier_moves).where(tier_moves.c.failure_id == failure_id).order_by(tier_moves.c.id))
+        ]
         return FailureView(
             failure=failure,
             interaction=interaction,

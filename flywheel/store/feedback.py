@@ -22,7 +22,9 @@ class FeedbackEvent:
 
 
 def insert_event(conn: Connection, interaction_id: str, kind: str, value: Any, client: str | None, created_at: datetime) -> None:
-    conn.execute(feedback_events.insert().values(interaction_id=interaction_id, kind=kind, value=value, client=client, created_at=created_at))
+    conn.execute(
+        feedback_events.insert().values(interaction_id=interaction_id, kind=kind, value=value, client=client, created_at=created_at)
+    )
 
 
 def update_signals(conn: Connection, interaction_id: str, values: dict[str, Any]) -> int:

@@ -51,7 +51,9 @@ def transition(store: Store, job_id: str, from_statuses: Iterable[str], to_statu
         return conn.execute(stmt).rowcount == 1
 
 
-def set_fields(store: Store, job_id: str, values: dict[str, Any], *, only_status: Iterable[str] | None = None, worker_pid: int | None = None) -> bool:
+def set_fields(
+    store: Store, job_id: str, values: dict[str, Any], *, only_status: Iterable[str] | None = None, worker_pid: int | None = None
+) -> bool:
     """Update fields of a job while it is in `only_status` (if given) and held by `worker_pid` (if given)."""
     stmt = update(jobs).where(jobs.c.id == job_id)
     if only_status is not None:

@@ -25,7 +25,9 @@ def insert(store: Store, name: str, key_hash: str) -> bool:
 def list_all(store: Store) -> list[dict[str, Any]]:
     """{"name", "revoked", "created_at"} of every key, oldest first."""
     with store.engine.connect() as conn:
-        rows = conn.execute(select(api_keys.c.name, api_keys.c.revoked, api_keys.c.created_at).order_by(api_keys.c.created_at, api_keys.c.id))
+        rows = conn.execute(
+            select(api_keys.c.name, api_keys.c.revoked, api_keys.c.created_at).order_by(api_keys.c.created_at, api_keys.c.id)
+        )
         return [{"name": r.name, "revoked": bool(r.revoked), "created_at": r.created_at} for r in rows]
 
 

@@ -65,4 +65,7 @@ def seen_intents(conn: Connection) -> set[str]:
 
 def labelled_failures(conn: Connection) -> list[tuple[str, str]]:
     """(id, status) of every failure with at least one label."""
-    return [(r.id, r.status) for r in conn.execute(select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id))))]
+    return [
+        (r.id, r.status)
+        for r in conn.execute(select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id))))
+    ]

@@ -53,7 +53,9 @@ def set_if(store: Store, run_id: str, while_state: str, while_pid: int | None, *
     the run as it is now."""
     with store.begin() as conn:
         conn.execute(
-            update(runs).where(runs.c.id == run_id, runs.c.state == while_state, runs.c.pid == while_pid).values(updated_at=utcnow(), **values)
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.state == while_state, runs.c.pid == while_pid)
+            .values(updated_at=utcnow(), **values)
         )
         return dict(conn.execute(select(runs).where(runs.c.id == run_id)).one()._mapping)
 
@@ -99,8 +101,12 @@ def effect_result(store: Store, key: str) -> dict[str, Any] | None:
 def record_effect(store: Store, key: str, kind: str, result: dict[str, Any] | None = None) -> bool:
     """Record that the effect `key` happened. False when it was recorded already (by anyone)."""
     dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
-    stmt = (dialect.insert(effects).values(key=key[:200], kind=kind, result=result, created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["key"]).returning(effects.c.key))
+    stmt = (
+        dialect.insert(effects)
+        .values(key=key[:200], kind=kind, result=result, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(effects.c.key)
+    )
     with store.begin() as conn:
         # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
         return conn.execute(stmt).first() is not None

@@ -52,8 +52,14 @@ def moved_by(conn: Connection, version: str, prefix: str, failure_ids: Iterable[
 def tier_changes_by(conn: Connection, version: str, prefix: str) -> list[TierMove]:
     """The moves caused by `version`, reason starting with `prefix`, that changed a tier; oldest first."""
     rows = conn.execute(
-        select(tier_moves.c.failure_id, tier_moves.c.from_tier, tier_moves.c.to_tier, tier_moves.c.weight, tier_moves.c.version,
-               tier_moves.c.reason)
+        select(
+            tier_moves.c.failure_id,
+            tier_moves.c.from_tier,
+            tier_moves.c.to_tier,
+            tier_moves.c.weight,
+            tier_moves.c.version,
+            tier_moves.c.reason,
+        )
         .where(tier_moves.c.version == version, tier_moves.c.reason.startswith(prefix), tier_moves.c.from_tier != tier_moves.c.to_tier)
         .order_by(tier_moves.c.id)
     ).fetchall()

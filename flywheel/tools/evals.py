@@ -34,8 +34,13 @@ def run_evaluation(ctx: ToolContext, version: str) -> EvalSummary:
         raise ToolInputError(f"{target.id} is a base model without an adapter; evaluate a trained candidate")
     candidate = ref_from_version(target)
     champion = champion_ref(ctx.store, candidate)
-    report = run_eval(ctx, candidate, champion, progress=lambda message: report_progress(ctx, message, version=target.id),
-                      load_model=ctx.eval_model_loader)
+    report = run_eval(
+        ctx,
+        candidate,
+        champion,
+        progress=lambda message: report_progress(ctx, message, version=target.id),
+        load_model=ctx.eval_model_loader,
+    )
     record_on_version(ctx.store, report)
     document = json.loads(report.path_json.read_text(encoding="utf-8"))
     return summarize_report(target.id, report.report_hash, report.path_json, document)
@@ -61,8 +66,4 @@ def _eval_facts(summary: EvalSummary) -> dict[str, Any]:
     return {"candidate": summary.version, "report_hash": summary.report_hash, "gate_passed": summary.gate_passed}
 
 
-SPECS = [
-    ToolSpec(run_evaluation, mutates=True, facts=_eval_facts),
-    ToolSpec(read_eval_report),
-    ToolSpec(list_models),
-]
+SPECS = [ToolSpec(run_evaluation, mutates=True, facts=_eval_facts), ToolSpec(read_eval_report), ToolSpec(list_models)]

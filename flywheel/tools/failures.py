@@ -74,8 +74,7 @@ class FailureDetail(Record):
 
 
 def pipeline_status(ctx: ToolContext) -> PipelineStatus:
-    """Where the improvement loop stands now: failures by status (triaged ones wait for the judge, judged ones for a correction), verified samples ready to train on, the champion, undecided candidates and running training jobs.
-    """
+    """Where the improvement loop stands now: failures by status (triaged ones wait for the judge, judged ones for a correction), verified samples ready to train on, the champion, undecided candidates and running training jobs."""
     store = ctx.store
     by_status = {row["status"]: int(row["failures"]) for row in failure_repo.counts(store, by=("status",))}
     verified = sum(
@@ -127,7 +126,9 @@ def list_failures(
         raise ToolInputError(f"status {status!r} is not one of: {', '.join(STATUSES)}")
     if problem_type is not None and problem_type not in ctx.settings.taxonomy.problem_types:
         raise ToolInputError(f"problem_type {problem_type!r} is not in the taxonomy: {', '.join(ctx.settings.taxonomy.problem_types)}")
-    flt = failure_repo.FailureFilter(problem_type=problem_type, severity=severity, intent=intent, status=status, version=version, limit=limit)
+    flt = failure_repo.FailureFilter(
+        problem_type=problem_type, severity=severity, intent=intent, status=status, version=version, limit=limit
+    )
     return failure_repo.list_failures(ctx.store, flt)
 
 

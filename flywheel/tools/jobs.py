@@ -136,8 +136,14 @@ def register_candidate(ctx: ToolContext, job_id: str) -> CandidateInfo:
         job_id=record.id,
         notes=f"trained by job {record.id}",
     )
-    return CandidateInfo(version=version.id, status=str(version.status), job_id=version.job_id, dataset_id=version.dataset_id,
-                         parent=version.parent, gate_passed=version.gate_passed)
+    return CandidateInfo(
+        version=version.id,
+        status=str(version.status),
+        job_id=version.job_id,
+        dataset_id=version.dataset_id,
+        parent=version.parent,
+        gate_passed=version.gate_passed,
+    )
 
 
 SPECS = [

@@ -27,8 +27,8 @@ def request_labels(ctx: ToolContext, strategy: Strategy | None = None) -> Labell
     Args:
         strategy: how to choose: random, least_confidence, margin, entropy, kcenter, kmeans, expected_change or hybrid (default: the selection.strategy setting).
     """
-    from flywheel.release.registry import resolve
     from flywheel.inference.local_model import LocalModel
+    from flywheel.release.registry import resolve
 
     labeller = ctx.labeller or QueueLabeller(ctx.settings.state_path / "label_requests.jsonl")
     chosen = strategy or ctx.settings.selection.strategy

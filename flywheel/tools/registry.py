@@ -92,5 +92,14 @@ def build_tools(ctx: Context, extra: Sequence[ToolSpec] = ()) -> ToolRegistry:
     # importing the registry's types (agent.graph) should not pay for.
     from flywheel.tools import canary, corrections, datasets, evals, failures, jobs, labels, retrieval
 
-    specs = [*failures.SPECS, *labels.SPECS, *corrections.SPECS, *retrieval.SPECS, *datasets.SPECS, *jobs.SPECS, *evals.SPECS, *canary.SPECS]
+    specs = [
+        *failures.SPECS,
+        *labels.SPECS,
+        *corrections.SPECS,
+        *retrieval.SPECS,
+        *datasets.SPECS,
+        *jobs.SPECS,
+        *evals.SPECS,
+        *canary.SPECS,
+    ]
     return ToolRegistry(ctx, [*specs, *extra])

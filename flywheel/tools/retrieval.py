@@ -49,14 +49,16 @@ def retrieve_context(
     for hit in hits:
         text = hit.text[:MAX_TEXT]
         meta = hit.metadata
-        out.append(Passage(
-            id=hit.id,
-            similarity=round(hit.similarity, 4),
-            title=meta.get("title"),
-            kind=meta.get("kind"),
-            intent=meta.get("intent"),
-            text=untrusted_block("correction", text, nonce) if nonce else text,
-        ))
+        out.append(
+            Passage(
+                id=hit.id,
+                similarity=round(hit.similarity, 4),
+                title=meta.get("title"),
+                kind=meta.get("kind"),
+                intent=meta.get("intent"),
+                text=untrusted_block("correction", text, nonce) if nonce else text,
+            )
+        )
     return out
 
 

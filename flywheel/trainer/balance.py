@@ -7,7 +7,7 @@ before and after each:
                          (down-sampling keeps higher severities first).
 2. `oversample_rare_high_risk`  a rare type's rows of an oversampled severity are repeated toward
                          `oversample_target_ratio` of the problem rows, each row at most `max_repeats` times.
-3. `mix_replay`          baseline rows are drawn so that problem rows are the target share of the set,
+3. `mix_replay`          (flywheel.trainer.replay_mix) baseline rows are drawn so that problem rows are the target share of the set,
                          inside [replay_min_share, replay_max_share]; tiers are drawn by `tier_weights`
                          (weighted sampling without replacement); with replay_strategy "counter", first
                          shared out per intent, most to the intents the problem rows correct away from;
@@ -31,7 +31,6 @@ copies is counting keys.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter, defaultdict
@@ -160,15 +159,24 @@ def cap_problem_types(rows: list[Sample], ratio: float, seed: int, ledger: Ledge
     before = counts(problems, "problem_type")
     cap, used = bucket_cap(before, ratio)
     if used > ratio + 1e-12:
-        ledger.warnings.append(f"problem_type_max_ratio {ratio} cannot hold with {len(before)} problem type(s); capped at 1/{len(before)} (equal types)")
+        ledger.warnings.append(
+            f"problem_type_max_ratio {ratio} cannot hold with {len(before)} problem type(s); capped at 1/{len(before)} (equal types)"
+        )
     rng = step_rng(seed, "problem_type_cap")
     kept: list[Sample] = []
     for name in before:
         members = [r for r in problems if r.problem_type == name]
         kept.extend(_keep(members, cap, rng) if len(members) > cap else members)
     ledger.step(
-        "problem_type_cap", len(rows), len(others) + len(kept), problem_rows_before=len(problems), problem_rows_after=len(kept),
-        cap=cap, ratio=used, by_type_before=before, by_type_after=counts(kept, "problem_type"),
+        "problem_type_cap",
+        len(rows),
+        len(others) + len(kept),
+        problem_rows_before=len(problems),
+        problem_rows_after=len(kept),
+        cap=cap,
+        ratio=used,
+        by_type_before=before,
+        by_type_after=counts(kept, "problem_type"),
     )
     return others + kept
 
@@ -197,169 +205,6 @@ def oversample_rare_high_risk(
     return out
 
 
-# --- 3. replay mix ------------------------------------------------------------------------------------------
-
-
-def rejected_intent(sample: Sample) -> str | None:
-    """The intent the original, failing answer gave (its JSON "intent" field), if it says one."""
-    content = (sample.rejected or {}).get("content") or ""
-    if not content.lstrip().startswith("{"):
-        return None
-    try:
-        said = json.loads(content).get("intent")
-    except (ValueError, AttributeError):
-        return None
-    return said if isinstance(said, str) and said else None
-
-
-def boundary_neighbours(problems: Sequence[Sample], replay: Sequence[Sample], embed: Embed, k: int) -> dict[int, int]:
-    """Replay rows that sit on the far side of a new boundary: for each problem row, the `k` replay rows
-    of another intent whose last user turn is nearest to its own (cosine over `embed`). Returns replay
-    index -> how many problem rows named it.
-
-    A correction that teaches "this request is T" also moves every request that looks like it towards T,
-    including those that really are a neighbouring intent N the model used to get right. Replaying those
-    N rows, the ones nearest the corrections, is meant to teach the boundary from both sides. Measured
-    against per-intent replay on the 40-intent demo pack it made no difference (docs/learning.md)."""
-    if not problems or not replay or k <= 0:
-        return {}
-    import numpy as np
-
-    vectors = np.asarray(embed([_user_text(s) for s in problems] + [_user_text(s) for s in replay]), dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    near, pool = vectors[: len(problems)], vectors[len(problems) :]
-    similarity = near @ pool.T
-    replay_intents = np.array([s.intent for s in replay], dtype=object)
-    named: Counter[int] = Counter()
-    for row, sample in enumerate(problems):
-        scores = np.where(replay_intents != sample.intent, similarity[row], -np.inf)
-        for index in np.argsort(-scores, kind="stable")[:k]:
-            if np.isfinite(scores[index]):
-                named[int(index)] += 1
-    return dict(named)
-
-
-def _user_text(sample: Sample) -> str:
-    users = [m.get("content") or "" for m in sample.prompt if m.get("role") == "user"]
-    return users[-1] if users else sample.last_user
-
-
-def replay_quotas(problems: Sequence[Sample], available: Mapping[str, int], want: int, boundary: Mapping[str, int] | None = None) -> dict[str, int]:
-    """How many replay rows to draw per intent ("counter" replay).
-
-    Every problem row that corrects an answer of intent H teaches "not H here"; left alone, the model
-    learns to avoid H everywhere and forgets the requests that really are H. So each intent's weight is
-    1 (every served intent keeps some replay) plus the number of problem rows pushing away from it, and
-    `want` rows are shared out by weight (largest remainders), never more than an intent has; what an
-    intent cannot take goes to the others by the same weights. `boundary` (intent -> boundary rows, see
-    `boundary_neighbours`) adds to an intent's weight the same way."""
-    pushed = Counter(i for i in (rejected_intent(p) for p in problems) if i)
-    boundary = boundary or {}
-    weights = {intent: 1.0 + pushed.get(intent, 0) + boundary.get(intent, 0) for intent, n in available.items() if n > 0}
-    quota = {intent: 0 for intent in weights}
-    left = min(want, sum(available.values()))
-    while left > 0 and weights:
-        total = sum(weights.values())
-        shares = {i: left * w / total for i, w in weights.items()}
-        grant = {i: min(math.floor(x), available[i] - quota[i]) for i, x in shares.items()}
-        given = sum(grant.values())
-        # the rows floor() left over go to the largest remainders among intents with room
-        order = sorted(weights, key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
-        for intent in order:
-            if given >= left:
-                break
-            if quota[intent] + grant[intent] < available[intent]:
-                grant[intent] += 1
-                given += 1
-        if given == 0:
-            break
-        for intent, n in grant.items():
-            quota[intent] += n
-        left -= given
-        weights = {i: w for i, w in weights.items() if quota[i] < available[i]}
-    return quota
-
-
-def mix_replay(
-    rows: list[Sample], min_share: float, max_share: float, target_share: float | None, tier_weights: Mapping[str, float], seed: int, ledger: Ledger,
-    strategy: str = "counter", embed: Embed | None = None, boundary_k: int = 3,
-) -> list[Sample]:
-    """Keep every problem row and draw replay rows so problems are `target_share` of the set.
-
-    `strategy` says which replay rows: "weighted" draws by tier weight alone; "counter" first shares
-    the rows out per intent (`replay_quotas`), then draws by tier weight inside each intent, with rows
-    a person confirmed (label_fine) ahead of unconfirmed production rows; "boundary" is "counter" that
-    also weighs and draws first the replay rows nearest the problem rows (`boundary_neighbours`, with
-    `embed`), so each new boundary is taught from both sides.
-
-    When there are too few replay rows to bring problems down to `max_share`, every replay row is used
-    and every problem row is still kept: the snapshot exists to teach the new fixes, and dropping most
-    of them to satisfy a ratio would train on almost nothing. The manifest warns, so the operator can
-    add baseline rows (graduate samples, or pass stable production samples as extra rows).
-    """
-    problems = [r for r in rows if r.pool == PROBLEM]
-    replay = sorted((r for r in rows if r.pool != PROBLEM), key=lambda r: r.key)
-    share = min(max(target_share if target_share is not None else (min_share + max_share) / 2, min_share), max_share)
-    if target_share is not None and share != target_share:
-        ledger.warnings.append(f"replay_target_share {target_share} lies outside [{min_share}, {max_share}]; aimed at {share}")
-    n_prob = len(problems)
-    want = round(n_prob * (1 - share) / share)
-    need = math.ceil(n_prob * (1 - max_share) / max_share - 1e-9)  # the least replay keeping problems <= max
-    limit = math.floor(n_prob * (1 - min_share) / min_share + 1e-9) if min_share > 0 else want
-    want = min(max(want, need), limit)
-    eligible = [r for r in replay if tier_weights.get(r.tier, 1.0) > 0]
-    rng = step_rng(seed, "replay_mix")
-    # Efraimidis-Spirakis: key u^(1/w), the largest keys win; a tier of weight 3 is drawn ahead of one of
-    # weight 1 without ever being drawn twice.
-    by_intent = strategy in ("counter", "boundary")
-    near: dict[int, int] = {}
-    if strategy == "boundary":
-        if embed is None:
-            raise ValueError('replay_strategy "boundary" needs an embedding function')
-        near = boundary_neighbours(problems, eligible, embed, boundary_k)
-    boundary: Counter[str] = Counter()
-    for i, n in near.items():
-        boundary[eligible[i].intent] += n
-    # Draw order: rows nearest a new boundary, then rows a person confirmed, then by tier weight.
-    keyed = sorted(
-        ((near.get(i, 0), r.origin == "label_fine" and by_intent, rng.random() ** (1.0 / tier_weights.get(r.tier, 1.0)), i) for i, r in enumerate(eligible)),
-        reverse=True,
-    )
-    if by_intent:
-        quota = replay_quotas(problems, counts(eligible, "intent"), want, boundary)
-        drawn = []
-        for *_, i in keyed:
-            if quota.get(eligible[i].intent, 0) > 0:
-                quota[eligible[i].intent] -= 1
-                drawn.append(eligible[i])
-    else:
-        drawn = [eligible[i] for *_, i in keyed[:want]]
-    if len(eligible) < need:
-        actual = n_prob / (n_prob + len(drawn)) if n_prob else 0.0
-        ledger.warnings.append(
-            f"only {len(eligible)} replay row(s) for {n_prob} problem row(s): problems are {actual:.0%} of the set, "
-            f"above replay_max_share {max_share:.0%}; all problem rows were kept"
-        )
-    final = problems + drawn
-    near_ids = {id(eligible[i]) for i in near}
-    ledger.step(
-        "replay_mix",
-        len(rows),
-        len(final),
-        problem_rows=n_prob,
-        replay_available=len(replay),
-        replay_available_by_tier=counts(replay, "tier"),
-        replay_drawn=len(drawn),
-        replay_drawn_by_tier=counts(drawn, "tier"),
-        target_share=share,
-        problem_share=round(n_prob / len(final), 6) if final else 0.0,
-        strategy=strategy,
-        replay_drawn_by_intent=counts(drawn, "intent") if by_intent else None,
-        boundary_rows_drawn=sum(1 for r in drawn if id(r) in near_ids) if near else None,
-    )
-    return final
-
-
 # --- 4. held-out split --------------------------------------------------------------------------------------
 
 
@@ -386,7 +231,15 @@ def split_heldout(rows: list[Sample], ratio: float, seed: int, ledger: Ledger) -
         held.update(names[: quota[s]])
     train = [r for r in rows if r.group not in held]
     heldout = _unique(r for r in rows if r.group in held)  # one copy each: repeats only matter in training
-    ledger.step("heldout_split", len(rows), len(train), heldout=len(heldout), heldout_groups=len(held), ratio=ratio, heldout_by_intent=counts(heldout, "intent"))
+    ledger.step(
+        "heldout_split",
+        len(rows),
+        len(train),
+        heldout=len(heldout),
+        heldout_groups=len(held),
+        ratio=ratio,
+        heldout_by_intent=counts(heldout, "intent"),
+    )
     return train, heldout
 
 
@@ -416,7 +269,9 @@ def intent_cap(rows: list[Sample], ratio: float, seed: int, ledger: Ledger) -> l
     before = counts(rows, "intent")
     cap, used = bucket_cap(before, ratio)
     if used > ratio + 1e-12:
-        ledger.warnings.append(f"intent_max_ratio {ratio} cannot hold with {len(before)} intent(s); capped at 1/{len(before)} (equal intents)")
+        ledger.warnings.append(
+            f"intent_max_ratio {ratio} cannot hold with {len(before)} intent(s); capped at 1/{len(before)} (equal intents)"
+        )
     rng = step_rng(seed, "intent_cap")
     out: list[Sample] = []
     for name, have in before.items():
@@ -465,8 +320,16 @@ def checks(rows: Sequence[Sample], s: Any) -> dict[str, Any]:
     share = len(problems) / n
     copies = max(Counter(r.key for r in rows).values(), default=0)
     return {
-        "intent_max_share": {"limit": s.intent_max_ratio, "actual": round(intent_share, 6), "held": intent_share <= s.intent_max_ratio + 1e-9},
-        "problem_type_max_share": {"limit": s.problem_type_max_ratio, "actual": round(type_share, 6), "held": type_share <= s.problem_type_max_ratio + 1e-9},
+        "intent_max_share": {
+            "limit": s.intent_max_ratio,
+            "actual": round(intent_share, 6),
+            "held": intent_share <= s.intent_max_ratio + 1e-9,
+        },
+        "problem_type_max_share": {
+            "limit": s.problem_type_max_ratio,
+            "actual": round(type_share, 6),
+            "held": type_share <= s.problem_type_max_ratio + 1e-9,
+        },
         "problem_share": {
             "min": s.replay_min_share,
             "max": s.replay_max_share,

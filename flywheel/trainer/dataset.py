@@ -47,6 +47,7 @@ from flywheel.store.db import Store
 from flywheel.trainer import balance as bal
 from flywheel.trainer.balance import Ledger, Sample
 from flywheel.trainer.replay import ReplayRow, parse_replay_rows, stable_production_rows
+from flywheel.trainer.replay_mix import mix_replay
 from flywheel.trainer.samples import replay_samples, store_samples, test_set_keys
 
 Kind = Literal["sft", "dpo"]
@@ -117,11 +118,7 @@ def _dedupe(samples: list[Sample], ledger: Ledger) -> list[Sample]:
 
 
 def build_snapshot(
-    ctx: Context,
-    kind: str = "sft",
-    *,
-    extra_rows: Sequence[ReplayRow | dict[str, Any]] | None = None,
-    extra_errors: Sequence[str] = (),
+    ctx: Context, kind: str = "sft", *, extra_rows: Sequence[ReplayRow | dict[str, Any]] | None = None, extra_errors: Sequence[str] = ()
 ) -> Snapshot:
     """Build (or find, when the same state was built before) a dataset snapshot and record it.
 
@@ -157,15 +154,29 @@ def build_snapshot(
     if n_problems == 0:
         raise UserInputError(
             f"no verified problem rows to build a {kind} dataset from ({sum(s.pool == bal.PROBLEM for s in samples)} before the test-set filter"
-            + (" and DPO pairing" if kind == "dpo" else "") + "); judge and correct failures first"
+            + (" and DPO pairing" if kind == "dpo" else "")
+            + "); judge and correct failures first"
         )
 
     seed = ds.seed
     rows = bal.cap_problem_types(rows, ds.problem_type_max_ratio, seed, ledger)
     sources.step("problem_type_cap", rows)
-    rows = bal.oversample_rare_high_risk(rows, ds.oversample_severities, ds.oversample_target_ratio, ds.problem_type_max_ratio, ds.max_repeats, ledger)
+    rows = bal.oversample_rare_high_risk(
+        rows, ds.oversample_severities, ds.oversample_target_ratio, ds.problem_type_max_ratio, ds.max_repeats, ledger
+    )
     embed = ctx.index.embedder.embed if ds.replay_strategy == "boundary" else None
-    rows = bal.mix_replay(rows, ds.replay_min_share, ds.replay_max_share, ds.replay_target_share, ds.tier_weights, seed, ledger, ds.replay_strategy, embed, ds.boundary_neighbours)
+    rows = mix_replay(
+        rows,
+        ds.replay_min_share,
+        ds.replay_max_share,
+        ds.replay_target_share,
+        ds.tier_weights,
+        seed,
+        ledger,
+        ds.replay_strategy,
+        embed,
+        ds.boundary_neighbours,
+    )
     sources.step("replay_mix", rows)
     train, heldout = bal.split_heldout(rows, ds.heldout_ratio, seed, ledger)
     train = bal.intent_floor(train, ds.intent_min_samples, ds.max_repeats, ledger)
@@ -334,14 +345,22 @@ def _write_split(folder: Path, split: str, rows: list[dict[str, Any]], fmt: str)
 def _format(settings: Settings, warnings: list[str]) -> str:
     if settings.dataset.format == "parquet":
         try:
-            import pyarrow.parquet  # noqa: F401
+            import pyarrow.parquet  # noqa: F401 - only checks that pyarrow is installed
         except ImportError:
             warnings.append("dataset.format is parquet but pyarrow is not installed; wrote JSONL")
             return "jsonl"
     return settings.dataset.format
 
 
-def _persist(ctx: Context, snapshot_id: str, kind: str, content_hash: str, manifest: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Snapshot:
+def _persist(
+    ctx: Context,
+    snapshot_id: str,
+    kind: str,
+    content_hash: str,
+    manifest: dict[str, Any],
+    train: list[dict[str, Any]],
+    heldout: list[dict[str, Any]],
+) -> Snapshot:
     root = ctx.settings.artifacts_path / "datasets"
     final = root / snapshot_id
     if not (final / "manifest.json").is_file():
@@ -351,7 +370,10 @@ def _persist(ctx: Context, snapshot_id: str, kind: str, content_hash: str, manif
         try:
             fmt = _format(ctx.settings, manifest["warnings"])
             manifest["created_at"] = utcnow().isoformat()
-            manifest["files"] = {"train": _write_split(staging, "train", train, fmt), "heldout": _write_split(staging, "heldout", heldout, fmt)}
+            manifest["files"] = {
+                "train": _write_split(staging, "train", train, fmt),
+                "heldout": _write_split(staging, "heldout", heldout, fmt),
+            }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
             try:
                 staging.rename(final)  # atomic: a reader sees no folder or a complete one
@@ -363,7 +385,9 @@ def _persist(ctx: Context, snapshot_id: str, kind: str, content_hash: str, manif
             shutil.rmtree(staging, ignore_errors=True)
     existing = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
     if existing.get("content_hash") != content_hash:
-        raise InfrastructureError(f"dataset folder {final} holds content {existing.get('content_hash')}, not {content_hash}; refusing to overwrite it")
+        raise InfrastructureError(
+            f"dataset folder {final} holds content {existing.get('content_hash')}, not {content_hash}; refusing to overwrite it"
+        )
     snapshot = Snapshot(id=snapshot_id, kind=kind, path=str(final), content_hash=content_hash, manifest=existing)
     return _record(ctx.store, snapshot)
 

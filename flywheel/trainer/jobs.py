@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class JobRecord(Record):
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         # SQLite hands back naive datetimes; everything flywheel writes is UTC.
-        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     @property
     def active(self) -> bool:
@@ -97,7 +97,9 @@ def transition(store: Store, job_id: str, from_statuses: Iterable[str], to_statu
     return job_repo.transition(store, job_id, [str(s) for s in from_statuses], str(to_status), values)
 
 
-def set_fields(store: Store, job_id: str, *, only_status: Iterable[str] | None = None, worker_pid: int | None = None, **values: Any) -> bool:
+def set_fields(
+    store: Store, job_id: str, *, only_status: Iterable[str] | None = None, worker_pid: int | None = None, **values: Any
+) -> bool:
     """Update fields of a job (progress, heartbeat, pid) while it is in `only_status`, and for the worker
     with process `worker_pid` when given, so a superseded worker cannot write over its successor."""
     wanted = [str(s) for s in only_status] if only_status is not None else None

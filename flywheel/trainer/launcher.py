@@ -29,20 +29,10 @@ from pathlib import Path
 from typing import Protocol
 
 from flywheel.context import Context
-from flywheel.proc import pid_alive
 from flywheel.errors import InfrastructureError, JobFailed, NotFoundError, UserInputError
+from flywheel.proc import pid_alive
 from flywheel.records import utcnow
-from flywheel.trainer.jobs import (
-    ACTIVE,
-    JobRecord,
-    JobStatus,
-    find_job,
-    get_job,
-    insert_job,
-    set_fields,
-    transition,
-    write_job_file,
-)
+from flywheel.trainer.jobs import ACTIVE, JobRecord, JobStatus, find_job, get_job, insert_job, set_fields, transition, write_job_file
 from flywheel.trainer.recipes import ADAPTER_DIR, CHECKPOINT_DIR, TrainSpec
 
 LOG_FILE = "train.log"
@@ -81,7 +71,9 @@ class LocalProcessLauncher:
 
     def launch(self, job: JobRecord) -> int | None:
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.update(
+            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"
+        )
         with open(job.log_path, "ab") as log_file:
             log_file.write(f"\n=== {utcnow().isoformat()} attempt {job.attempts} of job {job.id} ===\n".encode())
             log_file.flush()
@@ -246,9 +238,18 @@ def resume(ctx: Context, job_id: str, restart: bool = False) -> JobRecord:
     if record.active or (record.status == JobStatus.SUCCEEDED and not restart):
         return record
     moved = transition(
-        ctx.store, job_id, [record.status], JobStatus.QUEUED,
-        attempts=record.attempts + 1, pid=None, error=None, result=None, progress=None,
-        started_at=None, finished_at=None, heartbeat_at=utcnow(),
+        ctx.store,
+        job_id,
+        [record.status],
+        JobStatus.QUEUED,
+        attempts=record.attempts + 1,
+        pid=None,
+        error=None,
+        result=None,
+        progress=None,
+        started_at=None,
+        finished_at=None,
+        heartbeat_at=utcnow(),
     )
     if not moved:  # someone else resumed or cancelled it meanwhile
         return status(ctx, job_id)

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,6 +33,9 @@ from flywheel.settings_sections import TrainSettings
 from flywheel.store.vectors import sha256_file
 from flywheel.trainer import sizing
 from flywheel.trainer.examples import SkippedRow, count_rows, dataset_content_hash, load_examples, read_manifest, split_file
+
+if TYPE_CHECKING:
+    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedSFTTrainer
 
 log = logging.getLogger("flywheel.train")
 
@@ -60,7 +63,7 @@ class TrainSpec(BaseModel):
     notes: list[str] = []  # what the sizing rules decided, in words; not part of the identity
 
     @model_validator(mode="after")
-    def _sync(self) -> "TrainSpec":
+    def _sync(self) -> TrainSpec:
         if self.hyper.base_model != self.base_model or self.hyper.method != self.method:
             self.hyper = self.hyper.model_copy(update={"base_model": self.base_model, "method": self.method})
         return self
@@ -96,11 +99,7 @@ class TrainResult(BaseModel):
 
 
 def build_spec(
-    train: TrainSettings,
-    dataset_dir: Path | str,
-    *,
-    method: str | None = None,
-    base_model: Path | str | None = None,
+    train: TrainSettings, dataset_dir: Path | str, *, method: str | None = None, base_model: Path | str | None = None
 ) -> TrainSpec:
     """A spec from the settings' [train] section, a snapshot folder and optional overrides. The method
     defaults to the snapshot's kind (manifest "kind"), then to train.method."""
@@ -186,7 +185,7 @@ def _common_args(spec: TrainSpec, checkpoints: Path, has_eval: bool) -> dict[str
     return args
 
 
-def _lora(spec: TrainSpec):  # noqa: ANN202 - peft type
+def _lora(spec: TrainSpec):
     from peft import LoraConfig
 
     hyper = spec.hyper
@@ -209,7 +208,7 @@ def _modules_to_save(spec: TrainSpec) -> list[str]:
     return list(modules)
 
 
-def load_for_training(base_model: str):  # noqa: ANN201 - (model, tokenizer)
+def load_for_training(base_model: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -227,7 +226,7 @@ def make_trainer(
     heldout_examples: Sequence[dict[str, Any]],
     checkpoints: Path,
     callbacks: Sequence[Any] = (),
-):  # noqa: ANN201 - a TRL trainer
+) -> WeightedSFTTrainer | WeightedDPOTrainer:
     """The weighted TRL trainer for a spec, ready to `.train()`."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
@@ -243,6 +242,8 @@ def make_trainer(
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.hyper.early_stopping_patience))
     train_ds = Dataset.from_list(list(train_examples))
     eval_ds = Dataset.from_list(list(heldout_examples)) if has_eval else None
+    config: SFTConfig | DPOConfig
+    trainer_cls: type[WeightedSFTTrainer | WeightedDPOTrainer]
     if spec.method == "sft":
         config = SFTConfig(**args, completion_only_loss=True, assistant_only_loss=False, packing=False)
         trainer_cls = WeightedSFTTrainer
@@ -285,22 +286,22 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     return None
 
 
-def progress_callback(on_progress: ProgressFn):  # noqa: ANN201 - a transformers TrainerCallback
+def progress_callback(on_progress: ProgressFn):
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        def on_train_begin(self, args, state, control, **kwargs):
             on_progress("begin", {"step": state.global_step, "total": state.max_steps})
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        def on_step_end(self, args, state, control, **kwargs):
             on_progress("step", {"step": state.global_step, "total": state.max_steps, "epoch": state.epoch})
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        def on_log(self, args, state, control, logs=None, **kwargs):
             losses = {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
             if losses:
                 on_progress("log", losses)
 
-        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        def on_save(self, args, state, control, **kwargs):
             on_progress("save", {"checkpoint": state.global_step})
 
     return _Progress()
@@ -384,6 +385,11 @@ def _lineage(spec: TrainSpec, digest: str, skipped: list[SkippedRow], resumed_fr
         "spec": spec.model_dump(mode="json"),
         "job_id": spec.job_id(),
         "resumed_from": resumed_from,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+        },
         "created_at": utcnow().isoformat(),
     }

@@ -39,7 +39,7 @@ class ReplayRow(Record):
     id: str | None = None
 
     @model_validator(mode="after")
-    def _ends_with_answer(self) -> "ReplayRow":
+    def _ends_with_answer(self) -> ReplayRow:
         last = self.messages[-1]
         if last.role != "assistant" or not (last.content or "").strip():
             raise ValueError("the last message must be the assistant answer to train on, with text")
@@ -69,5 +69,12 @@ def stable_production_rows(ctx: Context, limit: int, *, version: str | None = No
     for item in stable_answers(ctx.store, ctx.settings, limit, version=version):
         answer = item.last_assistant()
         assert answer is not None  # stable_answers keeps only interactions with an answer
-        rows.append(ReplayRow(messages=item.prompt_messages() + [answer], tier=SampleTier.CANDIDATE, intent=item.intent, id=f"{PRODUCTION_REPLAY_PREFIX}{item.id}"))
+        rows.append(
+            ReplayRow(
+                messages=item.prompt_messages() + [answer],
+                tier=SampleTier.CANDIDATE,
+                intent=item.intent,
+                id=f"{PRODUCTION_REPLAY_PREFIX}{item.id}",
+            )
+        )
     return rows

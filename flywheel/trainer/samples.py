@@ -61,7 +61,7 @@ def test_set_keys(settings: Settings) -> tuple[set[str], set[str], dict[str, Any
             groups.add(group)
         if last:
             lasts.add(last)
-    return groups, lasts, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "items": len(items)}
+    return (groups, lasts, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "items": len(items)})
 
 
 # --- samples ------------------------------------------------------------------------------------------------
@@ -120,32 +120,46 @@ def store_samples(store: Store, settings: Settings) -> list[Sample]:
             if failure.status == FailureStatus.NOT_FAILURE and failure.tier == SampleTier.PROBLEM:
                 if label is None or original is None or not (original.content or "").strip():
                     continue
-                out.append(Sample(
-                    key=failure.id, tier=str(SampleTier.CANDIDATE), intent=label.intent or failure.intent or interaction.intent or "unknown",
-                    problem_type=NO_PROBLEM, severity=None, category=UNCATEGORISED, base_weight=failure.weight, prompt=_dump(prompt),
-                    answer=original.content or "", rejected=None, group=group, last_user=last, origin="label_fine",
-                ))
+                out.append(
+                    Sample(
+                        key=failure.id,
+                        tier=str(SampleTier.CANDIDATE),
+                        intent=label.intent or failure.intent or interaction.intent or "unknown",
+                        problem_type=NO_PROBLEM,
+                        severity=None,
+                        category=UNCATEGORISED,
+                        base_weight=failure.weight,
+                        prompt=_dump(prompt),
+                        answer=original.content or "",
+                        rejected=None,
+                        group=group,
+                        last_user=last,
+                        origin="label_fine",
+                    )
+                )
                 continue
             correction = corrected.get(failure.id)
             if correction is None or not correction.answer.strip():
                 continue  # graduated without a verified answer: nothing to train on
             verdict = judged.get(failure.id)
             problem_type = (verdict.problem_type if verdict else None) or "unknown"
-            out.append(Sample(
-                key=failure.id,
-                tier=str(failure.tier),
-                intent=(label.intent if label else None) or failure.intent or interaction.intent or "unknown",
-                problem_type=problem_type,
-                severity=(verdict.severity if verdict else None) or tax.default_severity.get(problem_type),
-                category=tax.categories.get(problem_type, UNCATEGORISED),
-                base_weight=failure.weight,
-                prompt=_dump(prompt),
-                answer=correction.answer,
-                rejected=original.model_dump(exclude_none=True) if original is not None else None,
-                group=group,
-                last_user=last,
-                origin=origin_of(str(failure.tier), label is not None and not label.fine, correction.generator),
-            ))
+            out.append(
+                Sample(
+                    key=failure.id,
+                    tier=str(failure.tier),
+                    intent=(label.intent if label else None) or failure.intent or interaction.intent or "unknown",
+                    problem_type=problem_type,
+                    severity=(verdict.severity if verdict else None) or tax.default_severity.get(problem_type),
+                    category=tax.categories.get(problem_type, UNCATEGORISED),
+                    base_weight=failure.weight,
+                    prompt=_dump(prompt),
+                    answer=correction.answer,
+                    rejected=original.model_dump(exclude_none=True) if original is not None else None,
+                    group=group,
+                    last_user=last,
+                    origin=origin_of(str(failure.tier), label is not None and not label.fine, correction.generator),
+                )
+            )
     return out
 
 
@@ -158,20 +172,22 @@ def replay_samples(rows: Sequence[ReplayRow], settings: Settings) -> list[Sample
         group, last = prompt_keys(prompt)
         key = "x-" + (row.id or stable_hash(row.model_dump(mode="json", exclude_none=True), 16))
         origin = "production_replay" if (row.id or "").startswith(PRODUCTION_REPLAY_PREFIX) else "extra"
-        out.append(Sample(
-            key=key,
-            tier=str(row.tier),
-            intent=row.intent or "unknown",
-            problem_type=problem_type,
-            severity=row.severity or tax.default_severity.get(problem_type),
-            category=tax.categories.get(problem_type, UNCATEGORISED),
-            base_weight=row.weight,
-            prompt=_dump(prompt),
-            answer=(answer.content or "") if answer else "",
-            rejected={"role": "assistant", "content": row.rejected} if row.rejected else None,
-            group=group,
-            last_user=last,
-            source="extra",
-            origin=origin,
-        ))
+        out.append(
+            Sample(
+                key=key,
+                tier=str(row.tier),
+                intent=row.intent or "unknown",
+                problem_type=problem_type,
+                severity=row.severity or tax.default_severity.get(problem_type),
+                category=tax.categories.get(problem_type, UNCATEGORISED),
+                base_weight=row.weight,
+                prompt=_dump(prompt),
+                answer=(answer.content or "") if answer else "",
+                rejected={"role": "assistant", "content": row.rejected} if row.rejected else None,
+                group=group,
+                last_user=last,
+                source="extra",
+                origin=origin,
+            )
+        )
     return out

@@ -67,8 +67,14 @@ def auto_modules(base_model: Path, max_params: int) -> tuple[list[str], str]:
     if not names:
         return [], "modules_to_save auto: the model has no separate embedding or output layer to train"
     if params > max_params:
-        return [], f"modules_to_save auto: none; {'+'.join(names)} hold {params:,} parameters, over train.full_train_max_params {max_params:,}"
-    return names, f"modules_to_save auto: {'+'.join(names)} trained in full ({params:,} parameters, at most train.full_train_max_params {max_params:,})"
+        return (
+            [],
+            f"modules_to_save auto: none; {'+'.join(names)} hold {params:,} parameters, over train.full_train_max_params {max_params:,}",
+        )
+    return (
+        names,
+        f"modules_to_save auto: {'+'.join(names)} trained in full ({params:,} parameters, at most train.full_train_max_params {max_params:,})",
+    )
 
 
 def embedding_layers(base_model: Path) -> tuple[list[str], int]:

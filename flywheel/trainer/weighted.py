@@ -79,13 +79,13 @@ class _KeepsWeight(Trainer):
 class WeightedSFTTrainer(_KeepsWeight, SFTTrainer):
     # The loss below is a per-micro-batch mean, not normalised by `num_items_in_batch`, so Trainer must divide
     # it by the gradient-accumulation steps itself.
-    loss_is_scaled_for_ga = False
+    loss_is_scaled_for_ga = False  # type: ignore[assignment]  # TRL declares it as a bare None ("unset"); it reads a bool
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._wrap_collator()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001 - Trainer's signature
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         weights = inputs.pop(WEIGHT)
         inputs["use_cache"] = False
@@ -113,7 +113,7 @@ class WeightedDPOTrainer(_KeepsWeight, DPOTrainer):
             raise ValueError("WeightedDPOTrainer implements the sigmoid loss with reverse-KL only")
         self._wrap_collator()
 
-    def _compute_loss(self, model, inputs, return_outputs):  # noqa: ANN001 - DPOTrainer's signature
+    def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         weights = inputs.pop(WEIGHT)
         non_model = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}

@@ -20,20 +20,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import logging  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import logging
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
 
-from flywheel.errors import FlywheelError  # noqa: E402
-from flywheel.records import utcnow  # noqa: E402
-from flywheel.settings import Settings  # noqa: E402
-from flywheel.store.db import Store, open_store  # noqa: E402
-from flywheel.trainer.jobs import JobStatus, get_job, read_job_file, set_fields, transition  # noqa: E402
+from flywheel.errors import FlywheelError
+from flywheel.records import utcnow
+from flywheel.settings import Settings
+from flywheel.store.db import Store, open_store
+from flywheel.trainer.jobs import JobStatus, get_job, read_job_file, set_fields, transition
 
 HEARTBEAT_S = 5.0
 PROGRESS_EVERY_S = 1.0
@@ -62,7 +62,14 @@ class StoreProgress:
             return
         self._last_write = moment
         try:
-            set_fields(self.store, self.job_id, only_status=[JobStatus.RUNNING], worker_pid=self.pid, progress=dict(self.progress), heartbeat_at=utcnow())
+            set_fields(
+                self.store,
+                self.job_id,
+                only_status=[JobStatus.RUNNING],
+                worker_pid=self.pid,
+                progress=dict(self.progress),
+                heartbeat_at=utcnow(),
+            )
         except Exception as exc:  # a progress write must never stop training
             log.warning("could not record progress: %s", exc)
 
@@ -103,8 +110,7 @@ def run_job(work_dir: Path) -> int:
     try:
         job = get_job(store, job_id)
         started = transition(
-            store, job_id, [JobStatus.QUEUED], JobStatus.RUNNING,
-            pid=pid, started_at=utcnow(), heartbeat_at=utcnow(), error=None,
+            store, job_id, [JobStatus.QUEUED], JobStatus.RUNNING, pid=pid, started_at=utcnow(), heartbeat_at=utcnow(), error=None
         )
         if not started:
             log.warning("job %s is %s, not queued: this worker does nothing", job_id, job.status)
@@ -126,15 +132,25 @@ def run_job(work_dir: Path) -> int:
                 message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("job %s failed: %s", job_id, message)
             transition(
-                store, job_id, [JobStatus.RUNNING], JobStatus.FAILED,
-                error=f"{message} (log: {job.log_path})", finished_at=utcnow(), progress=progress.progress,
+                store,
+                job_id,
+                [JobStatus.RUNNING],
+                JobStatus.FAILED,
+                error=f"{message} (log: {job.log_path})",
+                finished_at=utcnow(),
+                progress=progress.progress,
             )
             return 1
         stop.set()
         progress.progress.update(step=result.steps)
         succeeded = transition(
-            store, job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED,
-            result=result.model_dump(mode="json"), finished_at=utcnow(), progress=progress.progress,
+            store,
+            job_id,
+            [JobStatus.RUNNING],
+            JobStatus.SUCCEEDED,
+            result=result.model_dump(mode="json"),
+            finished_at=utcnow(),
+            progress=progress.progress,
         )
         log.info("job %s succeeded: adapter %s sha256 %s", job_id, result.adapter_path, result.adapter_sha256)
         if succeeded:
