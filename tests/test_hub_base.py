@@ -104,6 +104,11 @@ def test_local_model_takes_a_hub_id_and_a_folder_wins_over_an_id(tiny: Path, tmp
     # huggingface_hub read HF_HUB_CACHE when this process imported it; in-process, its constant is the setting
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert LocalModel(REPO).base_path == snapshot  # what serve.base_model / --model with an id load
+    from flywheel.commands.dataset import _production_model  # `flywheel select --model ORG/NAME`
+
+    assert _production_model(None, REPO).base_path == snapshot
+    with pytest.raises(UserInputError, match="neither a folder nor in the local Hugging Face cache"):
+        _production_model(None, "acme/not-downloaded")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "acme").mkdir()
     (tmp_path / "acme" / "tiny-support").symlink_to(tiny, target_is_directory=True)

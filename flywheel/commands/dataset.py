@@ -216,7 +216,7 @@ def select_command(
     model: Annotated[
         str | None,
         typer.Option(
-            help="production model for token probabilities: a registered version/alias or a base model folder (default: champion, else train.base_model)"
+            help="production model for token probabilities: a registered version/alias, a base model folder or a cached hub id ORG/NAME (default: champion, else train.base_model)"
         ),
     ] = None,
     round_index: Annotated[
@@ -282,12 +282,13 @@ def select_command(
 
 
 def _production_model(c: Any, ref: str | None) -> Any:
-    """The model whose token probabilities rank uncertainty: a folder, a registered version or alias,
-    the champion, or the configured base model."""
+    """The model whose token probabilities rank uncertainty: a folder, a Hugging Face hub id in the local
+    cache, a registered version or alias, the champion, or the configured base model."""
+    from flywheel.inference.folders import is_hub_id
     from flywheel.inference.local_model import LocalModel
 
-    if ref and Path(ref).is_dir():
-        return LocalModel(ref)
+    if ref and (Path(ref).is_dir() or is_hub_id(ref)):
+        return LocalModel(ref)  # an id not in the cache is refused there, in one line saying how to get it
     from flywheel.release.registry import resolve
 
     try:
@@ -303,5 +304,5 @@ def _production_model(c: Any, ref: str | None) -> Any:
     if c.settings.train.base_model:
         return LocalModel(c.settings.train.base_model)
     raise UserInputError(
-        "this strategy needs the production model's token probabilities: pass --model (a version or folder), set train.base_model, or use --candidates"
+        "this strategy needs the production model's token probabilities: pass --model (a version, a folder or a cached hub id), set train.base_model, or use --candidates"
     )

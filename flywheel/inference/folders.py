@@ -65,6 +65,12 @@ def hub_origin(folder: Path | str) -> tuple[str, str] | None:
     return repo.removeprefix("models--").replace("--", "/"), path.name
 
 
+def is_hub_id(text: str) -> bool:
+    """`org/name` as the hub spells it. An id without an org ("gpt2") is not taken for one: where a version
+    or an alias may also be named ("v2", "champion"), that spelling means the registry."""
+    return "/" in text and _looks_like_hub_id(text)
+
+
 def _looks_like_hub_id(text: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
