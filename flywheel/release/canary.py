@@ -32,6 +32,7 @@ from flywheel.release.records import AliasSwitch, VersionStatus
 from flywheel.release.registry import CANARY, CHAMPION, CLOSED
 from flywheel.settings import Settings
 from flywheel.store import canary_events as events
+from flywheel.store import failures as failure_repo
 from flywheel.store import versions as version_store
 from flywheel.store.db import Store
 
@@ -140,7 +141,8 @@ def arm_stats(conn: Connection, versions: Sequence[str], since: datetime) -> dic
     """Requests, failure rate and per-problem-type rates of each version's interactions since `since`."""
     requests = events.requests_by_version(conn, versions, since)
     failing = events.failing_interactions(conn, versions, since)
-    verdict_of = events.latest_verdicts(conn, {r.failure_id for r in failing} | {r.cluster_id for r in failing if r.cluster_id})
+    judged = {r.failure_id for r in failing} | {r.cluster_id for r in failing if r.cluster_id}
+    verdict_of = failure_repo.newest_verdicts(conn, sorted(judged))
     failed: Counter[str] = Counter()
     by_type: dict[str, Counter[str]] = {v: Counter() for v in versions}
     for row in failing:

@@ -33,6 +33,7 @@ from flywheel.records import Failure, Record, SampleTier
 from flywheel.release import registry
 from flywheel.release.records import ModelVersion
 from flywheel.settings import Settings
+from flywheel.store import datasets as dataset_repo
 from flywheel.store import tiers
 from flywheel.store import versions as version_store
 from flywheel.store.db import Store
@@ -161,7 +162,7 @@ def dataset_failure_ids(conn: Connection, dataset_id: str | None) -> tuple[list[
     saying why the list is empty when it is."""
     if not dataset_id:
         return [], "the version records no dataset"
-    manifest = tiers.dataset_manifest(conn, dataset_id)
+    manifest = dataset_repo.manifest(conn, dataset_id)
     if manifest is None:
         return [], f"dataset {dataset_id} is not in the store"
     ids = manifest.get("failure_ids") if isinstance(manifest, dict) else None

@@ -1,8 +1,9 @@
 """Canary events, and the window queries a canary is judged by: reads and writes.
 
 The SQL behind flywheel.release.canary. The window queries read the interactions each version served
-since the canary started, the failures captured from them and the newest verdict on each; deciding
-what counts as a failure (a verdict that cleared it does not) is the canary module's, not this one's.
+since the canary started and the failures captured from them (the newest verdict on each comes from
+flywheel.store.failures.newest_verdicts); deciding what counts as a failure (a verdict that cleared it
+does not) is the canary module's, not this one's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 
 from flywheel.records import Record, utcnow
-from flywheel.store.schema import canary_events, failures, interactions, verdicts
-
-CHUNK = 500  # ids per IN (...) list
+from flywheel.store.schema import canary_events, failures, interactions
 
 
 class CanaryEvent(Record):
@@ -33,15 +32,6 @@ class FailingInteraction(Record):
     model_version: str
     failure_id: str
     cluster_id: str | None = None
-
-
-class LatestVerdict(Record):
-    """The newest verdict on a failure, the fields the canary decides by."""
-
-    failure_id: str
-    status: str
-    is_failure: bool
-    problem_type: str | None = None
 
 
 def add_event(conn: Connection, version: str, kind: str, detail: dict[str, Any]) -> int:
@@ -90,19 +80,3 @@ def failing_interactions(conn: Connection, versions: Sequence[str], since: datet
         .where(interactions.c.model_version.in_(list(versions)), interactions.c.timestamp >= since)
     ).fetchall()
     return [FailingInteraction(model_version=r.model_version, failure_id=r.id, cluster_id=r.cluster_id) for r in rows]
-
-
-def latest_verdicts(conn: Connection, failure_ids: set[str]) -> dict[str, LatestVerdict]:
-    """failure id -> its newest verdict, for the ids that have one."""
-    ids = sorted(failure_ids)
-    found: dict[str, LatestVerdict] = {}
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start : start + CHUNK]
-        newest = (
-            select(func.max(verdicts.c.id).label("vid")).where(verdicts.c.failure_id.in_(chunk)).group_by(verdicts.c.failure_id).subquery()
-        )
-        query = select(verdicts.c.failure_id, verdicts.c.status, verdicts.c.is_failure, verdicts.c.problem_type).join(
-            newest, verdicts.c.id == newest.c.vid
-        )
-        found.update({r.failure_id: LatestVerdict.model_validate(dict(r._mapping)) for r in conn.execute(query)})
-    return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flywheel.store.db import Store
@@ -28,6 +28,12 @@ def list_all(store: Store, kind: str | None = None) -> list[dict[str, Any]]:
         query = query.where(datasets.c.kind == kind)
     with store.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def manifest(conn: Connection, snapshot_id: str) -> Any:
+    """A snapshot's stored manifest (a JSON object; which failures it was built from), None when the
+    snapshot is not in the store. Takes a connection: graduation reads it inside its own transaction."""
+    return conn.execute(select(datasets.c.manifest).where(datasets.c.id == snapshot_id)).scalar()
 
 
 def find(store: Store, snapshot_id: str) -> dict[str, Any] | None:

@@ -9,12 +9,11 @@ step idempotent and a rollback reversible.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from sqlalchemy import Connection, select
 
 from flywheel.records import FailureStatus, Record, SampleTier
-from flywheel.store.schema import datasets, failures, tier_moves
+from flywheel.store.schema import failures, tier_moves
 
 
 class TierMove(Record):
@@ -64,9 +63,3 @@ def tier_changes_by(conn: Connection, version: str, prefix: str) -> list[TierMov
         .order_by(tier_moves.c.id)
     ).fetchall()
     return [TierMove.model_validate(dict(r._mapping)) for r in rows]
-
-
-def dataset_manifest(conn: Connection, dataset_id: str) -> Any:
-    """A dataset's stored manifest (a JSON object; which failures it was built from), None when the
-    dataset is not in the store."""
-    return conn.execute(select(datasets.c.manifest).where(datasets.c.id == dataset_id)).scalar()
