@@ -4,10 +4,11 @@ error type's exit status; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click as _click
 import typer
@@ -52,6 +53,7 @@ COMMAND_MODULES = [
     "flywheel.commands.ingest",
     "flywheel.commands.triage",
     "flywheel.commands.failures",
+    "flywheel.commands.synthesize",
     "flywheel.commands.dataset",
     "flywheel.commands.train",
     "flywheel.commands.evaluate",
@@ -105,6 +107,11 @@ def _require_project(project: Path | None) -> Path:
 def context(ctx: typer.Context) -> Context:
     """The handles for a command: `context(ctx).store`, `.index`, `.settings`."""
     return ctx.find_root().obj.get()
+
+
+def echo_json(obj: Any) -> None:
+    """What every command's --json prints: one indented JSON document on stdout."""
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def project_dir(ctx: typer.Context) -> Path:

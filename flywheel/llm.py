@@ -13,7 +13,8 @@ Three things live here:
   Retry-After, 408, 5xx, timeouts, connection errors) with tenacity: exponential backoff with jitter,
   or the server's Retry-After. Other errors (a 400, a bug, an unparsable answer the caller chose to
   raise) are not retried. Every item comes back, in input order, as an `ItemResult`: its value, or its
-  error in one line. Nothing is lost. `run_bounded_sync` is the same for synchronous callers.
+  error in one line. Nothing is lost. `run_bounded_sync` is the same for synchronous callers;
+  `endpoint_failed(result)` tells an item the endpoint failed from one that hit a bug.
 
 * `ask_until_valid(model, messages, retries, parse, describe, what)`: the one "re-ask until the reply
   parses" loop the judge, the corrector and the verifier share. It re-asks for unusable replies only;
@@ -192,6 +193,14 @@ class ItemResult(Generic[T, R]):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def endpoint_failed(result: ItemResult) -> bool:
+    """Whether a failed item failed at the endpoint (down, rate-limited past the retries, refused or
+    misconfigured: any openai.APIError) rather than in the caller's code, which is a bug to raise."""
+    import openai
+
+    return result.transient or isinstance(result.exception, openai.APIError)
 
 
 def one_line(exc: BaseException) -> str:

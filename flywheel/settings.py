@@ -45,6 +45,7 @@ from flywheel.settings_sections import (
     ServeSettings,
     SlackSettings,
     StoreSettings,
+    SynthesisSettings,
     TaxonomySettings,
     TrainSettings,
     TriageSettings,
@@ -74,6 +75,7 @@ class Settings(BaseSettings):
     correct: CorrectSettings = CorrectSettings()
     dataset: DatasetSettings = DatasetSettings()
     selection: SelectionSettings = SelectionSettings()
+    synthesis: SynthesisSettings = SynthesisSettings()
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     eval: EvalSettings = EvalSettings()

@@ -195,6 +195,38 @@ class DatasetSettings(Section):
         return self
 
 
+class SynthesisSettings(Section):
+    """flywheel.synthesis: generators, the quality scorer's thresholds, and how generated samples enter a snapshot."""
+
+    # the supervisor's heuristic policy calls `synthesize` after the corrections when this is on
+    enabled: bool = False
+    generators: list[str] = ["mining", "augment", "template", "knowledge", "toolcalls", "llm"]  # llm: only with llm.base_url
+    seed: int = 0
+    # an intent (or problem type) with fewer verified samples than this wants generated ones, up to it
+    min_verified: int = Field(20, ge=1)
+    per_seed: int = Field(3, ge=1, le=50)  # augment: variants per verified sample
+    per_intent: int = Field(40, ge=1)  # template, llm: new samples per intent that wants them
+    templates: str = ""  # a JSONL file of slot templates {"intent", "template", "answer"?}; relative to the project
+    # mining: pseudo-label an unlabelled query only when its mining_k nearest verified samples give one
+    # intent at least mining_agreement of the (similarity-weighted) vote and the nearest is this close
+    mining_k: int = Field(5, ge=1, le=50)
+    mining_agreement: float = Field(0.8, gt=0.5, le=1)
+    mining_min_similarity: float = Field(0.6, ge=0, le=1)
+    # the scorer
+    dedupe_threshold: float = Field(0.985, gt=0, le=1)  # cosine to the source or the pool at or above this: a duplicate
+    drift_floor: float = Field(0.5, ge=0, lt=1)  # cosine to the source below this: drifted off the intent
+    leak_threshold: float = Field(0.92, gt=0, le=1)  # cosine to a fixed-test-set prompt at or above this: leakage
+    knn_k: int = Field(5, ge=1, le=50)  # label consistency: the intent the k nearest verified samples vote for
+    max_perplexity: float = Field(1000.0, gt=1)  # of the answer under the champion: above, garbage
+    min_perplexity: float = Field(1.0, ge=1)  # below: a copy of what the champion already says (1.0: off)
+    preference_min_decisions: int = Field(20, ge=2)  # per side (accepted, rejected) before the predictor runs
+    preference_min_probability: float = Field(0.2, ge=0, le=1)
+    # into the snapshot
+    max_share: float = Field(0.3, ge=0, le=1)  # of the snapshot's training rows
+    max_per_intent: int = Field(60, ge=0)
+    weight: float = Field(0.5, ge=0)  # loss weight factor below verified real samples (1.0)
+
+
 class SelectionSettings(Section):
     strategy: Literal["random", "least_confidence", "margin", "entropy", "kcenter", "kmeans", "expected_change", "hybrid"] = "hybrid"
     labelling_budget: int = Field(500, ge=0)

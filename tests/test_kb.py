@@ -10,6 +10,7 @@ import pytest
 
 from flywheel.cli import main
 from flywheel.data.kb import KbEntry, add_files, read_file, search
+from flywheel.records import stable_hash
 from flywheel.settings import Settings
 from flywheel.store.vectors import VectorIndex, open_index
 
@@ -190,3 +191,59 @@ def test_cli_kb_add_and_search(project: Path, kb_files: tuple[Path, Path], tmp_p
     assert main(["-C", str(project), "kb", "search", "refund", "--kind", "policy"]) == 0
     assert "Refund policy" in capsys.readouterr().out
     assert main(["-C", str(project), "kb", "search", "refund", "--kind", "advice"]) == 2
+
+
+FACT_ROWS = [
+    {"kind": "fact", "head": "Gold plan", "relation": "monthly price", "tail": "£12", "intent": "pricing"},
+    {"kind": "fact", "head": "Support", "relation": "is open on", "tail": "weekdays", "text": "Support answers on weekdays only."},
+    {"kind": "fact", "head": "Silver plan", "relation": "monthly price", "tail": " "},
+    {"kind": "fact", "text": "A fact without its triple."},
+    {"text": "Shipping is free.", "head": "Shipping"},
+]
+
+
+def test_jsonl_fact_lines_carry_a_triple(tmp_path: Path) -> None:
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in FACT_ROWS) + "\n", encoding="utf-8")
+    errors: list[str] = []
+    gold, support = read_file(path, errors)
+    # without a text, a fact reads as its triple; with one, the text is kept
+    assert (gold.kind, gold.text) == ("fact", "Gold plan monthly price £12")
+    assert (gold.head, gold.relation, gold.tail) == ("Gold plan", "monthly price", "£12")
+    assert support.text == "Support answers on weekdays only."
+    assert gold.metadata() == {
+        "kind": "fact",
+        "title": "",
+        "source": f"{path}:1",
+        "intent": "pricing",
+        "head": "Gold plan",
+        "relation": "monthly price",
+        "tail": "£12",
+    }
+    # an empty tail, a fact with no triple, a triple on another kind: each reported by line, the rest kept
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:{n}" for n in (3, 4, 5)]
+    assert "tail missing or empty" in errors[0]
+    assert "head, relation, tail missing" in errors[1]
+    assert "belong to kind fact" in errors[2]
+
+
+def test_facts_with_one_text_and_different_triples_are_two_entries() -> None:
+    a = KbEntry(kind="fact", head="Gold", relation="price", tail="£12", text="Plan prices")
+    b = KbEntry(kind="fact", head="Silver", relation="price", tail="£8", text="Plan prices")
+    assert a.entry_id() != b.entry_id()
+    # the ids of other kinds do not change with the triple fields' arrival
+    assert KbEntry(text="Same text").entry_id() == "kb-" + stable_hash({"text": "Same text", "kind": "doc", "intent": None, "title": ""})
+
+
+def test_fact_triples_are_stored_and_updated_in_the_index(index: VectorIndex, tmp_path: Path) -> None:
+    path = tmp_path / "facts.jsonl"
+    row = {"id": "gold-price", "kind": "fact", "head": "Gold plan", "relation": "monthly price", "tail": "£12", "text": "Gold costs £12."}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert add_files(index, [path]).added == 1
+    [hit] = index.get("kb", ids=["gold-price"])
+    assert (hit.metadata["head"], hit.metadata["relation"], hit.metadata["tail"]) == ("Gold plan", "monthly price", "£12")
+    # a changed tail with the same text is an update, not "unchanged"
+    path.write_text(json.dumps({**row, "tail": "£13"}) + "\n", encoding="utf-8")
+    summary = add_files(index, [path])
+    assert (summary.added, summary.updated, summary.unchanged) == (0, 1, 0)
+    assert index.get("kb", where={"kind": "fact"})[0].metadata["tail"] == "£13"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from flywheel.context import Context
 
 # What costs labelling time or compute: the plan is asked for before the first of these in a chat.
-COSTLY = frozenset({"request_labels", "build_dataset", "launch_training", "resume_training"})
+COSTLY = frozenset({"request_labels", "synthesize_samples", "build_dataset", "launch_training", "resume_training"})
 YES = frozenset({"y", "yes"})
 QUESTION = "Shall I start? Answer yes to go ahead; anything else leaves everything as it is."
 NOTHING_STARTED = "no labels were requested, no dataset was built and no training was launched"

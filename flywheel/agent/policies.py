@@ -32,6 +32,7 @@ from flywheel.prompts import load_prompt
 from flywheel.settings import Settings
 from flywheel.tools.failures import PipelineStatus, pipeline_status
 from flywheel.tools.labels import labelling_budget_left
+from flywheel.tools.synthesis import shortfall
 
 if TYPE_CHECKING:
     from flywheel.agent.state import AgentState
@@ -165,6 +166,16 @@ class HeuristicPolicy:
             return AIMessage(content="", tool_calls=[_call("judge_failures", step)])
         if status.waiting_for_correction and "generate_corrections" not in done:
             return AIMessage(content="", tool_calls=[_call("generate_corrections", step)])
+        if (
+            not cycle.get("dataset_id")
+            and self.settings.synthesis.enabled
+            and "synthesize_samples" not in done
+            and "synthesize_samples" in tools
+            and status.verified_problem_samples > 0
+            and shortfall(tools.ctx)
+        ):
+            # verified samples are short for some intent or problem type: multiply them before building
+            return AIMessage(content="", tool_calls=[_call("synthesize_samples", step)])
         if not cycle.get("dataset_id"):
             if status.awaiting_decision:
                 # the same samples would train the same candidate again: a person decides first

@@ -10,7 +10,6 @@ its checkpoint stays, and `flywheel resume RUN` continues it.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flywheel.cli import app, context, out_console
+from flywheel.cli import app, context, echo_json, out_console
 from flywheel.errors import InfrastructureError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
@@ -31,10 +30,6 @@ YesFlag = Annotated[
 
 def _out() -> Console:
     return out_console(soft_wrap=True)
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _interactive() -> bool:
@@ -50,7 +45,7 @@ def _view(c: Any, quiet: bool, may_ask: bool) -> Any:
 def _finish(outcome: Any, view: Any, as_json: bool) -> None:
     """Print how the run ended; a failed run exits 4 (InfrastructureError) with how to resume it."""
     if as_json:
-        _echo_json(outcome.model_dump(mode="json"))
+        echo_json(outcome.model_dump(mode="json"))
     else:
         out = view.console
         if outcome.state == "waiting_approval" and outcome.pending is not None:
@@ -132,7 +127,7 @@ def runs_command(
 
     rows = list_runs(context(ctx), limit)
     if as_json:
-        _echo_json([r.model_dump(mode="json") for r in rows])
+        echo_json([r.model_dump(mode="json") for r in rows])
         return
     if not rows:
         typer.echo("no agent runs yet (flywheel run starts one)")
@@ -161,7 +156,7 @@ def approvals_command(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
     pending = pending_approvals(context(ctx))
     if as_json:
-        _echo_json([p.model_dump(mode="json") for p in pending])
+        echo_json([p.model_dump(mode="json") for p in pending])
         return
     if not pending:
         typer.echo("no approvals pending")

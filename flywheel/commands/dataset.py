@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.cli import app, context, err_console, out_console
+from flywheel.cli import app, context, echo_json, err_console, out_console
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.jsonl import json_objects
 
@@ -26,10 +26,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of ta
 
 def _out() -> Console:
     return out_console(soft_wrap=False)
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
@@ -77,7 +73,7 @@ def dataset_build(
         errors += bad
     snapshot = build_snapshot(context(ctx), kind, extra_rows=extra, extra_errors=errors)
     if as_json:
-        _echo_json(snapshot.model_dump(mode="json"))
+        echo_json(snapshot.model_dump(mode="json"))
     else:
         _print_snapshot(snapshot.manifest, snapshot.path)
         _out().print("next: flywheel train --dataset latest", highlight=False)
@@ -98,7 +94,7 @@ def dataset_list(
         raise UserInputError(f"--kind {kind!r} is not one of: {', '.join(KINDS)}")
     snapshots = list_snapshots(context(ctx).store, kind)
     if as_json:
-        _echo_json(
+        echo_json(
             [
                 {
                     **s.model_dump(mode="json", exclude={"manifest"}),
@@ -141,7 +137,7 @@ def dataset_show(
 
     snapshot = get_snapshot(context(ctx).store, snapshot_id)
     if as_json:
-        _echo_json(snapshot.model_dump(mode="json"))
+        echo_json(snapshot.model_dump(mode="json"))
         return
     _print_snapshot(snapshot.manifest, snapshot.path)
 
@@ -268,7 +264,7 @@ def select_command(
         "selected": [{"id": i, **info.get(i, {})} for i in ids],
     }
     if as_json:
-        _echo_json(result)
+        echo_json(result)
         return
     table = Table(title=f"{len(ids)} of {len(pool)} candidate(s) to label ({name}, round {index})", title_justify="left")
     for col in ("id", "intent", "text"):

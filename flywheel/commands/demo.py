@@ -33,6 +33,9 @@ def demo(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for sampling, simulation and training")] = 0,
+    synthesis: Annotated[
+        bool, typer.Option("--synthesis/--no-synthesis", help="generate and score extra training samples before building the dataset")
+    ] = False,
 ) -> None:
     """Run the whole loop on real data with no network and no LLM endpoint, and leave the HTML report."""
     from flywheel.agent.chat import TerminalView
@@ -41,7 +44,9 @@ def demo(
 
     console = Console(stderr=as_json, highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
-    options = DemoOptions(data=data, workdir=workdir, quick=quick, yes=yes, interactive=interactive, seed=seed, strategy=strategy)
+    options = DemoOptions(
+        data=data, workdir=workdir, quick=quick, yes=yes, interactive=interactive, seed=seed, strategy=strategy, synthesis=synthesis
+    )
     # the view prints each step of the supervisor's run and, at a terminal, asks for the approval inline
     view = TerminalView(console, load_settings(), read=input if interactive and not yes else None)
     result = run_demo(options, say=lambda line: console.print(line, markup=False), on_event=view.on_event, ask=view.ask)

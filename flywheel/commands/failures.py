@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.cli import app, context, err_console, out_console
+from flywheel.cli import app, context, echo_json, err_console, out_console
 from flywheel.errors import UserInputError
 from flywheel.records import FailureStatus, FailureView, SampleTier
 from flywheel.settings import SEVERITIES
@@ -33,10 +33,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a 
 
 def _out() -> Console:
     return out_console(soft_wrap=True)  # long logged text is not hard-wrapped: it copies whole
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _one_of(flag: str, value: str | None, allowed: list[str] | tuple[str, ...]) -> str | None:
@@ -79,7 +75,7 @@ def failures_list(
     )
     rows = list_failures(c.store, flt)
     if as_json:
-        _echo_json([r.model_dump(mode="json") for r in rows])
+        echo_json([r.model_dump(mode="json") for r in rows])
         return
     table = Table(title=f"{len(rows)} failure(s)", title_justify="left")
     for name in ("id", "status", "rule", "intent", "version", "problem type", "severity", "tier", "cluster", "verified"):
@@ -119,7 +115,7 @@ def failures_counts(
         _one_of("--by field", name, COUNT_FIELDS)
     rows = counts(context(ctx).store, fields)
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     table = Table(title="failure counts", title_justify="left")
     for name in [*fields, "failures", "frequency"]:
@@ -141,7 +137,7 @@ def failures_show(
 
     view = failure_view(context(ctx).store, failure_id)
     if as_json:
-        _echo_json(view.model_dump(mode="json"))
+        echo_json(view.model_dump(mode="json"))
         return
     _print_view(view)
 
@@ -223,7 +219,7 @@ def _print_view(view: FailureView) -> None:
 def _print_summary(title: str, summary: Any, as_json: bool) -> None:
     data = summary.model_dump(mode="json") if hasattr(summary, "model_dump") else dict(summary)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("what")
@@ -306,7 +302,7 @@ def label(
             err_console.print(problem, highlight=False, markup=False, soft_wrap=True)
         total = count_labels(store)
         if as_json:
-            _echo_json({**result.model_dump(), "labels_total": total})
+            echo_json({**result.model_dump(), "labels_total": total})
         else:
             typer.echo(f"stored {result.added} of {result.lines} label(s) from {file}; {total} label(s) in all")
         if result.errors:
@@ -320,7 +316,7 @@ def label(
     label_id = add_label(store, failure_id, {k: v for k, v in given.items() if v}, labeller, settings=c.settings)
     total = count_labels(store)
     if as_json:
-        _echo_json({"label_id": label_id, "failure_id": failure_id, "labels_total": total})
+        echo_json({"label_id": label_id, "failure_id": failure_id, "labels_total": total})
     else:
         said = "fine as answered" if fine else intent
         typer.echo(f"labelled {failure_id} as {said} (label {label_id}); {total} label(s) in all; `flywheel judge` takes it into account")

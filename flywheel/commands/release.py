@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.cli import app, context, out_console
+from flywheel.cli import app, context, echo_json, out_console
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.release import approvals, canary, graduation, registry
 from flywheel.release.evaluation import verified_report
@@ -34,10 +34,6 @@ app.add_typer(baseline_app, name="baseline")
 
 def _out() -> Console:
     return out_console(soft_wrap=False)
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _who(by: str | None) -> str:
@@ -57,7 +53,7 @@ def models(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List model versions with their aliases, status, lineage, gate, approval and key metrics."""
     rows = registry.list_versions(context(ctx).store)
     if as_json:
-        _echo_json([r.model_dump(mode="json") for r in rows])
+        echo_json([r.model_dump(mode="json") for r in rows])
         return
     if not rows:
         typer.echo("no model versions yet (flywheel train registers them)")
@@ -207,7 +203,7 @@ def canary_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     c = context(ctx)
     status = canary.observe_canary(c.store, c.settings)
     if as_json:
-        _echo_json(status.model_dump(mode="json"))
+        echo_json(status.model_dump(mode="json"))
         return
     console = _out()
     if status.state == "none":
@@ -258,7 +254,7 @@ def graduate(
     fixed = graduation.outcomes_from_report(_load_results(results) if results else verified_report(target)[0])
     result = graduation.graduate(c.store, c.settings, target.id, fixed=fixed, actor=_who(by))
     if as_json:
-        _echo_json(result.model_dump(mode="json"))
+        echo_json(result.model_dump(mode="json"))
         return
     typer.echo(
         f"{target.id}: {len(result.graduated)} graduated to candidate_baseline, {len(result.down_weighted)} still failing "
@@ -291,7 +287,7 @@ def baseline_confirm(
     """Confirm graduated samples: candidate -> secondary baseline, secondary -> core baseline."""
     moves = graduation.confirm_baseline(context(ctx).store, failure_ids, actor=_who(by), reason=reason)
     if as_json:
-        _echo_json([m.model_dump(mode="json") for m in moves])
+        echo_json([m.model_dump(mode="json") for m in moves])
         return
     for move in moves:
         typer.echo(f"{move.failure_id}: {move.from_tier} -> {move.to_tier}")

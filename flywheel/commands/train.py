@@ -6,7 +6,6 @@ the same functions the agent's tools call.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flywheel.cli import app, context, err_console, out_console
+from flywheel.cli import app, context, echo_json, err_console, out_console
 from flywheel.errors import UserInputError
 
 jobs_app = typer.Typer(no_args_is_help=False, help="Training jobs: list, show, logs, resume, cancel.")
@@ -28,10 +27,6 @@ WaitFlag = Annotated[bool, typer.Option("--wait/--no-wait", help="stream progres
 
 def _out() -> Console:
     return out_console(soft_wrap=True)
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _summary(record: Any) -> str:
@@ -114,7 +109,7 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
         record = launcher.wait(c, job_id, on_progress=show)
     version = _candidate(c, record)
     if as_json:
-        _echo_json(_with_version(record, version))
+        echo_json(_with_version(record, version))
     else:
         result = record.result or {}
         _out().print(f"job {record.id} succeeded: adapter {result.get('adapter_path')} (sha256 {result.get('adapter_sha256')})")
@@ -151,7 +146,7 @@ def train(
     if not wait or record.ended:
         version = _candidate(c, record)
         if as_json:
-            _echo_json(_with_version(record, version))
+            echo_json(_with_version(record, version))
             return
         _out().print(_summary(record))
         if record.ended and record.result:
@@ -200,7 +195,7 @@ def _list(ctx: typer.Context, status: str | None, limit: int, as_json: bool) -> 
         launcher.status(c, record.id)
     records = list_jobs(c.store, statuses=[status] if status else None, limit=limit)
     if as_json:
-        _echo_json([r.model_dump(mode="json") for r in records])
+        echo_json([r.model_dump(mode="json") for r in records])
         return
     table = Table("id", "kind", "status", "progress", "loss", "attempts", "created")
     for r in records:
@@ -219,7 +214,7 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="th
     c = context(ctx)
     record = launcher.status(c, job_id)
     if as_json:
-        _echo_json(record.model_dump(mode="json"))
+        echo_json(record.model_dump(mode="json"))
         return
     out = _out()
     out.print(_summary(record))
@@ -288,7 +283,7 @@ def jobs_resume(
     if wait and not record.ended:
         _follow(ctx, record.id, as_json)
     elif as_json:
-        _echo_json(record.model_dump(mode="json"))
+        echo_json(record.model_dump(mode="json"))
     else:
         _out().print(_summary(record))
 
@@ -300,6 +295,6 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
 
     record = launcher.cancel(context(ctx), job_id)
     if as_json:
-        _echo_json(record.model_dump(mode="json"))
+        echo_json(record.model_dump(mode="json"))
     else:
         _out().print(_summary(record))

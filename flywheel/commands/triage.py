@@ -6,20 +6,15 @@ the same functions the agent's tools call.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from flywheel.cli import app, context, err_console
+from flywheel.cli import app, context, echo_json, err_console
 from flywheel.errors import UserInputError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 @app.command("triage")
@@ -33,7 +28,7 @@ def triage_command(
 
     summary = triage(context(ctx), budget=budget)
     if as_json:
-        _echo_json(summary.model_dump())
+        echo_json(summary.model_dump())
         return
     rules = ", ".join(f"{name} {count}" for name, count in sorted(summary.by_rule.items(), key=lambda kv: -kv[1])) or "none"
     typer.echo(f"scanned {summary.scanned} candidate interactions, captured {summary.captured} failures ({rules})")
@@ -59,7 +54,7 @@ def kb_add(
 
     summary = add_files(context(ctx).index, files)
     if as_json:
-        _echo_json(summary.model_dump())
+        echo_json(summary.model_dump())
     else:
         typer.echo(
             f"{summary.files} files, {summary.sections} sections: {summary.added} added, "
@@ -84,7 +79,7 @@ def kb_search(
     ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="what to look for")],
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="how many results")] = 5,
-    kind: Annotated[str | None, typer.Option(help="approved_response | policy | doc")] = None,
+    kind: Annotated[str | None, typer.Option(help="approved_response | policy | doc | fact")] = None,
     intent: Annotated[str | None, typer.Option(help="only sections for this intent")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -95,7 +90,7 @@ def kb_search(
         raise UserInputError(f"--kind {kind!r} is not one of: {', '.join(KINDS)}")
     hits = search(context(ctx).index, query, k=k, kind=kind, intent=intent)
     if as_json:
-        _echo_json([h.model_dump() for h in hits])
+        echo_json([h.model_dump() for h in hits])
         return
     if not hits:
         typer.echo("no matching sections")

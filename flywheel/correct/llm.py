@@ -145,7 +145,7 @@ def _examples_text(hits: Sequence[Hit], nonce: str) -> str:
     return "\n\n".join(parts)
 
 
-def _output_format(settings: Settings) -> str:
+def output_format(settings: Settings) -> str:
     schema = settings.policies.output_schema
     if not schema:
         return "Plain text, as the agent would send it to the customer."
@@ -166,7 +166,7 @@ def corrector_messages(prompt: Prompt, settings: Settings, case: Case, found: Re
     return chat_messages(
         prompt,
         nonce,
-        {"output_format": _output_format(settings)},
+        {"output_format": output_format(settings)},
         {
             "verdict": _verdict_text(case, settings, nonce),
             **_conversation_blocks(case, settings, nonce),
@@ -186,7 +186,7 @@ def verifier_messages(prompt: Prompt, settings: Settings, case: Case, answer: st
     return chat_messages(
         prompt,
         nonce,
-        {"output_format": _output_format(settings)},
+        {"output_format": output_format(settings)},
         {
             "verdict": _verdict_text(case, settings, nonce),
             **_conversation_blocks(case, settings, nonce),

@@ -1,9 +1,12 @@
-"""The knowledge base: approved responses, policies and documents in the "kb" collection of the index.
+"""The knowledge base: approved responses, policies, documents and facts in the "kb" collection of the index.
 
 `flywheel kb add FILE...` reads two formats.
 
 **JSONL** (`.jsonl`): one object per line,
-    {"id"?: str, "text": str, "intent"?: str, "kind"?: "approved_response" | "policy" | "doc", "title"?: str}
+    {"id"?: str, "text": str, "intent"?: str, "kind"?: "approved_response" | "policy" | "doc" | "fact", "title"?: str}
+A fact (JSONL only) is a triple: `{"kind": "fact", "head": str, "relation": str, "tail": str, "text"?: str, ...}`, all
+three parts non-empty; without a text its text is "{head} {relation} {tail}". Other kinds take no
+head, relation or tail. (The knowledge generator, flywheel.synthesis.knowledge, asks questions of facts.)
 Unknown keys are refused (a typo such as "intnet" would otherwise silently lose the intent).
 
 **Markdown** (`.md`, `.markdown`, `.txt`): every heading (`#` to `######`) starts a section whose text is
@@ -20,13 +23,14 @@ Two ways to set a section's intent and kind:
         ## Where is my refund? {intent=refund_status kind=approved_response}
 
 Ids: an explicit JSONL "id" is used as given (re-adding it with new content updates that entry);
-otherwise the id is a hash of text, kind, intent and title, so re-adding a file adds nothing.
+otherwise the id is a hash of text, kind, intent and title (and a fact's triple), so re-adding a file
+adds nothing.
 A bad line or section is reported as `file:line: problem`, skipped, and the rest is still added;
 a path that does not exist is reported by name; the command then exits non-zero. docs/kb.md has the
 user's version of this.
 
 Metadata keys written (the KB corrector filters on them): `kind`, `intent` (absent when unknown),
-`title`, `source` (`file:line`).
+`title`, `source` (`file:line`), and for a fact `head`, `relation`, `tail`.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from flywheel.jsonl import json_objects
 from flywheel.records import stable_hash
 from flywheel.store.vectors import KB, Hit, VectorIndex
 
-Kind = Literal["approved_response", "policy", "doc"]
-KINDS: tuple[str, ...] = ("approved_response", "policy", "doc")
+Kind = Literal["approved_response", "policy", "doc", "fact"]
+KINDS: tuple[str, ...] = ("approved_response", "policy", "doc", "fact")
+TRIPLE: tuple[str, ...] = ("head", "relation", "tail")
 MARKDOWN_SUFFIXES = {".md", ".markdown", ".txt"}
 JSONL_SUFFIXES = {".jsonl"}
 
@@ -58,18 +63,40 @@ class KbEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
-    text: str
+    text: str = ""  # required, except for a fact (then built from its triple)
     intent: str | None = None
     kind: Kind = "doc"
     title: str = ""
     source: str = ""  # file:line, filled by the reader
+    # a fact's triple, e.g. ("Gold plan", "monthly price", "£12"); only for kind "fact"
+    head: str | None = None
+    relation: str | None = None
+    tail: str | None = None
 
     @field_validator("text")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text is empty")
+    def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("head", "relation", "tail")
+    @classmethod
+    def _strip_part(cls, value: str | None) -> str | None:
+        return " ".join(value.split()) if value is not None else None
+
+    @model_validator(mode="after")
+    def _complete(self) -> KbEntry:
+        parts = [getattr(self, key) for key in TRIPLE]
+        if self.kind == "fact":
+            missing = [key for key, part in zip(TRIPLE, parts) if not part]
+            if missing:
+                raise ValueError(f"a fact needs head, relation and tail; {', '.join(missing)} missing or empty")
+            if not self.text:
+                self.text = " ".join(str(part) for part in parts)
+        elif any(part is not None for part in parts):
+            raise ValueError(f"head, relation and tail belong to kind fact, not {self.kind}")
+        elif not self.text:
+            raise ValueError("text is missing or empty")
+        return self
 
     @field_validator("intent", "id")
     @classmethod
@@ -79,12 +106,19 @@ class KbEntry(BaseModel):
     def entry_id(self) -> str:
         if self.id:
             return self.id
-        return "kb-" + stable_hash({"text": self.text, "kind": self.kind, "intent": self.intent, "title": self.title})
+        key = {"text": self.text, "kind": self.kind, "intent": self.intent, "title": self.title}
+        if self.kind == "fact":  # two facts may share a text; only facts hash their triple, so older ids stay
+            key.update({k: getattr(self, k) for k in TRIPLE})
+        return "kb-" + stable_hash(key)
 
     def metadata(self) -> dict[str, str]:
         meta = {"kind": self.kind, "title": self.title, "source": self.source}
         if self.intent:
             meta["intent"] = self.intent
+        for key in TRIPLE:  # stored so that synthesis can read the triple back from the index
+            value = getattr(self, key)
+            if value:
+                meta[key] = value
         return meta
 
 
@@ -228,7 +262,7 @@ def read_file(path: Path, errors: list[str]) -> list[KbEntry]:
 
 def _same(hit_text: str, hit_meta: dict, entry: KbEntry) -> bool:
     meta = entry.metadata()
-    return hit_text == entry.text and all(hit_meta.get(k) == meta.get(k) for k in ("kind", "intent", "title"))
+    return hit_text == entry.text and all(hit_meta.get(k) == meta.get(k) for k in ("kind", "intent", "title", *TRIPLE))
 
 
 def add_entries(index: VectorIndex, entries: list[KbEntry], summary: KbSummary) -> None:

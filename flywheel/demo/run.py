@@ -42,6 +42,8 @@ class DemoOptions(BaseModel):
     interactive: bool = False  # a person is at the terminal to answer the approval prompt
     seed: int = 0
     strategy: str | None = None  # selection strategy (default: settings)
+    synthesis: bool = False  # the cycle generates samples (flywheel.synthesis) before it builds the dataset
+    test_rows: int | None = None  # rows of test.csv in the fixed test set; None: the size's own, 0: all of them
     fresh: bool = True  # start from an empty store (the production model is reused when unchanged)
 
 
@@ -73,10 +75,12 @@ def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize
     started = time.monotonic()
     pack = load_pack(options.data)
     size = QUICK if options.quick else FULL
+    if options.test_rows is not None:
+        size = size.model_copy(update={"test": options.test_rows})
     workdir = options.workdir.resolve()
     if options.fresh:
         _clear_state(workdir)
-    settings = write_project(workdir, pack, size, options.seed)
+    settings = write_project(workdir, pack, size, options.seed, options.synthesis)
     ctx = Context(settings=settings)
     test_rows = pack.test if not size.test else pack.test[:: max(1, len(pack.test) // size.test)][: size.test]
     write_test_set(Path(settings.eval.test_set), test_rows)

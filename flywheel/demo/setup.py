@@ -42,7 +42,7 @@ TOKENIZER_VOCAB = 2000
 MODEL_SHAPE = {"hidden": 128, "layers": 2, "heads": 4}
 
 
-def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int) -> Settings:
+def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int, synthesis: bool = False) -> Settings:
     """flywheel.toml for the demo: the pack's policies, the output schema from its intents, the fixed
     test set, and loop sizes. The file is the record of how the demo was configured."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,7 @@ def write_project(workdir: Path, pack: DemoPack, size: DemoSize, seed: int) -> S
             **pack.gate,
         },
         "canary": {"share": 0.25, "min_requests": 50, "harm_margin": 0.05},
+        "synthesis": {"enabled": synthesis, "seed": seed},
     }
     (workdir / CONFIG_FILE).write_text(_toml(config), encoding="utf-8")
     return load_settings(workdir)

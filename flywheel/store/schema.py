@@ -125,6 +125,26 @@ tier_moves = Table(  # sample graduation history
     Column("created_at", TS, nullable=False),
 )
 
+synthetic_samples = Table(  # flywheel.synthesis: every generated sample, kept or dropped, with its provenance
+    "synthetic_samples",
+    metadata,
+    Column("id", String(64), primary_key=True),  # a hash of generator, params, source, prompt, answer, kind
+    Column("generator", String(32), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("source_id", String(200)),
+    Column("intent", String(200), nullable=False),
+    Column("problem_type", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),  # reply | tool_choice | tool_arguments | tool_reply
+    Column("messages", JSON, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("scores", JSON, nullable=False),
+    Column("kept", Boolean, nullable=False),
+    Column("reasons", JSON, nullable=False),  # why it was dropped; empty when kept
+    Column("created_at", TS, nullable=False),
+    Column("scored_at", TS, nullable=False),  # a re-run scores again against the pool of its day
+    Index("ix_synthetic_samples_kept_intent", "kept", "intent"),
+)
+
 # --- training, evaluation, release ------------------------------------------------------------------------
 
 datasets = Table(

@@ -90,13 +90,14 @@ def build_tools(ctx: Context, extra: Sequence[ToolSpec] = ()) -> ToolRegistry:
     """Every flywheel tool, bound to `ctx`. `extra` adds tools (tests; a deployment's own read-only ones)."""
     # Imported here, not at the top: the tool modules pull in the store, trainer and release code, which
     # importing the registry's types (agent.graph) should not pay for.
-    from flywheel.tools import canary, corrections, datasets, evals, failures, jobs, labels, retrieval
+    from flywheel.tools import canary, corrections, datasets, evals, failures, jobs, labels, retrieval, synthesis
 
     specs = [
         *failures.SPECS,
         *labels.SPECS,
         *corrections.SPECS,
         *retrieval.SPECS,
+        *synthesis.SPECS,
         *datasets.SPECS,
         *jobs.SPECS,
         *evals.SPECS,

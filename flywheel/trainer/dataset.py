@@ -9,6 +9,11 @@ writes an immutable folder:
                              heldout.jsonl
                              manifest.json   config, composition, weights, counts per step, content hash
 
+Generated samples the quality scorer kept (flywheel.synthesis) are a source of their own: problem rows of
+origin "synthetic:<generator>", outside the problem-type cap, under caps of their own
+(flywheel.trainer.synthetic_mix: no prompt a verified row already answers, `synthesis.max_per_intent`,
+`synthesis.max_share` of the rows) and weighted `synthesis.weight` below real rows.
+
 The id is derived from the rows' content hash and the config, so building twice from the same state gives
 the same snapshot, and a folder is never overwritten by different content. A row of table `datasets`
 records it.
@@ -45,10 +50,11 @@ from flywheel.settings import Settings
 from flywheel.store import datasets as dataset_repo
 from flywheel.store.db import Store
 from flywheel.trainer import balance as bal
+from flywheel.trainer import synthetic_mix
 from flywheel.trainer.balance import Ledger, Sample
 from flywheel.trainer.replay import ReplayRow, parse_replay_rows, stable_production_rows
 from flywheel.trainer.replay_mix import mix_replay
-from flywheel.trainer.samples import replay_samples, store_samples, test_set_keys
+from flywheel.trainer.samples import replay_samples, store_samples, synthetic_samples, test_set_keys
 
 Kind = Literal["sft", "dpo"]
 KINDS: tuple[str, ...] = ("sft", "dpo")
@@ -143,13 +149,15 @@ def build_snapshot(
     errors = [*extra_errors, *errors]
     ledger.warnings.extend(f"extra row left out: {e}" for e in errors)
     from_store = store_samples(ctx.store, settings)
-    samples = _dedupe(from_store + replay_samples(replay_rows, settings), ledger)
+    generated = synthetic_samples(ctx.store, settings)
+    samples = _dedupe(from_store + replay_samples(replay_rows, settings) + generated, ledger)
     test_groups, test_lasts, test_info = test_set_keys(settings)
     if test_info is None:
         ledger.warnings.append("no fixed test set configured (eval.test_set): overlap with it was not checked")
     sources = SourceTracker(samples)
     rows = _filter(samples, kind, test_groups, test_lasts, ledger)
     sources.step("test_set_or_pairing", rows)
+    rows, synthetic = synthetic_mix.split(rows)
     n_problems = sum(s.pool == bal.PROBLEM for s in rows)
     if n_problems == 0:
         raise UserInputError(
@@ -160,10 +168,15 @@ def build_snapshot(
 
     seed = ds.seed
     rows = bal.cap_problem_types(rows, ds.problem_type_max_ratio, seed, ledger)
-    sources.step("problem_type_cap", rows)
+    sources.step("problem_type_cap", rows + synthetic)
     rows = bal.oversample_rare_high_risk(
         rows, ds.oversample_severities, ds.oversample_target_ratio, ds.problem_type_max_ratio, ds.max_repeats, ledger
     )
+    if synthetic:
+        synthetic = synthetic_mix.drop_conflicts(rows, synthetic, ledger)
+        synthetic = synthetic_mix.cap_per_intent(synthetic, settings.synthesis.max_per_intent, seed, ledger)
+        rows = rows + synthetic
+        sources.step("synthetic_caps", rows)
     embed = ctx.index.embedder.embed if ds.replay_strategy == "boundary" else None
     rows = mix_replay(
         rows,
@@ -177,6 +190,8 @@ def build_snapshot(
         embed,
         ds.boundary_neighbours,
     )
+    if synthetic:
+        rows = synthetic_mix.cap_share(rows, settings.synthesis.max_share, seed, ledger, settings.synthesis.generators)
     sources.step("replay_mix", rows)
     train, heldout = bal.split_heldout(rows, ds.heldout_ratio, seed, ledger)
     train = bal.intent_floor(train, ds.intent_min_samples, ds.max_repeats, ledger)
@@ -210,6 +225,7 @@ def build_snapshot(
         "sources": {
             "store": bal.counts(from_store, "tier"),
             "extra": bal.counts([s for s in samples if s.source == "extra"], "tier"),
+            "synthetic": bal.counts(generated, "origin"),
             "extra_rejected": errors,
         },
         "test_set": test_info,

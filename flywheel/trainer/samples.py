@@ -191,3 +191,38 @@ def replay_samples(rows: Sequence[ReplayRow], settings: Settings) -> list[Sample
             )
         )
     return out
+
+
+def synthetic_samples(store: Store, settings: Settings) -> list[Sample]:
+    """One sample per generated sample the quality scorer kept (flywheel.synthesis), as problem rows of
+    origin "synthetic:<generator>", weighted `synthesis.weight` below verified real samples. They are
+    never baseline rows: graduation moves failures, and a generated sample is not one."""
+    from flywheel.store import synthetic as synthetic_repo
+
+    tax = settings.taxonomy
+    out: list[Sample] = []
+    with store.engine.connect() as conn:
+        rows = synthetic_repo.kept(conn)
+    for row in rows:
+        prompt = [Message.model_validate(m) for m in row["messages"]]
+        group, last = prompt_keys(prompt)
+        problem_type = row["problem_type"]
+        out.append(
+            Sample(
+                key=row["id"],
+                tier=str(SampleTier.PROBLEM),
+                intent=row["intent"],
+                problem_type=problem_type,
+                severity=tax.default_severity.get(problem_type),
+                category=tax.categories.get(problem_type, UNCATEGORISED),
+                base_weight=settings.synthesis.weight,
+                prompt=_dump(prompt),
+                answer=row["answer"],
+                rejected=None,  # no failing answer to prefer against: DPO leaves these rows out
+                group=group,
+                last_user=last,
+                source="synthetic",
+                origin=f"synthetic:{row['generator']}",
+            )
+        )
+    return out
