@@ -148,7 +148,9 @@ class Scorer:
             # last and only on what every other check kept: it is the one check that costs an LLM call
             survivors = [s for s in kept if not s.reasons]
             for scored, problem in zip(survivors, self.verify([s.sample for s in survivors])):
-                scored.scores["llm_verifier"] = "rejected" if problem else "accepted"
+                # "unverified": the endpoint or its replies failed; nobody vouched for the sample, so it is dropped too
+                verdict = "accepted" if not problem else "rejected" if problem.startswith("rejected") else "unverified"
+                scored.scores["llm_verifier"] = verdict
                 if problem:
                     scored.reasons.append(f"llm_verifier: {problem}")
         for scored in kept:
