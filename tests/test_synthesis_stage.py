@@ -344,3 +344,18 @@ def test_the_heuristic_policy_synthesizes_only_when_enabled_and_short(world: Con
     assert _next_call(world) == "synthesize_samples"  # every intent has 4 verified samples, 6 are wanted
     world.settings.synthesis.min_verified = 4
     assert _next_call(world) == "build_dataset"  # nothing is short
+
+
+def test_generated_text_is_scrubbed_of_pii_before_it_is_stored(world: Context, project: Path) -> None:
+    templates = project / "pii-templates.jsonl"
+    templates.write_text(
+        json.dumps({"intent": "card_arrival", "template": "I am Jane Doe, jane.doe@example.com, where is my {card_type}?"}) + "\n",
+        encoding="utf-8",
+    )
+    world.settings.synthesis.templates = str(templates)
+    synthesize(world, ["template"], perplexity=fixed_perplexity(3.0))
+    rows = synthetic_repo.listing(world.store, generator="template", limit=1000)
+    texts = [m["content"] for r in rows for m in r["messages"] if m["role"] == "user"]
+    from_file = [t for t in texts if "where is my" in t and t.startswith("I am")]
+    assert from_file, texts
+    assert not any("jane.doe@example.com" in t or "Jane Doe" in t for t in texts)
