@@ -327,7 +327,7 @@ def test_knowledge_turns_entries_and_triples_into_pairs(tmp_path: Path) -> None:
     assert pairs[("kb-hq", "What is headquartered in Lisbon?")].answer == "Acme is headquartered in Lisbon."
     assert ("kb-hq", "What is Acme headquartered in?") in pairs
     assert not [g for g in out.samples if g.source_id in ("kb-policy", "kb-silver")]
-    assert {g.problem_type for g in out.samples} == {"knowledge_gap"}
+    assert {g.problem_type for g in out.samples} == {"missing_knowledge"}
     assert all(g.messages[0] == SYSTEM for g in out.samples)
 
 

@@ -107,7 +107,7 @@ def test_a_tool_calling_turn_gives_choice_arguments_and_reply_rows(allowed: Sett
 
     for row in first.values():
         assert row.generator == "toolcalls"
-        assert row.intent == "order_status" and row.problem_type == "tool_use"
+        assert row.intent == "order_status" and row.problem_type == "wrong_tool_call"
         assert row.source_id == "conv-1" and row.source_text == "Where is my order 12345?"
         assert row.params == {"turn": 2, "tool": "lookup_order", "calls": 1}
 

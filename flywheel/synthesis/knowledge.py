@@ -10,7 +10,7 @@ these is missing knowledge it was given, so each entry becomes training question
     it reads well and has one answer (no other fact gives the same relation and tail another head);
   - policy: nothing: a policy is a rule for whoever answers, not an answer to a user.
 A fact missing a part is reported with the entry's id and source, and skipped. Samples take the
-entry's intent, or "knowledge" without one, and the problem type "knowledge_gap"; entries are read in
+entry's intent, or "knowledge" without one, and the problem type "missing_knowledge"; entries are read in
 id order and each intent stops at synthesis.per_intent (or what the stage wants of it, if less).
 """
 
@@ -25,7 +25,7 @@ from flywheel.synthesis.records import Generated, GeneratorOutput, GeneratorProb
 from flywheel.synthesis.template import system_prompt
 
 NAME = "knowledge"
-PROBLEM_TYPE = "knowledge_gap"
+PROBLEM_TYPE = "missing_knowledge"  # the taxonomy's type for an answer that lacks what the KB states
 DEFAULT_INTENT = "knowledge"
 
 # {topic}: a title that names a subject ("Refund policy")

@@ -34,7 +34,7 @@ from flywheel.records import Interaction, Message, ToolCall
 from flywheel.synthesis.records import Generated, GeneratorOutput, GeneratorProblem, SynthesisInputs
 
 GENERATOR = "toolcalls"
-PROBLEM_TYPE = "tool_use"
+PROBLEM_TYPE = "wrong_tool_call"  # the taxonomy's type these rows teach against
 DEFAULT_INTENT = "tool_use"  # for interactions logged without an intent
 
 # The stage messages, appended as a system message after the conversation: the last thing the model
