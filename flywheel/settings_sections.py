@@ -210,7 +210,7 @@ class SynthesisSettings(Section):
     # mining: pseudo-label an unlabelled query only when its mining_k nearest verified samples give one
     # intent at least mining_agreement of the (similarity-weighted) vote and the nearest is this close
     mining_k: int = Field(5, ge=1, le=50)
-    mining_agreement: float = Field(0.8, gt=0.5, le=1)
+    mining_agreement: float = Field(0.6, gt=0.5, le=1)
     mining_min_similarity: float = Field(0.6, ge=0, le=1)
     # the scorer
     dedupe_threshold: float = Field(0.985, gt=0, le=1)  # cosine to the source or the pool at or above this: a duplicate

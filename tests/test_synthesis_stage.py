@@ -234,6 +234,7 @@ def test_mining_pseudo_labels_unlabelled_failures_and_a_rerun_adds_nothing(world
     mined = synthetic_repo.listing(world.store, generator="mining", limit=100)
     by_text = {next(m["content"] for m in r["messages"] if m["role"] == "user"): r for r in mined}
     assert by_text["i think i lost my card"]["intent"] == "lost_card" and by_text["i think i lost my card"]["kept"]
+    assert by_text["i think i lost my card"]["rejected"] == answer("card_arrival")  # what production logged: the pair's other side
     assert by_text["my new card has not arrived yet"]["intent"] == "card_arrival" and by_text["my new card has not arrived yet"]["kept"]
     for near_test in ("my card got stolen", "when does my card arrive"):  # near copies of the fixed test set's prompts
         assert not by_text[near_test]["kept"] and by_text[near_test]["reasons"][0].startswith("test_set_leak")
@@ -267,6 +268,10 @@ def test_kept_samples_enter_the_snapshot_weighted_and_capped(world: Context) -> 
     assert not any(m["content"].lower().strip("?") in test_texts for r in rows for m in r["messages"] if m["role"] == "user")
     assert snapshot.manifest["sources"]["synthetic"] and "synthetic_share_cap" in {s["step"] for s in snapshot.manifest["steps"]}
     assert all(r["tier"] == "problem" for r in generated)  # never a baseline row
+    dpo = read_rows(build_snapshot(world, "dpo"))
+    mined = [r for r in dpo if r["origin"] == "synthetic:mining"]
+    assert mined and all(r["rejected"][0]["content"] != r["chosen"][0]["content"] for r in mined)
+    assert not any(r["origin"] == "synthetic:augment" for r in dpo)  # no failing answer to pair with
 
 
 def test_shortfall_names_short_intents_and_problem_types(world: Context) -> None:

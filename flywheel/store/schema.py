@@ -137,6 +137,7 @@ synthetic_samples = Table(  # flywheel.synthesis: every generated sample, kept o
     Column("kind", String(32), nullable=False),  # reply | tool_choice | tool_arguments | tool_reply
     Column("messages", JSON, nullable=False),
     Column("answer", Text, nullable=False),
+    Column("rejected", Text),  # the failing answer it corrects, if any
     Column("scores", JSON, nullable=False),
     Column("kept", Boolean, nullable=False),
     Column("reasons", JSON, nullable=False),  # why it was dropped; empty when kept

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flywheel.records import Interaction
 from flywheel.synthesis.records import Generated, GeneratorOutput, Seed, SynthesisInputs
 
 NAME = "mining"
@@ -74,6 +75,8 @@ def generate(inputs: SynthesisInputs) -> GeneratorOutput:
             intent, agreement, nearest = vote(row, intents, cfg.mining_k)
             if agreement < cfg.mining_agreement or nearest < cfg.mining_min_similarity or intent not in answers:
                 continue
+            if answers[intent] == _logged_answer(interaction):
+                continue  # production said exactly this already: the failure was about something else
             common = problems_of[intent].most_common(1)
             out.samples.append(
                 Generated(
@@ -85,6 +88,12 @@ def generate(inputs: SynthesisInputs) -> GeneratorOutput:
                     problem_type=common[0][0] if common else "synthetic",
                     messages=interaction.prompt_messages(),
                     answer=answers[intent],
+                    rejected=_logged_answer(interaction),
                 )
             )
     return out
+
+
+def _logged_answer(interaction: Interaction) -> str | None:
+    answer = interaction.last_assistant()
+    return (answer.content or None) if answer is not None and not answer.tool_calls else None

@@ -52,6 +52,9 @@ class Generated(Record):
     kind: SampleKind = "reply"
     messages: list[Message]  # the prompt
     answer: str
+    # the failing answer this sample corrects, when there is one (mining: what production logged): the
+    # snapshot's replay mix protects the intent it corrects away from, and DPO gets a pair
+    rejected: str | None = None
 
     @property
     def id(self) -> str:

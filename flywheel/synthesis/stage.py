@@ -286,7 +286,8 @@ def _scrubbed(samples: Sequence[Generated]) -> list[Generated]:
     out = []
     for s in samples:
         messages = [m.model_copy(update={"content": scrub.text(m.content)}) if m.content else m for m in s.messages]
-        out.append(s.model_copy(update={"messages": messages, "answer": scrub.text(s.answer)}))
+        rejected = scrub.text(s.rejected) if s.rejected else s.rejected
+        out.append(s.model_copy(update={"messages": messages, "answer": scrub.text(s.answer), "rejected": rejected}))
     return out
 
 
@@ -304,6 +305,7 @@ def _store(ctx: Context, scored: Sequence[Scored]) -> int:
             "kind": s.sample.kind,
             "messages": [m.model_dump(exclude_none=True) for m in s.sample.messages],
             "answer": s.sample.answer,
+            "rejected": s.sample.rejected,
             "scores": s.scores,
             "kept": s.kept,
             "reasons": s.reasons,

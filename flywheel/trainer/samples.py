@@ -218,7 +218,9 @@ def synthetic_samples(store: Store, settings: Settings) -> list[Sample]:
                 base_weight=settings.synthesis.weight,
                 prompt=_dump(prompt),
                 answer=row["answer"],
-                rejected=None,  # no failing answer to prefer against: DPO leaves these rows out
+                # the failing answer it corrects (mined rows): the replay mix protects its intent, DPO pairs it;
+                # without one, DPO leaves the row out
+                rejected={"role": "assistant", "content": row["rejected"]} if row.get("rejected") else None,
                 group=group,
                 last_user=last,
                 source="synthetic",

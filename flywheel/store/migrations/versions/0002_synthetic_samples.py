@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("messages", sa.JSON(), nullable=False),
         sa.Column("answer", sa.Text(), nullable=False),
+        sa.Column("rejected", sa.Text(), nullable=True),
         sa.Column("scores", sa.JSON(), nullable=False),
         sa.Column("kept", sa.Boolean(), nullable=False),
         sa.Column("reasons", sa.JSON(), nullable=False),
