@@ -337,3 +337,41 @@ def test_knowledge_respects_per_intent_and_is_deterministic(tmp_path: Path) -> N
     assert counts == {"refund_status": 2, "knowledge": 2, "pricing": 2}
     shuffled = knowledge.generate(inputs(tmp_path, kb=list(reversed(KB)), per_intent=2))
     assert [g.id for g in shuffled.samples] == [g.id for g in out.samples]
+
+
+# --- neighbours -------------------------------------------------------------------------------------------
+
+
+def _stable(n: int, intent: str, text: str, answer: str) -> Interaction:
+    return Interaction(
+        id=f"s-{intent}-{n}",
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+        intent=intent,
+        messages=[SYSTEM, Message(role="user", content=text), Message(role="assistant", content=answer)],
+    )
+
+
+def test_neighbours_vary_the_stable_answers_of_the_intents_next_to_a_short_one(tmp_path: Path, monkeypatch: Any) -> None:
+    from flywheel.store.vectors import Embedder
+    from flywheel.synthesis import neighbours
+
+    monkeypatch.setattr(neighbours, "NEIGHBOURS", 1)
+    stable = [
+        _stable(1, "get_virtual_card", "How do I get a virtual card?", "Open Cards and tap Get a virtual card."),
+        _stable(2, "get_virtual_card", "Can I have a virtual card please", "Open Cards and tap Get a virtual card."),
+        _stable(3, "exchange_rate", "What exchange rate do you use for euros?", "We use the interbank rate."),
+    ]
+    short = [
+        seed("f-9", "disposable_virtual_card", "I want a disposable virtual card for one payment", "Disposable cards are under Cards.")
+    ]
+    out = neighbours.generate(
+        inputs(tmp_path, short, stable=stable, embed=Embedder().embed, wants={"disposable_virtual_card": 10}, per_seed=2)
+    )
+    assert out.samples and {s.intent for s in out.samples} == {"get_virtual_card"}  # the neighbour, not the far intent
+    assert all(s.generator == "neighbours" and s.answer == "Open Cards and tap Get a virtual card." for s in out.samples)
+    assert {s.source_id for s in out.samples} == {"s-get_virtual_card-1", "s-get_virtual_card-2"}
+    again = neighbours.generate(
+        inputs(tmp_path, short, stable=stable, embed=Embedder().embed, wants={"disposable_virtual_card": 10}, per_seed=2)
+    )
+    assert [s.id for s in again.samples] == [s.id for s in out.samples]
+    assert neighbours.generate(inputs(tmp_path, short, stable=stable, embed=Embedder().embed)).samples == []  # nothing wants samples

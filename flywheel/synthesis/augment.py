@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -296,8 +296,13 @@ def _augmentable(seed: Seed, wants: Mapping[str, int]) -> bool:
 
 
 def generate(inputs: SynthesisInputs) -> GeneratorOutput:
-    output = GeneratorOutput()
     seeds = sorted((s for s in inputs.seeds if _augmentable(s, inputs.wants)), key=lambda s: s.id)
+    return GeneratorOutput(samples=variants(inputs, seeds, NAME))
+
+
+def variants(inputs: SynthesisInputs, seeds: Sequence[Seed], generator: str) -> list[Generated]:
+    """`synthesis.per_seed` variants of each seed's last user turn, labelled `generator`."""
+    out: list[Generated] = []
     cities = kb_cities(inputs.kb)
     texts = [str(e.get("text") or "") for e in inputs.kb] + [i.last_user_text() for i in inputs.unlabelled] + [s.last_user() for s in seeds]
     values = with_defaults(slot_values(texts, cities))
@@ -306,15 +311,15 @@ def generate(inputs: SynthesisInputs) -> GeneratorOutput:
         ctx = Context(values=values, cities=cities, answer=seed.answer.casefold())
         made: set[str] = set()
         for index in range(inputs.settings.synthesis.per_seed):
-            rng = random.Random(int(stable_hash([inputs.seed, NAME, seed.id, index]), 16))
+            rng = random.Random(int(stable_hash([inputs.seed, generator, seed.id, index]), 16))
             found = next(((t, ops) for t, ops in _candidates(source, index, rng, ctx) if t.strip() and t != source and t not in made), None)
             if found is None:
                 continue
             text, ops = found
             made.add(text)
-            output.samples.append(
+            out.append(
                 Generated(
-                    generator=NAME,
+                    generator=generator,
                     params={"ops": ops},
                     source_id=seed.id,
                     source_text=source,
@@ -324,4 +329,4 @@ def generate(inputs: SynthesisInputs) -> GeneratorOutput:
                     answer=seed.answer,
                 )
             )
-    return output
+    return out

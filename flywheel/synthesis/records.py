@@ -110,6 +110,8 @@ class SynthesisInputs:
     # (staged tool-call samples)
     unlabelled: Sequence[Interaction] = ()
     tool_interactions: Sequence[Interaction] = ()
+    # stable production answers (no negative signal, clean by the rule judge): what already works
+    stable: Sequence[Interaction] = ()
     # KB entries: {"id", "text", "kind", "intent", "title", "head", "relation", "tail", "source"}
     kb: Sequence[dict[str, Any]] = ()
     # texts -> unit vectors (store.vectors.Embedder.embed); None where the caller has no index

@@ -15,6 +15,8 @@ from flywheel.synthesis.records import Generator
 GENERATORS: dict[str, str] = {
     "template": "flywheel.synthesis.template:generate",  # slot templates per intent
     "augment": "flywheel.synthesis.augment:generate",  # entity swaps, rewrites, adversarial noise of verified samples
+    # the same variants of stable production answers of well-served intents next to the short ones
+    "neighbours": "flywheel.synthesis.neighbours:generate",
     "mining": "flywheel.synthesis.mining:generate",  # unlabelled traffic near verified samples, pseudo-labelled
     "knowledge": "flywheel.synthesis.knowledge:generate",  # KB entries and triples as question-answer pairs
     "toolcalls": "flywheel.synthesis.toolcalls:generate",  # staged tool-call rows from tool-calling traffic

@@ -173,6 +173,7 @@ def gather(ctx: Context) -> SynthesisInputs:
         seeds=seeds,
         unlabelled=sorted(unlabelled, key=lambda i: i.id),
         tool_interactions=tool_interactions,
+        stable=stable,
         kb=kb,
         embed=ctx.index.embedder.embed,
         chat_model=_chat_model(ctx),
