@@ -75,6 +75,11 @@ def _root(
 ) -> None:
     # Settings load on first use so that `flywheel init` works in an empty folder with a broken env.
     ctx.obj = _LazyContext(project)
+    # Close the store and the index when the command ends. Left open, a command run in-process (tests,
+    # scripts calling main()) leaves a SQLite engine behind, and garbage collection later closes its
+    # connection at an arbitrary moment: the last close checkpoints and removes the WAL files while
+    # other processes (a training worker, the gateway) still use them.
+    ctx.call_on_close(ctx.obj.close)
 
 
 class _LazyContext:
