@@ -242,13 +242,10 @@ def build_pool(ctx: Context, seeds: Sequence[Seed]) -> Pool:
 def _test_prompts(ctx: Context) -> list[list[Message]]:
     if not ctx.settings.eval.test_set:
         return []
-    from pathlib import Path
-
     from flywheel.evals.runner import load_test_set
+    from flywheel.trainer.samples import test_set_path
 
-    path = Path(ctx.settings.eval.test_set)
-    path = path if path.is_absolute() else ctx.settings.project_dir / path
-    return [list(item.messages) for item in load_test_set(path)]
+    return [list(item.messages) for item in load_test_set(test_set_path(ctx.settings))]
 
 
 # --- scoring helpers ----------------------------------------------------------------------------------------

@@ -45,14 +45,19 @@ def prompt_keys(messages: Sequence[Message | dict[str, Any]]) -> tuple[str, str]
     return "\n".join(users), (users[-1] if users else "")
 
 
+def test_set_path(settings: Settings) -> Path:
+    """Where eval.test_set points, relative to the project folder unless absolute."""
+    path = Path(settings.eval.test_set)
+    return path if path.is_absolute() else settings.project_dir / path
+
+
 def test_set_keys(settings: Settings) -> tuple[set[str], set[str], dict[str, Any] | None]:
     """Prompt keys of the fixed test set, and what the manifest says about it (None: none configured)."""
     if not settings.eval.test_set:
         return set(), set(), None
     from flywheel.evals.runner import load_test_set  # the one reader of the test set; strict on bad rows
 
-    path = Path(settings.eval.test_set)
-    path = path if path.is_absolute() else settings.project_dir / path
+    path = test_set_path(settings)
     items = load_test_set(path)
     groups, lasts = set(), set()
     for item in items:
