@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import inspect
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +61,7 @@ def chat_model(settings: Settings, model_name: str | None = None, *, temperature
     llm = settings.llm
     if not llm.enabled:
         raise SettingsError("llm.base_url", "no LLM endpoint is configured (set llm.base_url to an OpenAI-compatible /v1 URL)")
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _usage_counter()]  # every call counts (see `usage`)
     return ChatOpenAI(
         model=model_name or llm.judge_model,
         base_url=llm.base_url,
@@ -82,6 +85,45 @@ async def async_chat_model(settings: Settings, model_name: str | None = None, **
         yield chat_model(settings, model_name, http_async_client=http, **kwargs)
     finally:
         await http.aclose()
+
+
+# --- usage counters -------------------------------------------------------------------------------------
+# Calls and tokens of every chat model built by `chat_model`, in this process: the eval report's cost
+# block takes the difference across an evaluation; a caller can do the same across a cycle.
+
+_USAGE = {"calls": 0, "tokens": 0}
+_USAGE_LOCK = threading.Lock()
+
+
+def usage() -> dict[str, int]:
+    """{"calls", "tokens"} counted in this process so far (a failed call counts, with no tokens)."""
+    with _USAGE_LOCK:
+        return dict(_USAGE)
+
+
+def _count(tokens: int) -> None:
+    with _USAGE_LOCK:
+        _USAGE["calls"] += 1
+        _USAGE["tokens"] += tokens
+
+
+@functools.cache
+def _usage_counter() -> Any:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class UsageCounter(BaseCallbackHandler):
+        run_inline = True  # count in the caller's thread, not an executor's
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            message = getattr(response.generations[0][0], "message", None) if response.generations and response.generations[0] else None
+            metadata = getattr(message, "usage_metadata", None) or {}
+            fallback = ((response.llm_output or {}).get("token_usage") or {}).get("total_tokens", 0)
+            _count(int(metadata.get("total_tokens") or fallback or 0))
+
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            _count(0)
+
+    return UsageCounter()
 
 
 # --- limits and retry classification --------------------------------------------------------------------

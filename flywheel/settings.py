@@ -39,6 +39,7 @@ from flywheel.settings_sections import (
     GraduationSettings,
     JudgeSettings,
     LLMSettings,
+    LoopSettings,
     PolicySettings,
     RuleSettings,
     SelectionSettings,
@@ -83,6 +84,7 @@ class Settings(BaseSettings):
     graduation: GraduationSettings = GraduationSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     agent: AgentSettings = AgentSettings()
+    loop: LoopSettings = LoopSettings()
     daemon: DaemonSettings = DaemonSettings()
     slack: SlackSettings = SlackSettings()
     serve: ServeSettings = ServeSettings()

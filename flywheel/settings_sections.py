@@ -234,11 +234,15 @@ class SelectionSettings(Section):
     min_gain: float = Field(0.002, ge=0)  # stop when the last round gained less than this
     seed: int = 0
     hybrid_step: float = Field(0.25, ge=0, le=1)  # hybrid: the uncertainty share of picks grows by this per round
+    # What the labelling budget counts: "champion" the labels given since the current champion took over
+    # (each promoted model's failures get a fresh budget, so cycle after cycle can ask people again),
+    # "project" every label ever given (a hard cap over the project's life).
+    budget_scope: Literal["champion", "project"] = "champion"
 
 
 class TrainSettings(Section):
     base_model: str = ""  # a local folder transformers can load
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "kto"] = "sft"  # kto: unpaired good/bad answers (TRL KTOTrainer), from sft or dpo snapshots
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -261,8 +265,27 @@ class TrainSettings(Section):
     max_length: int = Field(256, ge=8)
     early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0: off
     eval_steps: int = Field(0, ge=0)  # evaluate and checkpoint every N steps; 0: once per epoch
-    dpo_beta: float = Field(0.1, gt=0)
+    dpo_beta: float = Field(0.1, gt=0)  # also KTO's beta: how far the adapter may move from the reference
     seed: int = 0
+    # Training recipes (docs/learning.md, "Training recipes"; bench/recipes.py measures each on and off). All off
+    # by default: none has been measured to help on both demo packs. They enter the job id: changing one trains anew.
+    # Row order: "none" shuffles each epoch; "champion_loss" and "difficulty" go easy -> hard (trainer.curriculum).
+    curriculum: Literal["none", "champion_loss", "difficulty"] = "none"
+    focal_gamma: float = Field(0.0, ge=0, le=10)  # SFT: per-token (1 - p)^gamma on the answer tokens; 0: off
+    # Against forgetting: a penalty pulling the trainable weights back to where the run started (trainer.anchor);
+    # "ewc" weighs each weight by its Fisher information on the snapshot's replay rows.
+    anchor: Literal["none", "l2", "ewc"] = "none"
+    anchor_strength: float = Field(1.0, gt=0)  # lambda of lambda/2 * sum(w * (theta - theta0)^2)
+    anchor_fisher_rows: int = Field(128, ge=1)  # ewc: replay rows the Fisher estimate reads at most
+    # DPO loss (TRL's names; flywheel.trainer.weighted implements each with the per-row weights)
+    dpo_loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "sigmoid_norm"] = "sigmoid"
+    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust: the probability that a preference is flipped
+
+    @model_validator(mode="after")
+    def _recipe_options_fit(self) -> TrainSettings:
+        if self.dpo_loss_type == "robust" and self.dpo_label_smoothing <= 0:
+            raise ValueError("dpo_loss_type robust needs dpo_label_smoothing above 0 (the share of flipped preferences, e.g. 0.1)")
+        return self
 
 
 class GateSettings(Section):
@@ -273,10 +296,17 @@ class GateSettings(Section):
     targeted: list[str] = []
     max_regression: float = Field(0.02, ge=0)  # absolute rise allowed for any other type or intent
     min_intent_samples: int = Field(5, ge=1)  # intents with fewer test rows are not gated on
-    # "point": an intent fails when its success drops by more than max_regression; "significant": only
-    # when, in addition, the drop's 95% interval excludes zero (per-intent samples are small)
-    intent_rule: Literal["point", "significant"] = "significant"
+    # How a drop beyond max_regression is judged (flywheel.evals.gate says why): "paired": it fails only
+    # when McNemar's exact test on the items both models answered finds it significant at `alpha`, after
+    # the `multiple_testing` correction over the intents (or problem types) of the set; "significant":
+    # when its independent 95% interval excludes zero; "point": always.
+    intent_rule: Literal["paired", "point", "significant"] = "paired"
+    type_rule: Literal["paired", "point"] = "paired"  # the same for the non-targeted problem types
+    alpha: float = Field(0.05, gt=0, lt=1)
+    multiple_testing: Literal["holm", "bh", "none"] = "holm"  # holm: family-wise error; bh: false discovery rate
     block_new_severities: list[Severity] = ["high", "critical"]
+    # Core baseline samples the candidate may break (pass with the champion, fail with the candidate).
+    core_baseline_max_failures: int = Field(0, ge=0)
 
 
 class EvalSettings(Section):
@@ -291,8 +321,22 @@ class CanarySettings(Section):
     # A candidate that passed its gate serves a canary slice and is observed before a person is asked.
     before_approval: bool = True
     share: float = Field(0.1, gt=0, lt=1)
-    min_requests: int = Field(50, ge=1)
-    harm_margin: float = Field(0.05, ge=0)  # canary problem rate above champion's by this rolls back
+    # "sequential": a sequential likelihood-ratio test decides harm / no harm as soon as the evidence is
+    # clear (flywheel.release.canary says which test and what it guarantees); "fixed": once both versions
+    # served min_requests, any rate above the champion's by more than harm_margin rolls back.
+    rule: Literal["sequential", "fixed"] = "sequential"
+    min_requests: int = Field(50, ge=1)  # per version; no decision before (the floor of both rules)
+    max_requests: int = Field(2000, ge=1)  # sequential: per version; undecided by then is "inconclusive" (kept)
+    # fixed: the rise that rolls back; sequential: the harm alternative (a rise of at least this much)
+    harm_margin: float = Field(0.05, ge=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # sequential: chance of rolling back a canary that does no harm
+    beta: float = Field(0.1, gt=0, lt=1)  # sequential: chance of calling "no harm" on one that harms by harm_margin
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> CanarySettings:
+        if self.max_requests < self.min_requests:
+            raise ValueError(f"max_requests {self.max_requests} is below min_requests {self.min_requests}")
+        return self
 
 
 class GraduationSettings(Section):
@@ -315,6 +359,18 @@ class AgentSettings(Section):
     prompt: str = "supervisor"
 
 
+class LoopSettings(Section):
+    """When back-to-back cycles stop (`flywheel run --until-stable`, flywheel.agent.cycles)."""
+
+    max_cycles: int = Field(5, ge=1, le=1000)  # agent.cycles.MAX_CYCLES
+    # stable: after a promotion, no targeted problem type fell by more than this on the fixed test set
+    min_gain: float = Field(0.01, ge=0, le=1)
+    max_labels: int = Field(0, ge=0)  # labels over all the cycles; 0: only selection.labelling_budget limits them
+    max_training_runs: int = Field(0, ge=0)  # training jobs over all the cycles; 0: no limit beyond agent.max_training_runs per cycle
+    max_wall_s: float = Field(0, ge=0)  # 0: no limit; checked between cycles, a running cycle is never cut
+    max_gate_failures: int = Field(2, ge=1)  # cycles whose candidate failed its gate (or was rejected) before stopping
+
+
 class Schedule(Section):
     id: str
     cron: str  # crontab expression, e.g. "0 3 * * *"; six fields: the first is the second (tests, fast loops)
@@ -325,6 +381,10 @@ class DaemonSettings(Section):
     timezone: str = "UTC"  # the zone the cron expressions are read in
     misfire_grace_s: int = Field(900, ge=1)  # a firing missed while the daemon was down still runs (once) this late
     shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, time given to a running cycle before leaving it resumable
+    # Online rounds (flywheel.agent.rounds): a cycle starts once this many new verified samples have arrived
+    # since the last round; 0: off. A million would never fire on any real stream: refused as a typo.
+    round_min_verified: int = Field(0, ge=0, le=1_000_000)
+    round_poll_s: float = Field(30.0, ge=0.1, le=3600)  # how often the daemon counts them (a store query each time)
 
 
 class SlackSettings(Section):

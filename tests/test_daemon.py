@@ -1,9 +1,13 @@
 """The daemon: APScheduler 3 jobs in the flywheel store (real SQLite and real PostgreSQL), a real firing
 that starts a heuristic cycle, one cycle at a time, and a real `flywheel daemon` child process stopped
-with SIGTERM while a cycle is held in the supervisor node (the graph's test pause hook)."""
+with SIGTERM while a cycle is held in the supervisor node (the graph's test pause hook). Online rounds:
+the daemon's real poll over a seeded project (real triage, rule judge and KB corrector), a round that
+trains, evaluates and waits for approval, a due round waiting for a held cycle, and a restart."""
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import signal
 import subprocess
@@ -15,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_helpers import seed_project
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
-from flywheel.agent import runs, schedule
+from flywheel.agent import rounds, runs, schedule
+from flywheel.agent.runner import decide
 from flywheel.agent.schedule import (
     JOB_PREFIX,
     JOB_TABLE,
@@ -32,8 +38,14 @@ from flywheel.agent.schedule import (
 )
 from flywheel.cli import main
 from flywheel.context import Context
+from flywheel.correct.stage import correct_failures
+from flywheel.data.triage import triage
 from flywheel.errors import SettingsError
+from flywheel.evals.judge import judge_failures
 from flywheel.settings import load_settings
+from flywheel.store import failures as failure_repo
+from flywheel.store.schema import jobs
+from flywheel.tools.failures import pipeline_status
 
 EVERY_SECOND = "* * * * * *"
 
@@ -292,5 +304,151 @@ def test_the_daemon_process_stops_on_sigterm_and_leaves_a_held_cycle_resumable(p
     ctx = Context(settings=load_settings(project))
     try:
         assert sorted(_stored_jobs(ctx)) == ["schedule:fast"]
+    finally:
+        ctx.close()
+
+
+# --- online rounds -----------------------------------------------------------------------------------------------
+
+ROUNDS = {"round_min_verified": 3, "round_poll_s": 0.2}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # built once per session (tests/conftest.py)
+
+
+def _round_runs(ctx: Context) -> list[runs.RunRow]:
+    return [r for r in runs.list_runs(ctx.store, limit=100) if r.trigger == "round"]
+
+
+def _polls_after(daemon: Daemon, more: int) -> None:
+    """Wait until the daemon has checked the store `more` more times (each check reads it afresh)."""
+    target = daemon.round_polls + more
+    _wait(lambda: daemon.round_polls >= target, what=f"{more} round checks")
+
+
+def _judged(ctx: Context) -> list[str]:
+    """Triage and judge the seeded logs: the failures wait for a correction (none is verified yet)."""
+    triage(ctx)
+    judge_failures(ctx)
+    rows = failure_repo.list_failures(ctx.store, failure_repo.FailureFilter(limit=100))
+    waiting = [row.id for row in rows if row.status == "judged"]
+    assert waiting and pipeline_status(ctx).verified_problem_samples == 0
+    return waiting
+
+
+def test_round_settings_refuse_negative_and_absurd_values(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in (("round_min_verified", -1), ("round_min_verified", 10**9), ("round_poll_s", 0), ("round_poll_s", 86400)):
+        with pytest.raises(SettingsError, match=f"daemon.{name}"):
+            load_settings(project, daemon={name: value})
+    (project / "flywheel.toml").write_text("[daemon]\nround_min_verified = -5\n", encoding="utf-8")
+    assert main(["-C", str(project), "daemon", "--slack", "off"]) == 2  # refused before anything starts
+    assert "daemon.round_min_verified" in capsys.readouterr().err
+    assert main(["-C", str(project), "schedules"]) == 2
+
+
+def test_a_round_starts_once_enough_verified_samples_arrived_trains_and_a_restart_does_not_repeat_it(
+    project: Path, base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_project(project, base, daemon=ROUNDS)
+    ctx = Context(settings=load_settings(project))
+    try:
+        waiting = _judged(ctx)
+        assert len(waiting) == 3  # six logs, three clusters: three samples to verify
+        daemon = Daemon(ctx, slack_mode="off").start()
+        try:
+            _polls_after(daemon, 3)
+            assert correct_failures(ctx, waiting[:2]).verified == 2  # two arrive: one short of the trigger
+            _polls_after(daemon, 3)
+            assert _round_runs(ctx) == [] and rounds.round_status(ctx).new == 2
+            assert main(["-C", str(project), "schedules", "--json"]) == 0
+            [row] = json.loads(capsys.readouterr().out)
+            assert (row["kind"], row["new_verified"], row["min_verified"], row["due"], row["last_round"]) == ("round", 2, 3, False, None)
+
+            assert correct_failures(ctx, waiting[2:]).verified == 1  # the third: a round starts
+            _wait(lambda: _round_runs(ctx), what="the round to start")
+            _wait(lambda: daemon.round_thread is not None and not daemon.round_thread.is_alive(), timeout=600, what="the round to end")
+            [round_run] = _round_runs(ctx)
+            # the same supervisor cycle a cron firing runs: a snapshot, a training job, the evaluation, the approval
+            assert round_run.policy == "heuristic" and round_run.state == "waiting_approval", round_run
+            cycle = round_run.summary["cycle"]
+            assert cycle["dataset_id"] and cycle["job_id"] and cycle["candidate"] == "v2" and cycle["gate_passed"] is True
+            assert round_run.pending and round_run.pending["version"] == "v2"
+            with ctx.store.engine.connect() as conn:
+                assert conn.execute(select(jobs.c.status).where(jobs.c.id == cycle["job_id"])).scalar_one() == "succeeded"
+            marker = rounds.last_round(ctx)
+            assert marker is not None and marker.run_id == round_run.id and marker.samples == 3
+            assert marker.since > marker.started_at  # the watermark moved to the round's snapshot
+
+            _polls_after(daemon, 5)
+            assert len(_round_runs(ctx)) == 1  # the same samples start no second round
+        finally:
+            assert daemon.stop(grace_s=30) == []
+        assert main(["-C", str(project), "schedules"]) == 0
+        said = capsys.readouterr().out
+        assert f"0 new since the last round (last round {round_run.id}" in said and "3 verified in the problem tier" in said
+        # rejected: the three samples stay verified in the problem tier, as many as the trigger needs
+        decide(ctx, "v2", "rejected", getpass.getuser(), "not now")
+        assert pipeline_status(ctx).verified_problem_samples == 3 and pipeline_status(ctx).awaiting_decision == []
+    finally:
+        ctx.close()
+
+    # a restart on the same store: without the marker the three samples would be due again; with it, nothing starts
+    again = Context(settings=load_settings(project))
+    try:
+        assert rounds.new_verified_samples(again, None) == 3
+        status = rounds.round_status(again)
+        assert status.new == 0 and status.last_round is not None and status.last_round.run_id == round_run.id
+        daemon = Daemon(again, slack_mode="off").start()
+        try:
+            _polls_after(daemon, 5)
+            assert [r.id for r in _round_runs(again)] == [round_run.id]
+            assert daemon.round_thread is None
+        finally:
+            assert daemon.stop(grace_s=30) == []
+    finally:
+        again.close()
+
+
+def test_a_due_round_waits_for_a_running_cycle_then_starts_after_it(
+    project: Path, base: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No training here (the budget is 0): both cycles stop before launching a job; the round's start is what counts.
+    seed_project(project, base, daemon=ROUNDS, agent={"max_training_runs": 0})
+    marker = tmp_path / "paused"
+    ctx = Context(settings=load_settings(project))
+    try:
+        assert correct_failures(ctx, _judged(ctx)).verified == 3  # due from the first check on
+        daemon = Daemon(ctx, slack_mode="off")
+        # a cron firing of this daemon, held in the supervisor node
+        monkeypatch.setenv("FLYWHEEL_TEST_PAUSE_AT", "supervisor")
+        monkeypatch.setenv("FLYWHEEL_TEST_PAUSE_FILE", str(marker))
+        monkeypatch.setenv("FLYWHEEL_TEST_PAUSE_SECONDS", "1.5")
+        results: dict[str, Any] = {}
+        cron = threading.Thread(target=lambda: results.update(cron=run_scheduled(ctx, "nightly", daemon._busy)))
+        cron.start()
+        _wait(marker.exists, what="the cron cycle to be in the supervisor")
+        caplog.set_level("INFO", logger="flywheel.daemon")
+        daemon.start()
+        try:
+            _polls_after(daemon, 4)
+            [held] = _schedule_runs(ctx)
+            assert held.state == "running" and _round_runs(ctx) == []  # due, but a cycle runs: the round waits
+            waits = [r.getMessage() for r in caplog.records if "online round due" in r.getMessage()]
+            assert waits == [f"online round due (3 new verified samples); waiting: run {held.id} is in progress"]  # said once
+            monkeypatch.delenv("FLYWHEEL_TEST_PAUSE_AT")  # the held cycle goes on (after the pause it is in)
+            cron.join(timeout=300)
+            assert results["cron"].state == "done"
+            _wait(lambda: daemon.round_thread is not None and not daemon.round_thread.is_alive(), timeout=300, what="the round")
+        finally:
+            assert daemon.stop(grace_s=30) == []
+        [cron_run] = _schedule_runs(ctx)
+        [round_run] = _round_runs(ctx)
+        assert round_run.created_at >= cron_run.updated_at  # it started after the cron cycle ended: never two at once
+        assert round_run.state == "done" and round_run.policy == "heuristic"
+        assert round_run.summary["cycle"]["dataset_id"]  # it reached its snapshot; the budget of 0 stopped the training
+        assert "training budget (0 per cycle) is spent" in round_run.summary["last_message"]
+        assert rounds.last_round(ctx).run_id == round_run.id  # type: ignore[union-attr]
     finally:
         ctx.close()

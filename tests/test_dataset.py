@@ -560,3 +560,28 @@ def test_boundary_replay_draws_the_neighbours_of_each_correction_first() -> None
     assert {s.key for s in boundary if s.tier != "problem"} >= {replay[i].key for i in named}
     with pytest.raises(ValueError, match="embedding function"):
         mix_replay(rows, 0.5, 0.5, None, {"candidate_baseline": 1.0}, 0, Ledger(), "boundary")
+
+
+def test_the_problem_type_cap_trims_unlabelled_rows_and_keeps_every_label() -> None:
+    """After a cycle fixed over_promise, the next one sees few of it: an equal-share cap would cut the
+    wrong_intent rows to match, labels included. It trims only the rows that came without a label."""
+    from dataclasses import replace
+
+    from flywheel.trainer.balance import Ledger, cap_problem_types
+
+    def row(key: str, problem_type: str, origin: str) -> Any:
+        return replace(_sample(key, "card_arrival", f"text {key}", "problem"), problem_type=problem_type, origin=origin)
+
+    rows = [row(f"p{i}", "over_promise", "kb_correction") for i in range(5)]
+    rows += [row(f"l{i}", "wrong_intent", "label") for i in range(30)]
+    rows += [row(f"c{i}", "wrong_intent", "kb_correction") for i in range(20)]
+    kept = cap_problem_types(rows, 0.5, seed=0, ledger=Ledger())
+    by_key = {r.key for r in kept}
+    assert all(f"l{i}" in by_key for i in range(30))  # every label stays, though 30 > the cap of 5
+    assert not any(f"c{i}" in by_key for i in range(20))  # the unlabelled rows of the type over the cap go
+    assert all(f"p{i}" in by_key for i in range(5))
+    # under the cap of a balanced pool, labels and the rest are trimmed as before: labels first
+    rows = [row(f"p{i}", "over_promise", "kb_correction") for i in range(40)] + rows[5:]
+    kept = cap_problem_types(rows, 0.5, seed=0, ledger=Ledger())
+    wrong = [r for r in kept if r.problem_type == "wrong_intent"]
+    assert len(wrong) == 40 and sum(r.origin == "label" for r in wrong) == 30

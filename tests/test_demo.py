@@ -180,3 +180,39 @@ def test_a_pack_without_kb_learns_from_the_labels(tmp_path: Path) -> None:
         for line in rows.read_text(encoding="utf-8").splitlines():
             users = [m["content"].strip() for m in json.loads(line)["messages"] if m["role"] == "user"]
             assert not test_texts.intersection(users)
+
+
+def test_cycles_serve_new_traffic_through_each_champion_and_keep_the_store_consistent(tmp_path: Path) -> None:
+    """Two cycles on the small pack (fewer rows than the cycles need: its rows are served again, as new
+    interactions of the champion of the moment)."""
+    data = _tiny_pack(tmp_path / "airline")
+    work = tmp_path / "demo"
+    done = _demo("--quick", "--yes", "--json", "--cycles", "2", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cycles = result["cycles"]
+    assert 1 <= len(cycles) <= 2 and result["stop_reason"]
+    first = cycles[0]
+    assert first["cycle"] == 1 and first["champion_before"] == "v1"
+    if first["state"] != "promoted":  # nothing graduates from a cycle whose candidate was not promoted
+        assert first["champion"] == "v1" and first["graduated"] == 0 and first["tiers"]["candidate_baseline"] == 0
+    if len(cycles) == 2:
+        second = cycles[1]
+        # the second cycle starts from the champion the first one left, and its traffic came from it
+        assert second["champion_before"] == first["champion"]
+        served = [json.loads(line) for line in (work / "logs" / "production-cycle-2.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert served and {r["model_version"] for r in served} == {first["champion"]}
+        assert result["after"]["version"] in (second["champion"], second["candidate"])
+        # a baseline never skips a tier: secondary samples need a confirmed promotion after their graduation
+        assert second["tiers"]["core_baseline"] == 0
+        if second["tiers"]["secondary_baseline"]:
+            assert first["state"] == "promoted" and second["state"] == "promoted" and second["confirmed"] > 0
+    assert result["before"]["version"] == "v1"
+
+
+def test_a_wrong_cycles_value_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    for value in ("0", "-2", "many"):
+        done = _demo("--quick", "--cycles", value, "--workdir", str(work), cwd=tmp_path)
+        assert done.returncode == 2 and "--cycles" in done.stderr, done.stderr[-500:]
+    assert not work.exists()

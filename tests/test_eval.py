@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,16 @@ def test_baseline_and_problem_sets(any_store: Store) -> None:
     assert p1.reference == Reference(intent="refund_status", answer="corrected answer for p1", source="correction")
     assert p1.problem_type == "over_promise"
     assert default_targeted({"problem": problems}) == ["over_promise"]
-    baseline = baseline_set(any_store)
-    assert [i.id for i in baseline] == [failure_repo.failure_id_for("b1")]  # b2 has no verified correction, c1 is a candidate
-    assert baseline[0].intent == "card_delivery"  # the newest label beats the failure's own intent
-    assert baseline[0].reference.answer == "corrected answer for b1"
+    baseline = {i.id: i for i in baseline_set(any_store)}
+    # every baseline tier, each item knowing its tier; b2 has no verified correction
+    assert {i: item.tier for i, item in baseline.items()} == {
+        failure_repo.failure_id_for("b1"): "core_baseline",
+        failure_repo.failure_id_for("c1"): "candidate_baseline",
+    }
+    b1 = baseline[failure_repo.failure_id_for("b1")]
+    assert b1.intent == "card_delivery"  # the newest label beats the failure's own intent
+    assert b1.reference.answer == "corrected answer for b1"
+    assert problems[0].tier is None
 
 
 def test_empty_store_gives_empty_sets(store: Store) -> None:
@@ -274,6 +281,8 @@ def test_evaluate_model_with_the_rule_judge(project: Path, tmp_path: Path) -> No
     assert {t: r.count for t, r in m.problem_rates.items() if r.count} == {"format_error": 1, "over_promise": 1, "wrong_intent": 1}
     assert m.severity_counts == {"low": 1, "medium": 1, "high": 1, "critical": 0}
     assert m.per_intent["exchange_rate"].count == 1 and m.per_intent["exchange_rate"].n == 2
+    # compliance hits per policy pattern: t3's promise matched guaranteed_refund; every pattern is listed
+    assert m.compliance_hits == {"guaranteed_refund": 1, "fee_waiver_promise": 0}
 
     wrong = evaluate_model(lambda convs: [answer_for(c, wrong=True) for c in convs], items, RuleJudge(settings), settings)
     assert wrong.problem_rates["wrong_intent"].count == 6  # every item whose intent is not lost_card
@@ -335,8 +344,14 @@ def test_llm_judge_adds_what_the_rules_miss(project: Path, tmp_path: Path, opena
                 out.append(json.dumps({"intent": intent, "answer": "I am not sure." if number == 2 else "It takes 3 days."}))
         return out
 
+    from flywheel.llm import usage
+
+    calls_before = usage()
     m = evaluate_model(scripted, items, RuleJudge(settings), settings)
     assert len(openai_server.chat_requests) == 2  # t2 and t3 only
+    # flywheel.llm counts every call and the tokens the server reported (the eval report's cost block)
+    calls_after = usage()
+    assert calls_after["calls"] - calls_before["calls"] == 2 and calls_after["tokens"] > calls_before["tokens"]
     assert m.judge == "rule+llm:judge-model" and m.llm_unjudged == 0
     found = {o.id: [(f.problem_type, f.check) for f in o.findings] for o in m.outcomes}
     assert found == {"t0": [], "t1": [("over_promise", "policy:guaranteed_refund")], "t2": [("missing_knowledge", "llm")], "t3": []}
@@ -416,10 +431,31 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
         # the untrained tiny model never writes the required JSON; the scripted one always does
         assert test_before.problem_rates["format_error"].rate == 1.0 and test_before.task_success.rate == 0.0
         assert test_after.problem_rates["format_error"].rate == 0.0 and test_after.task_success.rate == 1.0
-        assert report.before["problem"].size == 1 and report.before["baseline"].size == 1
-        # b1's newest label says card_delivery; the scripted answer says refund_status: a wrong_intent there
-        assert report.after["baseline"].problem_rates["wrong_intent"].count == 1
-        assert report.before["baseline"].problem_rates["format_error"].count == 1
+        assert report.before["problem"].size == 1 and report.before["baseline"].size == 2  # core b1, candidate c1
+        # b1's newest label says card_delivery, c1 is lost_card; the scripted answer says refund_status
+        assert report.after["baseline"].problem_rates["wrong_intent"].count == 2
+        assert report.before["baseline"].problem_rates["format_error"].count == 2
+        assert {o.tier for o in report.after["baseline"].outcomes} == {"core_baseline", "candidate_baseline"}
+        assert set(report.after["baseline"].per_tier) == {"core_baseline", "candidate_baseline"}
+        # the core sample b1 fails with both models: reported, not blamed on the candidate
+        core = next(c for c in report.gate.checks if c.kind == "core_baseline")
+        assert core.passed and "1 fail with the champion too" in core.reason and failure_repo.failure_id_for("b1") in core.reason
+        # ROUGE-L against the reference answer where there is one: {"intent": "refund_status", "answer": "fixed"}
+        # against "corrected answer for p1" share one word of four each way
+        scores = report.after["problem"].reference_scores
+        assert scores is not None and scores.n == 1 and scores.rouge_l == pytest.approx(0.25)
+        # BLEU: 1 of 4 words; the 2-, 3- and 4-gram orders with no match smoothed to 1/(2 x 3), 1/(4 x 2), 1/(8 x 1)
+        assert scores.bleu == pytest.approx((1 / 4 * 1 / 6 * 1 / 8 * 1 / 8) ** 0.25)
+        # the test set's reference answers are {"intent": ..., "answer": "ok"}; the scripted model says
+        # {"intent": <the same>, "answer": "Here is what I found."}: 3 common words of 8 and 4, in order
+        test_scores = report.after["test"].reference_scores
+        assert (
+            test_scores is not None and test_scores.n == 20 and test_scores.rouge_l == pytest.approx(2 * (3 / 8 * 3 / 4) / (3 / 8 + 3 / 4))
+        )
+        # corpus BLEU: 1- to 3-gram precisions 60/160, 40/140, 20/120; no 4-gram matches (smoothed to 1/(2 x 100))
+        bleu = math.exp((math.log(60 / 160) + math.log(40 / 140) + math.log(20 / 120) + math.log(1 / 200)) / 4)
+        assert test_scores.bleu == pytest.approx(bleu)
+        assert report.after["test"].compliance_hits == {"fee_waiver_promise": 0, "guaranteed_refund": 0}
         # format_error falls 100% -> 0% on the test and problem sets; baseline success stays 0/1; wrong_intent
         # is new but at medium severity, which is not blocked
         assert report.gate.passed, report.gate.reasons
@@ -430,9 +466,26 @@ def test_run_eval_tiny_model_against_a_scripted_better_model(project: Path, tiny
         assert document["sets"]["test"] == {"size": 20, "source": f"test_set.jsonl (sha256 {digest[:16]})"}
         assert document["training_curve"] == {"loss": [[1.0, 6.0], [2.0, 5.1]]}
         assert document["candidate_metrics"]["test"]["task_success"]["rate"] == 1.0
-        # the same models on the same data give the same report: an approval given for it stays valid
+        # timing, measured around generation: the real tiny model reports its tokens and its first token
+        # (a forward hook), the scripted model neither
+        real, scripted = document["timing"]["champion"], document["timing"]["candidate"]
+        assert real["all"]["items"] == 20 + 1 + 2 and real["test"]["items"] == 20
+        assert real["all"]["first_token_s"] > 0 and real["all"]["tokens_per_s"] > 0 and real["all"]["tokens"] > 0
+        assert 0 < real["test"]["first_token_s"] < real["test"]["seconds"]
+        assert scripted["all"]["items"] == 23 and scripted["all"]["first_token_s"] is None and scripted["all"]["tokens"] is None
+        cost = document["cost"]
+        assert set(cost) == {"eval_seconds", "train_seconds", "labels", "llm_calls", "llm_tokens"}
+        # an unregistered candidate records no training job or dataset; offline, no LLM call
+        assert cost["eval_seconds"] > 0 and cost["train_seconds"] is None and cost["labels"] is None
+        assert (cost["llm_calls"], cost["llm_tokens"]) == (0, 0)
+        html = report.path_html.read_text()
+        assert "<h2>Speed</h2>" in html and "<h2>Cost</h2>" in html and "<h2>Rarest intents</h2>" in html
+        assert "ROUGE-L vs reference answers" in html and "compliance hits: policy guaranteed_refund" in html
+        # the same models on the same data give the same report: an approval given for it stays valid,
+        # although the second run's timing and cost differ
         again = run_eval(ctx, candidate, champion, targeted=["format_error"], load_model=load, curve_path=tiny_model.parent / "curve.json")
         assert again.report_hash == report.report_hash and again.path_json == report.path_json
+        assert report_hash_of(again.path_json) == report.report_hash
     finally:
         ctx.close()
 
@@ -467,6 +520,10 @@ def test_flywheel_eval_registered_versions(
     assert printed["report"]["gate"]["passed"] is True
     assert printed["report"]["candidate"]["adapter_sha256"] == cand.adapter_sha256
     assert printed["report_hash"] == report_hash_of(printed["path_json"])
+    # the first-token hook sits under the PEFT wrapper too: both the base and the adapter model are timed
+    for role in ("champion", "candidate"):
+        timing = printed["report"]["timing"][role]["test"]
+        assert timing["items"] == 12 and 0 < timing["first_token_s"] < timing["seconds"] and timing["tokens_per_s"] > 0
     ctx = Context(settings=load_settings(project))
     try:
         stored = registry.resolve(ctx.store, "v2")

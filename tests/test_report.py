@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flywheel.evals.metrics import ItemOutcome, compute_metrics
 from flywheel.evals.report import ModelRef, find_curve, load_curve, report_hash_of, write_report
 from flywheel.records import Finding
 from flywheel.settings import Settings
+from flywheel.store.db import Store
 
 EVIL = "<script>alert('owned')</script>"
 CANDIDATE = ModelRef(name="v7", base_model="/models/base", adapter_path="/adapters/v7", adapter_sha256="ab" * 32, version="v7")
@@ -208,3 +210,123 @@ def test_every_logged_or_named_string_is_escaped_and_never_rendered_as_a_templat
     assert 'title="schema: &quot;&gt;&lt;script&gt;alert(2)&lt;/script&gt;"' in html  # cannot leave the attribute
     assert html.count("{{ &quot;pwn&quot; ~ &quot;ed&quot; }}") == 2 and "pwned" not in html  # the answer and the note, as text
     assert "{# gone? #}" in html and "{% raw %}&lt;b&gt;" in html and "/a/{{ x }}" in html
+
+
+# --- answer quality, cost and timing --------------------------------------------------------------------------
+
+
+def test_rouge_l_and_bleu_on_known_strings() -> None:
+    from flywheel.evals.text_metrics import corpus_bleu, lcs_length, reference_scores, rouge_l, tokens
+
+    # LCS "the cat on the mat": 5 of 6 words each way
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # words only, lower-cased: JSON punctuation and case do not count, the key "answer" does
+    assert tokens('{"answer": "Card ARRIVES in 3 days!"}') == ["answer", "card", "arrives", "in", "3", "days"]
+    assert rouge_l('{"answer": "Card arrives in 3 days"}', "card arrives in 3 days!") == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
+    assert rouge_l("", "anything") == 0.0 and rouge_l("a b", "c d") == 0.0 and lcs_length("abcbdab", "bdcaba") == 4
+    # BLEU-4 by hand: clipped precisions 5/6, 3/5, 1/4 and no 4-gram (smoothed to 1/(2 x 3)); the same
+    # number sacrebleu 2.6's corpus_bleu gives for these strings (37.99)
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25)
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    # brevity: a 4-word answer to a 6-word reference, every n-gram right, pays exp(1 - 6/4)
+    assert corpus_bleu(["the cat sat on"], ["the cat sat on the mat"]) == pytest.approx(math.exp(1 - 6 / 4))
+    assert corpus_bleu(["a b c"], ["a b c"]) == 0.0  # no 4-gram anywhere: BLEU-4 is 0
+    assert corpus_bleu(["x y z w"], ["a b c d"]) == 0.0  # nothing in common
+    with pytest.raises(ValueError):
+        corpus_bleu(["a"], [])
+    scores = reference_scores([("the cat sat on the mat", "the cat is on the mat"), ("", "no answer at all")])
+    assert scores is not None and scores.n == 2 and scores.rouge_l == pytest.approx(5 / 12)
+    assert reference_scores([]) is None
+
+
+def test_rarest_intents_are_the_ones_with_fewest_items() -> None:
+    from flywheel.evals.report import rarest_intents
+
+    outcomes = [ItemOutcome(id=f"{intent}-{i}", intent=intent) for intent, n in (("a", 5), ("b", 2), ("c", 9), ("d", 2)) for i in range(n)]
+    outcomes.append(ItemOutcome(id="none", intent=None))
+    metrics = compute_metrics("test", outcomes, TYPES)
+    assert rarest_intents(metrics, 3) == ["b", "d", "a"] and rarest_intents(None) == []
+
+
+def test_cost_block_timing_and_a_hash_that_leaves_them_out(settings: Settings, store: Store, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from test_eval import seed_failures
+
+    from flywheel.data.labels import add_label
+    from flywheel.evals.cost import COST_KEYS, Cost, training_cost
+    from flywheel.evals.timing import GenerationTiming
+    from flywheel.records import utcnow
+    from flywheel.release.records import ModelVersion
+    from flywheel.store import datasets as dataset_repo
+    from flywheel.store import versions as version_store
+    from flywheel.store.failures import failure_id_for
+    from flywheel.trainer.jobs import JobRecord, insert_job
+
+    # the candidate v2 trained on a dataset of three failures (b1 labelled twice, p1 once, p2 never) in job-1
+    seed_failures(store)
+    ids = [failure_id_for(x) for x in ("p1", "p2", "b1")]
+    add_label(store, ids[0], {"intent": "refund_status"}, "carol")
+    dataset_repo.insert_if_new(
+        store,
+        {
+            "id": "ds-1",
+            "kind": "sft",
+            "path": str(tmp_path),
+            "content_hash": "0" * 64,
+            "manifest": {"failure_ids": ids},
+            "created_at": utcnow(),
+        },
+    )
+    started = utcnow()
+    job = JobRecord(
+        id="job-1", kind="train_sft", status="succeeded", spec={}, work_dir=str(tmp_path), log_path=str(tmp_path / "log"),
+        created_at=started, started_at=started, finished_at=started + timedelta(seconds=90.5),
+    )  # fmt: skip
+    assert insert_job(store, job)
+    with store.begin() as conn:
+        version_store.insert_version(conn, ModelVersion(id="v2", base_model="/b", dataset_id="ds-1", job_id="job-1", created_at=utcnow()))
+        version_store.insert_version(conn, ModelVersion(id="v3", base_model="/b", created_at=utcnow()))
+    assert training_cost(store, "v2") == (90.5, 2)  # a relabelled failure counts once
+    # a manifest that counted its labels itself (flywheel.trainer.dataset's `labels` block) is taken at its word
+    counted = {"labels": {"labelled": 295, "used": 258, "confirmed_fine": 5, "fine_used": 5}}
+    dataset_repo.insert_if_new(
+        store, {"id": "ds-2", "kind": "sft", "path": str(tmp_path), "content_hash": "1" * 64, "manifest": counted, "created_at": utcnow()}
+    )
+    with store.begin() as conn:
+        version_store.insert_version(conn, ModelVersion(id="v4", base_model="/b", dataset_id="ds-2", created_at=utcnow()))
+    assert training_cost(store, "v4") == (None, 263)
+    assert training_cost(store, "v3") == (None, None) and training_cost(store, None) == (None, None)
+    assert training_cost(store, "v9") == (None, None)
+
+    before, after = champion(), candidate()
+    gate = evaluate_gate(before, after, ["over_promise"], settings.gate)
+    cost = Cost(eval_seconds=12.5, train_seconds=90.5, labels=2, llm_calls=3, llm_tokens=400)
+    fast = GenerationTiming(items=165, seconds=2.0, tokens=1650, tokens_per_s=825.0, first_token_s=0.04)
+    slow = GenerationTiming(items=165, seconds=4.0, tokens=1650, tokens_per_s=412.5, first_token_s=0.08)
+    timing = {"champion": {"all": fast, "test": fast}, "candidate": {"all": slow, "test": slow}}
+    report = write_report(settings, CANDIDATE, CHAMPION, before, after, gate, cost=cost, timing=timing)
+    document = json.loads(report.path_json.read_text())
+    assert tuple(document["cost"]) == tuple(sorted(COST_KEYS))
+    assert document["cost"] == {"eval_seconds": 12.5, "train_seconds": 90.5, "labels": 2, "llm_calls": 3, "llm_tokens": 400}
+    assert document["timing"]["candidate"]["test"]["first_token_s"] == 0.08
+    assert report.cost == cost and report.timing is not None
+    html = report.path_html.read_text()
+    assert "<h2>Cost</h2>" in html and "12.5 s" in html and "90.5 s" in html and "3 (400 tokens)" in html
+    assert "<h2>Speed</h2>" in html and "40 ms" in html and "80 ms" in html and "412.5" in html
+
+    # cost and timing describe the run, not the candidate: another run's numbers, or none, keep the hash
+    plain = write_report(settings, CANDIDATE, CHAMPION, before, after, gate)
+    assert plain.report_hash == report.report_hash and plain.path_json == report.path_json
+    rerun = write_report(
+        settings, CANDIDATE, CHAMPION, before, after, gate, cost=cost.model_copy(update={"eval_seconds": 99.0}), timing=timing
+    )
+    assert rerun.report_hash == report.report_hash == report_hash_of(rerun.path_json)
+    # editing a measured number leaves the hash; editing a result does not
+    document = json.loads(rerun.path_json.read_text())
+    document["cost"]["labels"] = 0
+    rerun.path_json.write_text(json.dumps(document))
+    assert report_hash_of(rerun.path_json) == report.report_hash
+    document["candidate_metrics"]["test"]["task_success"]["rate"] = 1.0
+    rerun.path_json.write_text(json.dumps(document))
+    assert report_hash_of(rerun.path_json) != report.report_hash

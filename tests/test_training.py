@@ -95,6 +95,8 @@ def test_sft_run_learns_and_writes_a_verifiable_adapter(base: Path, tmp_path: Pa
     assert lineage["dataset"]["content_hash"] == spec.dataset_hash and lineage["dataset"]["id"] == "ds-sft"
     assert [r["where"] for r in lineage["dataset"]["skipped_rows"]] == ["train.jsonl:17", "train.jsonl:18"]
     assert lineage["spec"]["hyper"]["learning_rate"] == 2e-2 and lineage["adapter_sha256"] == digest
+    # the training recipe options, all off here, are recorded by name (tests/test_train_recipes.py turns them on)
+    assert lineage["recipe"] == {"method": "sft", **recipes.RECIPE_DEFAULTS} and lineage["recipe"]["curriculum"] == "none"
     # the sizing rule's choice is recorded: a tiny model trains its embedding and output layer in full
     assert lineage["spec"]["hyper"]["modules_to_save"] == ["embed_tokens", "lm_head"] and lineage["spec"]["notes"]
     from safetensors import safe_open

@@ -68,6 +68,8 @@ class TerminalView:
             out.print(f"  {escape(name)}: {before:.1%} -> {after:.1%}")
         for reason in pending.gate_reasons[:4]:
             out.print(f"  [dim]{escape(reason)}[/]")
+        if pending.canary is not None:
+            out.print(f"  {escape(pending.canary.sentence())}", highlight=False)
         out.print(f"  report: {escape(pending.report_html or pending.report_json)} (hash {pending.report_hash[:12]})")
 
     def confirm(self, plan: ProposedPlan) -> str | None:
@@ -86,12 +88,17 @@ class TerminalView:
         if self.read is None:
             return None
         while True:
-            answer = self.read(f"Approve {pending.version}? [a]pprove / [r]eject / [l]ater: ").strip().lower()
+            promote_only = " / [p]romote, baselines stay" if pending.baselines else ""
+            answer = self.read(f"Approve {pending.version}? [a]pprove / [r]eject{promote_only} / [l]ater: ").strip().lower()
             if answer in ("l", "later", ""):
                 self.console.print(f"left pending; answer with: {pending.answer_hint()}")
                 return None
             if answer in ("a", "approve", "y", "yes"):
                 decision = Decision("approved", self.approver, "approved at the terminal", "terminal", pending.report_hash)
+            elif answer in ("p", "promote") and pending.baselines:
+                decision = Decision(
+                    "approved", self.approver, "approved at the terminal, baselines stay", "terminal", pending.report_hash, False
+                )
             elif answer in ("r", "reject", "n", "no"):
                 reason = self.read("Reason: ").strip()
                 if not reason:

@@ -228,7 +228,9 @@ def _bound(decision: Decision, pending: PendingApproval) -> Decision:
     """The decision, bound to the report the person was shown."""
     if decision.report_hash:
         return decision
-    return Decision(decision.decision, decision.approver, decision.reason, decision.channel, pending.report_hash)
+    return Decision(
+        decision.decision, decision.approver, decision.reason, decision.channel, pending.report_hash, decision.confirm_baselines
+    )
 
 
 def _summary(values: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +354,7 @@ def decide(
     channel: Channel = "terminal",
     *,
     on_event: OnEvent | None = None,
+    confirm_baselines: bool = True,
 ) -> RunOutcome:
     """Answer a pending approval and resume the run to its promotion (or rejection).
 
@@ -362,7 +365,7 @@ def decide(
     if run is None:
         raise NotFoundError(f"no run waits for a decision on {run_id_or_version!r} (see `flywheel approvals`)")
     pending = PendingApproval.model_validate(run.pending)
-    answer = Decision(decision, approver, reason, channel, pending.report_hash)
+    answer = Decision(decision, approver, reason, channel, pending.report_hash, confirm_baselines)
     current = registry.resolve(ctx.store, pending.version)
     if current.eval_report_hash != pending.report_hash:
         raise PolicyViolation(

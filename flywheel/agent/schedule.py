@@ -13,6 +13,13 @@
   pending approval (whichever way in started the run) and closes requests answered elsewhere.
 - Slack unreachable or refusing never stops the daemon: one log line, a retry later (`_connect_slack`);
   missing tokens or channel stop it at start, as they are the user's to fix.
+- Online rounds (daemon.round_min_verified > 0, flywheel.agent.rounds): a volatile interval job counts
+  the verified samples that arrived since the last round every daemon.round_poll_s. Once there are
+  enough, a round (trigger `round`, the same supervisor run a cron firing starts) runs in a thread of its
+  own, so the poll, the cron jobs and the Slack sync go on meanwhile. A round shares the cron jobs' lock
+  and `run_in_progress`: while any autonomous run is driven (here or in another process) a due round
+  waits, and it starts at the first poll after that run ends. It also waits while a candidate waits for
+  a person's decision, as a cycle then refuses to train and would spend the samples on nothing.
 - SIGTERM/SIGINT stop it: no new firings, the Slack endpoint closes, and a running cycle gets
   daemon.shutdown_grace_s to finish; after that it is left to its checkpoint, resumable with
   `flywheel resume RUN`.
@@ -45,6 +52,7 @@ JOB_TABLE = "flywheel_scheduler_jobs"
 JOB_PREFIX = "schedule:"
 SYNC_JOB = "slack-sync"
 SLACK_CONNECT_JOB = "slack-connect"
+ROUND_POLL_JOB = "round-poll"
 SLACK_RETRY_MAX_S = 300.0  # a failed Slack connection is retried after slack.sync_interval_s, doubling up to this
 FIRE_REF = "flywheel.agent.schedule:fire"
 DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -254,6 +262,9 @@ class Daemon:
         self._slack_retry_s = self.settings.slack.sync_interval_s
         self._stopping = False
         self.slack_sync_rounds = 0  # Slack sync rounds completed: a test waits on it to know later rounds ran
+        self.round_polls = 0  # online-round checks completed: a test waits on it to know a check saw the store
+        self.round_thread: threading.Thread | None = None  # the last round started (a test joins it)
+        self._round_waiting: str | None = None  # why a due round waits, logged once per reason
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> Daemon:
@@ -267,11 +278,35 @@ class Daemon:
         job_ids = sync_jobs(self.scheduler, self.settings)
         if self.slack is not None:
             self._connect_slack(first=True)
+        if self.settings.daemon.round_min_verified > 0:
+            # Imported here, not in the first check: the tool modules take seconds to load, and a check
+            # that outlasts round_poll_s makes APScheduler log a skipped execution.
+            import flywheel.agent.rounds  # noqa: F401
+
+            self.scheduler.add_job(
+                self._poll_rounds,
+                "interval",
+                seconds=self.settings.daemon.round_poll_s,
+                id=ROUND_POLL_JOB,
+                jobstore="volatile",
+                replace_existing=True,
+                next_run_time=datetime.now(self.scheduler.timezone),
+            )
         self.scheduler.resume()
         for job in self.scheduler.get_jobs(jobstore="default"):
             log.info("job %s: next run %s", job.id, job.next_run_time)
-        log.info("daemon started: %d schedule(s) %s; slack %s", len(job_ids), ", ".join(job_ids) or "(none)", self.describe_slack())
+        log.info(
+            "daemon started: %d schedule(s) %s; %s; slack %s",
+            len(job_ids),
+            ", ".join(job_ids) or "(none)",
+            self.describe_rounds(),
+            self.describe_slack(),
+        )
         return self
+
+    def describe_rounds(self) -> str:
+        n = self.settings.daemon.round_min_verified
+        return f"online rounds every {n} new verified samples" if n > 0 else "online rounds off"
 
     def describe_slack(self) -> str:
         if self.http is not None:
@@ -350,7 +385,7 @@ class Daemon:
     def stop(self, grace_s: float | None = None) -> list[str]:
         """Stop firing, close Slack, give a running cycle `grace_s` (default daemon.shutdown_grace_s).
         Returns the ids of runs still being driven (they stay resumable from their checkpoints)."""
-        from flywheel.agent import runs
+        from flywheel.agent import rounds, runs
 
         grace = self.settings.daemon.shutdown_grace_s if grace_s is None else grace_s
         with self._slack_lock:  # a connection attempt in flight finishes first; none starts after this
@@ -371,7 +406,7 @@ class Daemon:
             self._slack_workers.shutdown(wait=True, cancel_futures=False)  # a click being applied finishes
         if not self._busy.locked():
             return []
-        return [r.id for r in runs.list_runs(self.ctx.store, limit=20, states=[runs.RUNNING]) if r.trigger == "schedule"]
+        return [r.id for r in runs.list_runs(self.ctx.store, limit=20, states=[runs.RUNNING]) if r.trigger in ("schedule", rounds.TRIGGER)]
 
     def serve_until_signalled(self) -> list[str]:
         """start(), wait for SIGTERM or SIGINT, stop(). Must run in the main thread (signal handlers)."""
@@ -397,6 +432,46 @@ class Daemon:
     # --- jobs ------------------------------------------------------------------------------------------------
     def _fire(self, schedule_id: str) -> Any:
         return run_scheduled(self.ctx, schedule_id, self._busy, self.slack.post if self.slack is not None else None)
+
+    def _poll_rounds(self) -> None:
+        """Count the new verified samples; start a round when enough have arrived and nothing runs. A
+        flywheel error is one log line (anything else APScheduler logs as a job error); either way the
+        next poll retries, and the daemon goes on."""
+        from flywheel.agent import rounds
+
+        try:
+            status = rounds.round_status(self.ctx)
+        except FlywheelError as exc:
+            log.warning("online rounds: cannot count the new verified samples: %s", exc)
+            return
+        finally:
+            self.round_polls += 1
+        if not status.enough or self._stopping:
+            self._round_waiting = None
+            return
+        waits_for = status.waits_for
+        if waits_for is None and not self._busy.acquire(blocking=False):
+            waits_for = "a cycle is running in this daemon"
+        if waits_for is not None:
+            if waits_for != self._round_waiting:  # once per reason, not once per poll
+                log.info("online round due (%d new verified samples); waiting: %s", status.new, waits_for)
+            self._round_waiting = waits_for
+            return
+        self._round_waiting = None
+        log.info("online round: %d new verified samples since the last round (at least %d); starting", status.new, status.min_verified)
+        # The lock is held from here until the round ends, by the round's thread: a cron firing meanwhile is skipped.
+        self.round_thread = threading.Thread(target=self._run_round, args=(status.new,), name="flywheel-round", daemon=True)
+        self.round_thread.start()
+
+    def _run_round(self, samples: int) -> None:
+        from flywheel.agent import rounds
+
+        try:
+            rounds.start_round(self.ctx, samples, scheduled_policy(self.settings), self.slack.post if self.slack is not None else None)
+        except Exception:  # a thread of its own has nobody to raise to; the next poll goes on
+            log.exception("online round: unexpected error")
+        finally:
+            self._busy.release()
 
     def _sync_slack(self) -> None:
         try:

@@ -104,8 +104,8 @@ def fallback_text(pending: PendingApproval) -> str:
 
 
 def approval_blocks(settings: Settings, pending: PendingApproval, outcome: str | None = None) -> list[dict[str, Any]]:
-    """The request: summary, key numbers, problem rates, a link to the report and, while it is open,
-    Approve and Reject buttons. With `outcome`, the same message closed: the buttons give way to it."""
+    """The request: summary, key numbers, problem rates, the canary's decision and evidence, a link to
+    the report and, while it is open, Approve and Reject buttons. With `outcome`, the same message closed: the buttons give way to it."""
     title = f"Approval needed: {pending.version}" if outcome is None else f"Decided: {pending.version}"
     fields = [
         f"*Gate*\n{'passed' if pending.gate_passed else 'failed'}",
@@ -126,6 +126,10 @@ def approval_blocks(settings: Settings, pending: PendingApproval, outcome: str |
     rates = _rates(pending)
     if rates:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Problem rates, before → after*\n{rates}"[:MAX_TEXT]}})
+    if pending.canary is not None:
+        # the sequential test's decision and its numbers: what real traffic said before anyone is asked
+        canary = f"*Canary: {escape(pending.canary.decision.replace('_', ' '))}*\n{escape(pending.canary.sentence())}"
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": canary[:MAX_TEXT]}})
     if pending.gate_reasons:
         checks = "\n".join(f"• {escape(r)}" for r in pending.gate_reasons[:5])
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Gate checks*\n{checks}"[:MAX_TEXT]}})

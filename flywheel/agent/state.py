@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypedDict
 from langchain_core.messages import AnyMessage, HumanMessage
 from langgraph.graph.message import add_messages
 
-TRIGGERS = ("chat", "run", "schedule", "demo", "api")
+TRIGGERS = ("chat", "run", "schedule", "round", "demo", "api")
 
 # What an autonomous cycle is asked to do (the LLM policy reads it; the heuristic acts the same way).
 CYCLE_REQUEST = (
@@ -39,7 +39,7 @@ def merge_cycle(old: dict[str, Any] | None, update: dict[str, Any] | None) -> di
 class AgentState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     run_id: str
-    trigger: str  # chat | run | schedule | demo | api
+    trigger: str  # chat | run | schedule | round | demo | api
     steps: int  # supervisor turns since the last request (the step limit)
     llm_calls: int  # LLM calls since the last request (the LLM budget)
     training_runs: int  # training jobs launched in this cycle (the training budget)

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flywheel.cli import app, context, echo_json, out_console
-from flywheel.errors import InfrastructureError
+from flywheel.errors import InfrastructureError, UserInputError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 PolicyOption = Annotated[str | None, typer.Option("--policy", help="auto | heuristic | llm (default: agent.policy)")]
@@ -62,7 +62,23 @@ def _finish(outcome: Any, view: Any, as_json: bool) -> None:
 
 
 @app.command("run")
-def run_command(ctx: typer.Context, yes: YesFlag = False, policy: PolicyOption = None, as_json: JsonFlag = False) -> None:
+def run_command(
+    ctx: typer.Context,
+    yes: YesFlag = False,
+    policy: PolicyOption = None,
+    as_json: JsonFlag = False,
+    until_stable: Annotated[
+        bool,
+        typer.Option(
+            "--until-stable",
+            help="run cycle after cycle until no targeted problem type improves by more than loop.min_gain, a [loop] budget "
+            "is spent, or loop.max_gate_failures cycles end without a promotion",
+        ),
+    ] = False,
+    max_cycles: Annotated[
+        int | None, typer.Option("--max-cycles", min=1, max=1000, help="with --until-stable: at most this many (default loop.max_cycles)")
+    ] = None,
+) -> None:
     """Run one autonomous improvement cycle now: triage, judge, correct, build a dataset, train, evaluate.
     A candidate that passes its gate waits for a person's approval."""
     from flywheel.agent.runner import start_run
@@ -70,8 +86,48 @@ def run_command(ctx: typer.Context, yes: YesFlag = False, policy: PolicyOption =
     c = context(ctx)
     may_ask = _interactive() and not as_json
     view = _view(c, as_json, may_ask)
+    if until_stable:
+        _run_until_stable(c, view, yes, policy, as_json, may_ask, max_cycles)
+        return
+    if max_cycles is not None:
+        raise UserInputError("--max-cycles goes with --until-stable")
     outcome = start_run(c, "run", policy, yes, ask=view.ask if may_ask else None, on_event=None if as_json else view.on_event)
     _finish(outcome, view, as_json)
+
+
+def _run_until_stable(c: Any, view: Any, yes: bool, policy: str | None, as_json: bool, may_ask: bool, max_cycles: int | None) -> None:
+    """Cycles back to back (flywheel.agent.cycles); one line per cycle, then why they stopped. Exit 4
+    when the last cycle failed (resume it with `flywheel resume RUN`)."""
+    from flywheel.agent.cycles import run_cycles
+
+    def said(record: Any) -> None:
+        if as_json:
+            return
+        shown = "-" if record.task_success is None else f"{record.task_success:.1%}"
+        view.console.print(
+            f"cycle {record.cycle} ({record.run_id}): {record.state}; champion {escape(record.champion)}, task success {shown}, "
+            f"{record.graduated} graduated, {record.demoted} demoted, {record.labels} labels, {record.wall_s:.0f}s",
+            highlight=False,
+        )
+
+    result = run_cycles(
+        c,
+        trigger="run",
+        policy=policy,
+        max_cycles=max_cycles,
+        until_stable=True,
+        yes=yes,
+        ask=view.ask if may_ask else None,
+        on_event=None if as_json else view.on_event,
+        on_cycle=said,
+    )
+    if as_json:
+        echo_json(result.model_dump(mode="json"))
+    else:
+        view.console.print(f"stopped after {len(result.cycles)} cycle(s): {escape(result.stop_reason)}", highlight=False)
+    last = result.cycles[-1]
+    if last.state == "failed":
+        raise InfrastructureError(f"cycle {last.cycle} failed: {last.message}; continue with `flywheel resume {last.run_id}`")
 
 
 @app.command("resume")

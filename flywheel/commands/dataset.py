@@ -240,9 +240,9 @@ def select_command(
         spent, remaining = 0, None
         index = round_index or 0
     else:
-        from flywheel.data.labels import count_labels
+        from flywheel.data.labels import labels_spent
 
-        spent = count_labels(c.store)
+        spent = labels_spent(c.store, c.settings)
         remaining = max(0, sel.labelling_budget - spent)
         index = round_index if round_index is not None else spent // sel.round_size
         production = _production_model(c, model) if needs_model(name, index, sel.hybrid_step) else None

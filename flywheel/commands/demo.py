@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flywheel.agent.cycles import MAX_CYCLES
 from flywheel.cli import app
 
 
@@ -36,6 +37,12 @@ def demo(
     synthesis: Annotated[
         bool, typer.Option("--synthesis/--no-synthesis", help="generate and score extra training samples before building the dataset")
     ] = False,
+    cycles: Annotated[
+        int,
+        typer.Option(
+            min=1, max=MAX_CYCLES, help="improvement cycles; before each after the first, the champion of the moment serves new traffic"
+        ),
+    ] = 1,
 ) -> None:
     """Run the whole loop on real data with no network and no LLM endpoint, and leave the HTML report."""
     from flywheel.agent.chat import TerminalView
@@ -45,7 +52,15 @@ def demo(
     console = Console(stderr=as_json, highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
     options = DemoOptions(
-        data=data, workdir=workdir, quick=quick, yes=yes, interactive=interactive, seed=seed, strategy=strategy, synthesis=synthesis
+        data=data,
+        workdir=workdir,
+        quick=quick,
+        yes=yes,
+        interactive=interactive,
+        seed=seed,
+        strategy=strategy,
+        synthesis=synthesis,
+        cycles=cycles,
     )
     # the view prints each step of the supervisor's run and, at a terminal, asks for the approval inline
     view = TerminalView(console, load_settings(), read=input if interactive and not yes else None)
@@ -64,6 +79,8 @@ def demo(
                     "state": result.state,
                     "snapshot": result.steps.get("snapshot"),
                     "timings": result.timings,
+                    "cycles": [c.model_dump(mode="json") for c in result.cycles],
+                    "stop_reason": result.stop_reason,
                 }
             )
         )
@@ -92,11 +109,45 @@ def _print_table(console: Console, result) -> None:
                 f"{test.fixed} fixed, {test.broken} broken, McNemar p = {test.p_value:.2g}",
                 highlight=False,
             )
+    if len(result.cycles) > 1:
+        _print_cycles(console, result.cycles)
+        console.print(f"cycles stopped: {result.stop_reason}", highlight=False)
     console.print(f"state: {result.state}; promoted: {result.promoted}; report: {result.report}", highlight=False)
     if result.how_to_approve:
         console.print(f"approve with: {result.how_to_approve}", highlight=False)
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
     console.print(f"timings: {timings}", highlight=False)
+
+
+def _print_cycles(console: Console, cycles) -> None:
+    table = Table(title="cycle by cycle: the champion after each, fixed test set")
+    for name in (
+        "cycle",
+        "state",
+        "champion",
+        "task success",
+        "wrong_intent",
+        "core/secondary/candidate",
+        "graduated",
+        "demoted",
+        "labels",
+        "wall",
+    ):
+        table.add_column(name, justify="left" if name in ("state", "champion") else "right")
+    for c in cycles:
+        table.add_row(
+            str(c.cycle),
+            c.state,
+            c.champion,
+            _pct(c.task_success),
+            _pct(c.problem_rates.get("wrong_intent")),
+            f"{c.tiers.get('core_baseline', 0)}/{c.tiers.get('secondary_baseline', 0)}/{c.tiers.get('candidate_baseline', 0)}",
+            str(c.graduated),
+            str(c.demoted),
+            str(c.labels),
+            f"{c.wall_s:.0f}s",
+        )
+    console.print(table)
 
 
 def _pct(value: float | None) -> str:

@@ -88,13 +88,17 @@ def approve(
     version: Annotated[str, typer.Argument(help="the version to approve (v3, or canary), or an agent run waiting on one")],
     by: ByOption = None,
     reason: Annotated[str, typer.Option("--reason", help="why, kept with the approval")] = "",
+    baselines: Annotated[
+        bool, typer.Option("--baselines/--no-baselines", help="also move up the baseline samples the approval request proposes (default)")
+    ] = True,
 ) -> None:
     """Approve a version's current eval report and promote it to champion.
 
-    When an agent run waits for this decision, the run is resumed and promotes in its promotion node."""
+    When an agent run waits for this decision, the run is resumed and promotes in its promotion node;
+    the baseline samples its request proposes move up a tier with it (--no-baselines: they stay)."""
     c = context(ctx)
     who = _who(by)
-    if _answer_waiting_run(ctx, version, "approved", who, reason):
+    if _answer_waiting_run(ctx, version, "approved", who, reason, confirm_baselines=baselines):
         return
     target = _version_id(ctx, version)
     decision = approvals.record_approval(c.store, target, "approved", who, "terminal", reason=reason)
@@ -106,7 +110,9 @@ def approve(
     _print_promotion(done)
 
 
-def _answer_waiting_run(ctx: typer.Context, name: str, decision: DecisionKind, who: str, reason: str) -> bool:
+def _answer_waiting_run(
+    ctx: typer.Context, name: str, decision: DecisionKind, who: str, reason: str, *, confirm_baselines: bool = True
+) -> bool:
     """If an agent run waits for a decision on `name` (a run id, a version or an alias), record the
     decision and resume the run to its promotion or rejection; False when no run waits on it."""
     from flywheel.agent.runner import decide, waiting_run
@@ -118,7 +124,7 @@ def _answer_waiting_run(ctx: typer.Context, name: str, decision: DecisionKind, w
         return False
     version = (run.pending or {}).get("version", name)
     typer.echo(f"run {run.id} waits on {version}: recording the decision and resuming it")
-    outcome = decide(c, run.id, decision, who, reason, "terminal")
+    outcome = decide(c, run.id, decision, who, reason, "terminal", confirm_baselines=confirm_baselines)
     if outcome.state == "failed":
         raise InfrastructureError(outcome.error or f"run {run.id} failed after the decision")
     result = outcome.outcome or {}

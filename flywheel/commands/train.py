@@ -79,7 +79,7 @@ def _first_champion(c: Any, base_model: str, as_json: bool) -> None:
         )
 
 
-def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
+def _follow(ctx: typer.Context, job_id: str, as_json: bool, extra: dict[str, Any] | None = None) -> Any:
     """Wait for the job with a progress bar on stderr (so --json output stays clean)."""
     from flywheel.trainer import launcher
 
@@ -109,7 +109,7 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
         record = launcher.wait(c, job_id, on_progress=show)
     version = _candidate(c, record)
     if as_json:
-        echo_json(_with_version(record, version))
+        echo_json({**_with_version(record, version), **(extra or {})})
     else:
         result = record.result or {}
         _out().print(f"job {record.id} succeeded: adapter {result.get('adapter_path')} (sha256 {result.get('adapter_sha256')})")
@@ -118,25 +118,86 @@ def _follow(ctx: typer.Context, job_id: str, as_json: bool) -> Any:
     return record
 
 
+def _print_auto(choice: Any, spec: Any) -> None:
+    """The snapshot's profile, each value the rules chose and why, and what trainer.sizing added."""
+    out, p = _out(), choice.profile
+    out.print(f"profile of {p.dataset_dir}", highlight=False)
+    out.print(f"  method {p.method}, {p.rows:,} train rows, {p.heldout_rows:,} held out", highlight=False)
+    out.print(
+        f"  tokens per row ({p.token_counter}): p50 {p.tokens_p50}, p95 {p.tokens_p95}, max {p.tokens_max}; "
+        f"{p.over_max_length:.1%} over max_length",
+        highlight=False,
+    )
+    out.print(
+        f"  intents {p.intents}: max share {p.intent_max_share:.1%}, min {p.intent_min_share:.1%}, "
+        f"max/min {p.intent_ratio:g}, Gini {p.intent_gini:.2f}",
+        highlight=False,
+    )
+    tiers = ", ".join(f"{name} {n}" for name, n in p.tiers.items())
+    out.print(f"  new problem rows {p.new_share:.1%} ({tiers})", highlight=False)
+    out.print("choice (flywheel.trainer.auto; docs/learning.md):", highlight=False)
+    for c in choice.choices:
+        out.print(f"  {c.parameter} = {c.value:g}: {c.reason}", highlight=False)
+    for note in spec.notes:
+        if not note.startswith("auto "):
+            out.print(f"  then trainer.sizing: {note}", highlight=False)
+    hyper = spec.hyper
+    out.print(
+        f"trains with lora_r {hyper.lora_r}, lora_alpha {hyper.lora_alpha}, learning_rate {hyper.learning_rate:g}, "
+        f"epochs {hyper.epochs:g}, batch_size {hyper.batch_size} x grad_accum {hyper.grad_accum}  (job {spec.job_id()})",
+        highlight=False,
+    )
+
+
 @app.command()
 def train(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", help="a dataset snapshot folder, a dataset id, or latest")],
-    method: Annotated[str | None, typer.Option(help="sft | dpo (default: the snapshot's kind, then train.method)")] = None,
+    method: Annotated[str | None, typer.Option(help="sft | dpo | kto (default: the snapshot's kind, then train.method)")] = None,
     base: Annotated[Path | None, typer.Option(help="base model folder (default: train.base_model)")] = None,
+    auto: Annotated[
+        bool,
+        typer.Option("--auto", help="profile the snapshot and pick rank, learning rate, epochs and batch size (flywheel.trainer.auto)"),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would train (with --auto: the profile and choice); train nothing")
+    ] = False,
     wait: WaitFlag = True,
     restart: Annotated[bool, typer.Option("--restart", help="if this job failed or was killed, start it again from scratch")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a LoRA adapter on a dataset snapshot; the same snapshot and settings train once."""
+    from flywheel.inference.folders import resolve_base_model
+    from flywheel.trainer import auto as autosft
     from flywheel.trainer import launcher
-    from flywheel.trainer.recipes import build_spec
+    from flywheel.trainer.recipes import METHODS, build_spec
 
-    if method is not None and method not in ("sft", "dpo"):
-        raise UserInputError(f"--method {method!r} is not sft or dpo")
+    if method is not None and method not in METHODS:
+        raise UserInputError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
     c = context(ctx)
     folder = launcher.resolve_dataset(c, dataset)
-    spec = build_spec(c.settings.train, folder, method=method, base_model=base)
+    hyper, choice = c.settings.train, None
+    if auto:
+        base_ref = base or hyper.base_model
+        if not base_ref:
+            raise UserInputError("no base model: pass --base PATH or set train.base_model in flywheel.toml")
+        counter = autosft.tokenizer_counter(resolve_base_model(base_ref))
+        choice = autosft.choose(autosft.profile(folder, hyper, method, counter), hyper)
+        hyper = choice.apply(hyper)
+    spec = build_spec(hyper, folder, method=method, base_model=base)
+    if choice is not None:
+        spec = spec.model_copy(update={"notes": [*choice.notes(), *spec.notes]})
+    extra = {"auto": choice.model_dump(mode="json")} if choice is not None else {}
+    if dry_run:
+        if as_json:
+            echo_json({**extra, "job_id": spec.job_id(), "spec": spec.model_dump(mode="json")})
+        elif choice is not None:
+            _print_auto(choice, spec)
+        else:
+            _out().print(f"would train job {spec.job_id()}: {spec.hyper.model_dump_json()}", highlight=False)
+        return
+    if choice is not None and not as_json:
+        _print_auto(choice, spec)
     _first_champion(c, spec.base_model, as_json)
     record = launcher.launch(c, spec)
     if restart and record.status in ("failed", "killed"):
@@ -146,7 +207,7 @@ def train(
     if not wait or record.ended:
         version = _candidate(c, record)
         if as_json:
-            echo_json(_with_version(record, version))
+            echo_json({**_with_version(record, version), **extra})
             return
         _out().print(_summary(record))
         if record.ended and record.result:
@@ -156,7 +217,7 @@ def train(
         elif not record.ended:
             _out().print(f"the job registers its candidate version when it succeeds: see `flywheel jobs show {record.id}`")
         return
-    _follow(ctx, record.id, as_json)
+    _follow(ctx, record.id, as_json, extra)
 
 
 @jobs_app.callback(invoke_without_command=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flywheel.context import Context
-from flywheel.data.labels import add_label, count_labels
+from flywheel.data.labels import add_label, labels_spent
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record
 from flywheel.trainer.candidates import candidates_from_store, needs_model
@@ -80,7 +80,7 @@ def label_failures(
     settings = ctx.settings.selection
     strategy = strategy or settings.strategy
     total = settings.labelling_budget if budget is None else budget
-    used = count_labels(ctx.store)
+    used = labels_spent(ctx.store, ctx.settings)
     left = max(0, total - used)
     uses_model = needs_model(strategy) or strategy == "hybrid"
     candidates, labelled, info = candidates_from_store(ctx, model=model if uses_model else None, embedder=ctx.index.embedder)

@@ -36,6 +36,7 @@ from flywheel.records import FailureView, Record, Reference
 from flywheel.settings import Settings
 from flywheel.store import failures as failure_repo
 from flywheel.store import labels as label_repo
+from flywheel.store import versions as version_store
 from flywheel.store.db import Store
 
 QUEUE_KEYS = ("text", "logged_answer")  # what the label queue shows the person; not part of a label
@@ -197,5 +198,16 @@ def failure_view(store: Store, failure_id: str) -> FailureView:
 
 
 def count_labels(store: Store) -> int:
-    """How many labels people have given: what the labelling budget is spent on."""
+    """How many labels people have given, in all."""
     return label_repo.count(store)
+
+
+def labels_spent(store: Store, settings: Settings) -> int:
+    """The labels that count against selection.labelling_budget: with budget_scope "champion" (the
+    default) those given since the current champion took over, so each promoted model's failures get a
+    budget of their own; with "project" every label ever given."""
+    if settings.selection.budget_scope == "project":
+        return label_repo.count(store)
+    with store.engine.connect() as conn:
+        since = version_store.alias_updated_at(conn, "champion")  # None before any champion: every label counts
+    return label_repo.count(store, since=since)

@@ -3,22 +3,27 @@
 An evaluation judges one answer per test item; `ItemOutcome` holds what the judge found and
 `compute_metrics` turns a list of them into a `SetMetrics`. Every rate carries a Wilson 95% interval
 (cheap, and well-behaved near 0 and 1 where bootstrap intervals of small sets collapse to a point).
+
+Champion and candidate answer the same items, so the gate compares them item by item (`paired`,
+McNemar's exact test) and corrects for testing many intents at once (`adjust_p_values`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from flywheel.evals.text_metrics import ReferenceScores
 from flywheel.records import Finding
 from flywheel.settings import SEVERITIES
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NO_INTENT = "(none)"  # the intent bucket of items that carry no intent
+POLICY_CHECK = "policy:"  # the rule judge's check name for a policy pattern: "policy:<pattern name>"
 
 
 def points(share: float) -> str:
@@ -98,6 +103,54 @@ def mcnemar(before_ok: Sequence[bool], after_ok: Sequence[bool]) -> Paired:
     )
 
 
+def paired(before: Sequence[ItemOutcome], after: Sequence[ItemOutcome], ok: Callable[[ItemOutcome], bool]) -> Paired | None:
+    """McNemar's test over the items both outcome lists hold, matched by item id (`ok`: the item passed);
+    None when they share no item (outcomes of different sets, or metrics stored without outcomes)."""
+    answered = {o.id: o for o in after}
+    matched = [(b, answered[b.id]) for b in before if b.id in answered]
+    if not matched:
+        return None
+    return mcnemar([ok(b) for b, _ in matched], [ok(a) for _, a in matched])
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values: rejecting where adjusted <= alpha keeps the chance of any
+    false rejection in the family at alpha, whatever the dependence between the tests."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p values (q values): rejecting where adjusted <= alpha keeps the
+    expected share of false rejections among the rejections at alpha (independent or positively
+    dependent tests)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i], reverse=True)
+    adjusted = [1.0] * m
+    running = 1.0
+    for position, index in enumerate(order):
+        rank = m - position  # 1-based rank of this p value in ascending order
+        running = min(running, p_values[index] * m / rank)
+        adjusted[index] = running
+    return adjusted
+
+
+def adjust_p_values(p_values: Sequence[float], method: str) -> list[float]:
+    """`method` "holm", "bh" or "none" (the p values as they are)."""
+    if method == "holm":
+        return holm(p_values)
+    if method == "bh":
+        return benjamini_hochberg(p_values)
+    if method == "none":
+        return list(p_values)
+    raise ValueError(f"unknown multiple-testing method {method!r}")
+
+
 class Metric(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +175,7 @@ class ItemOutcome(Metric):
 
     id: str
     intent: str | None = None
+    tier: str | None = None  # baseline items: the sample's tier (candidate_, secondary_, core_baseline)
     answer: str = ""
     findings: list[Finding] = []
     error: str = ""  # generation failed for this item (counts as a failure, not as a problem type)
@@ -142,6 +196,10 @@ class SetMetrics(Metric):
     severity_counts: dict[str, int] = {}  # severity -> findings at that severity
     # problem type -> severity -> items with a finding of that type at that severity
     type_severities: dict[str, dict[str, int]] = {}
+    per_tier: dict[str, Rate] = {}  # baseline tier -> success rate (items that carry a tier)
+    # policy pattern name -> items with an affirmed match of it (the rule judge's policy:<name> findings)
+    compliance_hits: dict[str, int] = {}
+    reference_scores: ReferenceScores | None = None  # ROUGE-L/BLEU against reference answers, where any
     generation_errors: int = 0
     judge: str = "rule"  # "rule" or "rule+llm:<model>"
     llm_unjudged: int = 0  # answers the LLM judge gave no valid verdict on (their rule findings stand)
@@ -152,9 +210,12 @@ class SetMetrics(Metric):
         return self.size == 0
 
 
-def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: Iterable[str]) -> SetMetrics:
+def compute_metrics(
+    name: str, outcomes: Sequence[ItemOutcome], problem_types: Iterable[str], policy_names: Iterable[str] = ()
+) -> SetMetrics:
     """Aggregate judged answers. Every taxonomy type gets a rate (0 when absent), so before/after
-    comparisons line up; a type the judge reported outside the taxonomy is kept, not dropped."""
+    comparisons line up; a type the judge reported outside the taxonomy is kept, not dropped. The same
+    holds for compliance hits: every configured policy pattern (`policy_names`) gets a count."""
     n = len(outcomes)
     types = list(dict.fromkeys(problem_types))
     with_type: Counter[str] = Counter()
@@ -162,10 +223,18 @@ def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: I
     severities: Counter[str] = Counter({s: 0 for s in SEVERITIES})
     intent_total: Counter[str] = Counter()
     intent_ok: Counter[str] = Counter()
+    tier_total: Counter[str] = Counter()
+    tier_ok: Counter[str] = Counter()
+    hits: Counter[str] = Counter({p: 0 for p in policy_names})
     for outcome in outcomes:
         intent = outcome.intent or NO_INTENT
         intent_total[intent] += 1
         intent_ok[intent] += outcome.success
+        if outcome.tier:
+            tier_total[outcome.tier] += 1
+            tier_ok[outcome.tier] += outcome.success
+        for check in {f.check for f in outcome.findings if f.check.startswith(POLICY_CHECK)}:
+            hits[check.removeprefix(POLICY_CHECK)] += 1
         for finding in outcome.findings:
             severities[finding.severity] += 1
         # an item counts once per type (and once per type and severity), however many findings it has
@@ -183,6 +252,8 @@ def compute_metrics(name: str, outcomes: Sequence[ItemOutcome], problem_types: I
         problem_rates={t: Rate.of(with_type[t], n) for t in types},
         severity_counts=dict(severities),
         type_severities={t: dict(type_sev[t]) for t in types if type_sev[t]},
+        per_tier={tier: Rate.of(tier_ok[tier], tier_total[tier]) for tier in sorted(tier_total)},
+        compliance_hits=dict(sorted(hits.items())),
         generation_errors=sum(1 for o in outcomes if o.error),
         outcomes=list(outcomes),
     )

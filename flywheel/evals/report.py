@@ -1,8 +1,12 @@
 """The eval report: report.json (every number) and report.html (the same, for a person to look at).
 
-The report hash is the sha256 of the report.json bytes; a human approval binds to it, so report.json
-holds nothing that changes between two runs over the same models and data (no timestamps, no
-absolute run times): evaluating the same candidate twice gives the same hash and the same folder.
+The report hash is the sha256 of the report.json bytes; a human approval binds to it, so what it covers
+holds nothing that changes between two runs over the same models and data (no timestamps): evaluating
+the same candidate twice gives the same hash and the same folder. Two blocks measure the run itself and
+do change: `timing` (first-token latency and tokens/s, flywheel.evals.timing) and `cost` (seconds,
+labels, LLM calls, flywheel.evals.cost). The hash leaves them out: it is the sha256 of the canonical
+report.json bytes without those two keys (`hashed_bytes`), which are the file's own bytes for a report
+written without them. An approval binds to what was measured of the candidate, not to how long it took.
 The HTML adds the generation time and may change freely; it is not part of the hash. It is report.html
 rendered with Jinja2, autoescape on: the page's markup lives in the template, this module only chooses
 what goes in it.
@@ -26,12 +30,19 @@ from pydantic import BaseModel, ConfigDict
 
 from flywheel.errors import UserInputError
 from flywheel.evals.charts import BarPair, Change, diverging_bars, grouped_bars, line_chart
+from flywheel.evals.cost import Cost
 from flywheel.evals.gate import BASELINE, PROBLEM, SET_LABELS, TEST, GateResult
+from flywheel.evals.history import HistoryPoint, history_chart, with_candidate
 from flywheel.evals.metrics import NO_INTENT, ItemOutcome, SetMetrics, points
+from flywheel.evals.timing import GenerationTiming
 from flywheel.settings import Settings
 
 REPORT_SCHEMA = "flywheel.eval_report/1"
 SET_ORDER = (TEST, BASELINE, PROBLEM)
+# report.json keys the report hash leaves out: measurements of the run, and the champions so far (read
+# from the store for context; they are not this candidate's results)
+RUN_MEASUREMENTS = ("cost", "timing", "history")
+RAREST_INTENTS = 10  # the report's table of the intents with the fewest test items
 Curve = dict[str, list[tuple[float, float]]]  # series name -> (step, value) points
 
 
@@ -59,6 +70,8 @@ class EvalReport(BaseModel):
     targeted: list[str]
     before: dict[str, SetMetrics]  # champion
     after: dict[str, SetMetrics]  # candidate
+    cost: Cost | None = None
+    timing: dict[str, dict[str, GenerationTiming]] | None = None  # role -> set (and "all") -> timing
 
     def key_metrics(self) -> dict[str, Any]:
         """Headline numbers for the registry: task success and targeted problem rates on the primary set
@@ -144,6 +157,15 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "candidate"
 
 
+def rarest_intents(metrics: SetMetrics | None, limit: int = RAREST_INTENTS) -> list[str]:
+    """The intents with the fewest items in a set (ties by name), items without an intent left out:
+    where a model's skill is thinnest and a regression hides in the average."""
+    if metrics is None:
+        return []
+    named = [(rate.n, intent) for intent, rate in metrics.per_intent.items() if intent != NO_INTENT]
+    return [intent for _, intent in sorted(named)[:limit]]
+
+
 def report_document(
     settings: Settings,
     candidate: ModelRef,
@@ -154,9 +176,12 @@ def report_document(
     curve: Curve | None = None,
     set_sources: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
+    cost: Cost | None = None,
+    timing: Mapping[str, Mapping[str, GenerationTiming]] | None = None,
+    history: Sequence[HistoryPoint] = (),
 ) -> dict[str, Any]:
     """Everything report.json holds, as plain JSON values."""
-    return {
+    document: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "candidate": candidate.model_dump(mode="json"),
         "champion": champion.model_dump(mode="json"),
@@ -175,8 +200,25 @@ def report_document(
             "judge": "rule+llm" if settings.llm.enabled else "rule",
         },
         "training_curve": {name: [list(p) for p in points] for name, points in curve.items()} if curve else None,
+        "rarest_intents": rarest_intents(before.get(TEST)),
         "notes": list(notes),
     }
+    if cost is not None:
+        document["cost"] = cost.model_dump(mode="json")
+    if timing is not None:
+        document["timing"] = {role: {k: t.model_dump(mode="json") for k, t in sets.items()} for role, sets in timing.items()}
+    if history:
+        document["history"] = [point.model_dump(mode="json") for point in history]
+    return document
+
+
+def _canonical(document: Mapping[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def hashed_bytes(document: Mapping[str, Any]) -> bytes:
+    """What the report hash covers: the canonical JSON of the document without the run measurements."""
+    return _canonical({k: v for k, v in document.items() if k not in RUN_MEASUREMENTS})
 
 
 def write_report(
@@ -189,11 +231,15 @@ def write_report(
     curve: Curve | None = None,
     set_sources: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
+    cost: Cost | None = None,
+    timing: Mapping[str, Mapping[str, GenerationTiming]] | None = None,
+    history: Sequence[HistoryPoint] = (),
 ) -> EvalReport:
-    """Write report.json and report.html under artifacts/reports/<candidate>-<short hash>/."""
-    document = report_document(settings, candidate, champion, before, after, gate, curve, set_sources, notes)
-    payload = (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    report_hash = hashlib.sha256(payload).hexdigest()
+    """Write report.json and report.html under artifacts/reports/<candidate>-<short hash>/. `history`: the
+    champions so far (flywheel.evals.history), drawn with this candidate as the last point."""
+    document = report_document(settings, candidate, champion, before, after, gate, curve, set_sources, notes, cost, timing, history)
+    payload = _canonical(document)
+    report_hash = hashlib.sha256(hashed_bytes(document)).hexdigest()
     folder = settings.artifacts_path / "reports" / f"{_safe_name(candidate.name)}-{report_hash[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     path_json, path_html = folder / "report.json", folder / "report.html"
@@ -209,6 +255,8 @@ def write_report(
         targeted=gate.targeted,
         before=dict(before),
         after=dict(after),
+        cost=cost,
+        timing={role: dict(sets) for role, sets in timing.items()} if timing is not None else None,
     )
 
 
@@ -219,8 +267,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def report_hash_of(path_json: Path | str) -> str:
-    """The hash an approval must carry for this report (recomputed from the file, never trusted)."""
-    return hashlib.sha256(Path(path_json).read_bytes()).hexdigest()
+    """The hash an approval must carry for this report (recomputed from the file, never trusted): the
+    sha256 of the file's bytes, or, when it holds run measurements, of `hashed_bytes` of its document."""
+    raw = Path(path_json).read_bytes()
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return hashlib.sha256(raw).hexdigest()  # not JSON: hashed as it is, and matches nothing recorded
+    if isinstance(document, dict) and any(key in document for key in RUN_MEASUREMENTS):
+        return hashlib.sha256(hashed_bytes(document)).hexdigest()
+    return hashlib.sha256(raw).hexdigest()
 
 
 # --- the HTML page -------------------------------------------------------------------------------------------
@@ -247,9 +303,13 @@ def render_html(document: Mapping[str, Any], report_hash: str) -> str:
         problem_charts=_problem_charts(before, after, targeted),
         intent_chart=_intent_chart(before, after, document["settings"]["gate"]["min_intent_samples"]),
         curve_chart=_curve_chart(document.get("training_curve")),
+        history_chart=_history_chart(document),
         targeted=targeted,
         numbers=[(SET_LABELS[name], before[name], after[name], _problem_types(before[name], after[name])) for name in evaluated],
         intents=_intent_order(before, after),
+        rarest=_rarest_rows(before, after, gate),
+        speed=_speed_rows(document.get("timing")),
+        cost=document.get("cost"),
         no_intent=NO_INTENT,
         worse=worse,
         better=better,
@@ -267,6 +327,16 @@ def _escape(value: Any) -> Any:
     return value if hasattr(value, "__html__") else Markup(html.escape(str(value), quote=True))
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "\u2013"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:,.1f} s"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "\u2013" if value is None else f"{value:,.{digits}f}"
+
+
 def _tone(delta: float, lower_is_better: bool) -> str:
     good = delta < 0 if lower_is_better else delta > 0
     return "flat" if abs(delta) < 1e-12 else ("up" if good else "down")
@@ -279,7 +349,7 @@ def _template() -> Any:
     env = Environment(
         autoescape=True, finalize=_escape, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
     )
-    env.filters.update(pct=lambda share: f"{share:.1%}", points=points)
+    env.filters.update(pct=lambda share: f"{share:.1%}", points=points, secs=_seconds, num=_number)
     env.globals["tone"] = _tone
     return env.from_string(resources.files("flywheel.evals").joinpath("report.html").read_text(encoding="utf-8"))
 
@@ -334,6 +404,13 @@ def _intent_chart(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetri
     return Markup(diverging_bars(rows, f"Success change per intent, {SET_LABELS[name]} (grey: fewer than {min_samples} items, not gated)"))
 
 
+def _history_chart(document: Mapping[str, Any]) -> Markup | None:
+    """The champions so far and this candidate; drawn once there were two champions (before that the
+    problem-rate charts above say the same)."""
+    history = [HistoryPoint.model_validate(p) for p in document.get("history") or []]
+    return history_chart(with_candidate(history, document)) if len(history) >= 2 else None
+
+
 def _curve_chart(curve: Mapping[str, Sequence[Sequence[float]]] | None) -> Markup | None:
     if not curve:
         return None
@@ -351,6 +428,26 @@ def _intent_order(
     b, a = before[name], after[name]
     order = sorted(a.per_intent, key=lambda i: (a.per_intent[i].rate - (b.per_intent[i].rate if i in b.per_intent else 0.0), i))
     return SET_LABELS[name], b, a, order
+
+
+def _rarest_rows(before: Mapping[str, SetMetrics], after: Mapping[str, SetMetrics], gate: GateResult) -> list[tuple[str, Any, Any, Any]]:
+    """(intent, champion's rate, candidate's rate, the gate's intent check or None) for the rarest intents
+    of the fixed test set."""
+    b, a = before.get(TEST), after.get(TEST)
+    if b is None or a is None or a.empty:
+        return []
+    checks = {c.subject: c for c in gate.checks if c.kind == "intent" and c.set == TEST and not c.skipped}
+    return [(i, b.per_intent.get(i), a.per_intent.get(i), checks.get(i)) for i in rarest_intents(b)]
+
+
+def _speed_rows(timing: Mapping[str, Mapping[str, Any]] | None) -> list[tuple[str, Any, Any]]:
+    """(set label, champion's timing, candidate's) for all sets together, then each evaluated set."""
+    if not timing or "champion" not in timing or "candidate" not in timing:
+        return []
+    champion, candidate = timing["champion"], timing["candidate"]
+    rows = [("all sets", champion.get("all"), candidate.get("all"))]
+    rows += [(SET_LABELS[n], champion.get(n), candidate.get(n)) for n in SET_ORDER if (candidate.get(n) or {}).get("items")]
+    return rows
 
 
 Changed = list[tuple[str, ItemOutcome, ItemOutcome]]  # (set name, champion's outcome, candidate's)

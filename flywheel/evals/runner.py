@@ -2,18 +2,24 @@
 
 The sets:
   test      the fixed test set (settings.eval.test_set, JSONL), never trained on;
-  baseline  graduated samples (core and secondary baseline tiers) with their verified corrections:
-            what earlier cycles fixed and must stay fixed;
+  baseline  graduated samples (every baseline tier: candidate, secondary and core) with their verified
+            corrections: what earlier cycles fixed and must stay fixed (the gate refuses a candidate
+            that breaks a core one);
   problem   this cycle's verified failures (tier problem): what the candidate was trained to fix.
 
 `evaluate_model` is model-agnostic: it takes a function from conversations to answers, so tests can
 pass a scripted function and the CLI passes one built from `LocalModel`. `run_eval` evaluates the
 candidate and the champion on all three sets, applies the gate and writes the report.
+
+Besides the judge's findings, each set gets ROUGE-L/BLEU against the items' reference answers (where
+any), compliance hits per policy pattern, and, outside the hashed report, generation timing (first-token
+latency, tokens/s) and the evaluation's cost (flywheel.evals.timing, flywheel.evals.cost).
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,18 +29,24 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.evals.cost import Cost, training_cost
 from flywheel.evals.gate import BASELINE, PROBLEM, TEST, evaluate_gate
+from flywheel.evals.history import champion_history
 from flywheel.evals.judge import judge_answer
 from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
 from flywheel.evals.report import Curve, EvalReport, ModelRef, find_curve, load_curve, write_report
 from flywheel.evals.rule_judge import RuleJudge
+from flywheel.evals.text_metrics import reference_scores
+from flywheel.evals.timing import FirstTokenProbe, GenerationTiming, Stopwatch, total
 from flywheel.jsonl import json_objects
 from flywheel.records import Failure, FailureStatus, Finding, Interaction, Message, Reference, SampleTier, utcnow
 from flywheel.settings import Settings
 from flywheel.store.db import Store
 
 # What a model hands back for one conversation: plain text, a full assistant message (with tool
-# calls), or an object with a `.text` (and maybe `.tool_calls`) such as inference.local_model.Generation.
+# calls), or an object with a `.text` (and maybe `.tool_calls`, `.tokens`) such as
+# inference.local_model.Generation. A generate function may also carry `first_token_s`: the time to
+# the first token of its last call (`LocalGenerate` does), for the report's timing.
 Answer = Any
 GenerateFn = Callable[[list[list[dict[str, Any]]]], Sequence[Answer]]
 ModelLoader = Callable[[ModelRef, Settings], tuple[GenerateFn, Callable[[], None]]]
@@ -50,6 +62,7 @@ class EvalItem(BaseModel):
     reference: Reference
     intent: str | None = None
     problem_type: str | None = None  # for problem-set items: what the judge found in production
+    tier: str | None = None  # for baseline items: the sample's tier (the gate protects core ones)
 
 
 # --- the three sets ----------------------------------------------------------------------------------------
@@ -94,9 +107,14 @@ def load_test_set(path: Path | str) -> list[EvalItem]:
     return items
 
 
+BASELINE_TIERS = (SampleTier.CORE, SampleTier.SECONDARY, SampleTier.CANDIDATE)
+
+
 def baseline_set(store: Store) -> list[EvalItem]:
-    """Graduated samples that must stay fixed: core and secondary baseline tiers, verified corrections."""
-    return _failure_items(store, tiers=[SampleTier.CORE, SampleTier.SECONDARY], status=None)
+    """Graduated samples that must stay fixed: every baseline tier, with their verified corrections.
+    Candidate baselines are in it too: their outcome here is what lets them climb a tier (and what a
+    regression of last cycle's fixes looks like)."""
+    return _failure_items(store, tiers=list(BASELINE_TIERS), status=None)
 
 
 def problem_set(store: Store) -> list[EvalItem]:
@@ -131,6 +149,7 @@ def _failure_items(store: Store, tiers: Sequence[SampleTier], status: FailureSta
                     reference=Reference(intent=intent, answer=correction.answer, source="correction"),
                     intent=intent,
                     problem_type=verdict.problem_type if verdict else None,
+                    tier=str(failure.tier) if failure.tier in BASELINE_TIERS else None,
                 )
             )
     return items
@@ -154,14 +173,20 @@ def _as_message(answer: Answer) -> Message | None:
 
 
 def evaluate_model(
-    generate_fn: GenerateFn, items: Sequence[EvalItem], judge: RuleJudge, settings: Settings, name: str = TEST
+    generate_fn: GenerateFn,
+    items: Sequence[EvalItem],
+    judge: RuleJudge,
+    settings: Settings,
+    name: str = TEST,
+    stopwatch: Stopwatch | None = None,
 ) -> SetMetrics:
     """Answer every item with `generate_fn` and judge each answer; success means no finding.
 
     The rule judge (the one triage uses) checks every answer. With an LLM endpoint configured, the LLM
     judge is asked about every answer the rules did not settle, combined as triage combines them.
     Conversations go to `generate_fn` in chunks of `eval.batch_size` so that a long set keeps memory
-    flat. A chunk that raises means the model is broken: that stops the run (InfrastructureError)."""
+    flat. A chunk that raises means the model is broken: that stops the run (InfrastructureError).
+    `stopwatch`, when given, adds up how long the calls of `generate_fn` took (and nothing else)."""
     outcomes: list[ItemOutcome] = []
     answered: list[tuple[int, EvalItem, Message]] = []  # what the LLM judge may look at
     chunk = settings.eval.batch_size
@@ -169,25 +194,31 @@ def evaluate_model(
         batch = items[start : start + chunk]
         conversations = [[m.model_dump(exclude_none=True) for m in item.messages] for item in batch]
         try:
+            started = time.perf_counter()
             answers = list(generate_fn(conversations))
+            elapsed = time.perf_counter() - started
         except Exception as exc:  # any failure inside the model is infrastructure
             raise InfrastructureError(f"generation failed on the {name} set at item {batch[0].id}: {exc}") from exc
         if len(answers) != len(batch):
             raise InfrastructureError(f"the model returned {len(answers)} answers for {len(batch)} prompts on the {name} set")
+        if stopwatch is not None:
+            stopwatch.add(len(batch), elapsed, answers, getattr(generate_fn, "first_token_s", None))
         for item, answer in zip(batch, answers):
             message = _as_message(answer)
             if message is None:
-                outcomes.append(ItemOutcome(id=item.id, intent=item.intent, error="no answer generated"))
+                outcomes.append(ItemOutcome(id=item.id, intent=item.intent, tier=item.tier, error="no answer generated"))
                 continue
             _failed, findings = judge_answer(settings, item.messages, message, item.reference, rule_judge=judge)
-            outcomes.append(ItemOutcome(id=item.id, intent=item.intent, answer=message.content or "", findings=findings))
+            outcomes.append(ItemOutcome(id=item.id, intent=item.intent, tier=item.tier, answer=message.content or "", findings=findings))
             answered.append((len(outcomes) - 1, item, message))
     judge_name, unjudged = "rule", 0
     if settings.llm.enabled and answered:
         judge_name = f"rule+llm:{settings.llm.judge_model}"
         unjudged = _add_llm_findings(settings, judge, answered, outcomes, name)
-    metrics = compute_metrics(name, outcomes, settings.taxonomy.problem_types)
-    return metrics.model_copy(update={"judge": judge_name, "llm_unjudged": unjudged})
+    metrics = compute_metrics(name, outcomes, settings.taxonomy.problem_types, [p.name for p in settings.policies.forbidden_phrases])
+    # an item with no answer scores 0 against its reference: it said nothing of it
+    scores = reference_scores([(o.answer, i.reference.answer) for i, o in zip(items, outcomes) if i.reference.answer])
+    return metrics.model_copy(update={"judge": judge_name, "llm_unjudged": unjudged, "reference_scores": scores})
 
 
 def _add_llm_findings(
@@ -270,23 +301,38 @@ def build_judge(settings: Settings) -> RuleJudge:
     return RuleJudge(settings)
 
 
-def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Callable[[], None]]:
-    """A generate function over a local base model plus optional LoRA adapter, and a function that
-    frees it (two models of a real size do not fit side by side on many machines)."""
-    from flywheel.inference.local_model import LocalModel
+class LocalGenerate:
+    """A generate function over a local base model plus optional LoRA adapter. `first_token_s` is the
+    time its last call took to the first generated token (a forward hook: flywheel.evals.timing)."""
 
-    holder: dict[str, Any] = {"model": LocalModel(ref.base_model, ref.adapter_path)}
+    def __init__(self, ref: ModelRef, settings: Settings):
+        from flywheel.inference.local_model import LocalModel
 
-    def generate(conversations: list[list[dict[str, Any]]]) -> list[Any]:
-        return list(
-            holder["model"].generate(conversations, max_new_tokens=settings.eval.max_new_tokens, batch_size=settings.eval.batch_size)
-        )
+        self.model: Any = LocalModel(ref.base_model, ref.adapter_path)
+        self.settings = settings
+        inner: Any = self.model.model
+        # the transformers model whose forward passes generate() runs (a PeftModel wraps it)
+        self.probe = FirstTokenProbe(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
+        self.first_token_s: float | None = None
 
-    def release() -> None:
-        holder.clear()
+    def __call__(self, conversations: list[list[dict[str, Any]]]) -> list[Any]:
+        self.probe.arm()
+        eval_settings = self.settings.eval
+        answers = list(self.model.generate(conversations, max_new_tokens=eval_settings.max_new_tokens, batch_size=eval_settings.batch_size))
+        self.first_token_s = self.probe.latency()
+        return answers
+
+    def release(self) -> None:
+        self.probe.remove()
+        self.model = None
         gc.collect()
 
-    return generate, release
+
+def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Callable[[], None]]:
+    """A generate function over a local model (`LocalGenerate`), and a function that frees it (two models
+    of a real size do not fit side by side on many machines)."""
+    generate = LocalGenerate(ref, settings)
+    return generate, generate.release
 
 
 # --- champion against candidate ----------------------------------------------------------------------------
@@ -313,7 +359,7 @@ def _set_sources(settings: Settings) -> dict[str, str]:
 
     path = test_set_path(settings)
     test = f"{settings.eval.test_set} (sha256 {sha256_file(path)[:16]})" if path is not None else ""
-    return {TEST: test, BASELINE: "store: core and secondary baseline tiers", PROBLEM: "store: verified problem-tier failures"}
+    return {TEST: test, BASELINE: "store: core, secondary and candidate baseline tiers", PROBLEM: "store: verified problem-tier failures"}
 
 
 def default_targeted(sets: Mapping[str, Sequence[EvalItem]]) -> list[str]:
@@ -323,9 +369,20 @@ def default_targeted(sets: Mapping[str, Sequence[EvalItem]]) -> list[str]:
 
 
 def evaluate_all(
-    generate_fn: GenerateFn, sets: Mapping[str, Sequence[EvalItem]], judge: RuleJudge, settings: Settings
+    generate_fn: GenerateFn,
+    sets: Mapping[str, Sequence[EvalItem]],
+    judge: RuleJudge,
+    settings: Settings,
+    stopwatches: dict[str, Stopwatch] | None = None,
 ) -> dict[str, SetMetrics]:
-    return {name: evaluate_model(generate_fn, items, judge, settings, name=name) for name, items in sets.items()}
+    """Every set with one model; `stopwatches`, when given, is filled with one Stopwatch per set."""
+    out: dict[str, SetMetrics] = {}
+    for name, items in sets.items():
+        watch = Stopwatch()
+        out[name] = evaluate_model(generate_fn, items, judge, settings, name=name, stopwatch=watch)
+        if stopwatches is not None:
+            stopwatches[name] = watch
+    return out
 
 
 def check_targeted(targeted: Sequence[str], settings: Settings) -> list[str]:
@@ -353,22 +410,37 @@ def run_eval(
     function and its release (default: `local_generate_fn`); tests pass scripted models here. A curve
     named in `curve_path` must load; one found beside the adapter is charted when it loads and noted
     when it does not."""
+    from flywheel.llm import usage
+
     settings = ctx.settings
     say = progress or (lambda _message: None)
+    started, llm_before = time.perf_counter(), usage()
     sets = load_sets(ctx)
     targeted = check_targeted(list(targeted) or list(settings.gate.targeted) or default_targeted(sets), settings)
     curve, notes = _curve(candidate, curve_path)
     judge = judge or build_judge(settings)
     sizes = ", ".join(f"{name} {len(items)}" for name, items in sets.items())
     metrics: dict[str, dict[str, SetMetrics]] = {}
+    timing: dict[str, dict[str, GenerationTiming]] = {}
     for role, ref in (("champion", champion), ("candidate", candidate)):
         say(f"evaluating the {role} {ref.name} on {sizes} items")
         generate, release = (load_model or local_generate_fn)(ref, settings)
+        watches: dict[str, Stopwatch] = {}
         try:
-            metrics[role] = evaluate_all(generate, sets, judge, settings)
+            metrics[role] = evaluate_all(generate, sets, judge, settings, watches)
         finally:
             release()
+        timing[role] = {"all": total(list(watches.values())), **{name: watch.result() for name, watch in watches.items()}}
     gate = evaluate_gate(metrics["champion"], metrics["candidate"], targeted, settings.gate)
+    train_seconds, labels = training_cost(ctx.store, candidate.version)
+    llm_after = usage()
+    cost = Cost(
+        eval_seconds=round(time.perf_counter() - started, 3),
+        train_seconds=train_seconds,
+        labels=labels,
+        llm_calls=llm_after["calls"] - llm_before["calls"],
+        llm_tokens=llm_after["tokens"] - llm_before["tokens"],
+    )
     return write_report(
         settings,
         candidate=candidate,
@@ -379,6 +451,9 @@ def run_eval(
         curve=curve,
         set_sources=_set_sources(settings),
         notes=notes,
+        cost=cost,
+        timing=timing,
+        history=champion_history(ctx.store),
     )
 
 

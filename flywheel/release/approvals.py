@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.records import Record, utcnow
 from flywheel.release import registry
+from flywheel.release.baseline_review import revert_confirmations
 from flywheel.release.graduation import return_to_pool, revert_graduation
 from flywheel.release.records import CHANNELS, AliasSwitch, Approval, Channel, DecisionKind, ModelVersion, VersionStatus
 from flywheel.release.registry import CANARY, CHAMPION, CLOSED, PREVIOUS
@@ -277,4 +278,5 @@ def rollback(store: Store, actor: str, reason: str = "", effect_key: str | None 
         version_store.set_status(conn, champion, VersionStatus.ROLLED_BACK)
         version_store.set_status(conn, previous, VersionStatus.CHAMPION)
         reverted = revert_graduation(conn, champion, actor=actor, reason=f"{champion} rolled back: {why}")
+        reverted += revert_confirmations(conn, champion, actor=actor, reason=f"{champion} rolled back: {why}")
         return Rollback(rolled_back=champion, champion=previous, reverted_samples=reverted, effect_key=key)

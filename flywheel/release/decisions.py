@@ -24,7 +24,9 @@ from datetime import datetime
 from flywheel.context import Context
 from flywheel.errors import PolicyViolation, UserInputError
 from flywheel.records import Record, utcnow
-from flywheel.release import approvals, graduation, registry
+from flywheel.release import approvals, baseline_review, graduation, registry
+from flywheel.release.baseline_review import BaselineProposal
+from flywheel.release.canary import CanaryEvidence, approval_evidence
 from flywheel.release.evaluation import summarize_report, verified_report
 from flywheel.release.records import Decision, DecisionKind, ModelVersion
 from flywheel.release.registry import CLOSED
@@ -50,7 +52,10 @@ class PendingApproval(Record):
     problem_rates_before: dict[str, float] = {}
     problem_rates_after: dict[str, float] = {}
     summary: str
+    # baseline samples approving would move up a tier (flywheel.release.baseline_review)
+    baselines: list[BaselineProposal] = []
     refused: str | None = None  # why the previous answer was not accepted
+    canary: CanaryEvidence | None = None  # the newest canary observation's decision and evidence
     requested_at: datetime
 
     def answer_hint(self) -> str:
@@ -94,6 +99,8 @@ def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str
         else "no set had items to measure"
     )
     failed = len(report.failed_checks)
+    proposals = baseline_review.propose(ctx.store, target.id, document)
+    climbing = baseline_review.summary(proposals)
     return PendingApproval(
         run_id=run_id,
         version=target.id,
@@ -113,9 +120,11 @@ def build_pending(ctx: Context, run_id: str, target: ModelVersion, champion: str
         problem_rates_after=numbers.problem_rates_after if numbers else {},
         summary=(
             f"{target.id} passed its promotion gate against {champion or 'the base model'} "
-            f"({failed} failed checks; targeted: {targeted}); {headline}."
+            f"({failed} failed checks; targeted: {targeted}); {headline}." + (f" {climbing[0].upper()}{climbing[1:]}." if climbing else "")
         ),
+        baselines=proposals,
         refused=refused,
+        canary=approval_evidence(ctx.store, target.id),
         requested_at=utcnow(),
     )
 
@@ -148,6 +157,8 @@ class DecisionOutcome(Record):
     replayed: bool = False  # the switch had happened already (a re-run after a crash): nothing changed now
     graduated: int = 0
     down_weighted: int = 0
+    regressed: int = 0  # baseline samples the promoted version fails again: back to problem
+    confirmed: int = 0  # baseline samples moved up a tier with the approval
     returned_to_pool: int = 0
     note: str = ""
     error: str | None = None  # the decision could not be applied: nothing changed
@@ -161,8 +172,11 @@ class DecisionOutcome(Record):
         extra = f" (previous: {self.previous})" if self.previous else ""
         again = " It already was: nothing changed." if self.replayed else ""
         grads = (
-            f" {self.graduated} samples graduated, {self.down_weighted} down-weighted." if (self.graduated or self.down_weighted) else ""
+            f" {self.graduated} samples graduated, {self.down_weighted} down-weighted, {self.regressed} back to problem."
+            if (self.graduated or self.down_weighted or self.regressed)
+            else ""
         )
+        grads += f" {self.confirmed} baseline samples moved up a tier." if self.confirmed else ""
         return f"{self.version} promoted to champion, approved by {self.approver} ({self.channel}){extra}.{again}{grads}"
 
 
@@ -188,6 +202,9 @@ def apply_decision(ctx: Context, run_id: str, version: str, decision: Decision) 
             outcome.note = rejection.pool_note
             return outcome
         approvals.record_approval(store, version, "approved", decision.approver, decision.channel, decision.reason, run_id=run_id)
+        # proposed before the switch, as the person saw them: afterwards this promotion's own graduates
+        # would look like baselines of an earlier cycle
+        proposals = _proposals(ctx, target) if decision.confirm_baselines else []
         done = approvals.promote(
             store, settings, version, actor=decision.approver, effect_key=promotion_key(run_id, version, target.eval_report_hash or "")
         )
@@ -196,7 +213,16 @@ def apply_decision(ctx: Context, run_id: str, version: str, decision: Decision) 
         return outcome
     outcome.promoted, outcome.previous, outcome.replayed = True, done.previous, done.replayed
     _graduate(ctx, target, decision.approver, outcome)
+    outcome.confirmed = len(baseline_review.confirm(store, target.id, proposals, decision.approver))
     return outcome
+
+
+def _proposals(ctx: Context, target: ModelVersion) -> list[BaselineProposal]:
+    try:
+        document, _path = verified_report(target)
+    except (OSError, ValueError, UserInputError):
+        return []  # the promotion itself re-checks the report and says what is wrong
+    return baseline_review.propose(ctx.store, target.id, document)
 
 
 def _graduate(ctx: Context, target: ModelVersion, actor: str, outcome: DecisionOutcome) -> None:
@@ -212,4 +238,4 @@ def _graduate(ctx: Context, target: ModelVersion, actor: str, outcome: DecisionO
     except (OSError, ValueError, UserInputError, PolicyViolation) as exc:
         outcome.note = f"samples not graduated: {exc}"
         return
-    outcome.graduated, outcome.down_weighted = len(result.graduated), len(result.down_weighted)
+    outcome.graduated, outcome.down_weighted, outcome.regressed = len(result.graduated), len(result.down_weighted), len(result.regressed)

@@ -195,7 +195,13 @@ def revert_graduation(conn: Connection, version: str, actor: str, reason: str) -
     """Undo the tier changes graduation made because of `version` (after it was rolled back): each sample
     still in the tier that version moved it to goes back to the tier it came from. Down-weights stay:
     the sample did fail with that version, which is still worth knowing."""
-    last = {move.failure_id: move for move in tiers.tier_changes_by(conn, version, GRADUATE)}
+    return revert_moves(conn, version, GRADUATE, actor, reason)
+
+
+def revert_moves(conn: Connection, version: str, prefix: str, actor: str, reason: str) -> list[str]:
+    """Undo the tier changes caused by `version` whose reason starts with `prefix`; a sample someone
+    moved since is left where it is."""
+    last = {move.failure_id: move for move in tiers.tier_changes_by(conn, version, prefix)}
     if not last:
         return []
     current = {f.id: f.tier for f in get_failures(conn, ids=list(last))}

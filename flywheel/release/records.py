@@ -102,6 +102,9 @@ class Decision:
     reason: str = ""
     channel: Channel = "terminal"
     report_hash: str | None = None
+    # approving also confirms the baseline samples the pending approval proposed to move up a tier
+    # (flywheel.release.baseline_review); False: promote only
+    confirm_baselines: bool = True
 
     def __post_init__(self) -> None:
         if not str(self.approver).strip():

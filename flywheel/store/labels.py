@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select
@@ -49,9 +50,13 @@ def latest_many(conn: Connection, failure_ids: Sequence[str]) -> dict[str, Store
     return out
 
 
-def count(store: Store) -> int:
+def count(store: Store, since: datetime | None = None) -> int:
+    """Labels given in all, or since a moment."""
+    query = select(func.count()).select_from(labels)
+    if since is not None:
+        query = query.where(labels.c.created_at >= since)
     with store.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(labels)).scalar_one())
+        return int(conn.execute(query).scalar_one())
 
 
 def seen_intents(conn: Connection) -> set[str]:
@@ -63,9 +68,9 @@ def seen_intents(conn: Connection) -> set[str]:
     return seen
 
 
-def labelled_failures(conn: Connection) -> list[tuple[str, str]]:
-    """(id, status) of every failure with at least one label."""
-    return [
-        (r.id, r.status)
-        for r in conn.execute(select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id))))
-    ]
+def labelled_failures(conn: Connection, tier: str | None = None) -> list[tuple[str, str]]:
+    """(id, status) of every failure with at least one label (in `tier`, when given)."""
+    query = select(failures.c.id, failures.c.status).where(failures.c.id.in_(select(labels.c.failure_id)))
+    if tier is not None:
+        query = query.where(failures.c.tier == tier)
+    return [(r.id, r.status) for r in conn.execute(query)]

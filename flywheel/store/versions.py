@@ -150,3 +150,26 @@ def switches(conn: Connection, limit: int = 50) -> list[AliasSwitch]:
     """The newest `limit` switches, newest first."""
     rows = conn.execute(select(alias_events).order_by(alias_events.c.id.desc()).limit(limit)).fetchall()
     return [_switch_from_row(r) for r in rows]
+
+
+def holders(conn: Connection, alias: str) -> list[str]:
+    """Every version `alias` ever pointed at, in the order it switched to them (repeats kept)."""
+    query = select(alias_events.c.to_version).where(alias_events.c.alias == alias, alias_events.c.to_version.is_not(None))
+    return [v for v in conn.execute(query.order_by(alias_events.c.id)).scalars() if v]
+
+
+def holders_since(conn: Connection, alias: str, since: datetime) -> list[str]:
+    """Every version `alias` pointed at from `since` until now: the one it held then and each it
+    switched to later, oldest first."""
+    held = conn.execute(
+        select(alias_events.c.to_version)
+        .where(alias_events.c.alias == alias, alias_events.c.created_at < since)
+        .order_by(alias_events.c.id.desc())
+        .limit(1)
+    ).scalar()
+    later = conn.execute(
+        select(alias_events.c.to_version)
+        .where(alias_events.c.alias == alias, alias_events.c.created_at >= since)
+        .order_by(alias_events.c.id)
+    ).scalars()
+    return [v for v in dict.fromkeys([held, *later]) if v]

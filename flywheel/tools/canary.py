@@ -2,8 +2,10 @@
 
 A canary serves real users, so `start_canary` refuses a version that has not passed its gate (the check
 is in flywheel.release.canary, not here). Reading the status records an observation and, when the
-canary harms, rolls it back: that is the canary monitor's rule, applied the same way as `flywheel
-canary status`.
+canary harms, rolls it back: that is the canary monitor's rule (`canary.rule`: the sequential test by
+default), applied the same way as `flywheel canary status`. The status carries the decision (harm,
+no_harm, inconclusive, continue) and its evidence: requests per version, each rate's log likelihood
+ratios and the thresholds they are held to.
 Neither tool promotes: promotion needs a person's approval (flywheel.release.decisions).
 """
 
@@ -38,7 +40,7 @@ def start_canary(ctx: ToolContext, version: str, share: Annotated[float, Field(g
 
 
 def canary_status(ctx: ToolContext) -> canary.CanaryStatus:
-    """Compare the running canary with the champion now: requests, failure and problem rates on each side. A canary that harms is rolled back automatically."""
+    """Compare the running canary with the champion now: requests, failure and problem rates on each side, and the sequential test's decision (harm, no_harm, inconclusive, or continue: observe again after more traffic) with its evidence. A canary that harms is rolled back automatically."""
     routing = registry.current_routing(ctx.store)
     if ctx.canary_traffic is not None and routing.canary and ctx.canary_served != routing.canary:
         # In a deployment the gateway serves the canary's users as they come; a simulated world (the demo)
@@ -50,5 +52,9 @@ def canary_status(ctx: ToolContext) -> canary.CanaryStatus:
 
 SPECS = [
     ToolSpec(start_canary, mutates=True, facts=lambda started: {"canary": started.version}),
-    ToolSpec(canary_status, mutates=True, facts=lambda status: {"canary_state": str(status.state), "canary_reason": status.reason}),
+    ToolSpec(
+        canary_status,
+        mutates=True,
+        facts=lambda status: {"canary_state": str(status.state), "canary_decision": status.decision, "canary_reason": status.reason},
+    ),
 ]

@@ -44,7 +44,8 @@ def build_dataset(ctx: ToolContext, kind: Literal["sft", "dpo"] | None = None) -
     Args:
         kind: "sft" (train on the corrected answer) or "dpo" (prefer it over the failing one); default: the train.method setting.
     """
-    chosen = kind or ctx.settings.train.method
+    # train.method kto is not a snapshot kind: KTO trains on a dpo snapshot's good and bad answers
+    chosen = kind or ("dpo" if ctx.settings.train.method == "kto" else ctx.settings.train.method)
     report_progress(ctx, f"building a {chosen} dataset snapshot")
     return _info(build_snapshot(ctx, chosen))
 

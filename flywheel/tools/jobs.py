@@ -72,12 +72,12 @@ def _base_model(ctx: Any) -> str | None:
         return None
 
 
-def launch_training(ctx: ToolContext, dataset_id: str, method: Literal["sft", "dpo"] | None = None) -> JobInfo:
+def launch_training(ctx: ToolContext, dataset_id: str, method: Literal["sft", "dpo", "kto"] | None = None) -> JobInfo:
     """Start training a LoRA adapter on a dataset snapshot. The same dataset and settings run once: asking again returns the existing job.
 
     Args:
         dataset_id: the snapshot id from build_dataset.
-        method: "sft" or "dpo" (default: the snapshot's kind).
+        method: "sft", "dpo" or "kto" (default: the snapshot's kind; train.method kto wins over it).
     """
     from flywheel.trainer.recipes import build_spec
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Literal
 
 from flywheel.data.labelling import LabellingLog, QueueLabeller, label_failures
-from flywheel.data.labels import count_labels
+from flywheel.data.labels import labels_spent
 from flywheel.tools.base import ToolContext, ToolSpec, report_progress
 
 Strategy = Literal["random", "least_confidence", "margin", "entropy", "kcenter", "kmeans", "expected_change", "hybrid"]
 
 
 def labelling_budget_left(ctx: ToolContext) -> int:
-    return max(0, ctx.settings.selection.labelling_budget - count_labels(ctx.store))
+    return max(0, ctx.settings.selection.labelling_budget - labels_spent(ctx.store, ctx.settings))
 
 
 def request_labels(ctx: ToolContext, strategy: Strategy | None = None) -> LabellingLog:

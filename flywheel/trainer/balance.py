@@ -4,7 +4,7 @@
 before and after each:
 
 1. `cap_problem_types`   new problem rows: no failure type above `problem_type_max_ratio` of them
-                         (down-sampling keeps higher severities first).
+                         (down-sampling keeps a person's labels, then higher severities first).
 2. `oversample_rare_high_risk`  a rare type's rows of an oversampled severity are repeated toward
                          `oversample_target_ratio` of the problem rows, each row at most `max_repeats` times.
 3. `mix_replay`          (flywheel.trainer.replay_mix) baseline rows are drawn so that problem rows are the target share of the set,
@@ -42,6 +42,7 @@ Embed = Callable[[Sequence[str]], Any]  # texts -> one vector per text (store.ve
 
 PROBLEM = "problem"
 REPLAY = "replay"
+LABEL = "label"  # Sample.origin of a row built from a person's label
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
@@ -166,7 +167,15 @@ def cap_problem_types(rows: list[Sample], ratio: float, seed: int, ledger: Ledge
     kept: list[Sample] = []
     for name in before:
         members = [r for r in problems if r.problem_type == name]
-        kept.extend(_keep(members, cap, rng) if len(members) > cap else members)
+        if len(members) <= cap:
+            kept.extend(members)
+            continue
+        # A person's label is the budgeted, chosen row: the cap trims what arrived without one. Once the
+        # model has fixed one type (the next cycle sees few of it), an equal-share cap would otherwise
+        # throw away most of the labels of the type still failing.
+        labelled = [r for r in members if r.origin == LABEL]
+        rest = [r for r in members if r.origin != LABEL]
+        kept.extend(labelled + _keep(rest, max(0, cap - len(labelled)), rng))
     ledger.step(
         "problem_type_cap",
         len(rows),

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError, SettingsError, UserInputError
-from flywheel.records import FailureStatus, Record, stable_hash, utcnow
+from flywheel.records import FailureStatus, Record, SampleTier, stable_hash, utcnow
 from flywheel.settings import Settings
 from flywheel.store import datasets as dataset_repo
 from flywheel.store.db import Store
@@ -273,15 +273,17 @@ class SourceTracker:
 
 
 def label_yield(store: Store, sources: SourceTracker, used: set[str]) -> dict[str, Any]:
-    """What became of the failures people labelled: how many ended in the snapshot's rows and, for the
-    rest, why not (the failure's status and the corrector's reason, or the snapshot step that dropped
-    the row). Labels that confirmed an answer ("fine") are counted apart: they are positives, not fixes."""
+    """What became of the failures people labelled that are still problem samples: how many ended in the
+    snapshot's rows and, for the rest, why not (the failure's status and the corrector's reason, or the
+    snapshot step that dropped the row). Labels that confirmed an answer ("fine") are counted apart:
+    they are positives, not fixes. Labelled samples that graduated in an earlier cycle are left out:
+    a model already learned them, and the replay mix draws only some of them back."""
     from flywheel.data.labels import latest_labels
     from flywheel.store import failures as failure_repo
     from flywheel.store import labels as label_repo
 
     with store.engine.connect() as conn:
-        rows = label_repo.labelled_failures(conn)
+        rows = label_repo.labelled_failures(conn, tier=str(SampleTier.PROBLEM))
         references = latest_labels(conn, [fid for fid, _ in rows])
         stuck = [fid for fid, status in rows if status in (str(FailureStatus.UNCORRECTABLE), str(FailureStatus.CORRECTED))]
         reasons = {

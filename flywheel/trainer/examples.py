@@ -3,6 +3,10 @@
 Snapshot rows (train.jsonl and heldout.jsonl, or .parquet; manifest.json beside them):
     SFT  {"messages": [..., {"role": "assistant", "content": "the corrected answer"}], "weight": 1.5, ...}
     DPO  {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "weight": 1.0, ...}
+KTO reads either shape (unpaired good and bad answers, TRL's KTOTrainer): an SFT row's answer and a DPO row's
+chosen answer are desirable, a DPO row's rejected answer undesirable.
+Every example also carries the row's `intent` and `tier` (META_KEYS), which the curriculum and the EWC anchor
+read; flywheel.trainer.recipes takes them off before the examples reach TRL.
 SFT trains on the final assistant turn only: earlier assistant turns are production answers that may be
 the very failures being corrected, so they are context, not targets. A row that does not fit is skipped
 (`SkippedRow`: its file, line and reason, also logged); flywheel.trainer.recipes records them in
@@ -25,6 +29,8 @@ from flywheel.store.vectors import sha256_file
 log = logging.getLogger("flywheel.train")
 
 SPLITS = ("train", "heldout")
+METHODS = ("sft", "dpo", "kto")
+META_KEYS = ("intent", "tier")
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -117,13 +123,17 @@ def _weight(row: dict[str, Any]) -> float:
     return float(weight)
 
 
+def _meta(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] if isinstance(row.get(key), str) else None for key in META_KEYS}
+
+
 def sft_example(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
         raise ValueError("no messages list")
     messages = [_message(m, where) for m in row["messages"]]
     if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise ValueError("messages must end with a non-empty assistant answer after at least one other message")
-    return {"prompt": messages[:-1], "completion": messages[-1:], "weight": _weight(row)}
+    return {"prompt": messages[:-1], "completion": messages[-1:], "weight": _weight(row), **_meta(row)}
 
 
 def dpo_example(row: Any, where: str) -> dict[str, Any]:
@@ -143,21 +153,37 @@ def dpo_example(row: Any, where: str) -> dict[str, Any]:
         answers[key] = [message]
     if answers["chosen"][0]["content"] == answers["rejected"][0]["content"]:
         raise ValueError("chosen and rejected are the same answer")
-    return {"prompt": prompt, **answers, "weight": _weight(row)}
+    return {"prompt": prompt, **answers, "weight": _weight(row), **_meta(row)}
+
+
+def kto_examples(row: Any, where: str) -> list[dict[str, Any]]:
+    """An SFT row: its answer, desirable. A DPO row: its chosen answer desirable, its rejected one undesirable."""
+    if isinstance(row, dict) and "messages" in row:
+        good = sft_example(row, where)
+        return [{"prompt": good["prompt"], "completion": good["completion"], "label": True, "weight": good["weight"], **_meta(row)}]
+    pair = dpo_example(row, where)
+    common = {"prompt": pair["prompt"], "weight": pair["weight"], **_meta(row)}
+    return [{**common, "completion": pair["chosen"], "label": True}, {**common, "completion": pair["rejected"], "label": False}]
 
 
 def load_examples(dataset_dir: Path, split: str, method: str) -> tuple[list[dict[str, Any]], list[SkippedRow]]:
     path = split_file(dataset_dir, split)
     if path is None:
         return [], []
-    convert = sft_example if method == "sft" else dpo_example
+    if method not in METHODS:
+        raise UserInputError(f"training method {method!r} is not one of {', '.join(METHODS)}")
+    convert = {
+        "sft": lambda row, where: [sft_example(row, where)],
+        "dpo": lambda row, where: [dpo_example(row, where)],
+        "kto": kto_examples,
+    }[method]
     examples: list[dict[str, Any]] = []
     skipped: list[SkippedRow] = []
     for where, row in _read_split(path):
         try:
             if row is None:
                 raise ValueError("not valid JSON")
-            examples.append(convert(row, where))
+            examples.extend(convert(row, where))
         except ValueError as exc:
             skipped.append(SkippedRow(where=where, why=str(exc)))
             log.warning("skipping %s: %s", where, exc)

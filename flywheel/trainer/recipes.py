@@ -1,4 +1,4 @@
-"""The training recipes: LoRA SFT and LoRA DPO with TRL over a local base model and a dataset snapshot.
+"""The training recipes: LoRA SFT, DPO and KTO with TRL over a local base model and a dataset snapshot.
 
 A `TrainSpec` says everything a run depends on (method, base model, dataset content, hyper-parameters); its
 `identity()` is what a job id is derived from. `run(spec, work_dir)` trains and writes, under
@@ -13,6 +13,10 @@ Checkpoints go to `work_dir/checkpoints`; a run that finds one there resumes fro
 
 The snapshot's rows become training examples in flywheel.trainer.examples; a row that does not fit is
 skipped with its file, line and reason in the log and in lineage.json; the run fails only when no row is left.
+
+The recipe options of [train] (curriculum, focal_gamma, anchor, dpo_loss_type; docs/learning.md) are part of
+the spec, so of the job id and lineage.json; make_trainer applies them (flywheel.trainer.curriculum,
+flywheel.trainer.anchor, flywheel.trainer.weighted).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from flywheel.records import stable_hash, utcnow
 from flywheel.settings_sections import TrainSettings
 from flywheel.store.vectors import sha256_file
 from flywheel.trainer import sizing
-from flywheel.trainer.examples import SkippedRow, count_rows, dataset_content_hash, load_examples, read_manifest, split_file
+from flywheel.trainer.examples import META_KEYS, SkippedRow, count_rows, dataset_content_hash, load_examples, read_manifest, split_file
 
 if TYPE_CHECKING:
-    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedSFTTrainer
+    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedKTOTrainer, WeightedSFTTrainer
+
+    Trainers = WeightedSFTTrainer | WeightedDPOTrainer | WeightedKTOTrainer
 
 log = logging.getLogger("flywheel.train")
 
@@ -46,6 +52,12 @@ CHECKPOINT_DIR = "checkpoints"
 # checkpoint). The worker writes them to the job row; a plain function keeps transformers out of its imports.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
+METHODS = ("sft", "dpo", "kto")
+# The recipe options, with the value that turns each off. A spec leaves an option out of its identity while it
+# is off, so the jobs of specs written before the options existed keep their ids.
+RECIPE_OPTIONS = ("curriculum", "focal_gamma", "anchor", "anchor_strength", "anchor_fisher_rows", "dpo_loss_type", "dpo_label_smoothing")
+RECIPE_DEFAULTS: dict[str, Any] = {key: TrainSettings.model_fields[key].default for key in RECIPE_OPTIONS}
+
 
 class TrainSpec(BaseModel):
     """One training run, fully resolved. `hyper` carries the hyper-parameters (its own base_model and
@@ -53,7 +65,7 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["sft", "dpo"]
+    method: Literal["sft", "dpo", "kto"]
     base_model: str  # absolute folder
     base_config_hash: str
     dataset_dir: str  # absolute folder
@@ -70,12 +82,18 @@ class TrainSpec(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What the run's result depends on: equal identities give the same adapter."""
+        hyper = self.hyper.model_dump(mode="json", exclude={"base_model", "method"})
+        # options that change nothing unless another option is on: the same adapter, the same job
+        moot = {"anchor_strength"} if self.hyper.anchor == "none" else set()
+        moot |= {"anchor_fisher_rows"} if self.hyper.anchor != "ewc" else set()
+        moot |= {"dpo_label_smoothing"} if self.hyper.dpo_loss_type != "robust" else set()
+        hyper = {k: v for k, v in hyper.items() if k not in moot and not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
         return {
             "method": self.method,
             "base_model": self.base_model,
             "base_config_hash": self.base_config_hash,
             "dataset_hash": self.dataset_hash,
-            "hyper": self.hyper.model_dump(mode="json", exclude={"base_model", "method"}),
+            "hyper": hyper,
         }
 
     def job_id(self) -> str:
@@ -102,23 +120,31 @@ def build_spec(
     train: TrainSettings, dataset_dir: Path | str, *, method: str | None = None, base_model: Path | str | None = None
 ) -> TrainSpec:
     """A spec from the settings' [train] section, a snapshot folder and optional overrides. The method
-    defaults to the snapshot's kind (manifest "kind"), then to train.method."""
+    defaults to the snapshot's kind (manifest "kind"), then to train.method; train.method "kto" is not a
+    snapshot kind and wins over it (KTO trains on either kind)."""
     folder = Path(dataset_dir).resolve()
     if not folder.is_dir():
         raise UserInputError(f"dataset snapshot {folder} does not exist")
     if split_file(folder, "train") is None:
         raise UserInputError(f"dataset snapshot {folder} has no train.jsonl or train.parquet")
     manifest = read_manifest(folder)
-    chosen = method or manifest.get("kind") or train.method
-    if chosen not in ("sft", "dpo"):
-        raise UserInputError(f"training method {chosen!r} is not sft or dpo")
+    chosen = method or ("kto" if train.method == "kto" else None) or manifest.get("kind") or train.method
+    if chosen not in METHODS:
+        raise UserInputError(f"training method {chosen!r} is not one of {', '.join(METHODS)}")
+    if train.focal_gamma > 0 and chosen != "sft":
+        raise UserInputError(f"train.focal_gamma applies to sft only (a per-token loss on the answer), not to {chosen}: set it to 0")
+    if train.dpo_loss_type != "sigmoid" and chosen != "dpo":
+        raise UserInputError(f"train.dpo_loss_type {train.dpo_loss_type!r} applies to dpo only, not to {chosen}: set it to sigmoid")
     base = base_model or train.base_model
     if not base:
         raise UserInputError("no base model: pass --base PATH or set train.base_model in flywheel.toml")
     base_path = resolve_base_model(base).resolve()  # a folder or a cached hub id, checked
     train_path = split_file(folder, "train")
     assert train_path is not None  # checked above
-    hyper, notes = sizing.resolve(train, base_path, count_rows(train_path))
+    rows = count_rows(train_path)
+    if chosen == "kto" and manifest.get("kind") == "dpo":
+        rows *= 2  # each pair gives a desirable and an undesirable example
+    hyper, notes = sizing.resolve(train, base_path, rows)
     for note in notes:
         log.info("recipe: %s", note)
     return TrainSpec(
@@ -226,31 +252,48 @@ def make_trainer(
     heldout_examples: Sequence[dict[str, Any]],
     checkpoints: Path,
     callbacks: Sequence[Any] = (),
-) -> WeightedSFTTrainer | WeightedDPOTrainer:
-    """The weighted TRL trainer for a spec, ready to `.train()`."""
+) -> Trainers:
+    """The weighted TRL trainer for a spec with its recipe options applied, ready to `.train()`. Raises
+    UserInputError when a recipe cannot apply to the rows (EWC without replay rows)."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
-    from trl import DPOConfig, SFTConfig
+    from trl import DPOConfig, KTOConfig, SFTConfig
 
-    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedSFTTrainer
+    from flywheel.trainer import anchor, curriculum
+    from flywheel.trainer.weighted import WeightedDPOTrainer, WeightedKTOTrainer, WeightedSFTTrainer
 
+    hyper = spec.hyper
     has_eval = len(heldout_examples) > 0
     model, tokenizer = load_for_training(spec.base_model)
     args = _common_args(spec, checkpoints, has_eval)
     all_callbacks = list(callbacks)
     if args["load_best_model_at_end"]:
-        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.hyper.early_stopping_patience))
-    train_ds = Dataset.from_list(list(train_examples))
-    eval_ds = Dataset.from_list(list(heldout_examples)) if has_eval else None
-    config: SFTConfig | DPOConfig
-    trainer_cls: type[WeightedSFTTrainer | WeightedDPOTrainer]
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=hyper.early_stopping_patience))
+    train_rows = list(train_examples)
+    if spec.method == "kto" and hyper.curriculum == "none":
+        # KTOTrainer reads rows in order; unshuffled, a pair's two answers would sit side by side and its KL
+        # estimate (each prompt with its neighbour's answer) would pair a prompt with its own other answer.
+        import random
+
+        random.Random(hyper.seed).shuffle(train_rows)
+    if hyper.curriculum != "none":
+        # The starting model is the base (a fresh adapter is a no-op): score the rows before wrapping it.
+        order = curriculum.order(train_rows, hyper.curriculum, model=model, tokenizer=tokenizer, max_length=hyper.max_length)
+        train_rows = [train_rows[i] for i in order]
+    train_ds = Dataset.from_list([_for_trl(e) for e in train_rows])
+    eval_ds = Dataset.from_list([_for_trl(e) for e in heldout_examples]) if has_eval else None
+    config: SFTConfig | DPOConfig | KTOConfig
+    trainer_cls: type[Trainers]
     if spec.method == "sft":
         config = SFTConfig(**args, completion_only_loss=True, assistant_only_loss=False, packing=False)
         trainer_cls = WeightedSFTTrainer
-    else:
-        config = DPOConfig(**args, beta=spec.hyper.dpo_beta, loss_type=["sigmoid"])
+    elif spec.method == "dpo":
+        config = DPOConfig(**args, beta=hyper.dpo_beta, loss_type=[hyper.dpo_loss_type], label_smoothing=hyper.dpo_label_smoothing)
         trainer_cls = WeightedDPOTrainer
-    return trainer_cls(
+    else:
+        config = KTOConfig(**args, beta=hyper.dpo_beta)
+        trainer_cls = WeightedKTOTrainer
+    trainer = trainer_cls(
         model=model,
         args=config,
         train_dataset=train_ds,
@@ -259,6 +302,21 @@ def make_trainer(
         peft_config=_lora(spec),
         callbacks=all_callbacks,
     )
+    trainer.curriculum = hyper.curriculum != "none"
+    if isinstance(trainer, WeightedSFTTrainer):
+        trainer.focal_gamma = hyper.focal_gamma
+    try:
+        trainer.anchor = anchor.build(
+            hyper.anchor, hyper.anchor_strength, trainer.model, tokenizer, train_rows, hyper.max_length, hyper.anchor_fisher_rows
+        )
+    except ValueError as exc:
+        raise UserInputError(f"dataset snapshot {spec.dataset_dir}: train.{exc}") from None
+    return trainer
+
+
+def _for_trl(example: dict[str, Any]) -> dict[str, Any]:
+    """The example without the row facts only the recipes read (examples.META_KEYS)."""
+    return {k: v for k, v in example.items() if k not in META_KEYS}
 
 
 def _curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
@@ -383,6 +441,7 @@ def _lineage(spec: TrainSpec, digest: str, skipped: list[SkippedRow], resumed_fr
             "skipped_rows": [row.model_dump() for row in skipped],
         },
         "spec": spec.model_dump(mode="json"),
+        "recipe": {key: getattr(spec.hyper, key) for key in ("method", *RECIPE_OPTIONS)},
         "job_id": spec.job_id(),
         "resumed_from": resumed_from,
         "versions": {
