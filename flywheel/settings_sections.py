@@ -270,6 +270,10 @@ class TrainSettings(Section):
     # Training recipes (docs/learning.md, "Training recipes"; bench/recipes.py measures each on and off). All off
     # by default: none has been measured to help on both demo packs. They enter the job id: changing one trains anew.
     # Row order: "none" shuffles each epoch; "champion_loss" and "difficulty" go easy -> hard (trainer.curriculum).
+    # "champion": a new adapter continues from the champion's (its LoRA shape and weights), so each cycle
+    # builds on what the last promotion shipped instead of relearning it from the base; the first cycle,
+    # whose champion is the base model, starts fresh either way. "base": always a fresh adapter.
+    start_from: Literal["champion", "base"] = "champion"
     curriculum: Literal["none", "champion_loss", "difficulty"] = "none"
     focal_gamma: float = Field(0.0, ge=0, le=10)  # SFT: per-token (1 - p)^gamma on the answer tokens; 0: off
     # Against forgetting: a penalty pulling the trainable weights back to where the run started (trainer.anchor);

@@ -324,3 +324,34 @@ def test_kto_trains_end_to_end_and_writes_an_adapter(base: Path, tmp_path: Path)
         return sum(g - b for g, b in zip(good, bad))
 
     assert margin("default") > margin(None)  # the desirable answers gained on the undesirable one
+
+
+# --- continuing from the champion's adapter -------------------------------------------------------------------
+
+
+def test_training_continues_from_the_champions_adapter(base: Path, tmp_path: Path) -> None:
+    """train.start_from "champion": the new adapter starts as the shipped one (its LoRA shape and weights,
+    checked by sha256) and the job is another job than a fresh start on the same data."""
+    from agent_helpers import fresh_adapter
+
+    from flywheel.store.vectors import sha256_file
+
+    shipped = fresh_adapter(base, tmp_path / "champion")  # rank 2 on q_proj and v_proj
+    digest = sha256_file(shipped / ADAPTER_WEIGHTS)
+    data = write_snapshot(tmp_path / "sft", "sft", n_train=8, n_heldout=0)
+    fresh = recipes.build_spec(hyper(epochs=1.0), data, base_model=base)
+    continued = recipes.build_spec(hyper(epochs=1.0), data, base_model=base, init_adapter=(str(shipped), digest))
+    assert continued.init_adapter == str(shipped.resolve()) and continued.job_id() != fresh.job_id()
+    from_base = recipes.build_spec(hyper(epochs=1.0, start_from="base"), data, base_model=base, init_adapter=(str(shipped), digest))
+    assert not from_base.init_adapter and from_base.job_id() == fresh.job_id()
+
+    result = recipes.run(continued, tmp_path / "work")
+    config = json.loads((Path(result.adapter_path) / "adapter_config.json").read_text())
+    assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # the champion's shape, not lora_r 8
+    lineage = json.loads(Path(result.lineage_path).read_text())
+    assert lineage["spec"]["init_adapter_sha256"] == digest
+
+    (shipped / ADAPTER_WEIGHTS).write_bytes((shipped / ADAPTER_WEIGHTS).read_bytes()[:-8] + b"tampered")
+    rows, _ = load_examples(data, "train", "sft")
+    with pytest.raises(UserInputError, match="not the recorded"):
+        recipes.make_trainer(continued, rows, [], tmp_path / "ckpt")

@@ -168,6 +168,7 @@ def train(
 ) -> None:
     """Train a LoRA adapter on a dataset snapshot; the same snapshot and settings train once."""
     from flywheel.inference.folders import resolve_base_model
+    from flywheel.tools.jobs import champion_adapter
     from flywheel.trainer import auto as autosft
     from flywheel.trainer import launcher
     from flywheel.trainer.recipes import METHODS, build_spec
@@ -184,7 +185,8 @@ def train(
         counter = autosft.tokenizer_counter(resolve_base_model(base_ref))
         choice = autosft.choose(autosft.profile(folder, hyper, method, counter), hyper)
         hyper = choice.apply(hyper)
-    spec = build_spec(hyper, folder, method=method, base_model=base)
+    # --base names another base model: the champion's adapter was trained over its own
+    spec = build_spec(hyper, folder, method=method, base_model=base, init_adapter=None if base else champion_adapter(c))
     if choice is not None:
         spec = spec.model_copy(update={"notes": [*choice.notes(), *spec.notes]})
     extra = {"auto": choice.model_dump(mode="json")} if choice is not None else {}

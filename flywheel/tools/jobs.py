@@ -10,6 +10,7 @@ job's recorded adapter to `registry.register_version`, which is idempotent by th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -72,6 +73,21 @@ def _base_model(ctx: Any) -> str | None:
         return None
 
 
+def champion_adapter(ctx: Any) -> tuple[str, str] | None:
+    """The champion's adapter (folder, sha256) when it is one over the base model this training uses:
+    what train.start_from "champion" continues from."""
+    try:
+        champion = registry.resolve(ctx.store, "champion")
+    except NotFoundError:
+        return None
+    if not champion.adapter_path or not champion.adapter_sha256:
+        return None
+    base = ctx.settings.train.base_model or champion.base_model
+    if Path(base).resolve() != Path(champion.base_model).resolve():
+        return None  # trained over another base: its weights do not fit this one
+    return champion.adapter_path, champion.adapter_sha256
+
+
 def launch_training(ctx: ToolContext, dataset_id: str, method: Literal["sft", "dpo", "kto"] | None = None) -> JobInfo:
     """Start training a LoRA adapter on a dataset snapshot. The same dataset and settings run once: asking again returns the existing job.
 
@@ -82,7 +98,7 @@ def launch_training(ctx: ToolContext, dataset_id: str, method: Literal["sft", "d
     from flywheel.trainer.recipes import build_spec
 
     folder = launcher.resolve_dataset(ctx, dataset_id)
-    spec = build_spec(ctx.settings.train, folder, method=method, base_model=_base_model(ctx))
+    spec = build_spec(ctx.settings.train, folder, method=method, base_model=_base_model(ctx), init_adapter=champion_adapter(ctx))
     record = launcher.launch(ctx, spec)
     report_progress(ctx, f"training job {record.id} {record.status}", job_id=record.id)
     return _info(record)

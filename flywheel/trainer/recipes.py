@@ -72,6 +72,10 @@ class TrainSpec(BaseModel):
     dataset_id: str = ""  # from manifest.json, when it has one
     dataset_hash: str  # sha256 over the split files' bytes
     hyper: TrainSettings = Field(default_factory=TrainSettings)  # resolved: no "auto" left (trainer.sizing)
+    # the adapter training continues from (train.start_from "champion"), its folder and the sha256 of its
+    # weights: the weights are checked before loading, and the sha256 is part of the identity
+    init_adapter: str = ""
+    init_adapter_sha256: str = ""
     notes: list[str] = []  # what the sizing rules decided, in words; not part of the identity
 
     @model_validator(mode="after")
@@ -88,13 +92,17 @@ class TrainSpec(BaseModel):
         moot |= {"anchor_fisher_rows"} if self.hyper.anchor != "ewc" else set()
         moot |= {"dpo_label_smoothing"} if self.hyper.dpo_loss_type != "robust" else set()
         hyper = {k: v for k, v in hyper.items() if k not in moot and not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
-        return {
+        hyper.pop("start_from", None)  # what it resolved to is below: a fresh adapter or this one
+        identity = {
             "method": self.method,
             "base_model": self.base_model,
             "base_config_hash": self.base_config_hash,
             "dataset_hash": self.dataset_hash,
             "hyper": hyper,
         }
+        if self.init_adapter_sha256:
+            identity["init_adapter_sha256"] = self.init_adapter_sha256
+        return identity
 
     def job_id(self) -> str:
         return f"{self.method}-{stable_hash(self.identity(), 16)}"
@@ -117,11 +125,17 @@ class TrainResult(BaseModel):
 
 
 def build_spec(
-    train: TrainSettings, dataset_dir: Path | str, *, method: str | None = None, base_model: Path | str | None = None
+    train: TrainSettings,
+    dataset_dir: Path | str,
+    *,
+    method: str | None = None,
+    base_model: Path | str | None = None,
+    init_adapter: tuple[str, str] | None = None,
 ) -> TrainSpec:
     """A spec from the settings' [train] section, a snapshot folder and optional overrides. The method
     defaults to the snapshot's kind (manifest "kind"), then to train.method; train.method "kto" is not a
-    snapshot kind and wins over it (KTO trains on either kind)."""
+    snapshot kind and wins over it (KTO trains on either kind). `init_adapter` (folder, sha256 of its
+    weights): the adapter training continues from, used when train.start_from is "champion"."""
     folder = Path(dataset_dir).resolve()
     if not folder.is_dir():
         raise UserInputError(f"dataset snapshot {folder} does not exist")
@@ -156,7 +170,17 @@ def build_spec(
         dataset_hash=dataset_content_hash(folder),
         hyper=hyper,
         notes=notes,
+        **_start(train, init_adapter),
     )
+
+
+def _start(train: TrainSettings, init_adapter: tuple[str, str] | None) -> dict[str, str]:
+    if train.start_from != "champion" or init_adapter is None:
+        return {}
+    folder, sha256 = init_adapter
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise UserInputError(f"the adapter to continue from, {folder}, has no {ADAPTER_WEIGHTS}")
+    return {"init_adapter": str(Path(folder).resolve()), "init_adapter_sha256": sha256}
 
 
 # --- running ------------------------------------------------------------------------------------------------
@@ -265,6 +289,8 @@ def make_trainer(
     hyper = spec.hyper
     has_eval = len(heldout_examples) > 0
     model, tokenizer = load_for_training(spec.base_model)
+    if spec.init_adapter:
+        model = _continue_from(model, spec)
     args = _common_args(spec, checkpoints, has_eval)
     all_callbacks = list(callbacks)
     if args["load_best_model_at_end"]:
@@ -299,7 +325,7 @@ def make_trainer(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=_lora(spec),
+        peft_config=None if spec.init_adapter else _lora(spec),  # a continued adapter keeps its own LoRA shape
         callbacks=all_callbacks,
     )
     trainer.curriculum = hyper.curriculum != "none"
@@ -312,6 +338,18 @@ def make_trainer(
     except ValueError as exc:
         raise UserInputError(f"dataset snapshot {spec.dataset_dir}: train.{exc}") from None
     return trainer
+
+
+def _continue_from(model: Any, spec: TrainSpec) -> Any:
+    """The base model with the champion's adapter loaded trainable, after checking its weights' sha256:
+    training goes on from what was shipped (its rank, targets and modules_to_save come with it)."""
+    from peft import PeftModel
+
+    weights = Path(spec.init_adapter) / ADAPTER_WEIGHTS
+    found = sha256_file(weights)
+    if spec.init_adapter_sha256 and found != spec.init_adapter_sha256:
+        raise UserInputError(f"{weights}: sha256 {found[:12]} is not the recorded {spec.init_adapter_sha256[:12]}; not continuing from it")
+    return PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
 
 
 def _for_trl(example: dict[str, Any]) -> dict[str, Any]:
