@@ -286,3 +286,16 @@ def _cycles(printed: str, stop_reason: str) -> list[dict[str, Any]]:
     result = json.loads(printed[printed.index("\n{") + 1 :] if not printed.startswith("{") else printed)
     assert result["stop_reason"].startswith(stop_reason), result["stop_reason"]
     return result["cycles"]
+
+
+def test_a_sample_whose_mistake_came_back_on_the_canary_does_not_graduate(any_store: Store, tmp_path: Path) -> None:
+    registry.register_base(any_store, "tiny-base")
+    add_samples(any_store, ["f-ok", "f-back"])
+    v2 = candidate(any_store, tmp_path, 2).id
+    again = add_traffic(any_store, v2, 1, problems=["wrong_intent"], prefix="canary-")[0]
+    with any_store.begin() as conn:
+        conn.execute(update(failures).where(failures.c.id == again).values(cluster_id="f-back"))
+    outcomes = baseline_review.fixed_on_traffic(any_store, v2, {"f-ok": True, "f-back": True})
+    assert outcomes == {"f-ok": True, "f-back": False}
+    # traffic the previous champion served says nothing about v2
+    assert baseline_review.fixed_on_traffic(any_store, "v1", {"f-back": True}) == {"f-back": True}

@@ -17,6 +17,9 @@ A baseline sample is proposed for the next tier when
   3. it stayed fixed on real traffic: no failure in its cluster (triage's near-duplicates of it) was
      served by any version that has been champion since it entered its tier, nor by the candidate on
      its canary slice.
+The first step (problem -> candidate_baseline) asks the same of the canary: a sample the eval calls
+fixed but whose mistake the candidate repeated on its canary traffic stays a problem sample
+(`fixed_on_traffic`).
 candidate_baseline -> secondary_baseline -> core_baseline; core is the top.
 
 Each confirmed move is a tier_moves row caused by the promoted version with a reason starting
@@ -88,6 +91,15 @@ def _recurred(conn: Connection, samples: Sequence[Any], entered: Mapping[str, da
         served_by = [*version_store.holders_since(conn, CHAMPION, since), candidate]
         found.update(tiers.recurrences(conn, ids, served_by))
     return found
+
+
+def fixed_on_traffic(store: Store, version: str, fixed: Mapping[str, bool]) -> dict[str, bool]:
+    """The eval's outcomes, with a sample counted as still failing when its mistake came back on the
+    traffic `version` served (its canary slice): graduation then leaves it a problem sample."""
+    ids = [failure_id for failure_id, ok in fixed.items() if ok]
+    with store.engine.connect() as conn:
+        recurred = tiers.recurrences(conn, ids, [version])
+    return {failure_id: ok and not recurred.get(failure_id) for failure_id, ok in fixed.items()}
 
 
 def confirm(store: Store, version: str, proposals: Sequence[BaselineProposal], actor: str) -> list[str]:

@@ -234,6 +234,7 @@ def _graduate(ctx: Context, target: ModelVersion, actor: str, outcome: DecisionO
         fixed = graduation.outcomes_from_report(document)
         if not fixed:
             return
+        fixed = baseline_review.fixed_on_traffic(ctx.store, target.id, fixed)
         result = graduation.graduate(ctx.store, ctx.settings, target.id, fixed=fixed, actor=actor)
     except (OSError, ValueError, UserInputError, PolicyViolation) as exc:
         outcome.note = f"samples not graduated: {exc}"
