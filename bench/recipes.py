@@ -51,7 +51,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loop import pack_folder, pack_label, paired_t  # bench/loop.py: the same packs and paired statistics
+from loop import load_records, pack_folder, pack_label, paired_t  # bench/loop.py: the same packs and paired statistics
 
 RESULTS = "recipes-results.jsonl"
 PREPARED = "recipes-project.json"
@@ -216,18 +216,6 @@ def compare(runs: dict[tuple[str, int], dict[str, Any]], variant: str, against: 
 def _mean(runs: dict[tuple[str, int], dict[str, Any]], variant: str, seeds: list[int], key: str) -> float | None:
     values = [runs[(variant, s)][key] for s in seeds if runs[(variant, s)][key] is not None]
     return round(statistics.fmean(values), 4) if values else None
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line cut short by a kill
-    return out
 
 
 def main() -> None:

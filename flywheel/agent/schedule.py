@@ -283,15 +283,7 @@ class Daemon:
             # that outlasts round_poll_s makes APScheduler log a skipped execution.
             import flywheel.agent.rounds  # noqa: F401
 
-            self.scheduler.add_job(
-                self._poll_rounds,
-                "interval",
-                seconds=self.settings.daemon.round_poll_s,
-                id=ROUND_POLL_JOB,
-                jobstore="volatile",
-                replace_existing=True,
-                next_run_time=datetime.now(self.scheduler.timezone),
-            )
+            self._every(self._poll_rounds, self.settings.daemon.round_poll_s, ROUND_POLL_JOB)
         self.scheduler.resume()
         for job in self.scheduler.get_jobs(jobstore="default"):
             log.info("job %s: next run %s", job.id, job.next_run_time)
@@ -353,15 +345,7 @@ class Daemon:
                 return
             if not first:
                 log.info("slack: connected, %s", self.describe_slack())
-            self.scheduler.add_job(
-                self._sync_slack,
-                "interval",
-                seconds=self.settings.slack.sync_interval_s,
-                id=SYNC_JOB,
-                jobstore="volatile",
-                replace_existing=True,
-                next_run_time=datetime.now(self.scheduler.timezone),
-            )
+            self._every(self._sync_slack, self.settings.slack.sync_interval_s, SYNC_JOB)
 
     def _open_slack(self) -> None:
         from flywheel.agent.slack_app import build_app
@@ -472,6 +456,18 @@ class Daemon:
             log.exception("online round: unexpected error")
         finally:
             self._busy.release()
+
+    def _every(self, func: Any, seconds: float, job_id: str) -> None:
+        """A job of this process only (not persisted) that runs now and then every `seconds`."""
+        self.scheduler.add_job(
+            func,
+            "interval",
+            seconds=seconds,
+            id=job_id,
+            jobstore="volatile",
+            replace_existing=True,
+            next_run_time=datetime.now(self.scheduler.timezone),
+        )
 
     def _sync_slack(self) -> None:
         try:

@@ -242,8 +242,6 @@ def _result(ctx: Context, cycles: list[CycleRecord], stop_reason: str, timings: 
     first_report, last_report = _read(first.report), _read(last.report)
     after_role = "candidate" if last.state in ("promoted", "waiting_approval") else "champion"
     before = side(first_report, "champion", first.champion_before)
-    if first_report is None:
-        before = Side(version=first.champion_before, task_success=None, problem_rates={})
     after = side(last_report, after_role, last.candidate if after_role == "candidate" else last.champion)
     if last_report is None:
         after = Side(version=last.champion, task_success=last.task_success, problem_rates=last.problem_rates)
