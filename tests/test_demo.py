@@ -6,7 +6,6 @@ the no-terminal path that leaves the approval pending.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,33 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo_helpers import pack_test_texts, run_demo, tiny_pack
 
 from flywheel.demo.pack import default_pack_dir
 
 pytestmark = pytest.mark.slow
 
 
-def _demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
-    return subprocess.run(
-        [sys.executable, "-m", "flywheel", "demo", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=1800,
-    )
-
-
-def _test_texts(folder: Path) -> set[str]:
-    with (folder / "test.csv").open(encoding="utf-8") as handle:
-        return {row["text"].strip() for row in csv.DictReader(handle)}
-
-
 def test_quick_demo_improves_the_targeted_problem_and_promotes(tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    done = _demo("--quick", "--yes", "--json", "--workdir", str(work), cwd=tmp_path)
+    done = run_demo("--quick", "--yes", "--json", "--workdir", str(work), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     before, after = result["before"], result["after"]
@@ -60,65 +42,17 @@ def test_quick_demo_improves_the_targeted_problem_and_promotes(tmp_path: Path) -
     report = Path(result["report"])
     assert report.is_file() and "<svg" in report.read_text(encoding="utf-8")
     # nothing the loop trained on comes from test.csv
-    test_texts = _test_texts(default_pack_dir())
+    held_out = pack_test_texts(default_pack_dir())
     for rows in (work / ".flywheel" / "artifacts" / "datasets").glob("*/train.jsonl"):
         for line in rows.read_text(encoding="utf-8").splitlines():
             users = [m["content"].strip() for m in json.loads(line)["messages"] if m["role"] == "user"]
-            assert not test_texts.intersection(users)
-
-
-def _tiny_pack(folder: Path) -> Path:
-    """Another intent dataset in the same shape: 4 intents, no kb.jsonl, no demo.toml."""
-    folder.mkdir(parents=True)
-    phrasing = {
-        "book_flight": ["I want to fly to {}", "book me a flight to {}", "get a plane ticket for {}", "flights to {} please"],
-        "cancel_booking": ["cancel my trip to {}", "I need to cancel the {} booking", "drop my reservation in {}", "undo the {} order"],
-        "baggage_allowance": [
-            "how many bags can I take to {}",
-            "luggage limit for {}",
-            "what is the baggage rule to {}",
-            "can I bring two suitcases to {}",
-        ],
-        "seat_upgrade": [
-            "upgrade my seat to {}",
-            "can I get business class to {}",
-            "better seat on the {} flight",
-            "move me to first class for {}",
-        ],
-    }
-    places = [
-        "Paris",
-        "Oslo",
-        "Rome",
-        "Lima",
-        "Cairo",
-        "Tokyo",
-        "Quito",
-        "Accra",
-        "Dubai",
-        "Hanoi",
-        "Perth",
-        "Sofia",
-        "Riga",
-        "Bern",
-        "Kyiv",
-    ]
-    (folder / "categories.json").write_text(json.dumps(list(phrasing)), encoding="utf-8")
-    for name, cities in (("train.csv", places[:12]), ("test.csv", places[12:])):
-        with (folder / name).open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "category"])
-            for intent, templates in phrasing.items():
-                for city in cities:
-                    for template in templates:
-                        writer.writerow([template.format(city), intent])
-    return folder
+            assert not held_out.intersection(users)
 
 
 def test_another_dataset_runs_with_the_same_command_and_waits_for_approval_without_a_terminal(tmp_path: Path) -> None:
-    data = _tiny_pack(tmp_path / "airline")
+    data = tiny_pack(tmp_path / "airline")
     work = tmp_path / "demo"
-    done = _demo("--quick", "--json", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
+    done = run_demo("--quick", "--json", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["before"]["version"] == "v1" and result["promoted"] is None
@@ -142,7 +76,7 @@ def test_a_pack_without_kb_learns_from_the_labels(tmp_path: Path) -> None:
     data = _derived_pack(tmp_path / "bank40")
     assert not (data / "kb.jsonl").exists() and not (data / "demo.toml").exists()
     work = tmp_path / "demo"
-    done = _demo("--quick", "--yes", "--json", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
+    done = run_demo("--quick", "--yes", "--json", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # the labels are what it learns from: on the same test items, wrong_intent falls and task success
@@ -175,19 +109,19 @@ def test_a_pack_without_kb_learns_from_the_labels(tmp_path: Path) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) >= 100
-    test_texts = _test_texts(data)
+    held_out = pack_test_texts(data)
     for rows in (work / ".flywheel" / "artifacts" / "datasets").glob("*/train.jsonl"):
         for line in rows.read_text(encoding="utf-8").splitlines():
             users = [m["content"].strip() for m in json.loads(line)["messages"] if m["role"] == "user"]
-            assert not test_texts.intersection(users)
+            assert not held_out.intersection(users)
 
 
 def test_cycles_serve_new_traffic_through_each_champion_and_keep_the_store_consistent(tmp_path: Path) -> None:
     """Two cycles on the small pack (fewer rows than the cycles need: its rows are served again, as new
     interactions of the champion of the moment)."""
-    data = _tiny_pack(tmp_path / "airline")
+    data = tiny_pack(tmp_path / "airline")
     work = tmp_path / "demo"
-    done = _demo("--quick", "--yes", "--json", "--cycles", "2", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
+    done = run_demo("--quick", "--yes", "--json", "--cycles", "2", "--data", str(data), "--workdir", str(work), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cycles = result["cycles"]
@@ -213,6 +147,6 @@ def test_cycles_serve_new_traffic_through_each_champion_and_keep_the_store_consi
 def test_a_wrong_cycles_value_is_refused_before_anything_runs(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     for value in ("0", "-2", "many"):
-        done = _demo("--quick", "--cycles", value, "--workdir", str(work), cwd=tmp_path)
+        done = run_demo("--quick", "--cycles", value, "--workdir", str(work), cwd=tmp_path)
         assert done.returncode == 2 and "--cycles" in done.stderr, done.stderr[-500:]
     assert not work.exists()
