@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from chroma_helpers import chroma_server as start_chroma_server
+from chroma_helpers import free_port
 
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.settings import Settings, load_settings
@@ -153,37 +152,10 @@ def test_the_index_persists_across_clients(settings: Settings, embedder: Embedde
     assert (settings.chroma_path / "chroma.sqlite3").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def chroma_server(tmp_path: Path) -> Iterator[int]:
-    """A real Chroma server (`chroma run`, shipped with chromadb) on loopback."""
-    exe = shutil.which("chroma")
-    if exe is None:
-        pytest.skip("the chroma CLI is not installed")
-    port = _free_port()
-    log = (tmp_path / "chroma.log").open("w")
-    proc = subprocess.Popen(
-        [exe, "run", "--path", str(tmp_path / "srv"), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None:
-                pytest.fail(f"chroma run exited: {(tmp_path / 'chroma.log').read_text()[-500:]}")
-            time.sleep(0.2)
+    with start_chroma_server(tmp_path / "chroma-server") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def test_http_client_against_a_real_server(project: Path, chroma_server: int, embedder: Embedder) -> None:
@@ -200,7 +172,7 @@ def test_http_client_against_a_real_server(project: Path, chroma_server: int, em
 
 
 def test_unreachable_server_is_an_infrastructure_error(project: Path) -> None:
-    settings = load_settings(project, chroma={"host": "127.0.0.1", "port": _free_port()})
+    settings = load_settings(project, chroma={"host": "127.0.0.1", "port": free_port()})
     with pytest.raises(InfrastructureError, match=r"cannot open the vector index at 127\.0\.0\.1:\d+"):
         open_index(settings)
 
