@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 
-def run_demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
+def run_demo(*args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False", **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "flywheel", "demo", *args],
         cwd=cwd,

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from demo_helpers import pack_test_texts, run_demo, tiny_pack
@@ -24,7 +25,10 @@ def test_quick_demo_improves_the_targeted_problem_and_promotes(tmp_path: Path) -
     work = tmp_path / "demo"
     done = run_demo("--quick", "--yes", "--json", "--workdir", str(work), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    _check_quick_demo(json.loads(done.stdout.strip().splitlines()[-1]), work)
+
+
+def _check_quick_demo(result: dict[str, Any], work: Path) -> None:
     before, after = result["before"], result["after"]
     assert set(result) >= {"before", "after", "promoted", "report"}
     assert before["version"] == "v1" and before["task_success"] is not None
@@ -47,6 +51,40 @@ def test_quick_demo_improves_the_targeted_problem_and_promotes(tmp_path: Path) -
         for line in rows.read_text(encoding="utf-8").splitlines():
             users = [m["content"].strip() for m in json.loads(line)["messages"] if m["role"] == "user"]
             assert not held_out.intersection(users)
+
+
+@pytest.mark.postgres
+def test_quick_demo_runs_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The documented production store: the whole quick demo with the store, the registry, the approvals
+    and the agent's checkpoints on PostgreSQL (a database of its own, so it starts empty)."""
+    import psycopg
+
+    server = pg_url.rsplit("/", 1)[0]
+    name = "flywheel_demo_" + os.urandom(4).hex()
+    url = f"{server}/{name}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        work = tmp_path / "demo"
+        on_pg = {"FLYWHEEL_STORE__URL": url}
+        done = run_demo("--quick", "--yes", "--json", "--workdir", str(work), cwd=tmp_path, extra_env=on_pg)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        _check_quick_demo(result, work)
+        assert not list((work / ".flywheel").glob("*.db"))  # nothing went to a SQLite file
+        with psycopg.connect(url) as conn:
+            held = conn.execute("SELECT count(*) FROM interactions").fetchone()
+            champion = conn.execute("SELECT version FROM aliases WHERE name = 'champion'").fetchone()
+            checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+        assert held is not None and held[0] > 0
+        assert champion is not None and champion[0] == (result["promoted"] or "v1")
+        assert checkpoints is not None and checkpoints[0] > 0  # the agent's run was checkpointed there too
+        # a second demo on the same database is refused before it builds anything: it never clears a server's store
+        again = run_demo("--quick", "--yes", "--json", "--workdir", str(tmp_path / "again"), cwd=tmp_path, extra_env=on_pg)
+        assert again.returncode == 2 and "already holds" in again.stderr, again.stderr[-500:]
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_another_dataset_runs_with_the_same_command_and_waits_for_approval_without_a_terminal(tmp_path: Path) -> None:

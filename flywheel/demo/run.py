@@ -90,6 +90,7 @@ def prepare(options: DemoOptions, say: Say) -> tuple[Context, DemoPack, DemoSize
         _clear_state(workdir)
     settings = write_project(workdir, pack, size, options.seed, options.synthesis)
     ctx = Context(settings=settings)
+    _require_empty_server_store(ctx)
     test_rows = pack.test if not size.test else pack.test[:: max(1, len(pack.test) // size.test)][: size.test]
     write_test_set(Path(settings.eval.test_set), test_rows)
     repeats = f" ({pack.train_repeats_dropped} repeating a test row left out)" if pack.train_repeats_dropped else ""
@@ -134,6 +135,24 @@ def _clear_state(workdir: Path) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+def _require_empty_server_store(ctx: Context) -> None:
+    """The demo clears its own SQLite store, but never a database server's: on PostgreSQL
+    (FLYWHEEL_STORE__URL) it runs only on a database that holds no interactions yet."""
+    if not ctx.settings.is_postgres:
+        return
+    from sqlalchemy.engine import make_url
+
+    from flywheel.store.interactions import count
+
+    held = count(ctx.store)
+    if held:
+        where = make_url(ctx.settings.store_url).render_as_string(hide_password=True)
+        ctx.close()
+        raise UserInputError(
+            f"the demo starts from an empty store, and {where} already holds {held} interactions: give it an empty database"
+        )
 
 
 def side(report: dict[str, Any] | None, role: str, version: str | None) -> Side:
