@@ -1,11 +1,19 @@
 """Ingest throughput and memory: generate N realistic interactions to a temp JSONL file, ingest it into a
-fresh store through the same function the CLI calls (flywheel.data.ingest.ingest_files), print one JSON object.
+fresh store through the same function the CLI calls (flywheel.data.ingest.ingest_files), and in the same run
+write the same rows with the database's own bulk path (the raw baseline); print one JSON object.
 
-    python bench/ingest.py                         # 200,000 interactions, SQLite, plus a 50,000 run for RSS
-    python bench/ingest.py --interactions 50000 --no-flatness
+    python bench/ingest.py --store sqlite          # 200,000 interactions, plus a 50,000 run for peak RSS
+    python bench/ingest.py --store postgres        # a fresh database on 127.0.0.1:5432, dropped after
+    python bench/ingest.py --rows 50000 --no-flatness
     python bench/ingest.py --serial                # one process: no helper that parses and scrubs
     python bench/ingest.py --helper                # always the helper process (default: when a core is free)
-    python bench/ingest.py --store-url postgresql://postgres@127.0.0.1:5432/flywheel_bench
+    python bench/ingest.py --store-url postgresql://user@host/db   # an existing database, not dropped
+
+The raw baseline: the same rows (read, scrubbed and turned into plain tuples beforehand, not timed), in
+batches of the same size, one transaction each, into a fresh store with the same schema: sqlite3's
+executemany of a plain INSERT, or psycopg's COPY straight into the table. Only those calls and the commits
+are timed, so `ratio` (flywheel's rows/s over the raw rows/s) is the share of the database's own bulk speed
+that the whole ingest (parsing, validating, scrubbing, duplicate handling) reaches.
 
 Each measured run is its own child process, so its peak RSS belongs to that run alone; the file is written
 before the child starts and is not counted in the timing.
@@ -23,6 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 INTENTS = [
@@ -187,18 +198,35 @@ def write_file(path: Path, n: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
-    """Runs in a fresh process: ingest `path` into a fresh store and measure."""
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _setup(store_url: str) -> tuple:
+    """A fresh store in a temporary project (SQLite there, or the given PostgreSQL database), migrated."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from flywheel.data.ingest import ingest_files
     from flywheel.settings import load_settings
-    from flywheel.store import interactions as repo
     from flywheel.store.db import open_store
 
     project = Path(tempfile.mkdtemp(prefix="flywheel-bench-ingest-"))
-    overrides = {"store": {"url": store_url}} if store_url else {}
-    settings = load_settings(project, **overrides)
-    store = open_store(settings)
+    settings = load_settings(project, **({"store": {"url": store_url}} if store_url else {}))
+    return project, settings, open_store(settings)
+
+
+def _memory(result: dict, rss_before: float) -> dict:
+    helper = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["rss_before_mb"] = round(rss_before, 1)
+    result["helper_peak_rss_mb"] = round(helper.ru_maxrss / 1024, 1)  # the process that parses and scrubs (0: none)
+    result["cpu_seconds_helper"] = round(helper.ru_utime + helper.ru_stime, 2)
+    return result
+
+
+def run_ingest(path: Path, store_url: str, parallel: bool | None) -> dict:
+    """Runs in a fresh process: ingest `path` into a fresh store and measure."""
+    project, settings, store = _setup(store_url)
+    from flywheel.data.ingest import ingest_files
+    from flywheel.store import interactions as repo
+
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     load_at_start = os.getloadavg()[0]
     cpu_start = time.process_time()
@@ -206,66 +234,140 @@ def run_child(path: Path, store_url: str, parallel: bool | None) -> dict:
     summary = ingest_files(store, settings, [path], parallel=parallel)
     seconds = time.perf_counter() - start
     cpu_main = time.process_time() - cpu_start
-    helper = resource.getrusage(resource.RUSAGE_CHILDREN)
     stored = repo.count(store)
     store.dispose()
     shutil.rmtree(project, ignore_errors=True)  # the store holds a few hundred MB
     f = summary.files[0]
-    return {
+    result = {
         "interactions": f.read,
         "stored": f.stored,
         "rows_in_store": stored,
         "quarantined": f.quarantined,
         "seconds": round(seconds, 3),
         "interactions_per_second": round(f.read / seconds),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "helper_peak_rss_mb": round(helper.ru_maxrss / 1024, 1),  # the process that parses and scrubs (0: none)
-        "rss_before_ingest_mb": round(rss_before, 1),
         "cpu_seconds_main": round(cpu_main, 2),
-        "cpu_seconds_helper": round(helper.ru_utime + helper.ru_stime, 2),
-        "helper_process": helper.ru_utime + helper.ru_stime > 0,
         "load_average_1m_at_start": round(load_at_start, 2),
         "pii_replaced": f.pii,
-        "store": "postgresql" if store_url else "sqlite",
     }
-
-
-def measure(n: int, store_url: str, workdir: Path, mode: list[str]) -> dict:
-    path = workdir / f"interactions-{n}.jsonl"
-    size = write_file(path, n)
-    cmd = [sys.executable, __file__, "--child", str(path)] + (["--store-url", store_url] if store_url else []) + mode
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["file_mb"] = round(size / 1e6, 1)
-    path.unlink()
+    result = _memory(result, rss_before)
+    result["helper_process"] = result["cpu_seconds_helper"] > 0
     return result
+
+
+def run_raw(path: Path, store_url: str) -> dict:
+    """Runs in a fresh process: the same rows, in the same batches, through the database's own bulk path."""
+    project, settings, store = _setup(store_url)
+    from flywheel.data.batches import BatchReader
+    from flywheel.data.ingest import BATCH_ROWS
+    from flywheel.store.interactions import value_plan
+
+    plan = value_plan(store.engine.dialect)
+    names = ", ".join(f'"{name}"' for name in plan.names)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reader = BatchReader(path, "auto", settings.policies.max_message_chars, BATCH_ROWS)
+    seconds = cpu = 0.0
+    rows = 0
+    connection = store.engine.raw_connection()  # the store's own connection settings (SQLite: WAL, synchronous=NORMAL)
+    try:
+        cursor = connection.cursor()
+        if store.is_sqlite:  # what ingest's bulk connection sets for the duration
+            cursor.execute("PRAGMA cache_size=-32768")
+            cursor.execute("PRAGMA wal_autocheckpoint=16384")
+        insert = f"INSERT INTO interactions ({names}) VALUES ({', '.join('?' * len(plan.names))})"
+        for batch in reader:
+            values = [tuple(v) for v in plan.values(batch.rows)]
+            started, cpu_started = time.perf_counter(), time.process_time()
+            if store.is_sqlite:
+                cursor.executemany(insert, values)
+            else:
+                with cursor.copy(f"COPY interactions ({names}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
+            connection.commit()
+            seconds += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started
+            rows += len(values)
+        cursor.close()
+    finally:
+        connection.close()
+        store.dispose()
+        shutil.rmtree(project, ignore_errors=True)
+    result = {"rows": rows, "seconds": round(seconds, 3), "rows_per_second": round(rows / seconds), "cpu_seconds": round(cpu, 2)}
+    return _memory(result, rss_before)
+
+
+@contextmanager
+def fresh_database(store: str, store_url: str, admin_url: str) -> Iterator[str]:
+    """The store URL for one measured run: "" (a fresh SQLite file in the child), the given URL, or a fresh
+    PostgreSQL database created for the run and dropped after it."""
+    if store == "sqlite" or store_url:
+        yield store_url
+        return
+    import psycopg
+
+    name = f"flywheel_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def child(kind: str, path: Path, store_url: str, mode: list[str]) -> dict:
+    cmd = [sys.executable, __file__, f"--{kind}-child", str(path), "--store-url", store_url] + mode
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--interactions", type=int, default=200_000)
-    parser.add_argument("--store-url", default="", help="empty: a fresh SQLite file")
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--rows", "--interactions", dest="rows", type=int, default=200_000)
+    parser.add_argument("--store-url", default="", help="an existing database to use (emptied by nothing: give a fresh one)")
+    parser.add_argument("--pg-admin-url", default=PG_ADMIN, help="--store postgres: where to create the fresh databases")
     parser.add_argument("--no-flatness", action="store_true", help="skip the 50,000 run that shows memory does not grow with size")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw baseline")
     parser.add_argument("--serial", action="store_true", help="no helper process: parse, scrub and store in one process")
     parser.add_argument("--helper", action="store_true", help="always parse and scrub in a helper process (default: when a core is free)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--ingest-child", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_child(Path(args.child), args.store_url, False if args.serial else True if args.helper else None)))
+    if args.ingest_child:
+        print(json.dumps(run_ingest(Path(args.ingest_child), args.store_url, False if args.serial else True if args.helper else None)))
         return
+    if args.raw_child:
+        print(json.dumps(run_raw(Path(args.raw_child), args.store_url)))
+        return
+    if args.store_url:
+        args.store = "postgres" if args.store_url.startswith("postgresql") else "sqlite"
+    mode = ["--serial"] if args.serial else ["--helper"] if args.helper else []
+    result: dict = {"store": args.store, "rows": args.rows, "mode": "serial" if args.serial else "helper" if args.helper else "auto"}
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        mode = ["--serial"] if args.serial else ["--helper"] if args.helper else []
-        result = measure(args.interactions, args.store_url, Path(tmp), mode)
-        if not args.no_flatness and args.interactions > 50_000:
-            small = measure(50_000, args.store_url, Path(tmp), mode)
-            result["peak_rss_mb_by_size"] = {"50000": small["peak_rss_mb"], str(args.interactions): result["peak_rss_mb"]}
-            result["helper_peak_rss_mb_by_size"] = {
-                "50000": small["helper_peak_rss_mb"],
-                str(args.interactions): result["helper_peak_rss_mb"],
-            }
-            result["interactions_per_second_50000"] = small["interactions_per_second"]
-        result["cpu_count"] = os.cpu_count()
-        result["load_average_1m"] = round(os.getloadavg()[0], 2)
+        path = Path(tmp) / f"interactions-{args.rows}.jsonl"
+        result["file_mb"] = round(write_file(path, args.rows) / 1e6, 1)
+        with fresh_database(args.store, args.store_url, args.pg_admin_url) as url:
+            ingest = child("ingest", path, url, mode)
+        result["flywheel_rows_per_second"] = ingest["interactions_per_second"]
+        if not args.no_raw:
+            with fresh_database(args.store, args.store_url, args.pg_admin_url) as url:
+                raw = child("raw", path, url, [])
+            result["raw_rows_per_second"] = raw["rows_per_second"]
+            result["ratio"] = round(ingest["interactions_per_second"] / raw["rows_per_second"], 3)
+            result["raw"] = raw
+        result["peak_rss_mb"] = ingest["peak_rss_mb"]
+        if not args.no_flatness and args.rows > 50_000:
+            small_path = Path(tmp) / "interactions-50000.jsonl"
+            write_file(small_path, 50_000)
+            with fresh_database(args.store, args.store_url, args.pg_admin_url) as url:
+                small = child("ingest", small_path, url, mode)
+            result["peak_rss_mb_by_rows"] = {"50000": small["peak_rss_mb"], str(args.rows): ingest["peak_rss_mb"]}
+            result["helper_peak_rss_mb_by_rows"] = {"50000": small["helper_peak_rss_mb"], str(args.rows): ingest["helper_peak_rss_mb"]}
+            result["flywheel_rows_per_second_50000"] = small["interactions_per_second"]
+        result["flywheel"] = ingest
+    result["cpu_count"] = os.cpu_count()
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
 
 

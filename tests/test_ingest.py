@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import _truncate_all
 
 from flywheel.cli import main
 from flywheel.data import readers
@@ -22,10 +23,10 @@ from flywheel.data.ingest import BATCH_ROWS, _store_batch, ingest_files
 from flywheel.data.pii import Scrubber
 from flywheel.data.rows import build_row, content_hash
 from flywheel.records import Interaction, interaction_hash, utcnow
-from flywheel.settings import Settings
+from flywheel.settings import Settings, load_settings
 from flywheel.settings_sections import PolicySettings
 from flywheel.store import interactions as repo
-from flywheel.store.db import Store
+from flywheel.store.db import Store, open_store
 
 FULL_LINE = {
     "id": "conv-001",
@@ -162,10 +163,75 @@ def test_reingesting_the_same_file_adds_nothing(any_store: Store, tmp_path: Path
     assert all(isinstance(i, Interaction) for i in repo.iter_all(any_store))
 
 
-def test_same_content_under_another_id_is_a_duplicate(store: Store, tmp_path: Path) -> None:
-    path = _write(tmp_path / "a.jsonl", [_line(1), {**_line(1), "id": "other-id"}])
-    summary = ingest_files(store, store.settings, [path])
-    assert (summary.files[0].stored, summary.files[0].duplicates) == (1, 1)
+def test_same_content_under_another_id_is_a_duplicate(any_store: Store, tmp_path: Path) -> None:
+    # "z-first" sorts after "a-later": the first line of the file keeps the content, whatever the ids
+    path = _write(tmp_path / "a.jsonl", [{**_line(1), "id": "z-first"}, {**_line(1), "id": "a-later"}, _line(2), _line(2)])
+    summary = ingest_files(any_store, any_store.settings, [path])
+    assert (summary.files[0].stored, summary.files[0].duplicates, summary.files[0].quarantined) == (2, 2, 0)
+    assert repo.get(any_store, "z-first") is not None and repo.get(any_store, "a-later") is None
+
+
+def test_two_inserts_in_one_transaction_count_their_own_rows(any_store: Store) -> None:
+    """Each insert counts only the rows it added, also when several share a transaction (on PostgreSQL they
+    share its staging table)."""
+    rows = [build_row(_line(i), Scrubber(), 1000, f"t:{i}", utcnow()) for i in range(5)]
+    with any_store.begin() as conn:
+        assert repo.insert_ignore(conn, rows[:3]) == 3
+        assert repo.insert_ignore(conn, rows[2:]) == 2  # rows[2] is already stored
+        assert repo.insert_ignore(conn, []) == 0
+    with any_store.begin() as conn:
+        assert repo.insert_ignore(conn, rows) == 0
+    assert repo.count(any_store) == 5
+
+
+def test_values_postgres_refuses_are_quarantined_and_the_connection_goes_on(pg_url: str, project: Path, tmp_path: Path) -> None:
+    """The COPY refuses a value the column cannot hold (DataError, where SQLite would store it): that row is
+    quarantined, its batch neighbours are stored, and the next batches on the same connection are stored too."""
+    _truncate_all(pg_url)
+    store = open_store(load_settings(project, store={"url": pg_url}))
+    try:
+        rows = [build_row(_line(i), Scrubber(), 1000, f"t.jsonl:{i}", utcnow()) for i in range(6)]
+        rows[1]["intent"] = "x" * 201  # the column holds 200 characters
+        rows[4]["followups"] = 2**40  # an integer column
+        with store.engine.connect() as conn:
+            first = _store_batch(conn, rows[:3], [1, 2, 3], since=utcnow())
+            second = _store_batch(conn, rows[3:], [4, 5, 6], since=utcnow())
+            third = _store_batch(conn, rows[:3], [1, 2, 3], since=utcnow())  # again: duplicates, and the same refusal
+        assert (first[0], [(bad.line, bad.kind) for bad in first[1]]) == (2, [(2, "store_refused")])
+        assert (second[0], [(bad.line, bad.kind) for bad in second[1]]) == (2, [(5, "store_refused")])
+        assert "too long" in first[1][0].reason and "out of range" in second[1][0].reason
+        assert (third[0], [bad.line for bad in third[1]]) == (0, [2])
+        assert sorted(i.id for i in repo.iter_all(store)) == ["c0", "c2", "c3", "c5"]
+    finally:
+        store.dispose()
+
+
+def test_sqlite_and_postgres_store_the_same_records(pg_url: str, project: Path, tmp_path: Path) -> None:
+    """The two bulk paths (sqlite3 executemany, PostgreSQL COPY) read back as the same records."""
+    lines = [FULL_LINE, {**FULL_LINE, "id": "conv-002", "messages": [{"role": "user", "content": "Grüße, ça va? 日本 \\ \t tab"}]}]
+    lines += [_line(i, latency_ms=12.5, prompt_tokens=7, completion_tokens=3, user_tier="pro") for i in range(20)]
+    lines += [{"messages": [{"role": "user", "content": "no id, no time"}, {"role": "assistant", "content": "ok"}]}]
+    path = _write(tmp_path / "same.jsonl", lines)
+    _truncate_all(pg_url)
+    got = []
+    for overrides in ({}, {"store": {"url": pg_url}}):
+        settings = load_settings(project, **overrides)
+        store = open_store(settings)
+        try:
+            assert ingest_files(store, settings, [path], batch_rows=7).files[0].stored == len(lines)
+            got.append({i.id: i for i in repo.iter_all(store)})
+        finally:
+            store.dispose()
+    sqlite_rows, postgres_rows = got
+    untimed = [i for i in sqlite_rows.values() if i.source.endswith(f":{len(lines)}")]
+    assert len(untimed) == 1  # stored with the ingest time: that differs between the two runs
+    untimed_id = untimed[0].id
+    assert sqlite_rows.keys() == postgres_rows.keys()
+    for key, item in sqlite_rows.items():
+        other = postgres_rows[key]
+        if key == untimed_id:
+            item, other = item.model_copy(update={"timestamp": None}), other.model_copy(update={"timestamp": None})
+        assert item.model_dump() == other.model_dump(), key
 
 
 def test_an_id_reused_with_other_content_is_a_conflict_naming_the_earlier_line(any_store: Store, tmp_path: Path) -> None:
@@ -532,9 +598,6 @@ def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_
 
 
 def test_the_helper_process_path_stores_what_the_serial_path_stores(tmp_path: Path, settings: Settings) -> None:
-    from flywheel.settings import load_settings
-    from flywheel.store.db import open_store
-
     lines = [_line(i) for i in range(300)] + ["not json", FULL_LINE]
     path = _write(tmp_path / "x.jsonl", lines)
     results = []

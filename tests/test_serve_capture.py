@@ -4,7 +4,10 @@ sets the signals the capture rules read."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 from conftest import PG_ADMIN_DSN
 from openai_server import OpenAIServer
 from serve_helpers import chat, running_gateway, serve_settings
+from sqlalchemy import select
 
 from flywheel.data.triage import TriageSummary, capture_new, matched_rules
 from flywheel.records import utcnow
@@ -24,7 +28,7 @@ from flywheel.serve.feedback import FeedbackItem
 from flywheel.settings import load_settings
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store, make_engine, open_store
-from flywheel.store.schema import feedback_events
+from flywheel.store.schema import feedback_events, interactions
 
 EMAIL = "jane.doe@example.com"
 
@@ -279,3 +283,94 @@ def test_postgres_going_away_slows_no_request_and_loses_nothing(pg_url: str, pro
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         admin.close()
         store.dispose()
+
+
+# --- several gateway processes on one PostgreSQL -------------------------------------------------------------------
+
+_CAPTURE_CHILD = """
+import json, sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from flywheel.serve.capture import Capture, Served
+from flywheel.settings import load_settings
+from flywheel.store.db import open_store
+
+project, url, spill, ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+settings = load_settings(project, store={"url": url}, serve={"capture_batch": 16, "spill_dir": spill, "store_retry_s": 0.2})
+store = open_store(settings, migrate=False)
+capture = Capture(store, settings).start()
+print("ready", flush=True)
+sys.stdin.readline()  # the three writers start together
+base = datetime(2026, 3, 1, tzinfo=timezone.utc)
+for i in ids:
+    capture.submit(Served(
+        id=f"chatcmpl-shared-{i}", timestamp=base + timedelta(seconds=i), model_version="v1",
+        messages=[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+        latency_ms=1.0, prompt_tokens=3, completion_tokens=2, user_id=f"user-{i % 7}", client=f"gw{sys.argv[5]}",
+    ))
+idle = capture.wait_idle(timeout=120, replayed=True)
+capture.close()
+print(json.dumps({"idle": idle, **capture.stats()}), flush=True)
+store.dispose()
+"""
+
+
+def test_three_capture_processes_store_shared_ids_exactly_once(pg_url: str, project: Path, tmp_path: Path) -> None:
+    """The gateway's writer in three processes at once on one PostgreSQL, as three gateways behind a load
+    balancer run it. A third of the interactions reach all three (a retried request, a spill file replayed by
+    one gateway while another still writes the same rows), in a different order in each process, in small
+    batches so that the transactions interleave: each interaction ends up stored once, and nothing fails."""
+    from conftest import _truncate_all
+
+    _truncate_all(pg_url)
+    open_store(load_settings(project, store={"url": pg_url})).dispose()  # migrated once, before the writers start
+    shared = list(range(300))
+    own = [list(range(1000 + 400 * k, 1400 + 400 * k)) for k in range(3)]
+    # The writer takes up to 16 queued items per transaction: the same 16 shared ids go in at about the same
+    # time in each process, in ascending, descending and scrambled order.
+    blocks = [shared[start : start + 16] for start in range(0, len(shared), 16)]
+    orders = [
+        shared + own[0],
+        [i for block in blocks for i in reversed(block)] + own[1],
+        [i for block in blocks for i in block[1::2] + block[::2]] + own[2],
+    ]
+    script = tmp_path / "writer.py"
+    script.write_text(_CAPTURE_CHILD, encoding="utf-8")
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(project), pg_url, str(tmp_path / f"spill{k}"), json.dumps(ids), str(k)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for k, ids in enumerate(orders)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = [json.loads(child.communicate(timeout=180)[0].strip().splitlines()[-1]) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert [child.returncode for child in children] == [0, 0, 0]
+    assert all(r["idle"] and r["lost"] == 0 and r["rejected"] == 0 for r in results), results
+    # no deadlock or other store error: the writers never had to fall back on their spill files
+    assert [(r["store_errors"], r["spilled"]) for r in results] == [(0, 0)] * 3, results
+    assert [r["stored"] for r in results] == [700, 700, 700]
+    store = open_store(load_settings(project, store={"url": pg_url}), migrate=False)
+    try:
+        with store.engine.connect() as conn:
+            stored = conn.execute(select(interactions.c.id, interactions.c.source)).fetchall()
+    finally:
+        store.dispose()
+    expected = {f"chatcmpl-shared-{i}" for i in shared + own[0] + own[1] + own[2]}
+    assert len(stored) == len(expected) == 1500 and {row.id for row in stored} == expected
+    # each process's own interactions came from it; the shared ones from whichever wrote them first
+    by_id = dict(stored)
+    assert all(by_id[f"chatcmpl-shared-{i}"] == f"gateway:gw{k}" for k in range(3) for i in own[k])

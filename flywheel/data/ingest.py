@@ -5,7 +5,8 @@
 What it promises:
 - Streaming: a file is read in chunks and split into lines in binary (each line decoded on its own, so one
   line of invalid UTF-8 is one quarantined line); rows go to the store in batches of BATCH_ROWS, one
-  transaction each; memory stays flat in the file size.
+  transaction each (store.interactions.insert_ignore: sqlite3's executemany on SQLite, COPY into a staging
+  table and one INSERT ... ON CONFLICT DO NOTHING on PostgreSQL); memory stays flat in the file size.
 - Nothing is lost on interruption: counts are reported only after their batch committed, and re-ingesting
   the same file adds nothing (store.interactions.insert_ignore skips known ids and content hashes).
 - Bad input never stops a file: a malformed line, a wrong type, an unknown role, an oversized message,

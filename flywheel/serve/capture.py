@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -337,6 +338,10 @@ class Capture:
         now = utcnow()
         for row in rows:
             row["ingested_at"] = now
+        # In id order: gateways sharing one PostgreSQL may write the same ids at once (a spill replayed by two
+        # of them). Each then waits for the other on the first id they share instead of each holding one the
+        # other needs (a deadlock PostgreSQL would break by failing one batch, which then goes to the spill).
+        rows.sort(key=itemgetter("id"))
         try:
             with self.store.begin() as conn:
                 early = feedback.pending_for(conn, [r["id"] for r in rows])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Connection, DateTime, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -72,16 +73,69 @@ def from_row(row: Any) -> Interaction:
 def insert_ignore(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     """Insert rows, skipping any whose id or content hash is already stored. Returns how many were new.
 
-    Idempotent by construction: ON CONFLICT DO NOTHING on both unique keys, in one statement.
+    Idempotent by construction: ON CONFLICT DO NOTHING on both unique keys, in one statement. Rows go in
+    the order given, so of two rows in one call with the same id or content the first is kept. Runs inside
+    the caller's transaction; a value the database refuses raises SQLAlchemy's DataError or IntegrityError
+    and leaves nothing of the call behind once the transaction rolls back.
     """
     if not rows:
         return 0
     if conn.dialect.name == "sqlite":
         return _insert_ignore_sqlite(conn, rows)
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    # RETURNING counts what was really new on both dialects (executemany rowcount is not reliable).
-    stmt = dialect.insert(interactions).on_conflict_do_nothing().returning(interactions.c.id)
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return _insert_ignore_copy(conn, rows)
+    # RETURNING counts what was really new (executemany rowcount is not reliable).
+    stmt = postgresql.insert(interactions).on_conflict_do_nothing().returning(interactions.c.id)
     return len(conn.execute(stmt, list(rows)).fetchall())
+
+
+class _Plan:
+    """How rows become the driver's values for one dialect, worked out once: the columns in table order,
+    their scalar defaults (for a row that lacks a column), and a converter for the columns that need one."""
+
+    def __init__(self, converters: dict[str, Callable[[Any], Any]]):
+        self.names = [column.name for column in interactions.columns]
+        self.defaults = [
+            column.default.arg if isinstance(column.default, ScalarElementColumnDefault) else None for column in interactions.columns
+        ]
+        self.converters = [(index, converters[name]) for index, name in enumerate(self.names) if name in converters]
+        self._every_column = itemgetter(*self.names)
+
+    def values(self, rows: Iterable[dict[str, Any]]) -> list[list[Any]]:
+        out = []
+        for row in rows:
+            try:
+                values = list(self._every_column(row))
+            except KeyError:  # a row without some columns: their defaults
+                values = [row.get(name, default) for name, default in zip(self.names, self.defaults)]
+            for index, convert in self.converters:
+                if values[index] is not None:
+                    values[index] = convert(values[index])
+            out.append(values)
+        return out
+
+
+_PLANS: dict[tuple[str, int], _Plan] = {}
+
+
+def value_plan(dialect: Any) -> _Plan:
+    """The plan for `dialect`: on SQLite each column's own bind processor (datetimes and JSON written
+    faster, to the same text); on PostgreSQL's COPY only JSON is turned into text, psycopg writes the rest."""
+    key = (dialect.name, id(dialect))
+    plan = _PLANS.get(key)
+    if plan is None:
+        converters: dict[str, Callable[[Any], Any]] = {}
+        for column in interactions.columns:
+            if isinstance(column.type, JSON):
+                converters[column.name] = _json_text
+            elif dialect.name == "sqlite":
+                process = column.type.dialect_impl(dialect).bind_processor(dialect)
+                if isinstance(column.type, DateTime) and process is not None:
+                    process = _SqliteDatetime(process)
+                if process is not None:
+                    converters[column.name] = process
+        plan = _PLANS[key] = _Plan(converters)
+    return plan
 
 
 def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
@@ -92,63 +146,100 @@ def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> i
     the stored text is what the Core path stores, except JSON, which orjson writes (same JSON, non-ASCII
     kept as UTF-8 instead of \\u escapes). New rows are counted with sqlite3's total_changes, which a skipped
     conflict does not move; a NOT NULL or other failure raises as SQLAlchemy's own error types.
+    (ON CONFLICT DO NOTHING, not INSERT OR IGNORE: OR IGNORE would also skip a row that breaks NOT NULL.)
     """
-    dialect = conn.dialect
-    name_defaults, processors, sql = _sqlite_plan(dialect)
-    every_column = itemgetter(*(name for name, _ in name_defaults))
-    params = []
-    for row in rows:
-        try:
-            values = list(every_column(row))
-        except KeyError:  # a row without some columns: their defaults
-            values = [row.get(name, default) for name, default in name_defaults]
-        for index, process in processors:
-            if values[index] is not None:
-                values[index] = process(values[index])
-        params.append(values)
+    plan = value_plan(conn.dialect)
+    params = plan.values(rows)
+    sql = f"INSERT INTO {interactions.name} ({', '.join(plan.names)}) VALUES ({', '.join('?' * len(plan.names))}) ON CONFLICT DO NOTHING"
     raw = conn.connection.driver_connection
     assert raw is not None  # an open Connection always holds its sqlite3 connection
     before = raw.total_changes
-    cursor = conn.connection.cursor()
-    try:
-        cursor.executemany(sql, params)
-    except dialect.loaded_dbapi.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, dialect.loaded_dbapi.Error) from exc
-    finally:
-        cursor.close()
+    with _driver_errors(conn, sql):
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(sql, params)
+        finally:
+            cursor.close()
     return raw.total_changes - before
 
 
-_SQLITE_PLANS: dict[int, tuple[list[tuple[str, Any]], list[tuple[int, Any]], str]] = {}
+# --- PostgreSQL: COPY into a staging table, then one INSERT ... SELECT ---------------------------------------------
+
+STAGING = "flywheel_interactions_staging"
 
 
-def _sqlite_plan(dialect: Any) -> tuple[list[tuple[str, Any]], list[tuple[int, Any]], str]:
-    """(column name, scalar default) pairs, the (position, bind processor) of the columns that have one, and
-    the statement: worked out once per dialect."""
-    plan = _SQLITE_PLANS.get(id(dialect))
-    if plan is None:
-        name_defaults, processors = [], []
-        for index, column in enumerate(interactions.columns):
-            name_defaults.append((column.name, column.default.arg if isinstance(column.default, ScalarElementColumnDefault) else None))
-            process = column.type.dialect_impl(dialect).bind_processor(dialect)
-            if isinstance(column.type, JSON):
-                process = _json_text
-            elif isinstance(column.type, DateTime) and process is not None:
-                process = functools.partial(_sqlite_datetime, process)
-            if process is not None:
-                processors.append((index, process))
-        names = ", ".join(name for name, _ in name_defaults)
-        sql = f"INSERT INTO {interactions.name} ({names}) VALUES ({', '.join('?' * len(name_defaults))}) ON CONFLICT DO NOTHING"
-        plan = _SQLITE_PLANS[id(dialect)] = (name_defaults, processors, sql)
-    return plan
+def _insert_ignore_copy(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """COPY the rows into a session-local staging table, then one INSERT ... SELECT ... ON CONFLICT DO
+    NOTHING; its row count is how many were new.
+
+    Why: a multi-row INSERT through SQLAlchemy costs the client far more than the server (bench/ingest.py:
+    docs/ingest.md "Speed"); COPY hands psycopg plain tuples that it writes in C. The staging table is a
+    temporary table of this connection, made on first use with the interactions columns and types (so a
+    value the table would refuse is refused by the COPY already, as DataError or IntegrityError) plus the
+    row's position. ON COMMIT DELETE ROWS empties it at each commit without touching the catalog (as
+    creating and dropping a table per batch would); the DELETE after the INSERT empties it for a second
+    call in the same transaction. The INSERT takes the rows in the order given, so the first of two rows
+    with the same id or content in one call wins, as on SQLite.
+    """
+    plan = value_plan(conn.dialect)
+    quote = conn.dialect.identifier_preparer.quote
+    names = ", ".join(quote(name) for name in plan.names)
+    with _driver_errors(conn, f"COPY {STAGING}"):
+        conn.exec_driver_sql(_staging_ddl(conn.dialect))
+        cursor = conn.connection.cursor()
+        try:
+            with cursor.copy(f"COPY {STAGING} ({names}, ord) FROM STDIN") as copy:
+                for position, values in enumerate(plan.values(rows)):
+                    values.append(position)
+                    copy.write_row(values)
+        finally:
+            cursor.close()
+    inserted = conn.exec_driver_sql(
+        f"INSERT INTO {interactions.name} ({names}) SELECT {names} FROM {STAGING} ORDER BY ord ON CONFLICT DO NOTHING"
+    ).rowcount
+    conn.exec_driver_sql(f"DELETE FROM {STAGING}")
+    return inserted
 
 
-def _sqlite_datetime(fallback: Any, value: Any) -> Any:
+@functools.cache
+def _staging_ddl(dialect: Any) -> str:
+    """The staging table: the interactions columns with their types and NOT NULLs, no keys or indexes
+    (duplicates within a batch are the INSERT's to skip), and the position of each row."""
+    quote = dialect.identifier_preparer.quote
+    columns = [f"{quote(c.name)} {c.type.compile(dialect)}{'' if c.nullable else ' NOT NULL'}" for c in interactions.columns]
+    return f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} ({', '.join(columns)}, ord integer NOT NULL) ON COMMIT DELETE ROWS"
+
+
+@contextmanager
+def _driver_errors(conn: Connection, statement: str) -> Iterator[None]:
+    """Errors of work done on the driver's own cursor, raised as SQLAlchemy's types (DataError,
+    IntegrityError, OperationalError, ...), as if SQLAlchemy had run it: callers catch only those."""
+    error = conn.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error as exc:
+        raise DBAPIError.instance(statement, None, exc, error) from exc
+
+
+class _SqliteDatetime:
     """SQLAlchemy's SQLite DATETIME text ("2026-01-05 10:00:00.000000", the wall-clock fields, no zone),
-    written by isoformat in C; anything that is not a datetime goes to SQLAlchemy's own processor."""
-    if type(value) is datetime:
-        return value.replace(tzinfo=None).isoformat(" ", "microseconds")
-    return fallback(value)
+    written by isoformat in C; anything that is not a datetime goes to SQLAlchemy's own processor. The last
+    value is remembered: a batch's rows share one ingested_at."""
+
+    def __init__(self, fallback: Callable[[Any], Any]):
+        self.fallback = fallback
+        self.last: tuple[Any, Any] = (None, None)
+
+    def __call__(self, value: Any) -> Any:
+        last = self.last  # one read: another thread may replace it meanwhile, never half of it
+        if value is last[0]:
+            return last[1]
+        if type(value) is datetime:
+            text = value.isoformat(" ", "microseconds")[:26]  # the fields without the zone
+        else:
+            text = self.fallback(value)
+        self.last = (value, text)
+        return text
 
 
 def _json_text(value: Any) -> str:
