@@ -62,6 +62,7 @@ COMMAND_MODULES = [
     "flywheel.commands.daemon",
     "flywheel.commands.slack",
     "flywheel.commands.serve",
+    "flywheel.commands.console",
     "flywheel.commands.demo",
 ]
 

@@ -31,6 +31,7 @@ from flywheel.settings_sections import (
     ApprovalSettings,
     CanarySettings,
     ChromaSettings,
+    ConsoleSettings,
     CorrectSettings,
     DaemonSettings,
     DatasetSettings,
@@ -41,6 +42,7 @@ from flywheel.settings_sections import (
     LLMSettings,
     LoopSettings,
     PolicySettings,
+    RaySettings,
     RuleSettings,
     SelectionSettings,
     ServeSettings,
@@ -78,6 +80,7 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     synthesis: SynthesisSettings = SynthesisSettings()
     train: TrainSettings = TrainSettings()
+    ray: RaySettings = RaySettings()
     gate: GateSettings = GateSettings()
     eval: EvalSettings = EvalSettings()
     canary: CanarySettings = CanarySettings()
@@ -88,6 +91,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     slack: SlackSettings = SlackSettings()
     serve: ServeSettings = ServeSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @field_validator("store")
     @classmethod

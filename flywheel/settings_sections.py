@@ -242,6 +242,9 @@ class SelectionSettings(Section):
 
 class TrainSettings(Section):
     base_model: str = ""  # a local folder transformers can load
+    # Where training jobs run: "local" (a child process) or "ray" (a Ray job on [ray] address, and the batch
+    # stages as Ray tasks; docs/ray.md). Not part of a job's identity: the same spec trains the same adapter anywhere.
+    launcher: Literal["local", "ray"] = "local"
     method: Literal["sft", "dpo", "kto"] = "sft"  # kto: unpaired good/bad answers (TRL KTOTrainer), from sft or dpo snapshots
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
@@ -290,6 +293,30 @@ class TrainSettings(Section):
         if self.dpo_loss_type == "robust" and self.dpo_label_smoothing <= 0:
             raise ValueError("dpo_loss_type robust needs dpo_label_smoothing above 0 (the share of flipped preferences, e.g. 0.1)")
         return self
+
+
+class RaySettings(Section):
+    """A Ray cluster for training jobs and batch stages, used with train.launcher "ray" (docs/ray.md)."""
+
+    address: str = ""  # the Job Submission API (the dashboard), e.g. "http://head:8265"
+    # What batch stages connect to with ray.init: "host:6379" (GCS) or "ray://host:10001"; empty: address's host, port 6379
+    cluster_address: str = ""
+    # Ray's runtime_env for jobs and tasks: working_dir, pip, image_uri, env_vars, ... (flywheel adds its offline env_vars)
+    runtime_env: dict[str, Any] = {}
+    python: str = ""  # the interpreter the job runs the worker with; empty: the one running flywheel
+    entrypoint_prefix: str = ""  # e.g. "accelerate launch --num_processes 4" (multi-GPU data parallel inside the job)
+    num_cpus: float = Field(1.0, ge=0)  # per training job
+    num_gpus: float = Field(0.0, ge=0)
+    memory_mb: int = Field(0, ge=0)  # 0: no memory reservation
+    # A shared path or fsspec URL (s3://, gs://, file://) both sides reach: the worker uploads the adapter
+    # (safetensors only) and its checkpoints there; flywheel downloads and checks the sha256 before registering.
+    storage: str = ""
+    # A job Ray keeps pending this long (no node has the resources, the runtime_env never gets ready) is
+    # stopped and marked failed with Ray's reason.
+    pending_timeout_s: float = Field(600.0, gt=0)
+    batch_stages: bool = True  # with launcher "ray": embedding and rule judging run as Ray tasks over batches
+    batch_rows: int = Field(256, ge=1)  # texts or failures per Ray task
+    image: str = ""  # the container image `flywheel jobs manifest` puts in Kubernetes Jobs and RayJobs
 
 
 class GateSettings(Section):
@@ -427,3 +454,17 @@ class ServeSettings(Section):
     spill_dir: str = ""  # empty: <state_dir>/gateway; where capture spills while the store falls behind
     store_retry_s: float = Field(2.0, gt=0)  # after a store error, capture retries (and replays spills) this often
     shutdown_flush_s: float = Field(10.0, ge=0)  # on shutdown, time to write the queue to the store before spilling it
+
+
+class ConsoleSettings(Section):
+    """The web console (flywheel.console, docs/console.md)."""
+
+    host: str = "127.0.0.1"  # loopback: put a TLS reverse proxy in front to reach it from elsewhere
+    port: int = Field(8090, ge=1, le=65535)
+    # A header a trusted reverse proxy sets to the logged-in user's name (e.g. "X-Forwarded-User"); empty:
+    # off. Honoured only on requests from `trusted_proxies`, and only for names that are console users.
+    trusted_header: str = ""
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]  # client addresses the header is believed from
+    secure_cookies: bool = False  # true behind HTTPS: the session cookie is sent over HTTPS only
+    session_max_age_s: int = Field(12 * 3600, ge=60)
+    page_size: int = Field(50, ge=5, le=500)  # rows per page of the failures list

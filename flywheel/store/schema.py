@@ -68,6 +68,11 @@ failures = Table(
     Column("updated_at", TS, nullable=False),
     Index("ix_failures_status", "status"),
     Index("ix_failures_tier", "tier"),
+    # the console's failure filters and its risk-ordered pages (migration 0003)
+    Index("ix_failures_risk", "risk"),
+    Index("ix_failures_intent", "intent"),
+    Index("ix_failures_rule", "rule"),
+    Index("ix_failures_first_seen_version", "first_seen_version"),
 )
 
 verdicts = Table(
@@ -77,7 +82,7 @@ verdicts = Table(
     Column("failure_id", String(64), ForeignKey("failures.id"), nullable=False, index=True),
     Column("status", String(16), nullable=False),  # judged | unjudged
     Column("is_failure", Boolean, nullable=False),
-    Column("problem_type", String(100)),
+    Column("problem_type", String(100), index=True),  # the console's problem-type filter (migration 0003)
     Column("severity", String(16)),
     Column("acceptance", String(8)),
     Column("rationale", Text, nullable=False, default=""),
@@ -292,5 +297,17 @@ feedback_events = Table(
     Column("kind", String(32), nullable=False),
     Column("value", JSON),
     Column("client", String(200)),
+    Column("created_at", TS, nullable=False),
+)
+
+# --- the web console (flywheel.console) -----------------------------------------------------------------------
+
+console_users = Table(  # people who log in to the console: a name and the sha256 of their token
+    "console_users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("revoked", Boolean, nullable=False, default=False),
     Column("created_at", TS, nullable=False),
 )
