@@ -18,7 +18,7 @@ from rich.table import Table
 from flywheel.cli import app, context, echo_json, err_console, out_console
 from flywheel.errors import UserInputError
 
-jobs_app = typer.Typer(no_args_is_help=False, help="Training jobs: list, show, logs, resume, cancel.")
+jobs_app = typer.Typer(no_args_is_help=False, help="Training jobs: list, show, logs, resume, cancel, manifest.")
 app.add_typer(jobs_app, name="jobs")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
@@ -310,6 +310,7 @@ def jobs_logs(
 
     c = context(ctx)
     record = launcher.status(c, job_id)
+    launcher.refresh_log(c, record)  # a Ray job's output lives on the cluster
     text = launcher.log_tail(record, tail)
     if text:
         typer.echo(text)
@@ -319,6 +320,8 @@ def jobs_logs(
     offset = path.stat().st_size if path.exists() else 0
     while True:
         record = launcher.status(c, job_id)
+        if record.ended:
+            launcher.refresh_log(c, record)
         if path.exists() and path.stat().st_size > offset:
             with path.open("rb") as handle:
                 handle.seek(offset)
@@ -361,3 +364,27 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
         echo_json(record.model_dump(mode="json"))
     else:
         _out().print(_summary(record))
+
+
+@jobs_app.command("manifest")
+def jobs_manifest(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="the job id")],
+    kind: Annotated[str, typer.Option(help="job (a Kubernetes batch/v1 Job) | rayjob (a KubeRay RayJob)")] = "job",
+    image: Annotated[str | None, typer.Option(help="the container image (default: ray.image)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to this file instead of stdout")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Render a Kubernetes manifest that runs this job's worker (for kubectl apply; docs/ray.md)."""
+    from flywheel.trainer.jobs import get_job
+    from flywheel.trainer.manifest import render
+
+    if kind not in ("job", "rayjob"):
+        raise UserInputError(f"--kind {kind!r} is not one of: job, rayjob")
+    c = context(ctx)
+    text = render(c.settings, get_job(c.store, job_id), "rayjob" if kind == "rayjob" else "job", image or "", "json" if as_json else "yaml")
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    _out().print(f"wrote the {kind} manifest of job {job_id} to {output}", highlight=False)

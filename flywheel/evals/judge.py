@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -35,10 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, NotFoundError
 from flywheel.evals.rule_judge import ACCEPTANCE_FOR_SEVERITY, SEVERITY_RANK, RuleJudge, summarize, verdict_from_findings, worst
+from flywheel.executor import batches, executor_for
 from flywheel.llm import BadReply, ItemResult, Limits, ask_until_valid, async_chat_model, run_bounded, run_sync
 from flywheel.prompts import Prompt, load_prompt
 from flywheel.prompts.fence import USER_MARKER, clip, new_nonce, render_messages, untrusted_block
-from flywheel.records import Acceptance, Failure, FailureStatus, Finding, Interaction, Message, Record, Reference, Verdict, utcnow
+from flywheel.records import Acceptance, FailureStatus, Finding, Interaction, Message, Record, Reference, Verdict, utcnow
 from flywheel.settings import SEVERITIES, Settings
 
 __all__ = [
@@ -302,7 +304,14 @@ def judge_failures(
                 raise NotFoundError(f"no failure with id {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         interactions = interaction_repo.get_many(conn, [f.interaction_id for f in items])
         labels = latest_labels(conn, [f.id for f in items])
-    cases = [_case(f, interactions[f.interaction_id], rules, labels.get(f.id), reference_for) for f in items]
+    references = [(reference_for(f.id) if reference_for is not None else None) or labels.get(f.id) for f in items]
+    pairs = [(interactions[f.interaction_id], reference) for f, reference in zip(items, references)]
+    executor = executor_for(settings)  # with train.launcher "ray", the rule checks run as Ray tasks over batches
+    if executor.distributed:
+        found = [row for part in executor.map(partial(rule_findings, settings), batches(pairs, settings.ray.batch_rows)) for row in part]
+    else:
+        found = rule_findings(settings, pairs, rules)
+    cases = [JudgeCase(failure_id=f.id, interaction=i, findings=fs, reference=r) for f, (i, r), fs in zip(items, pairs, found)]
 
     summary = JudgeSummary(total=len(cases))
     writer = _VerdictWriter(store, failure_repo.save_verdict)
@@ -372,16 +381,13 @@ class _VerdictWriter:
             future.result()
 
 
-def _case(
-    failure: Failure,
-    interaction: Interaction,
-    rules: RuleJudge,
-    label: Reference | None,
-    reference_for: Callable[[str], Reference | None] | None,
-) -> JudgeCase:
-    reference = (reference_for(failure.id) if reference_for is not None else None) or label
-    findings = rules.label_findings(interaction.last_assistant(), reference, rules.check(interaction, reference=reference))
-    return JudgeCase(failure_id=failure.id, interaction=interaction, findings=findings, reference=reference)
+def rule_findings(
+    settings: Settings, pairs: Sequence[tuple[Interaction, Reference | None]], rules: RuleJudge | None = None
+) -> list[list[Finding]]:
+    """The rule judge's findings on each captured interaction, given its reference: pure, so a batch of it
+    runs the same in this process or as a Ray task (flywheel.executor)."""
+    rules = rules or RuleJudge(settings)
+    return [rules.label_findings(i.last_assistant(), reference, rules.check(i, reference=reference)) for i, reference in pairs]
 
 
 async def _ask_llm(settings: Settings, cases: list[JudgeCase], summary: JudgeSummary, keep: Callable[[Verdict], None]) -> None:

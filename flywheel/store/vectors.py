@@ -21,6 +21,7 @@ import importlib.util
 import json
 import threading
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.executor import Executor, batches, executor_for
 from flywheel.settings import Settings
 
 if TYPE_CHECKING:
@@ -114,18 +116,29 @@ def _load(folder: Path) -> Any:
         return _weights[folder]
 
 
+def embed_texts(folder: str | None, batch_size: int, texts: Sequence[str]) -> np.ndarray:
+    """Embed `texts` with the model in `folder` (None: the packaged one, found where this runs): the unit
+    of work both in this process and in a Ray task (flywheel.executor)."""
+    model = _load(Path(folder) if folder else model_dir().resolve())
+    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    return np.asarray(vectors, dtype=np.float32)
+
+
 class Embedder:
     """Sentence embeddings: sentence-transformers' mean pooling, L2-normalised, float32, shape (n, 384),
     at most MAX_TOKENS tokens per text.
 
-    Loads lazily on the first `embed` call; the weights' sha256 is checked before loading.
+    Loads lazily on the first `embed` call; the weights' sha256 is checked before loading. With a
+    distributed `executor` (train.launcher "ray"), the texts go out in batches of `batch_rows`, one task each.
     """
 
     dim = EMBEDDING_DIM
 
-    def __init__(self, folder: Path | str | None = None, batch_size: int = 64):
+    def __init__(self, folder: Path | str | None = None, batch_size: int = 64, executor: Executor | None = None, batch_rows: int = 256):
         self.folder = Path(folder).resolve() if folder else None
         self.batch_size = batch_size
+        self.executor = executor
+        self.batch_rows = batch_rows
 
     def _model(self) -> Any:
         if self.folder is None:
@@ -135,14 +148,16 @@ class Embedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        model = self._model()
         # Logged failures repeat word for word (templated answers, retries): embed each text once.
         # sentence-transformers sorts each call's texts by length, so batches carry little padding.
         unique = list(dict.fromkeys(texts))
-        vectors = model.encode(
-            unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
-        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.executor is not None and self.executor.distributed:
+            # the folder as given, else each node's own packaged model (its path differs from this one's)
+            task = partial(embed_texts, str(self.folder) if self.folder else None, self.batch_size)
+            vectors = np.concatenate(self.executor.map(task, batches(unique, self.batch_rows)))
+        else:
+            self._model()  # resolves the folder and loads the weights once
+            vectors = embed_texts(str(self.folder), self.batch_size, unique)
         if len(unique) < len(texts):
             row_of = {text: row for row, text in enumerate(unique)}
             return vectors[[row_of[t] for t in texts]]
@@ -409,6 +424,7 @@ def open_index(settings: Settings, embedder: Embedder | None = None) -> VectorIn
         raise InfrastructureError(
             f"cannot open the vector index at {target}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
-    index = VectorIndex(client, embedder or Embedder())
+    ray = settings.ray
+    index = VectorIndex(client, embedder or Embedder(executor=executor_for(settings), batch_rows=ray.batch_rows))
     index.location = where
     return index

@@ -143,14 +143,21 @@ def register_candidate(ctx: ToolContext, job_id: str) -> CandidateInfo:
     if record.status != JobStatus.SUCCEEDED or not record.result:
         raise ToolInputError(f"job {job_id} is {record.status}, not succeeded: there is no adapter to register yet")
     result, spec = record.result, record.spec
+    adapter_path, notes = result["adapter_path"], f"trained by job {record.id}"
+    if result.get("adapter_uri"):  # a cluster job's adapter in [ray] storage: download it, check its sha256
+        from flywheel.trainer.storage import fetch_adapter
+
+        fetched = ctx.settings.artifacts_path / "adapters" / record.id
+        adapter_path = str(fetch_adapter(result["adapter_uri"], fetched, result["adapter_sha256"]))
+        notes += f", downloaded from {result['adapter_uri']}"
     version = registry.register_version(
         ctx.store,
         base_model=spec["base_model"],
-        adapter_path=result["adapter_path"],
+        adapter_path=adapter_path,
         adapter_sha256=result.get("adapter_sha256"),
         dataset_id=spec.get("dataset_id") or None,
         job_id=record.id,
-        notes=f"trained by job {record.id}",
+        notes=notes,
     )
     return CandidateInfo(
         version=version.id,

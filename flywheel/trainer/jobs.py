@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +34,23 @@ class JobStatus(StrEnum):
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.KILLED)
+# The environment every worker runs with, whichever launcher starts it: offline, unbuffered.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class ProcessState:
+    """What a launcher knows of a job's worker (flywheel.trainer.launcher.Launcher.poll)."""
+
+    alive: bool | None  # None: this launcher cannot tell (another host, another scheduler)
+    returncode: int | None = None
+    reason: str | None = None  # why it ended, in the scheduler's words (a Ray job's message); None: unknown
 
 
 class JobRecord(Record):

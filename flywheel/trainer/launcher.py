@@ -8,7 +8,8 @@ killed. `resume()` starts a new worker on the same folder, which continues from 
 or from scratch with `restart=True`.
 
 A `Launcher` starts, polls and cancels workers. `LocalProcessLauncher` runs them as child processes in
-their own process groups; a cluster launcher implements the same three methods.
+their own process groups; `flywheel.trainer.ray_launcher.RayJobLauncher` (train.launcher "ray") submits
+them as Ray jobs. A job keeps the launcher that started it (its `launcher` field) for polls, resumes and cancels.
 
 These functions are what the CLI and the agent's tools call: `launch`, `status`, `wait`, `resume`, `cancel`.
 """
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -32,18 +32,24 @@ from flywheel.context import Context
 from flywheel.errors import InfrastructureError, JobFailed, NotFoundError, UserInputError
 from flywheel.proc import pid_alive
 from flywheel.records import utcnow
-from flywheel.trainer.jobs import ACTIVE, JobRecord, JobStatus, find_job, get_job, insert_job, set_fields, transition, write_job_file
+from flywheel.trainer.jobs import (
+    ACTIVE,
+    WORKER_ENV,
+    JobRecord,
+    JobStatus,
+    ProcessState,
+    find_job,
+    get_job,
+    insert_job,
+    set_fields,
+    transition,
+    write_job_file,
+)
 from flywheel.trainer.recipes import ADAPTER_DIR, CHECKPOINT_DIR, TrainSpec
 
 LOG_FILE = "train.log"
 STALE_HEARTBEAT = timedelta(seconds=120)  # no beat for this long, and no way to ask the process: gone
 NEVER_STARTED = timedelta(seconds=60)  # queued without a process for this long: the launch itself died
-
-
-@dataclass
-class ProcessState:
-    alive: bool | None  # None: this launcher cannot tell (another host, another scheduler)
-    returncode: int | None = None
 
 
 class Launcher(Protocol):
@@ -70,10 +76,7 @@ class LocalProcessLauncher:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def launch(self, job: JobRecord) -> int | None:
-        env = dict(os.environ)
-        env.update(
-            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"
-        )
+        env = {**os.environ, **WORKER_ENV}
         with open(job.log_path, "ab") as log_file:
             log_file.write(f"\n=== {utcnow().isoformat()} attempt {job.attempts} of job {job.id} ===\n".encode())
             log_file.flush()
@@ -130,11 +133,32 @@ def _worker_alive(pid: int, work_dir: str) -> bool:
 # --- the job API ---------------------------------------------------------------------------------------------
 
 
-def get_launcher(ctx: Context) -> Launcher:
-    """The context's launcher; it remembers the children it started, so keep using the same one."""
+def get_launcher(ctx: Context, name: str | None = None) -> Launcher:
+    """The launcher named `name` (a job's `launcher` field), by default train.launcher's. The context keeps
+    the one it made (it remembers the children it started), so keep using the same one."""
+    wanted = name or ctx.settings.train.launcher
+    if ctx.launcher is not None and ctx.launcher.name == wanted:
+        return ctx.launcher
+    made: Launcher
+    if wanted == "ray":
+        from flywheel.trainer.ray_launcher import RayJobLauncher
+
+        made = RayJobLauncher(ctx.settings.ray)
+    else:
+        made = LocalProcessLauncher()
     if ctx.launcher is None:
-        ctx.launcher = LocalProcessLauncher()
-    return ctx.launcher
+        ctx.launcher = made
+    return made
+
+
+def refresh_log(ctx: Context, record: JobRecord) -> None:
+    """A cluster launcher keeps the worker's output on the cluster: copy it into the job's log file."""
+    try:
+        sync = getattr(get_launcher(ctx, record.launcher), "sync_log", None)
+    except UserInputError:  # that cluster is no longer configured: the log stays as last copied
+        return
+    if sync is not None:
+        sync(record)
 
 
 def job_dir(ctx: Context, job_id: str) -> Path:
@@ -194,8 +218,8 @@ def _start(ctx: Context, record: JobRecord) -> JobRecord:
     folder.mkdir(parents=True, exist_ok=True)
     write_job_file(folder, record.id, ctx.settings)
     try:
-        pid = get_launcher(ctx).launch(record)
-    except InfrastructureError as exc:
+        pid = get_launcher(ctx, record.launcher).launch(record)
+    except (InfrastructureError, UserInputError) as exc:  # an unreachable cluster, a wrong runtime_env: failed, resumable
         transition(ctx.store, record.id, ACTIVE, JobStatus.FAILED, error=str(exc), finished_at=utcnow())
         raise
     if pid is not None:
@@ -209,7 +233,7 @@ def status(ctx: Context, job_id: str) -> JobRecord:
     record = get_job(ctx.store, job_id)
     if not record.active:
         return record
-    state = get_launcher(ctx).poll(record)
+    state = get_launcher(ctx, record.launcher).poll(record)
     now = utcnow()
     gone = state.alive is False
     if state.alive is None:
@@ -227,6 +251,7 @@ def status(ctx: Context, job_id: str) -> JobRecord:
         new_status, reason = JobStatus.KILLED, "the worker process is gone"
         if state.returncode is not None and state.returncode < 0:
             reason = f"the worker was killed by signal {-state.returncode}"
+    reason = state.reason or reason
     transition(ctx.store, job_id, ACTIVE, new_status, error=f"{reason} (log: {record.log_path})", finished_at=now)
     return get_job(ctx.store, job_id)
 
@@ -265,7 +290,7 @@ def cancel(ctx: Context, job_id: str) -> JobRecord:
     if not record.active:
         return record
     transition(ctx.store, job_id, ACTIVE, JobStatus.KILLED, error=f"cancelled (log: {record.log_path})", finished_at=utcnow())
-    get_launcher(ctx).cancel(record)
+    get_launcher(ctx, record.launcher).cancel(record)
     return get_job(ctx.store, job_id)
 
 
@@ -288,6 +313,7 @@ def wait(
             seen = (record.progress, record.status)
             on_progress(record)
         if record.ended:
+            refresh_log(ctx, record)
             if raise_on_failure and record.status != JobStatus.SUCCEEDED:
                 raise failure(record)
             return record

@@ -93,6 +93,7 @@ class TrainSpec(BaseModel):
         moot |= {"dpo_label_smoothing"} if self.hyper.dpo_loss_type != "robust" else set()
         hyper = {k: v for k, v in hyper.items() if k not in moot and not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
         hyper.pop("start_from", None)  # what it resolved to is below: a fresh adapter or this one
+        hyper.pop("launcher", None)  # where it runs changes nothing in the adapter
         identity = {
             "method": self.method,
             "base_model": self.base_model,

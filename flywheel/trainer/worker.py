@@ -6,6 +6,11 @@ Started by a launcher in its own process group, with stdout and stderr going to 
 heartbeat while it goes; at the end it writes the result, or the error with the log's path. A succeeded
 job's adapter is then registered as a candidate model version.
 
+A Ray job's worker (train.launcher "ray") with `[ray] storage` set also restores the newest checkpoint from
+the storage when its folder has none, uploads each checkpoint as it is saved and, at the end, the adapter
+(flywheel.trainer.storage); flywheel's side then downloads, checks and registers it. Under a multi-process
+launcher (`accelerate launch`), only rank 0 keeps the books; the other ranks just train.
+
 If the worker is killed outright it writes nothing more; the launcher sees the dead process (or the stale
 heartbeat) and marks the job killed, and `flywheel jobs resume` starts a new worker on the same folder.
 """
@@ -101,9 +106,44 @@ def _register(settings: Settings, store: Store, job_id: str) -> None:
     log.info("job %s registered as %s; next: flywheel eval --candidate %s", job_id, version, version)
 
 
+def _other_rank(work_dir: Path) -> int:
+    """A data-parallel rank above 0: trains its share and leaves status, progress and uploads to rank 0."""
+    from flywheel.trainer import recipes
+
+    job_id, settings = read_job_file(work_dir)
+    store = open_store(settings, migrate=False)
+    try:
+        spec = recipes.TrainSpec.model_validate(get_job(store, job_id).spec)
+    finally:
+        store.dispose()
+    recipes.run(spec, work_dir)
+    return 0
+
+
+def _storage(settings: Settings, launcher: str) -> str:
+    return settings.ray.storage if launcher == "ray" else ""
+
+
+def _pushing_checkpoints(progress: StoreProgress, storage: str, job_id: str, checkpoints: Path) -> Any:
+    """The recipe's progress function, uploading each checkpoint to `storage` as it is saved."""
+    from flywheel.trainer.storage import push_checkpoint
+
+    def on_progress(event: str, fields: dict[str, Any]) -> None:
+        progress(event, fields)
+        if event == "save" and fields.get("checkpoint") is not None:
+            try:
+                push_checkpoint(storage, job_id, checkpoints / f"checkpoint-{fields['checkpoint']}")
+            except FlywheelError as exc:  # the next checkpoint is tried again; training goes on
+                log.warning("job %s: %s", job_id, exc)
+
+    return on_progress
+
+
 def run_job(work_dir: Path) -> int:
     from flywheel.trainer import recipes
 
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        return _other_rank(work_dir)
     job_id, settings = read_job_file(work_dir)
     store = open_store(settings, migrate=False)
     pid = os.getpid()
@@ -120,9 +160,19 @@ def run_job(work_dir: Path) -> int:
         beat = threading.Thread(target=_heartbeat, args=(store, job_id, pid, stop), daemon=True)
         beat.start()
         progress = StoreProgress(store, job_id, pid)
+        storage = _storage(settings, job.launcher)
+        adapter_uri = None
         try:
             spec = recipes.TrainSpec.model_validate(job.spec)
-            result = recipes.run(spec, work_dir, on_progress=progress)
+            on_progress = progress
+            if storage:
+                from flywheel.trainer.storage import publish_adapter, restore_checkpoint
+
+                restore_checkpoint(storage, job_id, work_dir / recipes.CHECKPOINT_DIR)
+                on_progress = _pushing_checkpoints(progress, storage, job_id, work_dir / recipes.CHECKPOINT_DIR)
+            result = recipes.run(spec, work_dir, on_progress=on_progress)
+            if storage:
+                adapter_uri = publish_adapter(storage, job_id, Path(result.adapter_path))
         except BaseException as exc:
             stop.set()
             if isinstance(exc, FlywheelError):
@@ -148,12 +198,12 @@ def run_job(work_dir: Path) -> int:
             job_id,
             [JobStatus.RUNNING],
             JobStatus.SUCCEEDED,
-            result=result.model_dump(mode="json"),
+            result={**result.model_dump(mode="json"), **({"adapter_uri": adapter_uri} if adapter_uri else {})},
             finished_at=utcnow(),
             progress=progress.progress,
         )
         log.info("job %s succeeded: adapter %s sha256 %s", job_id, result.adapter_path, result.adapter_sha256)
-        if succeeded:
+        if succeeded and not adapter_uri:  # from storage, flywheel's side registers what it downloaded and checked
             _register(settings, store, job_id)
         return 0
     finally:
