@@ -18,7 +18,7 @@ from flywheel.settings import Settings
 
 if TYPE_CHECKING:
     from flywheel.data.labelling import Labeller
-    from flywheel.evals.runner import ModelLoader
+    from flywheel.evals.generate import ModelLoader
     from flywheel.store.db import Store
     from flywheel.store.vectors import VectorIndex
     from flywheel.trainer.launcher import Launcher

@@ -16,19 +16,11 @@ from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401 - fix
 from flywheel.cli import main
 from flywheel.context import Context
 from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.evals.generate import local_generate_fn
 from flywheel.evals.metrics import ItemOutcome, compute_metrics, wilson_interval
 from flywheel.evals.report import ModelRef, report_hash_of
 from flywheel.evals.rule_judge import RuleJudge
-from flywheel.evals.runner import (
-    EvalItem,
-    baseline_set,
-    default_targeted,
-    evaluate_model,
-    load_test_set,
-    local_generate_fn,
-    problem_set,
-    run_eval,
-)
+from flywheel.evals.runner import EvalItem, baseline_set, default_targeted, evaluate_model, load_test_set, problem_set, run_eval
 from flywheel.records import Correction, Failure, FailureStatus, Finding, Interaction, Message, Reference, SampleTier, Verdict, Verification
 from flywheel.settings import Settings, load_settings
 from flywheel.store import failures as failure_repo

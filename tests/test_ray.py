@@ -354,3 +354,35 @@ def test_embedding_and_rule_judging_give_the_same_results_on_ray(project: Path, 
         verdicts.append((summary.failures, summary.unjudged, {k: (s, v.problem_type, v.severity, v.reason) for k, (s, v) in got.items()}))
         store.dispose()
     assert verdicts[0] == verdicts[1] and verdicts[0][0] >= 2
+
+
+def test_the_eval_runner_gives_the_same_answers_and_metrics_on_ray(project: Path, cluster: Cluster, base: Path) -> None:
+    from test_launcher import QUESTIONS
+
+    from flywheel.evals.generate import DistributedGenerate, LocalGenerate, model_loader
+    from flywheel.evals.report import ModelRef
+    from flywheel.evals.rule_judge import RuleJudge
+    from flywheel.evals.runner import EvalItem, evaluate_all
+    from flywheel.records import Reference
+
+    ctx = ray_project(project, cluster, batch_rows=6)
+    settings = ctx.settings.model_copy(update={"eval": ctx.settings.eval.model_copy(update={"batch_size": 2, "max_new_tokens": 8})})
+    items = [
+        EvalItem(id=f"q{n}", messages=[Message(role="user", content=q)], reference=Reference(intent="faq", answer=q), intent="faq")
+        for n, q in enumerate((QUESTIONS * 2)[:10])
+    ]
+    ref = ModelRef(name="base", base_model=str(base))
+    remote_fn, release = model_loader(settings)(ref, settings)
+    assert isinstance(remote_fn, DistributedGenerate) and remote_fn.chunk_size == 6
+    local_fn = LocalGenerate(ref, settings)
+    try:
+        conversations = [[m.model_dump(exclude_none=True) for m in item.messages] for item in items]
+        assert [a.text for a in remote_fn(conversations)] == [a.text for a in local_fn(conversations)]
+        judge = RuleJudge(settings)
+        remote = evaluate_all(remote_fn, {"test": items}, judge, settings)
+        local = evaluate_all(local_fn, {"test": items}, judge, settings)
+        assert remote["test"].model_dump() == local["test"].model_dump() and remote["test"].size == len(items)
+    finally:
+        release()
+        local_fn.release()
+        ctx.close()

@@ -18,7 +18,6 @@ latency, tokens/s) and the evaluation's cost (flywheel.evals.timing, flywheel.ev
 
 from __future__ import annotations
 
-import gc
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -31,25 +30,18 @@ from flywheel.context import Context
 from flywheel.errors import InfrastructureError, UserInputError
 from flywheel.evals.cost import Cost, training_cost
 from flywheel.evals.gate import BASELINE, PROBLEM, TEST, evaluate_gate
+from flywheel.evals.generate import Answer, GenerateFn, ModelLoader, model_loader
 from flywheel.evals.history import champion_history
 from flywheel.evals.judge import judge_answer
 from flywheel.evals.metrics import ItemOutcome, SetMetrics, compute_metrics
 from flywheel.evals.report import Curve, EvalReport, ModelRef, find_curve, load_curve, write_report
 from flywheel.evals.rule_judge import RuleJudge
 from flywheel.evals.text_metrics import reference_scores
-from flywheel.evals.timing import FirstTokenProbe, GenerationTiming, Stopwatch, total
+from flywheel.evals.timing import GenerationTiming, Stopwatch, total
 from flywheel.jsonl import json_objects
 from flywheel.records import Failure, FailureStatus, Finding, Interaction, Message, Reference, SampleTier, utcnow
 from flywheel.settings import Settings
 from flywheel.store.db import Store
-
-# What a model hands back for one conversation: plain text, a full assistant message (with tool
-# calls), or an object with a `.text` (and maybe `.tool_calls`, `.tokens`) such as
-# inference.local_model.Generation. A generate function may also carry `first_token_s`: the time to
-# the first token of its last call (`LocalGenerate` does), for the report's timing.
-Answer = Any
-GenerateFn = Callable[[list[list[dict[str, Any]]]], Sequence[Answer]]
-ModelLoader = Callable[[ModelRef, Settings], tuple[GenerateFn, Callable[[], None]]]
 
 
 class EvalItem(BaseModel):
@@ -189,7 +181,8 @@ def evaluate_model(
     `stopwatch`, when given, adds up how long the calls of `generate_fn` took (and nothing else)."""
     outcomes: list[ItemOutcome] = []
     answered: list[tuple[int, EvalItem, Message]] = []  # what the LLM judge may look at
-    chunk = settings.eval.batch_size
+    # a distributed generate function takes bigger chunks and spreads each over its tasks (evals.generate)
+    chunk = getattr(generate_fn, "chunk_size", None) or settings.eval.batch_size
     for start in range(0, len(items), chunk):
         batch = items[start : start + chunk]
         conversations = [[m.model_dump(exclude_none=True) for m in item.messages] for item in batch]
@@ -301,40 +294,6 @@ def build_judge(settings: Settings) -> RuleJudge:
     return RuleJudge(settings)
 
 
-class LocalGenerate:
-    """A generate function over a local base model plus optional LoRA adapter. `first_token_s` is the
-    time its last call took to the first generated token (a forward hook: flywheel.evals.timing)."""
-
-    def __init__(self, ref: ModelRef, settings: Settings):
-        from flywheel.inference.local_model import LocalModel
-
-        self.model: Any = LocalModel(ref.base_model, ref.adapter_path)
-        self.settings = settings
-        inner: Any = self.model.model
-        # the transformers model whose forward passes generate() runs (a PeftModel wraps it)
-        self.probe = FirstTokenProbe(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
-        self.first_token_s: float | None = None
-
-    def __call__(self, conversations: list[list[dict[str, Any]]]) -> list[Any]:
-        self.probe.arm()
-        eval_settings = self.settings.eval
-        answers = list(self.model.generate(conversations, max_new_tokens=eval_settings.max_new_tokens, batch_size=eval_settings.batch_size))
-        self.first_token_s = self.probe.latency()
-        return answers
-
-    def release(self) -> None:
-        self.probe.remove()
-        self.model = None
-        gc.collect()
-
-
-def local_generate_fn(ref: ModelRef, settings: Settings) -> tuple[GenerateFn, Callable[[], None]]:
-    """A generate function over a local model (`LocalGenerate`), and a function that frees it (two models
-    of a real size do not fit side by side on many machines)."""
-    generate = LocalGenerate(ref, settings)
-    return generate, generate.release
-
-
 # --- champion against candidate ----------------------------------------------------------------------------
 
 
@@ -407,7 +366,7 @@ def run_eval(
 
     `targeted` defaults to the problem types of this cycle's problem set. Each model is loaded, run on
     every set and freed before the next one loads. `load_model` turns a ModelRef into a generate
-    function and its release (default: `local_generate_fn`); tests pass scripted models here. A curve
+    function and its release (default: `evals.generate.model_loader`, local or on Ray); tests pass scripted models here. A curve
     named in `curve_path` must load; one found beside the adapter is charted when it loads and noted
     when it does not."""
     from flywheel.llm import usage
@@ -424,7 +383,7 @@ def run_eval(
     timing: dict[str, dict[str, GenerationTiming]] = {}
     for role, ref in (("champion", champion), ("candidate", candidate)):
         say(f"evaluating the {role} {ref.name} on {sizes} items")
-        generate, release = (load_model or local_generate_fn)(ref, settings)
+        generate, release = (load_model or model_loader(settings))(ref, settings)
         watches: dict[str, Stopwatch] = {}
         try:
             metrics[role] = evaluate_all(generate, sets, judge, settings, watches)
