@@ -352,3 +352,14 @@ def test_failure_pages_on_sqlite_and_postgresql(any_store: Any) -> None:
     assert len(rest.rows) == 7 and not {r.id for r in rest.rows} & {r.id for r in first.rows} and rest.next_after is None
     assert {r.problem_type for r in failure_page(any_store, PageFilter(problem_type="wrong_intent"), 50).rows} == {"wrong_intent"}
     assert distinct_values(any_store, "rule") == ["thumbs_down"]
+
+
+def test_the_queue_shows_the_nearest_knowledge_base_sections_before_any_correction(world: World, tmp_path: Path) -> None:
+    from flywheel.data.kb import add_files
+
+    kb = tmp_path / "kb.jsonl"
+    section = {"id": "refund-policy", "kind": "policy", "intent": "refund", "title": "refunds", "text": "Refunds reach the card in 5 days."}
+    kb.write_text(json.dumps(section) + "\n", encoding="utf-8")
+    assert add_files(world.ctx.index, [kb]).sections == 1
+    page = world.client("alice").get("/labelling")
+    assert "Knowledge-base context" in page.text and "refund-policy" in page.text and "Refunds reach the card in 5 days." in page.text

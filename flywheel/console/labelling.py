@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flywheel.console.web import Console
+from flywheel.data.kb import search
 from flywheel.data.labelling import LabelRequest
 from flywheel.data.labels import Label, add_label, failure_view, known_intents, labels_spent, latest_label, latest_labels
 from flywheel.errors import UserInputError
@@ -44,7 +45,8 @@ class Item(Record):
     position: int  # among the open items, from 0
     view: FailureView
     suggestion: str | None  # the corrector's answer, a starting point
-    context: list[dict[str, str]]  # {"id", "text"} of the knowledge-base entries the corrector used
+    # {"id", "text"} of the knowledge-base entries the corrector used, else the ones nearest to the question
+    context: list[dict[str, str]]
     intents: list[str]
 
 
@@ -97,7 +99,7 @@ def item_at(console: Console, state: QueueState, position: int) -> Item | None:
         position=position,
         view=view,
         suggestion=correction.answer if correction and correction.answer else None,
-        context=_kb_context(console, correction.context_ids if correction else []),
+        context=_kb_context(console, correction.context_ids) if correction and correction.context_ids else _nearest_kb(console, view),
         intents=intents,
     )
 
@@ -113,6 +115,19 @@ def _kb_context(console: Console, ids: list[str]) -> list[dict[str, str]]:
         log.warning("knowledge-base context not shown: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         found = {}
     return [{"id": i, "text": found.get(i, "")} for i in ids]
+
+
+def _nearest_kb(console: Console, view: FailureView, k: int = 3) -> list[dict[str, str]]:
+    """No corrector has looked at it yet: the knowledge-base sections nearest to the user's last question,
+    as the corrector would retrieve them. No knowledge base (or no index) shows none."""
+    question = view.interaction.last_user_text()
+    if not question:
+        return []
+    try:
+        return [{"id": hit.id, "text": hit.text} for hit in search(console.ctx.index, question, k=k)]
+    except Exception as exc:  # the page must show even when there is no knowledge base or no index
+        log.info("no knowledge-base context: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
 
 
 def label_from_form(form: dict[str, str]) -> dict[str, Any]:
