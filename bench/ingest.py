@@ -259,12 +259,12 @@ def run_raw(path: Path, store_url: str) -> dict:
     project, settings, store = _setup(store_url)
     from flywheel.data.batches import BatchReader
     from flywheel.data.ingest import BATCH_ROWS
-    from flywheel.store.interactions import value_plan
+    from flywheel.store.interactions import plan_for
 
-    plan = value_plan(store.engine.dialect)
+    plan = plan_for(store.engine.dialect.name)
     names = ", ".join(f'"{name}"' for name in plan.names)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reader = BatchReader(path, "auto", settings.policies.max_message_chars, BATCH_ROWS)
+    reader = BatchReader(path, "auto", settings.policies.max_message_chars, BATCH_ROWS, store.engine.dialect.name)
     seconds = cpu = 0.0
     rows = 0
     connection = store.engine.raw_connection()  # the store's own connection settings (SQLite: WAL, synchronous=NORMAL)
@@ -275,7 +275,7 @@ def run_raw(path: Path, store_url: str) -> dict:
             cursor.execute("PRAGMA wal_autocheckpoint=16384")
         insert = f"INSERT INTO interactions ({names}) VALUES ({', '.join('?' * len(plan.names))})"
         for batch in reader:
-            values = [tuple(v) for v in plan.values(batch.rows)]
+            values = [tuple(v) for v in batch.rows]
             started, cpu_started = time.perf_counter(), time.process_time()
             if store.is_sqlite:
                 cursor.executemany(insert, values)

@@ -193,10 +193,11 @@ def test_values_postgres_refuses_are_quarantined_and_the_connection_goes_on(pg_u
         rows = [build_row(_line(i), Scrubber(), 1000, f"t.jsonl:{i}", utcnow()) for i in range(6)]
         rows[1]["intent"] = "x" * 201  # the column holds 200 characters
         rows[4]["followups"] = 2**40  # an integer column
+        values = repo.plan_for("postgresql").values(rows)
         with store.engine.connect() as conn:
-            first = _store_batch(conn, rows[:3], [1, 2, 3], since=utcnow())
-            second = _store_batch(conn, rows[3:], [4, 5, 6], since=utcnow())
-            third = _store_batch(conn, rows[:3], [1, 2, 3], since=utcnow())  # again: duplicates, and the same refusal
+            first = _store_batch(conn, values[:3], [1, 2, 3], since=utcnow())
+            second = _store_batch(conn, values[3:], [4, 5, 6], since=utcnow())
+            third = _store_batch(conn, values[:3], [1, 2, 3], since=utcnow())  # again: duplicates, and the same refusal
         assert (first[0], [(bad.line, bad.kind) for bad in first[1]]) == (2, [(2, "store_refused")])
         assert (second[0], [(bad.line, bad.kind) for bad in second[1]]) == (2, [(5, "store_refused")])
         assert "too long" in first[1][0].reason and "out of range" in second[1][0].reason
@@ -357,7 +358,7 @@ def test_the_store_refusing_a_row_quarantines_that_row_only(any_store: Store) ->
 
 def _store_batch_on(store: Store, rows: list[dict]):
     with store.engine.connect() as conn:
-        return _store_batch(conn, rows, list(range(len(rows))), since=utcnow())
+        return _store_batch(conn, repo.plan_for(conn.dialect.name).values(rows), list(range(len(rows))), since=utcnow())
 
 
 # --- file shapes -------------------------------------------------------------------------------------------------

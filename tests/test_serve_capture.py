@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PG_ADMIN_DSN
+from conftest import PG_ADMIN_DSN, _truncate_all
 from openai_server import OpenAIServer
 from serve_helpers import chat, running_gateway, serve_settings
 from sqlalchemy import select
@@ -254,7 +254,6 @@ def test_feedback_takes_the_log_vocabulary_too_and_stores_one(store: Store, upst
 
 def test_postgres_going_away_slows_no_request_and_loses_nothing(pg_url: str, project: Path, upstream: OpenAIServer) -> None:
     settings = load_settings(project, store={"url": pg_url})
-    from conftest import _truncate_all
 
     _truncate_all(pg_url)
     store = open_store(settings)
@@ -374,3 +373,35 @@ def test_three_capture_processes_store_shared_ids_exactly_once(pg_url: str, proj
     # each process's own interactions came from it; the shared ones from whichever wrote them first
     by_id = dict(stored)
     assert all(by_id[f"chatcmpl-shared-{i}"] == f"gateway:gw{k}" for k in range(3) for i in own[k])
+
+
+def test_two_writers_inserting_one_interaction_apply_its_early_feedback_once(pg_url: str, project: Path) -> None:
+    """Two gateways on one PostgreSQL replay the same interaction while feedback for it waits. Both read the
+    waiting event before inserting; only the one whose insert stored the row applies it (the other's insert
+    skips the row), so a follow-up is counted once. The interleaving is fixed by hand on two connections."""
+    from flywheel.data.pii import Scrubber
+    from flywheel.data.rows import build_row
+    from flywheel.serve import feedback
+
+    _truncate_all(pg_url)
+    store = open_store(load_settings(project, store={"url": pg_url}))
+    try:
+        flat = {"id": "chatcmpl-race", "messages": [{"role": "user", "content": "where is my parcel?"}], "model_version": "v1"}
+        row = build_row(flat, Scrubber(), 10_000, "gateway:gw0", utcnow())
+        with store.begin() as conn:  # the feedback arrived first: stored, waiting for its interaction
+            assert feedback.record(conn, [FeedbackItem(interaction_id="chatcmpl-race", kind="followup", value=2, client="unit")]) == 0
+        second = store.engine.connect()
+        try:
+            second.begin()
+            early_second = feedback.pending_for(second, ["chatcmpl-race"])  # read before the first writer commits
+            with store.begin() as first:
+                assert feedback.insert_and_apply(first, [dict(row)], feedback.pending_for(first, ["chatcmpl-race"])) == 1
+            assert len(early_second) == 1
+            assert feedback.insert_and_apply(second, [dict(row)], early_second) == 0  # the row is there now: skipped
+            second.commit()
+        finally:
+            second.close()
+        stored = interaction_repo.get(store, "chatcmpl-race")
+        assert stored is not None and stored.signals.followups == 2
+    finally:
+        store.dispose()

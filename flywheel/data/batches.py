@@ -1,8 +1,11 @@
 """One input file -> batches of validated, PII-scrubbed store rows and the bad lines between them.
 
 Everything ingest does before the store: read (flywheel.data.readers), parse, detect the shape and map it
-(flywheel.data.formats), validate and scrub (flywheel.data.rows). No database here, so the same code runs
-in the ingest process or in a helper process (flywheel.data.ingest decides), and a batch pickles small.
+(flywheel.data.formats), validate and scrub (flywheel.data.rows), and turn each row into the values the
+store's bulk insert takes (flywheel.store.interactions.plan_for: JSON and, on SQLite, datetimes as text).
+No database here, so the same code runs in the ingest process or in a helper process (flywheel.data.ingest
+decides), and a batch pickles small: flat lists of strings and numbers, which unpickle about five times
+faster than the row dicts with their nested messages (and the writing process has no converting left).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flywheel.data.pii import Scrubber
 from flywheel.data.readers import looks_like_array, open_binary, read_json_array, read_lines
 from flywheel.data.rows import BadLine, build_row
 from flywheel.records import utcnow
+from flywheel.store.interactions import plan_for
 
 RAW_PREFIX_CHARS = 2000  # how much of a bad line the quarantine keeps
 
@@ -34,7 +38,7 @@ class BadRecord:
 
 @dataclass
 class Batch:
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)  # each row's values, in plan_for(dialect) column order
     lines: list[int] = field(default_factory=list)  # the line of each row
     bad: list[BadRecord] = field(default_factory=list)
     read: int = 0  # non-blank lines covered by this batch
@@ -45,8 +49,9 @@ class Batch:
 class BatchReader:
     """Iterate a file as batches of at most `batch_rows` rows (or as many bad lines)."""
 
-    def __init__(self, path: Path, fmt: str, max_chars: int, batch_rows: int):
+    def __init__(self, path: Path, fmt: str, max_chars: int, batch_rows: int, dialect: str = "sqlite"):
         self.path = path
+        self.dialect = dialect  # the store's dialect name: how rows become values (pickles; a plan does not)
         self.fmt = fmt
         self.max_chars = max_chars
         self.batch_rows = batch_rows
@@ -57,7 +62,9 @@ class BatchReader:
         self.formats: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[Batch]:
+        plan = plan_for(self.dialect)
         batch = Batch()
+        rows: list[dict[str, Any]] = []
         now = utcnow()
         with open_binary(self.path) as handle:
             reader = (
@@ -67,17 +74,19 @@ class BatchReader:
                 for line_no, raw in reader:
                     row = self._row(batch, line_no, raw, now)
                     if row is not None:
-                        batch.rows.append(row)
+                        rows.append(row)
                         batch.lines.append(line_no)
-                    if len(batch.rows) >= self.batch_rows or len(batch.bad) >= self.batch_rows:
-                        yield self._close(batch)
+                    if len(rows) >= self.batch_rows or len(batch.bad) >= self.batch_rows:
+                        yield self._close(batch, plan.values(rows))
                         batch = Batch()
+                        rows = []
                         now = utcnow()
             except BadLine as exc:  # a JSON array that cannot be read on
                 batch.bad.append(BadRecord(0, exc.kind, str(exc), ""))
-        yield self._close(batch)
+        yield self._close(batch, plan.values(rows))
 
-    def _close(self, batch: Batch) -> Batch:
+    def _close(self, batch: Batch, values: list[list[Any]]) -> Batch:
+        batch.rows = values
         batch.formats = dict(self.formats)
         batch.pii = dict(self.scrubber.counts)
         return batch

@@ -50,7 +50,6 @@ from flywheel.serve.protocol import message_text
 from flywheel.serve.spill import SpillFiles, decode, encode, lock_nonblocking
 from flywheel.settings import Settings
 from flywheel.store.db import Store
-from flywheel.store.interactions import insert_ignore
 
 log = logging.getLogger("flywheel.serve")
 
@@ -345,8 +344,7 @@ class Capture:
         try:
             with self.store.begin() as conn:
                 early = feedback.pending_for(conn, [r["id"] for r in rows])
-                insert_ignore(conn, rows)
-                feedback.apply_pending(conn, early)
+                feedback.insert_and_apply(conn, rows, early)
                 feedback.record(conn, feedbacks)
         except (DataError, IntegrityError):
             self._write_one_by_one(rows, feedbacks)
@@ -358,9 +356,7 @@ class Capture:
         for row in rows:
             try:
                 with self.store.begin() as conn:
-                    early = feedback.pending_for(conn, [row["id"]])
-                    insert_ignore(conn, [row])
-                    feedback.apply_pending(conn, early)
+                    feedback.insert_and_apply(conn, [row], feedback.pending_for(conn, [row["id"]]))
                 self.stored += 1
             except (DataError, IntegrityError) as exc:
                 reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc).splitlines()[0]

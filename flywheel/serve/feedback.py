@@ -15,7 +15,7 @@ header). Each kind sets the signal the capture rules (flywheel.data.triage) read
 
 Feedback travels through the capture writer (flywheel.serve.capture) like the interactions do, so a slow
 store never slows the caller, and it may reach the store before its interaction does (the interaction
-sat in a spill file): `apply_pending` then applies the early events when the interaction is inserted.
+sat in a spill file): `insert_and_apply` then applies the early events when it inserts the interaction.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from flywheel.records import utcnow
 from flywheel.serve.protocol import ApiError
 from flywheel.store import feedback as feedback_repo
 from flywheel.store.feedback import FeedbackEvent
+from flywheel.store.interactions import insert_ignore
 
 KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "complaint")
 # Logs say `"feedback": "up" | "down"` (docs/ingest.md), so clients built on that vocabulary send it here
@@ -135,7 +136,7 @@ def _apply(conn: Connection, interaction_id: str, kind: str, value: Any) -> int:
 
 def record(conn: Connection, items: Sequence[FeedbackItem]) -> int:
     """Store the events and apply each to its interaction, in order. Returns how many found their interaction
-    (the others wait in feedback_events for `apply_pending`)."""
+    (the others wait in feedback_events for `insert_and_apply`)."""
     applied = 0
     for item in items:
         feedback_repo.insert_event(conn, item.interaction_id, item.kind, item.value, item.client, item.created_at)
@@ -149,6 +150,16 @@ def pending_for(conn: Connection, interaction_ids: Sequence[str]) -> list[Feedba
     return feedback_repo.pending_events(conn, interaction_ids)
 
 
-def apply_pending(conn: Connection, pending: Sequence[FeedbackEvent]) -> int:
-    """Apply events that arrived before their interaction (from `pending_for`), after inserting it."""
-    return sum(_apply(conn, r.interaction_id, r.kind, r.value) for r in pending)
+def insert_and_apply(conn: Connection, rows: Sequence[dict[str, Any]], pending: Sequence[FeedbackEvent]) -> int:
+    """Insert interaction rows, then apply the events that arrived before them (from `pending_for`) to the
+    ones this call inserted. Returns how many rows were new.
+
+    Only to those: two gateways on one PostgreSQL may insert the same interaction at once (a spill replayed
+    by both). Both read its early events before inserting; the second insert waits for the first and then
+    skips the row, and applying the events there too would count a follow-up twice."""
+    inserted: set[str] = set()
+    count = insert_ignore(conn, rows, inserted)
+    for event in pending:
+        if event.interaction_id in inserted:
+            _apply(conn, event.interaction_id, event.kind, event.value)
+    return count

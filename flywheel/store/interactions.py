@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Connection, DateTime, func, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -70,8 +70,10 @@ def from_row(row: Any) -> Interaction:
     )
 
 
-def insert_ignore(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert rows, skipping any whose id or content hash is already stored. Returns how many were new.
+def insert_ignore(conn: Connection, rows: Sequence[dict[str, Any]], inserted: set[str] | None = None) -> int:
+    """Insert rows, skipping any whose id or content hash is already stored. Returns how many were new;
+    `inserted`, when given, receives the ids of those rows (what this transaction inserted, not what another
+    one inserted meanwhile: the gateway applies early feedback only to those).
 
     Idempotent by construction: ON CONFLICT DO NOTHING on both unique keys, in one statement. Rows go in
     the order given, so of two rows in one call with the same id or content the first is kept. Runs inside
@@ -80,13 +82,46 @@ def insert_ignore(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     """
     if not rows:
         return 0
+    if _bulk(conn):
+        return insert_prepared(conn, plan_for(conn.dialect.name).values(rows), inserted)
+    return _insert_ignore_core(conn, rows, inserted)
+
+
+def insert_prepared(conn: Connection, values: Sequence[list[Any]], inserted: set[str] | None = None) -> int:
+    """`insert_ignore` for rows already turned into values by `plan_for(conn.dialect.name).values(...)`:
+    ingest builds those where it parses (in a helper process, for a large file), so the writing process only
+    hands them to the driver."""
+    if not values:
+        return 0
     if conn.dialect.name == "sqlite":
-        return _insert_ignore_sqlite(conn, rows)
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        return _insert_ignore_copy(conn, rows)
+        return _insert_ignore_sqlite(conn, values, inserted)
+    if _bulk(conn):
+        return _insert_ignore_copy(conn, values, inserted)
+    # another PostgreSQL driver: back to rows for SQLAlchemy (only JSON was converted for PostgreSQL)
+    plan = plan_for(conn.dialect.name)
+    json_columns = [index for index, _ in plan.converters]
+    rows = []
+    for row in values:
+        items = list(row)
+        for index in json_columns:
+            if items[index] is not None:
+                items[index] = json.loads(items[index])
+        rows.append(dict(zip(plan.names, items)))
+    return _insert_ignore_core(conn, rows, inserted)
+
+
+def _bulk(conn: Connection) -> bool:
+    """Whether the driver's own bulk path serves this connection: sqlite3, or psycopg's COPY."""
+    return conn.dialect.name == "sqlite" or (conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg")
+
+
+def _insert_ignore_core(conn: Connection, rows: Sequence[dict[str, Any]], inserted: set[str] | None) -> int:
     # RETURNING counts what was really new (executemany rowcount is not reliable).
     stmt = postgresql.insert(interactions).on_conflict_do_nothing().returning(interactions.c.id)
-    return len(conn.execute(stmt, list(rows)).fetchall())
+    ids = conn.execute(stmt, list(rows)).scalars().all()
+    if inserted is not None:
+        inserted.update(ids)
+    return len(ids)
 
 
 class _Plan:
@@ -100,6 +135,7 @@ class _Plan:
         ]
         self.converters = [(index, converters[name]) for index, name in enumerate(self.names) if name in converters]
         self._every_column = itemgetter(*self.names)
+        self.position = {name: index for index, name in enumerate(self.names)}  # where each column sits in a row's values
 
     def values(self, rows: Iterable[dict[str, Any]]) -> list[list[Any]]:
         out = []
@@ -115,41 +151,50 @@ class _Plan:
         return out
 
 
-_PLANS: dict[tuple[str, int], _Plan] = {}
+_PLANS: dict[str, _Plan] = {}
 
 
-def value_plan(dialect: Any) -> _Plan:
-    """The plan for `dialect`: on SQLite each column's own bind processor (datetimes and JSON written
-    faster, to the same text); on PostgreSQL's COPY only JSON is turned into text, psycopg writes the rest."""
-    key = (dialect.name, id(dialect))
-    plan = _PLANS.get(key)
+def plan_for(dialect_name: str) -> _Plan:
+    """The plan for a dialect, by name, so that a process without a database (ingest's helper) can build
+    values too: on SQLite each column's own bind processor (datetimes and JSON written faster, to the same
+    text); on PostgreSQL only JSON is turned into text, the driver writes the rest."""
+    plan = _PLANS.get(dialect_name)
     if plan is None:
+        dialect = _dialect(dialect_name)
         converters: dict[str, Callable[[Any], Any]] = {}
         for column in interactions.columns:
             if isinstance(column.type, JSON):
                 converters[column.name] = _json_text
-            elif dialect.name == "sqlite":
+            elif dialect_name == "sqlite":
                 process = column.type.dialect_impl(dialect).bind_processor(dialect)
                 if isinstance(column.type, DateTime) and process is not None:
                     process = _SqliteDatetime(process)
                 if process is not None:
                     converters[column.name] = process
-        plan = _PLANS[key] = _Plan(converters)
+        plan = _PLANS[dialect_name] = _Plan(converters)
     return plan
 
 
-def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def _dialect(name: str) -> Any:
+    if name == "sqlite":
+        return sqlite.dialect()
+    if name == "postgresql":
+        return postgresql.dialect()
+    raise ValueError(f"no bulk value plan for the {name!r} dialect")
+
+
+def _insert_ignore_sqlite(conn: Connection, params: Sequence[list[Any]], inserted: set[str] | None) -> int:
     """The same INSERT ... ON CONFLICT DO NOTHING through the sqlite3 cursor's executemany.
 
     Why: at ingest volumes SQLAlchemy's per-row parameter handling and RETURNING batches cost about twice
     what SQLite's own work does (bench/ingest.py). Values go through each column's own bind processor, so
     the stored text is what the Core path stores, except JSON, which orjson writes (same JSON, non-ASCII
     kept as UTF-8 instead of \\u escapes). New rows are counted with sqlite3's total_changes, which a skipped
-    conflict does not move; a NOT NULL or other failure raises as SQLAlchemy's own error types.
+    conflict does not move; a NOT NULL or other failure raises as SQLAlchemy's own error types. When the
+    caller wants the inserted ids, the rows go one execute each, total_changes telling which were new.
     (ON CONFLICT DO NOTHING, not INSERT OR IGNORE: OR IGNORE would also skip a row that breaks NOT NULL.)
     """
-    plan = value_plan(conn.dialect)
-    params = plan.values(rows)
+    plan = plan_for("sqlite")
     sql = f"INSERT INTO {interactions.name} ({', '.join(plan.names)}) VALUES ({', '.join('?' * len(plan.names))}) ON CONFLICT DO NOTHING"
     raw = conn.connection.driver_connection
     assert raw is not None  # an open Connection always holds its sqlite3 connection
@@ -157,7 +202,15 @@ def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> i
     with _driver_errors(conn, sql):
         cursor = conn.connection.cursor()
         try:
-            cursor.executemany(sql, params)
+            if inserted is None:
+                cursor.executemany(sql, params)
+            else:
+                at = plan.position["id"]
+                for row in params:
+                    changes = raw.total_changes
+                    cursor.execute(sql, row)
+                    if raw.total_changes != changes:
+                        inserted.add(row[at])
         finally:
             cursor.close()
     return raw.total_changes - before
@@ -168,9 +221,9 @@ def _insert_ignore_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> i
 STAGING = "flywheel_interactions_staging"
 
 
-def _insert_ignore_copy(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def _insert_ignore_copy(conn: Connection, values: Sequence[list[Any]], inserted: set[str] | None) -> int:
     """COPY the rows into a session-local staging table, then one INSERT ... SELECT ... ON CONFLICT DO
-    NOTHING; its row count is how many were new.
+    NOTHING; its row count is how many were new (RETURNING id when the caller wants the ids).
 
     Why: a multi-row INSERT through SQLAlchemy costs the client far more than the server (bench/ingest.py:
     docs/ingest.md "Speed"); COPY hands psycopg plain tuples that it writes in C. The staging table is a
@@ -181,7 +234,7 @@ def _insert_ignore_copy(conn: Connection, rows: Sequence[dict[str, Any]]) -> int
     call in the same transaction. The INSERT takes the rows in the order given, so the first of two rows
     with the same id or content in one call wins, as on SQLite.
     """
-    plan = value_plan(conn.dialect)
+    plan = plan_for("postgresql")
     quote = conn.dialect.identifier_preparer.quote
     names = ", ".join(quote(name) for name in plan.names)
     with _driver_errors(conn, f"COPY {STAGING}"):
@@ -189,16 +242,19 @@ def _insert_ignore_copy(conn: Connection, rows: Sequence[dict[str, Any]]) -> int
         cursor = conn.connection.cursor()
         try:
             with cursor.copy(f"COPY {STAGING} ({names}, ord) FROM STDIN") as copy:
-                for position, values in enumerate(plan.values(rows)):
-                    values.append(position)
-                    copy.write_row(values)
+                for position, row in enumerate(values):
+                    copy.write_row((*row, position))  # a new tuple: the caller may insert the same values again
         finally:
             cursor.close()
-    inserted = conn.exec_driver_sql(
-        f"INSERT INTO {interactions.name} ({names}) SELECT {names} FROM {STAGING} ORDER BY ord ON CONFLICT DO NOTHING"
-    ).rowcount
+    sql = f"INSERT INTO {interactions.name} ({names}) SELECT {names} FROM {STAGING} ORDER BY ord ON CONFLICT DO NOTHING"
+    if inserted is None:
+        count = conn.exec_driver_sql(sql).rowcount
+    else:
+        ids = conn.exec_driver_sql(f"{sql} RETURNING {quote('id')}").scalars().all()
+        inserted.update(ids)
+        count = len(ids)
     conn.exec_driver_sql(f"DELETE FROM {STAGING}")
-    return inserted
+    return count
 
 
 @functools.cache
