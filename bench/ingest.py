@@ -5,8 +5,8 @@ write the same rows with the database's own bulk path (the raw baseline); print 
     python bench/ingest.py --store sqlite          # 200,000 interactions, plus a 50,000 run for peak RSS
     python bench/ingest.py --store postgres        # a fresh database on 127.0.0.1:5432, dropped after
     python bench/ingest.py --rows 50000 --no-flatness
-    python bench/ingest.py --serial                # one process: no helper that parses and scrubs
-    python bench/ingest.py --helper                # always the helper process (default: when a core is free)
+    python bench/ingest.py --serial                # one process parses, scrubs and writes
+    python bench/ingest.py --parallel              # a helper process parses every other batch (default: a large file, 2+ cores)
     python bench/ingest.py --store-url postgresql://user@host/db   # an existing database, not dropped
 
 The raw baseline: the same rows (read, scrubbed and turned into plain tuples beforehand, not timed), in
@@ -216,7 +216,7 @@ def _memory(result: dict, rss_before: float) -> dict:
     helper = resource.getrusage(resource.RUSAGE_CHILDREN)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["rss_before_mb"] = round(rss_before, 1)
-    result["helper_peak_rss_mb"] = round(helper.ru_maxrss / 1024, 1)  # the process that parses and scrubs (0: none)
+    result["helper_peak_rss_mb"] = round(helper.ru_maxrss / 1024, 1)  # the process that parses every other batch (0: none)
     result["cpu_seconds_helper"] = round(helper.ru_utime + helper.ru_stime, 2)
     return result
 
@@ -330,20 +330,22 @@ def main() -> None:
     parser.add_argument("--no-flatness", action="store_true", help="skip the 50,000 run that shows memory does not grow with size")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw baseline")
     parser.add_argument("--serial", action="store_true", help="no helper process: parse, scrub and store in one process")
-    parser.add_argument("--helper", action="store_true", help="always parse and scrub in a helper process (default: when a core is free)")
+    parser.add_argument(
+        "--parallel", "--helper", dest="parallel", action="store_true", help="share the parsing with a helper process (default: 2+ cores)"
+    )
     parser.add_argument("--ingest-child", help=argparse.SUPPRESS)
     parser.add_argument("--raw-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ingest_child:
-        print(json.dumps(run_ingest(Path(args.ingest_child), args.store_url, False if args.serial else True if args.helper else None)))
+        print(json.dumps(run_ingest(Path(args.ingest_child), args.store_url, False if args.serial else True if args.parallel else None)))
         return
     if args.raw_child:
         print(json.dumps(run_raw(Path(args.raw_child), args.store_url)))
         return
     if args.store_url:
         args.store = "postgres" if args.store_url.startswith("postgresql") else "sqlite"
-    mode = ["--serial"] if args.serial else ["--helper"] if args.helper else []
-    result: dict = {"store": args.store, "rows": args.rows, "mode": "serial" if args.serial else "helper" if args.helper else "auto"}
+    mode = ["--serial"] if args.serial else ["--parallel"] if args.parallel else []
+    result: dict = {"store": args.store, "rows": args.rows, "mode": "serial" if args.serial else "parallel" if args.parallel else "auto"}
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
         path = Path(tmp) / f"interactions-{args.rows}.jsonl"
         result["file_mb"] = round(write_file(path, args.rows) / 1e6, 1)

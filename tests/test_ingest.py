@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from conftest import _truncate_all
 from flywheel.cli import main
 from flywheel.data import readers
 from flywheel.data.formats import from_langfuse, from_langsmith
-from flywheel.data.ingest import BATCH_ROWS, _store_batch, ingest_files
+from flywheel.data.ingest import BATCH_ROWS, FileSummary, IngestSummary, _store_batch, ingest_files
 from flywheel.data.pii import Scrubber
 from flywheel.data.rows import build_row, content_hash
 from flywheel.records import Interaction, interaction_hash, utcnow
@@ -27,6 +29,7 @@ from flywheel.settings import Settings, load_settings
 from flywheel.settings_sections import PolicySettings
 from flywheel.store import interactions as repo
 from flywheel.store.db import Store, open_store
+from flywheel.store.schema import metadata
 
 FULL_LINE = {
     "id": "conv-001",
@@ -551,38 +554,52 @@ def test_a_forced_format_quarantines_lines_of_another_shape(store: Store, tmp_pa
 # --- interruption --------------------------------------------------------------------------------------------------
 
 _CHILD = textwrap.dedent("""
+    import multiprocessing
     import sys
     from pathlib import Path
     from flywheel.data.ingest import ingest_files
     from flywheel.settings import load_settings
     from flywheel.store.db import open_store
 
-    project, url, path = sys.argv[1:4]
-    settings = load_settings(project, **({"store": {"url": url}} if url else {}))
-    store = open_store(settings)
-    ingest_files(store, settings, [Path(path)], batch_rows=500, parallel=False,
-                 on_progress=lambda f: print(f.stored, flush=True))
-    print("done", flush=True)
+    if __name__ == "__main__":
+        project, url, path, parallel = sys.argv[1:5]
+        settings = load_settings(project, **({"store": {"url": url}} if url else {}))
+        store = open_store(settings)
+        def progress(f):  # the rows stored so far, then the helper process's pid
+            print(f.stored, *(p.pid for p in multiprocessing.active_children()), flush=True)
+        ingest_files(store, settings, [Path(path)], batch_rows=500, parallel=parallel == "1", on_progress=progress)
+        print("done", flush=True)
 """)
 
 
-def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_store: Store, tmp_path: Path) -> None:
+def _gone(pid: int) -> bool:
+    """The process has ended (an ended orphan may linger as a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_store: Store, tmp_path: Path, parallel: bool) -> None:
     total = 12_000
     path = _write(tmp_path / "many.jsonl", [_line(i) for i in range(total)])
     script = tmp_path / "child.py"
     script.write_text(_CHILD, encoding="utf-8")
     url = any_store.settings.store.url
     child = subprocess.Popen(
-        [sys.executable, str(script), str(any_store.settings.project_dir), url, str(path)],
+        [sys.executable, str(script), str(any_store.settings.project_dir), url, str(path), "1" if parallel else "0"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     reported = 0
+    helpers: set[int] = set()
     for out in child.stdout:
         if out.strip() == "done":
             break
-        reported = int(out)
+        reported, *pids = map(int, out.split())
+        helpers.update(pids)
         if reported >= 1000:
             child.send_signal(signal.SIGKILL)  # mid-file, between or during commits: no chance to clean up
             break
@@ -590,6 +607,11 @@ def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_
     assert child.returncode == -signal.SIGKILL, "the child finished before it could be killed"
     after_kill = repo.count(any_store)
     assert reported <= after_kill < total  # everything reported is there; the file was not finished
+    assert bool(helpers) == parallel
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in helpers), "the helper process outlived the killed ingest"
     rerun = ingest_files(any_store, any_store.settings, [path])
     assert repo.count(any_store) == total  # exactly: nothing lost, nothing twice
     assert (rerun.files[0].stored, rerun.files[0].duplicates) == (total - after_kill, after_kill)
@@ -598,21 +620,61 @@ def test_a_killed_ingest_loses_nothing_it_reported_and_a_rerun_completes_it(any_
 # --- the helper process and the serial path agree -------------------------------------------------------------------
 
 
-def test_the_helper_process_path_stores_what_the_serial_path_stores(tmp_path: Path, settings: Settings) -> None:
-    lines = [_line(i) for i in range(300)] + ["not json", FULL_LINE]
-    path = _write(tmp_path / "x.jsonl", lines)
+def _everything_stored(store: Store, summary: IngestSummary) -> tuple:
+    """What an ingest leaves behind: its counts, every stored row and every quarantine entry."""
+    rows = [i.model_dump(mode="json") for i in repo.iter_all(store)]
+    quarantined = [{k: v for k, v in entry.items() if k != "at"} for entry in _quarantine(store.settings)]
+    return summary.files[0].model_dump(exclude={"path"}), rows, quarantined
+
+
+def test_the_parallel_path_stores_exactly_what_the_serial_path_stores(any_store: Store, tmp_path: Path) -> None:
+    mail = {"role": "user", "content": "mail me at jane.doe@example.com or call +44 20 7946 0958, Ann Smith"}
+    lines: list = [_line(i) for i in range(40)]
+    lines[7]["messages"].append(mail)
+    lines += ["not json", "", b"\xff\xfe", "[1]", {"messages": [{"role": "robot", "content": "x"}]}, FULL_LINE]
+    lines += [_line(3), {**_line(5), "id": "other-5"}, {**_line(70), "id": "c4"}, _line(41, messages=[mail])]
+    lines += [_line(i) for i in range(42, 60)] + ["{oops", {**_line(99), "id": "c45"}, _line(45)]
+    path = _write(tmp_path / "mixed.jsonl", lines)
     results = []
     for parallel in (False, True):
-        project = tmp_path / f"p{parallel}"
-        project.mkdir()
-        s = load_settings(project)
-        store = open_store(s)
-        summary = ingest_files(store, s, [path], batch_rows=64, parallel=parallel)
-        rows = sorted((i.id, i.content_hash, i.model_dump_json(exclude={"source"})) for i in repo.iter_all(store))
-        results.append((summary.files[0].model_dump(exclude={"path"}), [r[:2] for r in rows], _quarantine(s)[0]["line"]))
-        store.dispose()
+        helpers: list[str] = []
+
+        def seen(_: FileSummary, helpers: list[str] = helpers) -> None:
+            helpers.extend(p.name for p in multiprocessing.active_children())
+
+        summary = ingest_files(
+            any_store,
+            any_store.settings,
+            [path],
+            batch_rows=4,  # many chunks, the helper's and this process's in turn, each with a bad line or a duplicate
+            parallel=parallel,
+            on_progress=seen,
+        )
+        assert ("flywheel-ingest-parser" in helpers) == parallel and not multiprocessing.active_children()
+        results.append(_everything_stored(any_store, summary))
+        with any_store.engine.begin() as conn:  # empty again for the other path
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        any_store.settings.quarantine_path.unlink()
     assert results[0] == results[1]
-    assert results[0][0]["stored"] == 301 and results[0][2] == 301
+    counts = results[0][0]
+    assert (counts["stored"], counts["duplicates"], counts["conflicts"]) == (60, 3, 2)
+    assert counts["reasons"] == {"malformed_json": 2, "invalid_utf8": 1, "wrong_type": 1, "unknown_role": 1, "id_conflict": 2}
+    assert counts["pii"]["EMAIL"] == 4 and counts["pii"]["PERSON"] >= 2  # two in FULL_LINE, one each in lines 8 and 50
+
+
+def test_the_helper_process_ends_with_a_failing_or_interrupted_ingest(store: Store, tmp_path: Path) -> None:
+    path = _write(tmp_path / "x.jsonl", [_line(i) for i in range(100)])
+    for stop in (RuntimeError("the store is gone"), KeyboardInterrupt()):
+
+        def progress(_: FileSummary, stop: BaseException = stop) -> None:
+            assert multiprocessing.active_children()
+            raise stop
+
+        with pytest.raises(type(stop)):
+            ingest_files(store, store.settings, [path], batch_rows=10, parallel=True, on_progress=progress)
+        assert not multiprocessing.active_children()
+    assert repo.count(store) == 10  # the first batch, committed before its progress report
 
 
 # --- the command -------------------------------------------------------------------------------------------------

@@ -19,21 +19,18 @@ What it promises:
   the content hash is computed and before anything is stored, the quarantine file included.
 
 How: flywheel.data.batches turns a file into batches (reading, mapping the shape, validating, scrubbing);
-this module stores them. For a large file on a machine with a free core the batches are built in a helper
-process while this one writes (a writer thread was tried first: the two threads convoyed on the GIL and it
-ran slower than one).
+this module stores them. For a large file on a machine with two cores or more, a helper process builds every
+other batch while this one builds the rest and writes them all (flywheel.data.parallel; a writer thread was
+tried first: the two threads convoyed on the GIL and it ran slower than one).
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import multiprocessing
 import os
-import pickle
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime
 from hashlib import sha256
 from pathlib import Path
@@ -45,16 +42,18 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from flywheel.data.batches import RAW_PREFIX_CHARS, BadRecord, Batch, BatchReader
 from flywheel.data.formats import FORMATS
+from flywheel.data.parallel import batches as built_batches
+from flywheel.data.parallel import fewer_gc_passes
 from flywheel.data.rows import BadLine, build_row  # noqa: F401 - serve.capture imports these from here
-from flywheel.errors import InfrastructureError, UserInputError
+from flywheel.errors import UserInputError
 from flywheel.records import Record, utcnow
 from flywheel.settings import Settings
 from flywheel.store.db import Store
 from flywheel.store.interactions import holders, insert_prepared, plan_for
 
 BATCH_ROWS = 2000
-# Files at least this large are parsed in a helper process when a core is free: below it the process start
-# (~0.3 s of imports) costs more than it saves.
+# Files at least this large are shared with a helper process: below it the process start (~0.3 s of
+# imports) costs more than it saves.
 PARALLEL_MIN_BYTES = 16 << 20
 ID_CONFLICT = "id_conflict"  # the quarantine kind of a line whose id the store holds with other content
 
@@ -117,14 +116,14 @@ def ingest_files(
     parallel: bool | None = None,
 ) -> IngestSummary:
     """Ingest each file; return what happened to every line. `on_progress` is called after each committed
-    batch with the file's counts so far (everything it reports is durable). `parallel`: build batches in a
-    helper process; None decides by file size and how busy the machine is (_helper_pays)."""
+    batch with the file's counts so far (everything it reports is durable). `parallel`: share the parsing with
+    a helper process (flywheel.data.parallel); None decides by the file's size and the cores (_parallel_pays)."""
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     summary = IngestSummary(quarantine_path=str(settings.quarantine_path))
     quarantine = _Quarantine(settings.quarantine_path, [_quarantine_name(path) for path in paths])
     try:
-        with _fewer_gc_passes():
+        with fewer_gc_passes():
             for path in paths:
                 counts = FileSummary(path=str(path))
                 summary.files.append(counts)
@@ -140,14 +139,14 @@ def ingest_files(
                 except OSError as exc:
                     counts.error = f"cannot read: {exc.strerror or exc}"
                     continue
-                use_helper = parallel if parallel is not None else _helper_pays(size)
+                shared = parallel if parallel is not None else _parallel_pays(size)
                 reader = BatchReader(path, fmt, settings.policies.max_message_chars, batch_rows, store.engine.dialect.name)
                 # Before any batch exists (a helper process starts building them right away): every row of
                 # this file is stored with an ingest time at or after it.
                 started = utcnow()
-                batches = _from_helper(reader) if use_helper else iter(reader)
                 try:
-                    _store_file(store, batches, counts, quarantine, on_progress, started)
+                    with closing(built_batches(reader, shared)) as batches:  # closed early too: the helper ends with it
+                        _store_file(store, batches, counts, quarantine, on_progress, started)
                 except OSError as exc:
                     counts.error = f"cannot read: {exc.strerror or exc}"
     finally:
@@ -155,27 +154,22 @@ def ingest_files(
     return summary
 
 
-def _helper_pays(size: int) -> bool:
-    """A helper process pays when the file is large and a whole core is idle. The writing process then has
-    little left to do (5 µs a conversation on PostgreSQL, 17 on SQLite, against about 40 for parsing and
-    scrubbing in the helper), so the helper sets the pace, and on a busy machine it gets less than the one
-    process would: on this project's shared 2-core machine bench/ingest.py measured, for 200,000 rows,
-    SQLite 16.5k rows/s with it at load 1.8 where one process did 18.3k at load 1.4, PostgreSQL 16.5k at
-    load 2.3 where one process did 17.7k at load 3.1."""
-    cores = os.cpu_count() or 1
-    if size < PARALLEL_MIN_BYTES or cores < 2:
-        return False
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return True
-    return load <= cores - 1
+def _parallel_pays(size: int) -> bool:
+    """Sharing the parsing with a helper process pays for a large file on two cores or more. With a free core
+    both processes parse: about 6 s of CPU each for 200,000 conversations on SQLite, 4.5-5 on PostgreSQL,
+    where one process alone needs 10 and 7.5-8. On a machine other work keeps busy it costs a little: on
+    this project's 2 cores at load 2.3-3.4, bench/ingest.py measured SQLite 15.2-17.0k rows/s in parallel
+    against 17.1-17.7k in one process, PostgreSQL 13.6-19.7k against 15.0-17.0k. The load average does not
+    tell the two apart (it lags a minute and counts finished work), so it is not consulted."""
+    return size >= PARALLEL_MIN_BYTES and (os.cpu_count() or 1) >= 2
 
 
 def _store_file(
     store: Store, batches: Iterator[Batch], counts: FileSummary, quarantine: _Quarantine, on_progress: Progress | None, started: datetime
 ) -> None:
     reasons: Counter[str] = Counter()
+    formats: Counter[str] = Counter()  # each batch counts its own lines and placeholders: summed here
+    pii: Counter[str] = Counter()
     name = _quarantine_name(Path(counts.path))
 
     def bad_line(bad: BadRecord) -> None:
@@ -198,74 +192,16 @@ def _store_file(
                 for bad in refused:
                     bad_line(bad)
             quarantine.flush()
-            counts.formats = batch.formats
-            counts.pii = batch.pii
+            formats.update(batch.formats)
+            pii.update(batch.pii)
+            counts.formats = dict(formats)
+            counts.pii = dict(pii)
             counts.reasons = dict(reasons)
             if on_progress is not None:
                 on_progress(counts.model_copy())
 
 
-# --- the helper process --------------------------------------------------------------------------------------
-
-
-def _from_helper(reader: BatchReader) -> Iterator[Batch]:
-    """The reader's batches, built in a helper process and handed over pickled through a pipe. The pipe
-    holds about one batch, so the helper runs at most a batch ahead: memory stays flat. If this process
-    stops, the helper finds the pipe closed and ends; if the helper dies, this raises."""
-    context = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads and open connections
-    receiver, sender = context.Pipe(duplex=False)
-    helper = context.Process(target=_helper_main, args=(sender, reader), name="flywheel-ingest-reader", daemon=True)
-    helper.start()
-    sender.close()
-    try:
-        while True:
-            try:
-                item = pickle.loads(receiver.recv_bytes())
-            except EOFError:
-                raise InfrastructureError(f"the ingest reader process for {reader.path} stopped (exit code {helper.exitcode})") from None
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        receiver.close()
-        helper.join(timeout=10)
-        if helper.is_alive():
-            helper.terminate()
-
-
-def _helper_main(sender: Any, reader: BatchReader) -> None:
-    try:
-        with _fewer_gc_passes():  # a spawned process starts with the default threshold: a third more CPU here
-            for batch in reader:
-                sender.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-        sender.send_bytes(pickle.dumps(None))
-    except (BrokenPipeError, KeyboardInterrupt):
-        pass  # the ingest process is gone or stopping: nothing to hand over
-    except BaseException as exc:  # handed to the ingest process, which raises it
-        try:
-            sender.send_bytes(pickle.dumps(exc))
-        except Exception:
-            sender.send_bytes(pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}")))
-    finally:
-        sender.close()
-
-
 # --- storing ---------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _fewer_gc_passes() -> Iterator[None]:
-    """Each line allocates a few dozen dicts and lists, none of them in a reference cycle; the default
-    collector threshold (700) makes it walk the young objects every few lines, about a tenth of the ingest
-    time. A higher threshold for the duration keeps collection on, just rarer."""
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
 
 
 def _quarantine_name(path: Path) -> str:
