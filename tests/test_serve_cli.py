@@ -64,6 +64,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_gateway(project: Path, upstream_url: str, port: int, **env: str) -> subprocess.Popen[str]:
+    """`flywheel serve --backend proxy` in a child process, returned once it accepts connections."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    command = [sys.executable, "-m", "flywheel.cli", "-C", str(project), "serve", "--backend", "proxy"]
+    command += ["--upstream", upstream_url, "--port", str(port)]
+    proc = subprocess.Popen(command, env={**clean, "HF_HUB_OFFLINE": "1", **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"flywheel serve exited: {proc.communicate()[1][-2000:]}") from None
+            assert time.monotonic() < deadline, "flywheel serve did not start"
+            time.sleep(0.1)
+
+
 def test_serve_command_answers_and_flushes_on_sigterm(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = open_store(load_settings(project))
     registry.register_base(store, "tiny-base")
@@ -72,38 +90,9 @@ def test_serve_command_answers_and_flushes_on_sigterm(project: Path, capsys: pyt
     key = capsys.readouterr().out.strip()
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     with OpenAIServer(default="Hello from upstream") as upstream:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flywheel.cli",
-                "-C",
-                str(project),
-                "serve",
-                "--backend",
-                "proxy",
-                "--upstream",
-                upstream.base_url,
-                "--port",
-                str(port),
-            ],
-            env={**env, "HF_HUB_OFFLINE": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _start_gateway(project, upstream.base_url, port)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
-                except OSError:
-                    assert proc.poll() is None, proc.communicate()[1]
-                    assert time.monotonic() < deadline, "flywheel serve did not start"
-                    time.sleep(0.1)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=30) as http:
                 ids = []
                 for i in range(30):
@@ -123,5 +112,62 @@ def test_serve_command_answers_and_flushes_on_sigterm(project: Path, capsys: pyt
     store = open_store(load_settings(project))
     try:
         assert {i.id for i in interaction_repo.iter_all(store)} == set(ids)
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_three_gateways_capture_into_one_postgresql_without_duplicates(
+    project: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three `flywheel serve` processes behind an imaginary load balancer, one PostgreSQL store: every
+    answered request is stored exactly once, and feedback sent to another gateway than the one that
+    answered is applied once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import _truncate_all
+
+    _truncate_all(pg_url)
+    (project / "flywheel.toml").write_text(f'[store]\nurl = "{pg_url}"\n', encoding="utf-8")
+    store = open_store(load_settings(project))
+    registry.register_base(store, "tiny-base")
+    store.dispose()
+    assert main(["-C", str(project), "keys", "create", "lb"]) == 0
+    headers = {"authorization": f"Bearer {capsys.readouterr().out.strip()}"}
+
+    def send(port: int, n: int) -> list[str]:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as http:
+            body = {"model": "champion", "messages": [{"role": "user", "content": "where is my order"}], "user": f"u{n % 7}"}
+            return [http.post("/v1/chat/completions", json=body).headers["x-flywheel-interaction-id"] for _ in range(40)]
+
+    ports = [_free_port() for _ in range(3)]
+    gateways: list[subprocess.Popen[str]] = []
+    with OpenAIServer(default="It ships tomorrow.") as upstream:
+        try:
+            gateways = [_start_gateway(project, upstream.base_url, port) for port in ports]
+            with ThreadPoolExecutor(max_workers=6) as pool:  # two clients per gateway at once
+                served = list(pool.map(send, ports * 2, range(6)))
+            ids = [i for batch in served for i in batch]
+            # a follow-up for each of the first gateway's interactions, sent to the next gateway
+            for interaction_id in served[0]:
+                with httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", headers=headers, timeout=30) as http:
+                    answer = http.post("/v1/feedback", json={"interaction_id": interaction_id, "kind": "followup"})
+                    assert answer.status_code == 202, answer.text
+            for gateway in gateways:
+                gateway.send_signal(signal.SIGTERM)  # each flushes its queue to the store before it exits
+            for gateway in gateways:
+                gateway.communicate(timeout=60)
+        finally:
+            for gateway in gateways:
+                if gateway.poll() is None:
+                    gateway.kill()
+                    gateway.wait()
+    assert len(ids) == len(set(ids)) == 240
+    store = open_store(load_settings(project))
+    try:
+        stored = list(interaction_repo.iter_all(store))
+        assert sorted(i.id for i in stored) == sorted(ids)  # every answer once, none twice, none lost
+        followups = {i.id: i.signals.followups for i in stored}
+        assert all(followups[i] == 1 for i in served[0]) and sum(followups.values()) == len(served[0])
     finally:
         store.dispose()
