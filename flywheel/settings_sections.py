@@ -314,7 +314,7 @@ class RaySettings(Section):
     # A job Ray keeps pending this long (no node has the resources, the runtime_env never gets ready) is
     # stopped and marked failed with Ray's reason.
     pending_timeout_s: float = Field(600.0, gt=0)
-    batch_stages: bool = True  # with launcher "ray": embedding and rule judging run as Ray tasks over batches
+    batch_stages: bool = True  # with launcher "ray": embedding, rule judging and eval generation run as Ray tasks over batches
     batch_rows: int = Field(256, ge=1)  # texts or failures per Ray task
     image: str = ""  # the container image `flywheel jobs manifest` puts in Kubernetes Jobs and RayJobs
 
