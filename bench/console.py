@@ -6,7 +6,10 @@ Fills a fresh project's store with `--failures` interactions, failures and verdi
 layer (flywheel.store.interactions.insert, flywheel.store.failures.insert_failures / save_verdict),
 starts the console with uvicorn on a free loopback port, logs in with a console user's token, and times
 GET requests one after another: the overview, the first page of the failures list, a filtered page
-(problem type + intent) and the 100th page (reached through the "next page" links). Prints one JSON object.
+(problem type + intent), the 100th page (reached through the "next page" links) and a pending approval.
+Before that it gives the project a history, so the overview has something to draw: `--versions` champions
+in a row, each with an eval report over the 40 intents and 6 problem types, approved and promoted through
+the approval path, and one more candidate waiting for a decision. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -79,6 +82,50 @@ def fill(store, count: int, batch: int = 5000) -> float:
     return time.perf_counter() - started
 
 
+def history(ctx: Any, versions: int, folder: Path) -> str:
+    """`versions` promoted champions after v1, each with a report, and one candidate left pending; returns its id."""
+    from flywheel.evals.report import report_hash_of
+    from flywheel.release import approvals, registry
+
+    registry.first_champion(ctx.store, "bench-base", actor="bench")
+
+    def rate(count: int, n: int) -> dict[str, Any]:
+        return {"count": count, "n": n, "rate": count / n, "low": 0.0, "high": 1.0}
+
+    def metrics(wrong: int) -> dict[str, Any]:
+        return {
+            "size": 400,
+            "task_success": rate(400 - wrong, 400),
+            "problem_rates": {name: rate(wrong // (k + 1), 400) for k, name in enumerate(PROBLEM_TYPES)},
+            "per_intent": {intent: rate(10 - (wrong // 40) % 10, 10) for intent in INTENTS},
+        }
+
+    pending = ""
+    for n in range(versions + 1):
+        candidate = registry.register_version(ctx.store, base_model=f"bench-model-{n}")
+        champion = registry.resolve(ctx.store, "champion").id
+        report = folder / candidate.id / "report.json"
+        report.parent.mkdir(parents=True)
+        checks = [{"kind": "problem_type", "subject": name, "passed": True, "reason": f"{name} fell"} for name in PROBLEM_TYPES]
+        document = {
+            "candidate": {"name": candidate.id, "version": candidate.id},
+            "champion": {"name": champion, "version": champion},
+            "targeted": ["wrong_intent"],
+            "champion_metrics": {"test": metrics(200 - 10 * n)},
+            "candidate_metrics": {"test": metrics(190 - 10 * n)},
+            "gate": {"passed": True, "reasons": ["wrong_intent fell"], "checks": checks},
+        }
+        report.write_text(json.dumps(document), encoding="utf-8")
+        (report.parent / "report.html").write_text(f"<!doctype html><p>the report of {candidate.id}</p>", encoding="utf-8")
+        registry.attach_eval(ctx.store, candidate.id, report_path=str(report), report_hash=report_hash_of(report), gate_passed=True)
+        if n == versions:
+            pending = candidate.id
+            break
+        approvals.record_approval(ctx.store, candidate.id, "approved", "bench", "terminal")
+        approvals.promote(ctx.store, ctx.settings, candidate.id, actor="bench")
+    return pending
+
+
 def _percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -133,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--failures", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--versions", type=int, default=12, help="promoted champions in the project's history")
     parser.add_argument("--store-url", default="", help="default: SQLite in a temporary project")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,9 +198,11 @@ def main() -> None:
         overrides = {"store": {"url": args.store_url}} if args.store_url else {}
         ctx = Context(settings=load_settings(project, **overrides))
         fill_s = fill(ctx.store, args.failures)
+        pending = history(ctx, args.versions, project / "reports")
         token = create_user(ctx.store, "bench")
         pages = {
             "overview": "/",
+            "approval": f"/approvals/{pending}",
             "failures": "/failures",
             "failures_filtered": f"/failures?problem_type={PROBLEM_TYPES[0]}&intent={INTENTS[6]}",
         }
@@ -164,6 +214,7 @@ def main() -> None:
         "bench": "console",
         "store": "postgresql" if args.store_url else "sqlite",
         "failures": args.failures,
+        "versions": args.versions,
         "requests_per_page": args.requests,
         "fill_s": round(fill_s, 1),
         "pages": timings,
