@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from flywheel.serve.backends import ProxyBackend
 from flywheel.serve.capture import Capture, Served
 from flywheel.serve.feedback import FeedbackItem
 from flywheel.settings import load_settings
+from flywheel.store import feedback as feedback_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store, make_engine, open_store
 from flywheel.store.schema import feedback_events, interactions
@@ -375,33 +377,141 @@ def test_three_capture_processes_store_shared_ids_exactly_once(pg_url: str, proj
     assert all(by_id[f"chatcmpl-shared-{i}"] == f"gateway:gw{k}" for k in range(3) for i in own[k])
 
 
-def test_two_writers_inserting_one_interaction_apply_its_early_feedback_once(pg_url: str, project: Path) -> None:
-    """Two gateways on one PostgreSQL replay the same interaction while feedback for it waits. Both read the
-    waiting event before inserting; only the one whose insert stored the row applies it (the other's insert
-    skips the row), so a follow-up is counted once. The interleaving is fixed by hand on two connections."""
+def _race_row(interaction_id: str) -> dict[str, object]:
     from flywheel.data.pii import Scrubber
     from flywheel.data.rows import build_row
+
+    flat = {"id": interaction_id, "messages": [{"role": "user", "content": "where is my parcel?"}], "model_version": "v1"}
+    return build_row(flat, Scrubber(), 10_000, "gateway:gw0", utcnow())
+
+
+def _applied_flags(store: Store) -> list[bool]:
+    with store.engine.connect() as conn:
+        return [bool(r.applied) for r in conn.execute(select(feedback_events.c.applied).order_by(feedback_events.c.id))]
+
+
+def test_two_writers_inserting_one_interaction_apply_its_early_feedback_once(pg_url: str, project: Path) -> None:
+    """Two gateways on one PostgreSQL replay the same interaction while feedback for it waits. Only the one
+    whose insert stored the row applies it (the other's insert skips the row), so a follow-up is counted
+    once. The interleaving is fixed by hand on two connections."""
     from flywheel.serve import feedback
 
     _truncate_all(pg_url)
     store = open_store(load_settings(project, store={"url": pg_url}))
     try:
-        flat = {"id": "chatcmpl-race", "messages": [{"role": "user", "content": "where is my parcel?"}], "model_version": "v1"}
-        row = build_row(flat, Scrubber(), 10_000, "gateway:gw0", utcnow())
+        row = _race_row("chatcmpl-race")
         with store.begin() as conn:  # the feedback arrived first: stored, waiting for its interaction
             assert feedback.record(conn, [FeedbackItem(interaction_id="chatcmpl-race", kind="followup", value=2, client="unit")]) == 0
+        assert _applied_flags(store) == [False]
         second = store.engine.connect()
         try:
-            second.begin()
-            early_second = feedback.pending_for(second, ["chatcmpl-race"])  # read before the first writer commits
+            second.begin()  # opened before the first writer commits
             with store.begin() as first:
-                assert feedback.insert_and_apply(first, [dict(row)], feedback.pending_for(first, ["chatcmpl-race"])) == 1
-            assert len(early_second) == 1
-            assert feedback.insert_and_apply(second, [dict(row)], early_second) == 0  # the row is there now: skipped
+                assert feedback.insert_and_apply(first, [dict(row)]) == 1
+            assert feedback.insert_and_apply(second, [dict(row)]) == 0  # the row is there now: skipped
             second.commit()
         finally:
             second.close()
         stored = interaction_repo.get(store, "chatcmpl-race")
+        assert stored is not None and stored.signals.followups == 2 and _applied_flags(store) == [True]
+        assert feedback_repo.sweep(store) == 0  # nothing left waiting: the sweep applies nothing twice
+        stored = interaction_repo.get(store, "chatcmpl-race")
         assert stored is not None and stored.signals.followups == 2
     finally:
         store.dispose()
+
+
+def test_feedback_stored_while_another_gateway_inserts_its_interaction_is_applied_once(pg_url: str, project: Path) -> None:
+    """Gateway A's transaction inserts interaction X; before it commits, gateway B records feedback for X. B's
+    update cannot see X and A looked for waiting events before B's event was there: nobody applied it (the
+    event was lost before `applied` existed). The sweep applies it, once however often it runs."""
+    from flywheel.serve import feedback
+
+    _truncate_all(pg_url)
+    store = open_store(load_settings(project, store={"url": pg_url}))
+    try:
+        a = store.engine.connect()
+        try:
+            a.begin()
+            assert feedback.insert_and_apply(a, [_race_row("chatcmpl-lost")]) == 1  # not committed yet
+            with store.begin() as b:
+                assert feedback.record(b, [FeedbackItem(interaction_id="chatcmpl-lost", kind="followup", value=2, client="gw1")]) == 0
+            a.commit()
+        finally:
+            a.close()
+        stored = interaction_repo.get(store, "chatcmpl-lost")
+        assert stored is not None and stored.signals.followups == 0 and _applied_flags(store) == [False]  # the lost event
+        assert feedback_repo.sweep(store) == 1
+        assert feedback_repo.sweep(store) == 0
+        stored = interaction_repo.get(store, "chatcmpl-lost")
+        assert stored is not None and stored.signals.followups == 2 and _applied_flags(store) == [True]
+    finally:
+        store.dispose()
+
+
+def test_two_sweeps_at_once_apply_each_event_once(pg_url: str, project: Path) -> None:
+    """Two gateways sweep at the same moment: the second skips the events the first holds instead of waiting
+    for them, and finds none left once the first commits."""
+    _truncate_all(pg_url)
+    store = open_store(load_settings(project, store={"url": pg_url}))
+    try:
+        _waiting_event(store, "chatcmpl-swept", FeedbackItem(interaction_id="chatcmpl-swept", kind="followup", value=3, client="gw0"))
+        first = store.engine.connect()
+        try:
+            first.begin()
+            assert feedback_repo.apply_waiting(first, 10) == 1
+            with store.begin() as second:
+                assert feedback_repo.apply_waiting(second, 10) == 0  # held by the first: skipped, not waited for
+            first.commit()
+        finally:
+            first.close()
+        assert feedback_repo.sweep(store) == 0
+        stored = interaction_repo.get(store, "chatcmpl-swept")
+        assert stored is not None and stored.signals.followups == 3
+    finally:
+        store.dispose()
+
+
+def _waiting_event(store: Store, interaction_id: str, item: FeedbackItem) -> None:
+    """An event left unapplied although its interaction is stored: the state the race above leaves, made on
+    one connection (SQLite serialises writers, so the race itself cannot happen there)."""
+    from flywheel.serve import feedback
+
+    with store.begin() as conn:
+        assert feedback.record(conn, [item]) == 0
+    with store.begin() as conn:
+        interaction_repo.insert_ignore(conn, [_race_row(interaction_id)], set())  # stored without claiming its events
+
+
+def test_triage_applies_waiting_feedback_before_it_captures(any_store: Store) -> None:
+    from flywheel.context import Context
+    from flywheel.data.triage import triage
+
+    _waiting_event(any_store, "chatcmpl-late", FeedbackItem(interaction_id="chatcmpl-late", kind="thumbs_down", value=None, client="gw1"))
+    ctx = Context(settings=any_store.settings, _store=any_store)
+    try:
+        summary = triage(ctx)
+        again = triage(ctx)
+    finally:
+        if ctx._index is not None:
+            ctx._index.close()
+    assert (summary.feedback_applied, summary.captured, summary.by_rule) == (1, 1, {"thumbs_down": 1})
+    assert (again.feedback_applied, again.captured) == (0, 0)
+    stored = interaction_repo.get(any_store, "chatcmpl-late")
+    assert stored is not None and stored.signals.feedback == "down" and _applied_flags(any_store) == [True]
+
+
+def test_the_capture_writer_sweeps_waiting_feedback(any_store: Store, tmp_path: Path) -> None:
+    _waiting_event(any_store, "chatcmpl-test-3", FeedbackItem(interaction_id="chatcmpl-test-3", kind="followup", value=2, client="gw1"))
+    capture = Capture(any_store, serve_settings(any_store.settings, spill_dir=str(tmp_path / "spill"))).start()
+    try:
+        deadline = time.monotonic() + 30  # the first pass of the writer's loop sweeps
+        while capture.stats()["feedback_swept"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        capture.submit(_served(3))  # the interaction again (a replay): stored already, applies nothing
+        assert capture.wait_idle()
+        swept = capture.stats()["feedback_swept"]
+    finally:
+        capture.close()
+    stored = interaction_repo.get(any_store, "chatcmpl-test-3")
+    assert swept == 1 and stored is not None and stored.signals.followups == 2 and _applied_flags(any_store) == [True]

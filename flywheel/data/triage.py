@@ -40,6 +40,7 @@ from flywheel.settings import Settings
 from flywheel.settings_sections import RuleSettings
 from flywheel.store import capture as capture_repo
 from flywheel.store import failures as failure_repo
+from flywheel.store import feedback as feedback_repo
 from flywheel.store import interactions as interaction_repo
 from flywheel.store.db import Store
 from flywheel.store.vectors import FAILURES, VectorIndex
@@ -53,6 +54,7 @@ EMBEDDING_CACHE = 50_000  # dedup texts remembered within one run (~1.5 kB each)
 
 
 class TriageSummary(BaseModel):
+    feedback_applied: int = 0  # gateway feedback applied late (its interaction was stored as it arrived)
     scanned: int = 0  # candidate interactions read (rule predicates matched in SQL)
     captured: int = 0  # new failures
     by_rule: dict[str, int] = {}  # new failures by their highest-risk rule
@@ -317,6 +319,8 @@ def triage(ctx: Context, budget: int | None = None) -> TriageSummary:
     and only re-samples clusters skipped before."""
     settings = ctx.settings
     summary = TriageSummary()
+    # Feedback a concurrent insert missed (several gateways on one store) sets signals the capture rules read.
+    summary.feedback_applied = feedback_repo.sweep(ctx.store)
     capture_new(ctx.store, settings.rules, summary)
     reindex_missing(ctx.store, ctx.index, summary)
     cluster_new(ctx.store, ctx.index, settings.triage.dedup_threshold, summary)

@@ -22,6 +22,7 @@ Nothing accepted is lost:
 - On shutdown the queue is written to the store for up to serve.shutdown_flush_s, the rest is spilled.
 Spill files hold scrubbed rows only: PII never reaches the disk, as in ingest. A spill file a live process
 is still appending to is locked (flock), so another gateway sharing the folder does not replay it early.
+Feedback is applied once (flywheel.serve.feedback): on arrival, on its interaction's insert, or by a sweep.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Capture:
         self._last_stamp = utcnow()
         self._down_until = 0.0
         self._next_replay = 0.0
+        self.sweeper = feedback.Sweeper(store)
         self._replaying = False
         self._count_lock = threading.Lock()
         self._inflight: list[Served | FeedbackItem] = []
@@ -186,6 +188,7 @@ class Capture:
             "queued": self._queue.qsize(),
             "stored": self.stored,
             "feedback_stored": self.feedback_stored,
+            "feedback_swept": self.sweeper.applied,
             "spilled": self.spilled + self.spilled_inline,
             "replayed": self.replayed,
             "rejected": self.rejected,
@@ -223,6 +226,8 @@ class Capture:
                     self._maybe_replay()
                 except Exception:  # e.g. a spill file that cannot be read: logged, retried next time
                     log.exception("capture: replaying spill files failed")
+                if time.monotonic() >= self._down_until:
+                    self.sweeper.maybe_run()
             if len(items) < self.batch_size:
                 # Not a full batch: let more gather instead of waking (and taking the GIL from the event
                 # loop) for every request. The store sees a transaction per LINGER_S at most, not per request.
@@ -343,8 +348,7 @@ class Capture:
         rows.sort(key=itemgetter("id"))
         try:
             with self.store.begin() as conn:
-                early = feedback.pending_for(conn, [r["id"] for r in rows])
-                feedback.insert_and_apply(conn, rows, early)
+                feedback.insert_and_apply(conn, rows)
                 feedback.record(conn, feedbacks)
         except (DataError, IntegrityError):
             self._write_one_by_one(rows, feedbacks)
@@ -356,7 +360,7 @@ class Capture:
         for row in rows:
             try:
                 with self.store.begin() as conn:
-                    feedback.insert_and_apply(conn, [row], feedback.pending_for(conn, [row["id"]]))
+                    feedback.insert_and_apply(conn, [row])
                 self.stored += 1
             except (DataError, IntegrityError) as exc:
                 reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc).splitlines()[0]

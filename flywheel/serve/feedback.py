@@ -5,7 +5,8 @@
     {"interaction_id": "chatcmpl-...", "kind": "complaint", "value": "it promised me a refund"}
 
 The interaction id is the completion id the gateway returned (also in the `x-flywheel-interaction-id`
-header). Each kind sets the signal the capture rules (flywheel.data.triage) read:
+header). Each kind sets the signal the capture rules (flywheel.data.triage) read (the mapping is
+flywheel.store.feedback.signal_update, which the store's sweep applies too):
 
     thumbs_up / thumbs_down   signals.feedback = "up" / "down"; "up" / "down" are accepted as these kinds
     escalation                signals.escalated_to_human = value (default true)
@@ -15,11 +16,15 @@ header). Each kind sets the signal the capture rules (flywheel.data.triage) read
 
 Feedback travels through the capture writer (flywheel.serve.capture) like the interactions do, so a slow
 store never slows the caller, and it may reach the store before its interaction does (the interaction
-sat in a spill file): `insert_and_apply` then applies the early events when it inserts the interaction.
+sat in a spill file or another gateway's queue): `insert_and_apply` then applies the early events when it
+inserts the interaction, and the sweep (`flywheel.store.feedback.sweep`, run by triage and now and then by
+the writer) applies any that a concurrent insert missed. Each event is applied exactly once.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +37,7 @@ from flywheel.data.pii import Scrubber
 from flywheel.records import utcnow
 from flywheel.serve.protocol import ApiError
 from flywheel.store import feedback as feedback_repo
-from flywheel.store.feedback import FeedbackEvent
+from flywheel.store.db import Store
 from flywheel.store.interactions import insert_ignore
 
 KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "complaint")
@@ -41,6 +46,9 @@ KINDS = ("thumbs_up", "thumbs_down", "escalation", "followup", "qa_verdict", "co
 ALIASES = {"up": "thumbs_up", "down": "thumbs_down"}
 QA_VERDICTS = ("Accept", "Risk", "Reject")
 MAX_FOLLOWUPS_PER_EVENT = 100
+SWEEP_S = 30.0  # how often a gateway's writer sweeps (Sweeper)
+
+log = logging.getLogger("flywheel.serve")
 
 
 class FeedbackRequest(BaseModel):
@@ -113,53 +121,44 @@ def normalise(request: FeedbackRequest, client: str | None, max_chars: int) -> F
     return FeedbackItem(interaction_id=request.interaction_id, kind=kind, value=value, client=client)
 
 
-def signal_update(kind: str, value: Any) -> dict[str, Any]:
-    """The interactions columns one event sets (`followups`: how many to add)."""
-    if kind == "thumbs_up":
-        return {"feedback": "up"}
-    if kind == "thumbs_down":
-        return {"feedback": "down"}
-    if kind == "escalation":
-        return {"escalated_to_human": True if value is None else bool(value)}
-    if kind == "followup":
-        return {"followups": 1 if value is None else int(value)}
-    if kind == "qa_verdict":
-        return {"qa_verdict": value}
-    if kind == "complaint":
-        return {"complaint": value}
-    raise ValueError(f"unknown feedback kind {kind!r}")
-
-
-def _apply(conn: Connection, interaction_id: str, kind: str, value: Any) -> int:
-    return feedback_repo.update_signals(conn, interaction_id, signal_update(kind, value))
-
-
 def record(conn: Connection, items: Sequence[FeedbackItem]) -> int:
     """Store the events and apply each to its interaction, in order. Returns how many found their interaction
-    (the others wait in feedback_events for `insert_and_apply`)."""
-    applied = 0
-    for item in items:
-        feedback_repo.insert_event(conn, item.interaction_id, item.kind, item.value, item.client, item.created_at)
-        applied += _apply(conn, item.interaction_id, item.kind, item.value)
-    return applied
+    (the others wait in feedback_events, unapplied, for whoever stores the interaction)."""
+    return sum(feedback_repo.record_event(conn, item.interaction_id, item.kind, item.value, item.client, item.created_at) for item in items)
 
 
-def pending_for(conn: Connection, interaction_ids: Sequence[str]) -> list[FeedbackEvent]:
-    """Events already stored for interactions about to be inserted (call before inserting them).
-    Interactions already stored had their events applied when the events arrived: theirs are left out."""
-    return feedback_repo.pending_events(conn, interaction_ids)
+def insert_and_apply(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert interaction rows, then apply the waiting events of the ones this call inserted. Returns how many
+    rows were new.
 
-
-def insert_and_apply(conn: Connection, rows: Sequence[dict[str, Any]], pending: Sequence[FeedbackEvent]) -> int:
-    """Insert interaction rows, then apply the events that arrived before them (from `pending_for`) to the
-    ones this call inserted. Returns how many rows were new.
-
-    Only to those: two gateways on one PostgreSQL may insert the same interaction at once (a spill replayed
-    by both). Both read its early events before inserting; the second insert waits for the first and then
-    skips the row, and applying the events there too would count a follow-up twice."""
+    Only of those: two gateways on one PostgreSQL may insert the same interaction at once (a spill replayed
+    by both); the second insert waits for the first and then skips the row. Each event is claimed before it
+    is applied (flywheel.store.feedback), so even a second claimant would apply nothing twice."""
     inserted: set[str] = set()
     count = insert_ignore(conn, rows, inserted)
-    for event in pending:
-        if event.interaction_id in inserted:
-            _apply(conn, event.interaction_id, event.kind, event.value)
+    feedback_repo.apply_for_inserted(conn, sorted(inserted))
     return count
+
+
+class Sweeper:
+    """The capture writer's sweep (flywheel.store.feedback.sweep), run at most every `every_s`: it applies the
+    events a concurrent insert by another gateway sharing the store missed. The first call runs it, so events
+    another gateway left waiting are applied when this one starts."""
+
+    def __init__(self, store: Store, every_s: float = SWEEP_S):
+        self.store = store
+        self.every_s = every_s
+        self.applied = 0
+        self._next = 0.0
+
+    def maybe_run(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        try:
+            self.applied += feedback_repo.sweep(self.store)
+        except Exception as exc:  # a store failing here fails the writer's next write too: that one spills and backs off
+            log.warning(
+                "capture: applying waiting feedback failed (%s); trying again in %.0f s", str(exc).splitlines()[0][:200], self.every_s
+            )

@@ -9,7 +9,23 @@ PostgreSQL.
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 
 metadata = MetaData(
     naming_convention={
@@ -298,6 +314,10 @@ feedback_events = Table(
     Column("value", JSON),
     Column("client", String(200)),
     Column("created_at", TS, nullable=False),
+    # applied to its interaction yet (flywheel.store.feedback): only the transaction that turns it true applies it
+    Column("applied", Boolean, nullable=False, default=False, server_default=false()),
+    # the sweep's way to the events still waiting, a small part of the table: only those are indexed
+    Index("ix_feedback_events_waiting", "id", postgresql_where=text("NOT applied"), sqlite_where=text("applied = 0")),
 )
 
 # --- the web console (flywheel.console) -----------------------------------------------------------------------
