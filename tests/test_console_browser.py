@@ -194,7 +194,7 @@ def test_log_in_see_the_pending_approval_open_its_report_and_approve_once_from_t
     report = first.frame_locator("iframe.report")
     assert "v2" in report.locator("header").first.inner_text()  # the report, rendered in the page
     # a full-page screenshot paints a frame below the fold blank unless it has been scrolled to
-    report.locator("header").first.scroll_into_view_if_needed()
+    first.locator("iframe.report").scroll_into_view_if_needed()
     _shot(first, "approval")
     first.click("#approve")
     first.wait_for_selector("#flash")
