@@ -31,13 +31,12 @@ from starlette.requests import Request
 
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.records import Record
-from flywheel.serve.keys import hash_key
+from flywheel.serve.keys import check_name, hash_key
 from flywheel.settings import Settings
 from flywheel.store import console_users as user_repo
 from flywheel.store.db import Store
 
 TOKEN_PREFIX = "fwc-"
-MAX_NAME = 200  # console_users.name column width
 SECRET_FILE = "console_secret"  # under the state folder; FLYWHEEL_CONSOLE_SECRET overrides it
 SESSION_COOKIE = "flywheel_console"
 
@@ -48,18 +47,9 @@ class ConsoleUser(Record):
     created_at: datetime
 
 
-def _check_name(name: str) -> str:
-    name = name.strip()
-    if not name:
-        raise UserInputError("a console user needs a name, e.g. `flywheel console users add alice`")
-    if len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        raise UserInputError(f"user name {name[:40]!r}: use up to {MAX_NAME} printable characters without spaces")
-    return name
-
-
 def create_user(store: Store, name: str) -> str:
     """A new console user. Returns their login token; only its sha256 is stored."""
-    name = _check_name(name)
+    name = check_name(name, "a console user needs a name, e.g. `flywheel console users add alice`", label="user name")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     if not user_repo.insert(store, name, hash_key(token)):
         raise UserInputError(f"a console user named {name!r} exists already (revoked users keep their name); choose another name")

@@ -33,7 +33,7 @@ from flywheel.store.db import Store
 log = logging.getLogger("flywheel.serve")
 
 KEY_PREFIX = "fw-"
-MAX_NAME = 200  # api_keys.name column width
+MAX_NAME = 200  # the width of api_keys.name and console_users.name
 MISS_REFRESH_S = 2.0
 MISS_REFRESHES_PER_S = 10
 
@@ -48,18 +48,20 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str, missing: str, label: str = "key name") -> str:
+    """A name for a stored secret (an API key's client, a console user): stripped, non-empty, printable,
+    without spaces, within the column. `missing` is the message for an empty one."""
     name = name.strip()
     if not name:
-        raise UserInputError("a key needs a name (the client it is for), e.g. `flywheel keys create support-bot`")
+        raise UserInputError(missing)
     if len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
-        raise UserInputError(f"key name {name[:40]!r}: use up to {MAX_NAME} printable characters without spaces")
+        raise UserInputError(f"{label} {name[:40]!r}: use up to {MAX_NAME} printable characters without spaces")
     return name
 
 
 def create_key(store: Store, name: str) -> str:
     """A new key for client `name`. Returns the key itself; only its sha256 is stored."""
-    name = _check_name(name)
+    name = check_name(name, "a key needs a name (the client it is for), e.g. `flywheel keys create support-bot`")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     if not key_repo.insert(store, name, hash_key(key)):
         raise UserInputError(f"a key named {name!r} exists already (revoked keys keep their name); choose another name")
