@@ -10,12 +10,12 @@ the security model and the reverse-proxy setup.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from flywheel.cli import app, context
+from flywheel.commands.serve import print_named
 from flywheel.console import auth
 
 console_app = typer.Typer(no_args_is_help=False, help="The web console: approvals, labelling, failures, versions.")
@@ -64,15 +64,7 @@ def users_add(ctx: typer.Context, name: Annotated[str, typer.Argument(help="the 
 @users_app.command("list")
 def users_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List console users by name (never their tokens)."""
-    rows = auth.list_users(context(ctx).store)
-    if as_json:
-        typer.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-        return
-    if not rows:
-        typer.echo("no console users (flywheel console users add NAME)")
-        return
-    for row in rows:
-        typer.echo(f"{row.name}\t{'revoked' if row.revoked else 'active'}\t{row.created_at:%Y-%m-%d %H:%M}")
+    print_named(auth.list_users(context(ctx).store), as_json, empty="no console users (flywheel console users add NAME)")
 
 
 @users_app.command("revoke")

@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import sys
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +24,10 @@ from flywheel.context import Context
 from flywheel.errors import NotFoundError, UserInputError
 from flywheel.serve import keys as api_keys
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from flywheel.console.auth import ConsoleUser
+    from flywheel.serve.keys import ApiKey
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the gateway: one per client, shown once.")
 app.add_typer(keys_app, name="keys")
@@ -42,12 +47,16 @@ def keys_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="th
 @keys_app.command("list")
 def keys_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List keys by name (never the keys themselves)."""
-    rows = api_keys.list_keys(context(ctx).store)
+    print_named(api_keys.list_keys(context(ctx).store), as_json, empty="no API keys (flywheel keys create NAME)")
+
+
+def print_named(rows: Sequence[ApiKey | ConsoleUser], as_json: bool, empty: str) -> None:
+    """API keys or console users, by name, state and age (never the secret): JSON, or a line each."""
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return
     if not rows:
-        typer.echo("no API keys (flywheel keys create NAME)")
+        typer.echo(empty)
         return
     for row in rows:
         typer.echo(f"{row.name}\t{'revoked' if row.revoked else 'active'}\t{row.created_at:%Y-%m-%d %H:%M}")
